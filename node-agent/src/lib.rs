@@ -1,0 +1,8 @@
+//! The loraplane node agent: loads a Llama-family base model and many PEFT LoRA adapters and
+//! serves them from one unified paged memory pool with heterogeneous batching.
+
+#![forbid(unsafe_code)]
+
+pub mod fixtures;
+pub mod lora;
+pub mod model;

@@ -1,0 +1,33 @@
+//! Llama-family base models: configuration, checkpoint loading and the forward pass.
+
+pub mod config;
+
+use std::path::PathBuf;
+
+/// Why a base model could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error("{path}: {source}")]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path}: {reason}")]
+    Config { path: PathBuf, reason: String },
+    #[error("{path}: {reason}")]
+    Weights { path: PathBuf, reason: String },
+    #[error("{path}: {reason}")]
+    Tokenizer { path: PathBuf, reason: String },
+}
+
+impl ModelError {
+    /// Bounded label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ModelError::Io { .. } => "io",
+            ModelError::Config { .. } => "config",
+            ModelError::Weights { .. } => "weights",
+            ModelError::Tokenizer { .. } => "tokenizer",
+        }
+    }
+}

@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# The project's one test command: installs what the tests need, then runs every check and test.
+# CI runs exactly this (see .ci/run); run it locally the same way: scripts/test.sh
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+export CARGO_TERM_COLOR="${CARGO_TERM_COLOR:-never}"
+export RUST_BACKTRACE=1
+
+step() { printf '\n=== %s (%ss)\n' "$1" "$SECONDS"; }
+
+step "toolchain"
+cargo --version
+rustup component list --installed 2>/dev/null | grep -E '^(rustfmt|clippy)' \
+  || rustup component add rustfmt clippy
+
+step "format"
+cargo fmt --all -- --check
+
+step "clippy (workspace lints, warnings are errors)"
+cargo clippy --locked --workspace --all-targets -- -D warnings
+
+step "cuda feature builds without a CUDA toolkit"
+cargo check --locked -p loraplane-kernels -p loraplane-agent --features cuda
+cargo clippy --locked -p loraplane-kernels -p loraplane-agent --features cuda --all-targets -- -D warnings
+
+step "tests"
+cargo test --locked --workspace --no-fail-fast
+
+step "done"

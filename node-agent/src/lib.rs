@@ -3,6 +3,10 @@
 
 #![forbid(unsafe_code)]
 
+pub mod backend;
+pub mod engine;
 pub mod fixtures;
 pub mod lora;
+pub mod memory;
 pub mod model;
+pub mod scheduler;

@@ -1,6 +1,9 @@
 //! `loraplane-agent fixtures` as a real process: the same seed writes byte-identical files, and
 //! bad arguments fail with a message instead of a panic.
 
+// Test helpers outside #[test] functions fail loudly by design.
+#![allow(clippy::unwrap_used)]
+
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;

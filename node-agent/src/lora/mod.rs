@@ -1,7 +1,11 @@
 //! LoRA adapters: PEFT files on disk, their identity, the registry and host cache, and the
 //! per-step batch description that heterogeneous kernels consume.
 
+pub mod batch;
+pub mod host;
+pub mod ids;
 pub mod peft;
+pub mod registry;
 
 use serde::{Deserialize, Serialize};
 

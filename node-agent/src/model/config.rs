@@ -208,7 +208,7 @@ impl HfConfig {
                 return Err(bad(format!("{name} must be positive")));
             }
         }
-        if self.num_attention_heads % num_kv_heads != 0 {
+        if !self.num_attention_heads.is_multiple_of(num_kv_heads) {
             return Err(bad(format!(
                 "num_attention_heads {} is not a multiple of num_key_value_heads {num_kv_heads}",
                 self.num_attention_heads
@@ -216,7 +216,7 @@ impl HfConfig {
         }
         let head_dim = match self.head_dim {
             Some(d) => d,
-            None if self.hidden_size % self.num_attention_heads == 0 => {
+            None if self.hidden_size.is_multiple_of(self.num_attention_heads) => {
                 self.hidden_size / self.num_attention_heads
             }
             None => {

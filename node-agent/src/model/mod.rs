@@ -1,6 +1,9 @@
-//! Llama-family base models: configuration, checkpoint loading and the forward pass.
+//! Llama-family base models: configuration, checkpoint loading, tokenizer and the forward pass.
 
 pub mod config;
+pub mod llama;
+pub mod loader;
+pub mod tokenizer;
 
 use std::path::PathBuf;
 

@@ -1,0 +1,279 @@
+//! The CPU backend: base GEMMs on candle-core (the `gemm` crate, multi-threaded), everything
+//! else on the reference kernels of `loraplane-kernels`. All f32.
+
+use candle_core::{Device, Tensor};
+use loraplane_kernels::cpu as k;
+use loraplane_kernels::cpu::{AttnSeq, KvLayout, LoraSegment, RopeTable};
+
+use super::{Backend, BackendError, Result};
+
+/// Row-major activations `[rows, cols]`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CpuTensor {
+    pub data: Vec<f32>,
+    pub rows: usize,
+    pub cols: usize,
+}
+
+impl CpuTensor {
+    pub fn zeros(rows: usize, cols: usize) -> Self {
+        CpuTensor {
+            data: vec![0.0; rows * cols],
+            rows,
+            cols,
+        }
+    }
+}
+
+/// Weights. Matrices keep Hugging Face's `[out, in]` data and multiply through a transposed
+/// view, so loading copies nothing and a tied LM head shares the embedding's memory.
+#[derive(Debug)]
+pub enum CpuParam {
+    Vector(Vec<f32>),
+    /// `[out, in]` data as a candle tensor, plus its `[in, out]` view for `x · Wᵀ`.
+    Matrix {
+        transposed: Tensor,
+        out_dim: usize,
+    },
+    /// `[vocab, hidden]`, kept both flat (lookups) and as a tensor (tied LM head).
+    Table {
+        data: Vec<f32>,
+        transposed: Tensor,
+        hidden: usize,
+        vocab: usize,
+    },
+}
+
+/// The CPU backend.
+#[derive(Debug, Default, Clone)]
+pub struct CpuBackend;
+
+fn gemm_err(e: candle_core::Error) -> BackendError {
+    BackendError::Gemm(e.to_string())
+}
+
+fn transposed(data: Vec<f32>, out_dim: usize, in_dim: usize) -> Result<Tensor> {
+    Tensor::from_vec(data, (out_dim, in_dim), &Device::Cpu)
+        .and_then(|t| t.t())
+        .map_err(gemm_err)
+}
+
+fn matmul(x: &CpuTensor, w_t: &Tensor, out_dim: usize) -> Result<CpuTensor> {
+    let xt = Tensor::from_vec(x.data.clone(), (x.rows, x.cols), &Device::Cpu).map_err(gemm_err)?;
+    let y = xt.matmul(w_t).map_err(gemm_err)?;
+    let data = y
+        .flatten_all()
+        .and_then(|y| y.to_vec1::<f32>())
+        .map_err(gemm_err)?;
+    Ok(CpuTensor {
+        data,
+        rows: x.rows,
+        cols: out_dim,
+    })
+}
+
+fn vector(p: &CpuParam) -> &[f32] {
+    match p {
+        CpuParam::Vector(v) => v,
+        CpuParam::Matrix { .. } | CpuParam::Table { .. } => &[],
+    }
+}
+
+impl Backend for CpuBackend {
+    type Tensor = CpuTensor;
+    type Param = CpuParam;
+    type Pool = Vec<f32>;
+
+    fn name(&self) -> &'static str {
+        "cpu"
+    }
+
+    fn matrix(&self, data: Vec<f32>, out_dim: usize, in_dim: usize) -> Result<CpuParam> {
+        Ok(CpuParam::Matrix {
+            transposed: transposed(data, out_dim, in_dim)?,
+            out_dim,
+        })
+    }
+
+    fn vector(&self, data: Vec<f32>) -> Result<CpuParam> {
+        Ok(CpuParam::Vector(data))
+    }
+
+    fn table(&self, data: Vec<f32>, vocab: usize, hidden: usize) -> Result<CpuParam> {
+        let t = transposed(data.clone(), vocab, hidden)?;
+        Ok(CpuParam::Table {
+            data,
+            transposed: t,
+            hidden,
+            vocab,
+        })
+    }
+
+    fn pool(&self, pages: usize, page_elems: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; pages * page_elems])
+    }
+
+    fn pool_write(&self, pool: &mut Vec<f32>, offset: usize, data: &[f32]) -> Result<()> {
+        let size = pool.len();
+        let dst = pool
+            .get_mut(offset..offset.saturating_add(data.len()))
+            .ok_or(BackendError::PoolRange {
+                offset,
+                len: data.len(),
+                size,
+            })?;
+        dst.copy_from_slice(data);
+        Ok(())
+    }
+
+    fn pool_read(&self, pool: &Vec<f32>, offset: usize, len: usize) -> Result<Vec<f32>> {
+        pool.get(offset..offset.saturating_add(len))
+            .map(<[f32]>::to_vec)
+            .ok_or(BackendError::PoolRange {
+                offset,
+                len,
+                size: pool.len(),
+            })
+    }
+
+    fn embedding(&self, ids: &[u32], table: &CpuParam) -> Result<CpuTensor> {
+        let CpuParam::Table { data, hidden, .. } = table else {
+            return Err(BackendError::Gemm(
+                "embedding needs a table parameter".into(),
+            ));
+        };
+        let mut out = CpuTensor::zeros(ids.len(), *hidden);
+        k::embedding(ids, data, *hidden, &mut out.data)?;
+        Ok(out)
+    }
+
+    fn rms_norm(&self, x: &CpuTensor, weight: &CpuParam, eps: f32) -> Result<CpuTensor> {
+        let mut out = CpuTensor::zeros(x.rows, x.cols);
+        k::rms_norm(&x.data, vector(weight), eps, &mut out.data)?;
+        Ok(out)
+    }
+
+    fn linear(&self, x: &CpuTensor, w: &CpuParam, bias: Option<&CpuParam>) -> Result<CpuTensor> {
+        let CpuParam::Matrix {
+            transposed,
+            out_dim,
+        } = w
+        else {
+            return Err(BackendError::Gemm("linear needs a matrix parameter".into()));
+        };
+        let mut y = matmul(x, transposed, *out_dim)?;
+        if let Some(b) = bias {
+            let b = vector(b);
+            if b.len() != *out_dim {
+                return Err(BackendError::Gemm(format!(
+                    "bias has {} elements, layer has {out_dim} outputs",
+                    b.len()
+                )));
+            }
+            for row in y.data.chunks_exact_mut(*out_dim) {
+                k::add_inplace(row, b)?;
+            }
+        }
+        Ok(y)
+    }
+
+    fn linear_tied(&self, x: &CpuTensor, table: &CpuParam) -> Result<CpuTensor> {
+        let CpuParam::Table {
+            transposed, vocab, ..
+        } = table
+        else {
+            return Err(BackendError::Gemm(
+                "tied head needs a table parameter".into(),
+            ));
+        };
+        matmul(x, transposed, *vocab)
+    }
+
+    fn lora(
+        &self,
+        x: &CpuTensor,
+        y: &mut CpuTensor,
+        pool: &Vec<f32>,
+        segments: &[LoraSegment<'_>],
+        max_rank: usize,
+    ) -> Result<()> {
+        if segments.is_empty() || max_rank == 0 {
+            return Ok(());
+        }
+        let mut v = vec![0.0; x.rows * max_rank];
+        k::lora_shrink(&x.data, x.cols, pool, segments, max_rank, &mut v)?;
+        k::lora_expand(&v, max_rank, pool, segments, y.cols, &mut y.data)?;
+        Ok(())
+    }
+
+    fn rope(
+        &self,
+        x: &mut CpuTensor,
+        heads: usize,
+        head_dim: usize,
+        positions: &[usize],
+        table: &RopeTable,
+    ) -> Result<()> {
+        Ok(k::rope(&mut x.data, heads, head_dim, positions, table)?)
+    }
+
+    fn write_kv(
+        &self,
+        layout: &KvLayout,
+        key: &CpuTensor,
+        value: &CpuTensor,
+        slots: &[usize],
+        pool: &mut Vec<f32>,
+    ) -> Result<()> {
+        Ok(k::write_kv(layout, &key.data, &value.data, slots, pool)?)
+    }
+
+    fn attention(
+        &self,
+        layout: &KvLayout,
+        q: &CpuTensor,
+        heads: usize,
+        pool: &Vec<f32>,
+        seqs: &[AttnSeq<'_>],
+        scale: f32,
+        sliding_window: Option<usize>,
+    ) -> Result<CpuTensor> {
+        let mut out = CpuTensor::zeros(q.rows, q.cols);
+        k::paged_attention(
+            layout,
+            &q.data,
+            heads,
+            pool,
+            seqs,
+            scale,
+            sliding_window,
+            &mut out.data,
+        )?;
+        Ok(out)
+    }
+
+    fn silu_mul(&self, gate: &CpuTensor, up: &CpuTensor) -> Result<CpuTensor> {
+        let mut out = CpuTensor::zeros(gate.rows, gate.cols);
+        k::silu_mul(&gate.data, &up.data, &mut out.data)?;
+        Ok(out)
+    }
+
+    fn add(&self, x: &mut CpuTensor, y: &CpuTensor) -> Result<()> {
+        Ok(k::add_inplace(&mut x.data, &y.data)?)
+    }
+
+    fn select_rows(&self, x: &CpuTensor, rows: &[usize]) -> Result<CpuTensor> {
+        let mut out = CpuTensor::zeros(rows.len(), x.cols);
+        for (dst, &r) in out.data.chunks_exact_mut(x.cols.max(1)).zip(rows) {
+            let src = x.data.get(r * x.cols..(r + 1) * x.cols).ok_or_else(|| {
+                BackendError::Gemm(format!("row {r} out of range ({} rows)", x.rows))
+            })?;
+            dst.copy_from_slice(src);
+        }
+        Ok(out)
+    }
+
+    fn to_host(&self, x: &CpuTensor) -> Result<Vec<f32>> {
+        Ok(x.data.clone())
+    }
+}

@@ -1,0 +1,307 @@
+//! Runs the engine on its own thread and gives callers a cheap, cloneable handle: commands go
+//! over an `mpsc` channel with a `oneshot` reply, tokens stream back over a per-request channel.
+//! The thread blocks when there is nothing to do and steps continuously while there is.
+//!
+//! Adapter files are read and validated on separate loader threads, so loading an adapter for a
+//! queued request never stalls the steps of running requests.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::sync::mpsc::error::TryRecvError;
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tokio::sync::oneshot;
+
+use crate::backend::Backend;
+use crate::engine::core::{Engine, EngineConfig, EngineError, EngineStats};
+use crate::engine::request::{Event, Request};
+use crate::lora::host::{self, AdapterError, AdapterLimits, HostAdapter};
+use crate::lora::ids::{AdapterKey, Digest};
+use crate::lora::registry::AdapterSummary;
+use crate::model::config::ModelConfig;
+use crate::model::tokenizer::TokenizerBundle;
+
+type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
+
+enum Command {
+    Submit {
+        request: Request,
+        events: UnboundedSender<Event>,
+        reply: Reply<()>,
+    },
+    Cancel {
+        request_id: String,
+    },
+    LoadAdapter {
+        key: AdapterKey,
+        source: PathBuf,
+        expected: Option<Digest>,
+        pin: bool,
+        reply: Reply<AdapterSummary>,
+    },
+    AdapterLoaded {
+        key: AdapterKey,
+        result: Box<Result<HostAdapter, AdapterError>>,
+    },
+    UnloadAdapter {
+        key: AdapterKey,
+        reply: oneshot::Sender<bool>,
+    },
+    ListAdapters {
+        reply: oneshot::Sender<Vec<AdapterSummary>>,
+    },
+    Stats {
+        reply: oneshot::Sender<EngineStats>,
+    },
+    Trim {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// A handle to a running engine. Cloning is cheap; the engine stops when every handle is gone.
+#[derive(Clone, Debug)]
+pub struct EngineHandle {
+    tx: UnboundedSender<Command>,
+    tokenizer: Arc<TokenizerBundle>,
+    model: Arc<ModelConfig>,
+}
+
+/// The events of one request, in order; the last is [`Event::Finished`]. Dropping it cancels
+/// the request (the engine notices the closed channel and frees its pages).
+pub type RequestStream = UnboundedReceiver<Event>;
+
+impl EngineHandle {
+    /// Loads the model and starts the engine thread.
+    pub fn spawn<B: Backend>(
+        backend: B,
+        model_dir: &std::path::Path,
+        config: EngineConfig,
+    ) -> Result<Self, EngineError> {
+        let limits = config.adapter_limits;
+        let engine = Engine::new(backend, model_dir, config)?;
+        let tokenizer = engine.tokenizer().clone();
+        let model = Arc::new(engine.model_config().clone());
+        let (tx, rx) = unbounded_channel();
+        let actor = Actor {
+            engine,
+            rx,
+            tx: tx.clone(),
+            model: model.clone(),
+            limits,
+            waiters: Vec::new(),
+        };
+        std::thread::Builder::new()
+            .name("loraplane-engine".into())
+            .spawn(move || actor.run())
+            .map_err(|e| {
+                EngineError::InvalidRequest(format!("cannot start the engine thread: {e}"))
+            })?;
+        Ok(EngineHandle {
+            tx,
+            tokenizer,
+            model,
+        })
+    }
+
+    pub fn tokenizer(&self) -> &Arc<TokenizerBundle> {
+        &self.tokenizer
+    }
+
+    pub fn model_config(&self) -> &ModelConfig {
+        &self.model
+    }
+
+    async fn call<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<T>) -> Command,
+    ) -> Result<T, EngineError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(make(reply))
+            .map_err(|_| EngineError::Stopped)?;
+        rx.await.map_err(|_| EngineError::Stopped)
+    }
+
+    /// Submits a request and returns its event stream.
+    pub async fn submit(&self, request: Request) -> Result<RequestStream, EngineError> {
+        let (events, stream) = unbounded_channel();
+        self.call(|reply| Command::Submit {
+            request,
+            events,
+            reply,
+        })
+        .await??;
+        Ok(stream)
+    }
+
+    pub fn cancel(&self, request_id: &str) {
+        let _ = self.tx.send(Command::Cancel {
+            request_id: request_id.to_owned(),
+        });
+    }
+
+    /// Loads (or re-points) an adapter and waits until its weights are validated and cached.
+    pub async fn load_adapter(
+        &self,
+        key: AdapterKey,
+        source: PathBuf,
+        expected: Option<Digest>,
+        pin: bool,
+    ) -> Result<AdapterSummary, EngineError> {
+        self.call(|reply| Command::LoadAdapter {
+            key,
+            source,
+            expected,
+            pin,
+            reply,
+        })
+        .await?
+    }
+
+    pub async fn unload_adapter(&self, key: AdapterKey) -> Result<bool, EngineError> {
+        self.call(|reply| Command::UnloadAdapter { key, reply })
+            .await
+    }
+
+    pub async fn adapters(&self) -> Result<Vec<AdapterSummary>, EngineError> {
+        self.call(|reply| Command::ListAdapters { reply }).await
+    }
+
+    pub async fn stats(&self) -> Result<EngineStats, EngineError> {
+        self.call(|reply| Command::Stats { reply }).await
+    }
+
+    /// Evicts idle resident adapters (their pool pages return to the free list).
+    pub async fn trim(&self) -> Result<(), EngineError> {
+        self.call(|reply| Command::Trim { reply }).await
+    }
+}
+
+struct Actor<B: Backend> {
+    engine: Engine<B>,
+    rx: UnboundedReceiver<Command>,
+    tx: UnboundedSender<Command>,
+    model: Arc<ModelConfig>,
+    limits: AdapterLimits,
+    waiters: Vec<(AdapterKey, Reply<AdapterSummary>)>,
+}
+
+impl<B: Backend> Actor<B> {
+    fn run(mut self) {
+        loop {
+            loop {
+                match self.rx.try_recv() {
+                    Ok(cmd) => self.handle(cmd),
+                    Err(TryRecvError::Empty) => break,
+                    Err(TryRecvError::Disconnected) => return,
+                }
+            }
+            self.start_loads();
+            if self.engine.has_work() {
+                self.engine.drop_disconnected();
+                if let Err(e) = self.engine.step() {
+                    tracing::error!(error = %e, "engine step failed");
+                }
+            } else {
+                // Loader threads hold a sender, so this wakes for their results too.
+                match self.rx.blocking_recv() {
+                    Some(cmd) => self.handle(cmd),
+                    None => return,
+                }
+            }
+        }
+    }
+
+    fn start_loads(&mut self) {
+        for (key, source) in self.engine.take_pending_loads() {
+            let (tx, model, limits) = (self.tx.clone(), self.model.clone(), self.limits);
+            let spawned = std::thread::Builder::new()
+                .name("loraplane-adapter-load".into())
+                .spawn(move || {
+                    tracing::info!(adapter = %key, source = %source.display(), "loading adapter");
+                    let result = host::load(&source, &model, &limits);
+                    let _ = tx.send(Command::AdapterLoaded {
+                        key,
+                        result: Box::new(result),
+                    });
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start an adapter loader thread");
+            }
+        }
+    }
+
+    fn handle(&mut self, cmd: Command) {
+        match cmd {
+            Command::Submit {
+                request,
+                events,
+                reply,
+            } => {
+                let _ = reply.send(self.engine.submit(request, events));
+            }
+            Command::Cancel { request_id } => self.engine.cancel(&request_id),
+            Command::LoadAdapter {
+                key,
+                source,
+                expected,
+                pin,
+                reply,
+            } => {
+                match self
+                    .engine
+                    .begin_adapter_load(key.clone(), source, expected, pin)
+                {
+                    Ok(true) => self.waiters.push((key, reply)),
+                    Ok(false) => {
+                        let summary = self.engine.adapters().into_iter().find(|a| a.key == key);
+                        let _ = reply.send(summary.ok_or(EngineError::AdapterNotFound(key.name)));
+                    }
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                    }
+                }
+            }
+            Command::AdapterLoaded { key, result } => {
+                let outcome = self.engine.finish_adapter_load(&key, *result);
+                if let Err(e) = &outcome {
+                    tracing::warn!(adapter = %key, error = %e, "adapter load failed");
+                }
+                let message = outcome.as_ref().err().map(ToString::to_string);
+                let mut outcome = Some(outcome);
+                let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiters)
+                    .into_iter()
+                    .partition(|(k, _)| *k == key);
+                self.waiters = rest;
+                for (_, reply) in mine {
+                    let result = match outcome.take() {
+                        Some(r) => r,
+                        None => match &message {
+                            None => self
+                                .engine
+                                .adapters()
+                                .into_iter()
+                                .find(|a| a.key == key)
+                                .ok_or(EngineError::AdapterNotFound(key.name.clone())),
+                            Some(m) => Err(EngineError::InvalidRequest(m.clone())),
+                        },
+                    };
+                    let _ = reply.send(result);
+                }
+            }
+            Command::UnloadAdapter { key, reply } => {
+                let _ = reply.send(self.engine.unload_adapter(&key));
+            }
+            Command::ListAdapters { reply } => {
+                let _ = reply.send(self.engine.adapters());
+            }
+            Command::Stats { reply } => {
+                let _ = reply.send(self.engine.stats());
+            }
+            Command::Trim { reply } => {
+                self.engine.trim();
+                let _ = reply.send(());
+            }
+        }
+    }
+}

@@ -1,0 +1,532 @@
+//! The engine's state and its non-step operations: submitting, cancelling, adapter admin and
+//! statistics. The scheduling step is in `step.rs`.
+
+use std::collections::{HashMap, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::backend::{Backend, BackendError};
+use crate::engine::request::{Event, FinishReason, Request};
+use crate::engine::sampler::Sampler;
+use crate::engine::sequence::Sequence;
+use crate::lora::host::{AdapterError, AdapterLimits, HostAdapter};
+use crate::lora::ids::{AdapterKey, Digest};
+use crate::lora::registry::{AdapterSummary, HostState, Registry};
+use crate::memory::kv::KvGeometry;
+use crate::memory::pool::{PageAllocator, PoolStats};
+use crate::model::ModelError;
+use crate::model::llama::Model;
+use crate::model::tokenizer::{Detokenizer, TokenizerBundle};
+use crate::scheduler::fairness::Vtc;
+
+/// Engine sizing and limits.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Tokens per KV page.
+    pub block_size: usize,
+    /// Pages in the unified pool.
+    pub num_pages: usize,
+    /// Tokens computed per step, over all sequences (prefill chunks plus decodes).
+    pub max_batch_tokens: usize,
+    /// Largest prefill chunk of one sequence in one step.
+    pub max_prefill_chunk: usize,
+    /// Sequences running at once.
+    pub max_running: usize,
+    /// Host-memory adapter cache bound, bytes.
+    pub host_cache_bytes: usize,
+    pub adapter_limits: AdapterLimits,
+}
+
+impl Default for EngineConfig {
+    fn default() -> Self {
+        EngineConfig {
+            block_size: 16,
+            num_pages: 4096,
+            max_batch_tokens: 512,
+            max_prefill_chunk: 512,
+            max_running: 128,
+            host_cache_bytes: 1 << 30,
+            adapter_limits: AdapterLimits::default(),
+        }
+    }
+}
+
+/// Why the engine refused or failed something. Maps one-to-one onto API statuses.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error("adapter {0:?} not found")]
+    AdapterNotFound(String),
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error("request too large: {0}")]
+    TooLarge(String),
+    #[error("adapter {name:?} could not be loaded: {source}")]
+    AdapterLoad { name: String, source: AdapterError },
+    #[error("adapter {0:?} is in use; unload it before replacing it")]
+    AdapterBusy(String),
+    #[error("adapter {name:?} digest mismatch: expected {expected}, got {actual}")]
+    DigestMismatch {
+        name: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("model: {0}")]
+    Model(#[from] ModelError),
+    #[error("backend: {0}")]
+    Backend(#[from] BackendError),
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+impl EngineError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            EngineError::AdapterNotFound(_) => "adapter_not_found",
+            EngineError::InvalidRequest(_) => "invalid_request",
+            EngineError::TooLarge(_) => "too_large",
+            EngineError::AdapterLoad { .. } => "adapter_load",
+            EngineError::AdapterBusy(_) => "adapter_busy",
+            EngineError::DigestMismatch { .. } => "digest_mismatch",
+            EngineError::Model(_) => "model",
+            EngineError::Backend(_) => "backend",
+            EngineError::Stopped => "stopped",
+        }
+    }
+}
+
+/// A point-in-time view of the engine.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EngineStats {
+    pub pool: PoolStats,
+    pub page_bytes: usize,
+    pub waiting: usize,
+    pub running: usize,
+    /// Prompt tokens admitted or waiting but not yet computed.
+    pub queued_prefill_tokens: usize,
+    pub steps: u64,
+    pub preemptions: u64,
+    pub tokens_generated: u64,
+    pub last_batch_tokens: usize,
+    pub host_cache_used: usize,
+    pub host_cache_capacity: usize,
+    pub adapter_host_hits: u64,
+    pub adapter_host_misses: u64,
+    pub adapter_device_loads: u64,
+    pub adapter_device_evictions: u64,
+    pub adapters: usize,
+    pub device_resident: Vec<AdapterKey>,
+    /// Adapters of running / waiting requests.
+    pub running_adapters: Vec<AdapterKey>,
+    pub waiting_adapters: Vec<AdapterKey>,
+}
+
+/// The engine state machine.
+pub struct Engine<B: Backend> {
+    pub(crate) backend: B,
+    pub(crate) model: Model<B>,
+    pub(crate) tokenizer: Arc<TokenizerBundle>,
+    pub(crate) pool: B::Pool,
+    pub(crate) pages: PageAllocator,
+    pub(crate) geometry: KvGeometry,
+    pub(crate) config: EngineConfig,
+    pub(crate) registry: Registry,
+    pub(crate) vtc: Vtc,
+    pub(crate) seqs: HashMap<u64, Sequence>,
+    pub(crate) by_request: HashMap<String, u64>,
+    pub(crate) waiting: VecDeque<u64>,
+    pub(crate) running: Vec<u64>,
+    pub(crate) next_seq: u64,
+    pub(crate) next_admit: u64,
+    /// Adapter loads the actor should start (the core has no threads).
+    pub(crate) pending_loads: Vec<(AdapterKey, PathBuf)>,
+    pub(crate) steps: u64,
+    pub(crate) preemptions: u64,
+    pub(crate) tokens_generated: u64,
+    pub(crate) last_batch_tokens: usize,
+}
+
+impl<B: Backend> std::fmt::Debug for Engine<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Engine")
+            .field("backend", &self.backend.name())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<B: Backend> Engine<B> {
+    /// Loads the model in `dir` and sizes the pool.
+    pub fn new(backend: B, dir: &Path, config: EngineConfig) -> Result<Self, EngineError> {
+        let model = Model::load(&backend, dir)?;
+        let c = &model.config;
+        let tokenizer = Arc::new(TokenizerBundle::load(dir, &c.eos_token_ids)?);
+        if config.block_size == 0 || config.num_pages == 0 || config.max_batch_tokens == 0 {
+            return Err(EngineError::InvalidRequest(
+                "block_size, num_pages and max_batch_tokens must be positive".into(),
+            ));
+        }
+        let kv_elems = 2 * config.block_size * c.kv_dim();
+        let widest_row = c.hidden_size.max(c.intermediate_size).max(c.q_dim());
+        let geometry = KvGeometry {
+            num_layers: c.num_layers,
+            block_size: config.block_size,
+            num_kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+            page_elems: kv_elems.max(widest_row),
+        };
+        let pool = backend.pool(config.num_pages, geometry.page_elems)?;
+        Ok(Engine {
+            backend,
+            model,
+            tokenizer,
+            pool,
+            pages: PageAllocator::new(config.num_pages as u32),
+            geometry,
+            registry: Registry::new(config.host_cache_bytes),
+            config,
+            vtc: Vtc::default(),
+            seqs: HashMap::new(),
+            by_request: HashMap::new(),
+            waiting: VecDeque::new(),
+            running: Vec::new(),
+            next_seq: 0,
+            next_admit: 0,
+            pending_loads: Vec::new(),
+            steps: 0,
+            preemptions: 0,
+            tokens_generated: 0,
+            last_batch_tokens: 0,
+        })
+    }
+
+    pub fn tokenizer(&self) -> &Arc<TokenizerBundle> {
+        &self.tokenizer
+    }
+
+    pub fn model_config(&self) -> &crate::model::config::ModelConfig {
+        &self.model.config
+    }
+
+    pub fn geometry(&self) -> KvGeometry {
+        self.geometry
+    }
+
+    /// Whether a step would do anything.
+    pub fn has_work(&self) -> bool {
+        !self.running.is_empty() || self.waiting.iter().any(|id| self.is_ready(*id))
+    }
+
+    pub(crate) fn is_ready(&self, id: u64) -> bool {
+        let Some(seq) = self.seqs.get(&id) else {
+            return false;
+        };
+        match &seq.adapter {
+            None => true,
+            Some(key) => self
+                .registry
+                .get(key)
+                .is_some_and(|e| e.ready().is_some() || e.device.is_some()),
+        }
+    }
+
+    /// Admits a request; its events stream to `events`.
+    ///
+    /// Errors: an unknown adapter (or another tenant's), an empty or out-of-vocabulary prompt, a
+    /// prompt plus `max_tokens` beyond the context or the pool.
+    pub fn submit(
+        &mut self,
+        req: Request,
+        events: UnboundedSender<Event>,
+    ) -> Result<(), EngineError> {
+        let c = &self.model.config;
+        if req.prompt.is_empty() {
+            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+        }
+        if let Some(bad) = req.prompt.iter().find(|t| **t as usize >= c.vocab_size) {
+            return Err(EngineError::InvalidRequest(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                c.vocab_size
+            )));
+        }
+        if req.params.max_tokens == 0 {
+            return Err(EngineError::InvalidRequest(
+                "max_tokens must be at least 1".into(),
+            ));
+        }
+        let total = req.prompt.len().saturating_add(req.params.max_tokens);
+        if total > c.max_position_embeddings {
+            return Err(EngineError::TooLarge(format!(
+                "prompt ({} tokens) plus max_tokens ({}) exceeds the context length of {}",
+                req.prompt.len(),
+                req.params.max_tokens,
+                c.max_position_embeddings
+            )));
+        }
+        if self.geometry.pages_for(total) > self.config.num_pages {
+            return Err(EngineError::TooLarge(format!(
+                "prompt plus max_tokens ({total} tokens) needs more KV pages than the pool holds"
+            )));
+        }
+        if self.by_request.contains_key(&req.id) {
+            return Err(EngineError::InvalidRequest(format!(
+                "request id {:?} is already in flight",
+                req.id
+            )));
+        }
+        let adapter = match &req.adapter {
+            None => None,
+            Some(name) => {
+                let key = AdapterKey {
+                    tenant: req.tenant.clone(),
+                    name: name.clone(),
+                };
+                let entry = self
+                    .registry
+                    .get_mut(&key)
+                    .filter(|e| !e.unloading)
+                    .ok_or_else(|| EngineError::AdapterNotFound(name.clone()))?;
+                entry.active += 1;
+                if matches!(entry.host, HostState::Evicted) && entry.device.is_none() {
+                    let source = entry.source.clone();
+                    self.registry.begin_reload(&key);
+                    self.pending_loads.push((key.clone(), source));
+                } else if entry.ready().is_some() || entry.device.is_some() {
+                    self.registry.host_hits += 1;
+                }
+                Some(key)
+            }
+        };
+        let active: Vec<_> = self.seqs.values().map(|s| s.tenant.clone()).collect();
+        self.vtc.on_arrival(&req.tenant, active.iter());
+        let id = self.next_seq;
+        self.next_seq += 1;
+        let prompt_len = req.prompt.len();
+        let seq = Sequence {
+            request_id: req.id.clone(),
+            tenant: req.tenant,
+            adapter,
+            tokens: req.prompt,
+            prompt_len,
+            computed: 0,
+            charged: 0,
+            kv: None,
+            sampler: Sampler::new(&req.params, id ^ 0x5eed),
+            params: req.params,
+            detok: Detokenizer::default(),
+            text: String::new(),
+            sent: 0,
+            stopped_on: None,
+            events,
+            arrival: Instant::now(),
+            scheduled: None,
+            first_token: None,
+            preemptions: 0,
+            admitted: 0,
+        };
+        self.by_request.insert(req.id, id);
+        self.seqs.insert(id, seq);
+        self.waiting.push_back(id);
+        Ok(())
+    }
+
+    /// Ends every request whose client stopped listening, freeing its pages.
+    pub fn drop_disconnected(&mut self) {
+        let gone: Vec<u64> = self
+            .seqs
+            .iter()
+            .filter(|(_, s)| s.events.is_closed())
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone {
+            self.finish(id, FinishReason::Cancelled, None);
+        }
+    }
+
+    /// Cancels a request by id; its pages are freed at once. Unknown ids are ignored.
+    pub fn cancel(&mut self, request_id: &str) {
+        if let Some(id) = self.by_request.get(request_id).copied() {
+            self.finish(id, FinishReason::Cancelled, None);
+        }
+    }
+
+    /// Ends a sequence: frees its pages, releases its adapter and sends the last event.
+    pub(crate) fn finish(&mut self, id: u64, reason: FinishReason, error: Option<String>) {
+        let Some(mut seq) = self.seqs.remove(&id) else {
+            return;
+        };
+        self.by_request.remove(&seq.request_id);
+        let was_running = self.running.contains(&id);
+        self.running.retain(|x| *x != id);
+        self.waiting.retain(|x| *x != id);
+        seq.kv = None;
+        if let Some(key) = &seq.adapter {
+            self.release_adapter(key, was_running);
+        }
+        seq.finish(reason, error, &self.tokenizer);
+    }
+
+    fn release_adapter(&mut self, key: &AdapterKey, was_running: bool) {
+        let remove = match self.registry.get_mut(key) {
+            Some(e) => {
+                e.active = e.active.saturating_sub(1);
+                if was_running {
+                    e.running = e.running.saturating_sub(1);
+                }
+                e.unloading && e.active == 0
+            }
+            None => false,
+        };
+        if remove {
+            self.registry.remove(key);
+        }
+    }
+
+    /// Registers an adapter and asks for its load. Idempotent: the same source for an adapter
+    /// that is already known is a no-op (returns `false`: nothing to load).
+    ///
+    /// Errors: replacing an adapter that requests still use.
+    pub fn begin_adapter_load(
+        &mut self,
+        key: AdapterKey,
+        source: PathBuf,
+        expected: Option<Digest>,
+        pin: bool,
+    ) -> Result<bool, EngineError> {
+        if let Some(e) = self.registry.get_mut(&key) {
+            if e.source == source
+                && !e.unloading
+                && (expected.is_none() || e.known.as_ref().map(|k| k.0) == expected)
+            {
+                e.pinned |= pin;
+                return Ok(matches!(e.host, HostState::Loading));
+            }
+            if e.active > 0 {
+                return Err(EngineError::AdapterBusy(key.name));
+            }
+        }
+        self.registry
+            .begin_load(key.clone(), source.clone(), expected, pin);
+        self.pending_loads.push((key, source));
+        Ok(true)
+    }
+
+    /// Takes the loads the actor should start.
+    pub fn take_pending_loads(&mut self) -> Vec<(AdapterKey, PathBuf)> {
+        std::mem::take(&mut self.pending_loads)
+    }
+
+    /// Completes a load started by [`Engine::begin_adapter_load`] or a reload. On failure the
+    /// adapter is forgotten and every request waiting on it ends with an error.
+    pub fn finish_adapter_load(
+        &mut self,
+        key: &AdapterKey,
+        result: Result<HostAdapter, AdapterError>,
+    ) -> Result<AdapterSummary, EngineError> {
+        let expected = self.registry.get(key).and_then(|e| e.expected_digest);
+        let result = result
+            .map_err(|source| EngineError::AdapterLoad {
+                name: key.name.clone(),
+                source,
+            })
+            .and_then(|a| match expected {
+                Some(d) if d != a.digest => Err(EngineError::DigestMismatch {
+                    name: key.name.clone(),
+                    expected: d.to_string(),
+                    actual: a.digest.to_string(),
+                }),
+                _ => Ok(a),
+            });
+        match result {
+            Ok(adapter) => {
+                if !self.registry.finish_load(key, Arc::new(adapter)) {
+                    return Err(EngineError::AdapterNotFound(key.name.clone()));
+                }
+                self.registry
+                    .summary(key)
+                    .ok_or_else(|| EngineError::AdapterNotFound(key.name.clone()))
+            }
+            Err(e) => {
+                let waiting: Vec<u64> = self
+                    .seqs
+                    .iter()
+                    .filter(|(_, s)| s.adapter.as_ref() == Some(key))
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in waiting {
+                    self.finish(id, FinishReason::Error, Some(e.to_string()));
+                }
+                self.registry.remove(key);
+                Err(e)
+            }
+        }
+    }
+
+    /// Unloads an adapter; requests already using it finish first. `false` if unknown.
+    pub fn unload_adapter(&mut self, key: &AdapterKey) -> bool {
+        match self.registry.get_mut(key) {
+            None => false,
+            Some(e) if e.active > 0 => {
+                e.unloading = true;
+                true
+            }
+            Some(_) => {
+                self.registry.remove(key);
+                true
+            }
+        }
+    }
+
+    pub fn adapters(&self) -> Vec<AdapterSummary> {
+        self.registry.summaries()
+    }
+
+    /// Evicts every resident adapter no running request uses (returns their pages).
+    pub fn trim(&mut self) {
+        while self.registry.evict_idle_device() {}
+    }
+
+    pub fn stats(&self) -> EngineStats {
+        let adapters_of = |ids: &mut dyn Iterator<Item = &u64>| {
+            let mut v: Vec<AdapterKey> = ids
+                .filter_map(|id| self.seqs.get(id)?.adapter.clone())
+                .collect();
+            v.sort();
+            v.dedup();
+            v
+        };
+        let mut device_resident: Vec<AdapterKey> = self
+            .registry
+            .keys()
+            .filter(|k| self.registry.get(k).is_some_and(|e| e.device.is_some()))
+            .cloned()
+            .collect();
+        device_resident.sort();
+        EngineStats {
+            pool: self.pages.stats(),
+            page_bytes: self.geometry.page_elems * size_of::<f32>(),
+            waiting: self.waiting.len(),
+            running: self.running.len(),
+            queued_prefill_tokens: self
+                .seqs
+                .values()
+                .map(|s| s.prompt_len.saturating_sub(s.computed))
+                .sum(),
+            steps: self.steps,
+            preemptions: self.preemptions,
+            tokens_generated: self.tokens_generated,
+            last_batch_tokens: self.last_batch_tokens,
+            host_cache_used: self.registry.host_used(),
+            host_cache_capacity: self.registry.host_capacity(),
+            adapter_host_hits: self.registry.host_hits,
+            adapter_host_misses: self.registry.host_misses,
+            adapter_device_loads: self.registry.device_loads,
+            adapter_device_evictions: self.registry.device_evictions,
+            adapters: self.registry.len(),
+            device_resident,
+            running_adapters: adapters_of(&mut self.running.iter()),
+            waiting_adapters: adapters_of(&mut self.waiting.iter()),
+        }
+    }
+}

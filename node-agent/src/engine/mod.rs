@@ -1,0 +1,16 @@
+//! The engine: one actor that owns the model, the unified page pool, the adapter registry and
+//! the scheduler, and runs iteration-level continuous batching with chunked prefill.
+//!
+//! - [`core::Engine`] is the synchronous state machine (submit, step, cancel, admin), unit-tested
+//!   without a runtime.
+//! - [`actor`] runs it on a dedicated thread and hands out an [`actor::EngineHandle`].
+
+pub mod actor;
+pub mod core;
+pub mod request;
+pub mod sampler;
+mod sequence;
+mod step;
+
+pub use self::core::{Engine, EngineConfig, EngineError, EngineStats};
+pub use request::{Event, FinishReason, Request, SamplingParams, Timings, Usage};

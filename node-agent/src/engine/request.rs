@@ -1,0 +1,109 @@
+//! What a caller submits to the engine and what it streams back.
+
+use std::time::Duration;
+
+use crate::lora::ids::TenantId;
+
+/// Sampling and stopping parameters of one request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SamplingParams {
+    /// 0 is greedy.
+    pub temperature: f32,
+    pub top_k: Option<usize>,
+    pub top_p: Option<f32>,
+    pub seed: Option<u64>,
+    pub max_tokens: usize,
+    pub stop: Vec<String>,
+    pub stop_token_ids: Vec<u32>,
+    pub ignore_eos: bool,
+    pub logprobs: bool,
+    /// Attach the full logits row to every token event (for numerical checks and debugging;
+    /// not exposed through the public APIs).
+    pub return_logits: bool,
+}
+
+impl Default for SamplingParams {
+    fn default() -> Self {
+        SamplingParams {
+            temperature: 0.0,
+            top_k: None,
+            top_p: None,
+            seed: None,
+            max_tokens: 16,
+            stop: Vec::new(),
+            stop_token_ids: Vec::new(),
+            ignore_eos: false,
+            logprobs: false,
+            return_logits: false,
+        }
+    }
+}
+
+/// A generation request, already tokenized.
+#[derive(Debug, Clone)]
+pub struct Request {
+    pub id: String,
+    pub tenant: TenantId,
+    /// Adapter name inside the tenant; `None` is the base model.
+    pub adapter: Option<String>,
+    pub prompt: Vec<u32>,
+    pub params: SamplingParams,
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FinishReason {
+    Stop,
+    Length,
+    Cancelled,
+    Error,
+}
+
+impl FinishReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FinishReason::Stop => "stop",
+            FinishReason::Length => "length",
+            FinishReason::Cancelled => "cancelled",
+            FinishReason::Error => "error",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: usize,
+    pub completion_tokens: usize,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Timings {
+    /// Arrival to first scheduled step.
+    pub queue: Duration,
+    /// Arrival to first generated token.
+    pub time_to_first_token: Duration,
+    pub total: Duration,
+    /// Times the request was preempted and recomputed.
+    pub preemptions: u32,
+}
+
+/// One streamed event of a request.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A generated token and the text it completes (possibly empty while held back for a
+    /// multi-byte character or a possible stop string).
+    Token {
+        id: u32,
+        text: String,
+        logprob: Option<f32>,
+        logits: Option<Vec<f32>>,
+    },
+    /// The last event.
+    Finished {
+        reason: FinishReason,
+        text: String,
+        usage: Usage,
+        timings: Timings,
+        error: Option<String>,
+    },
+}

@@ -1,0 +1,176 @@
+//! One request inside the engine: its tokens, how many have KV in the pool, its KV pages, its
+//! sampler and its output stream.
+
+use std::time::Instant;
+
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::engine::request::{Event, FinishReason, SamplingParams, Timings, Usage};
+use crate::engine::sampler::Sampler;
+use crate::lora::ids::{AdapterKey, TenantId};
+use crate::memory::kv::SeqKv;
+use crate::model::tokenizer::{Detokenizer, TokenizerBundle};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum StopKind {
+    String,
+    Token,
+}
+
+#[derive(Debug)]
+pub(crate) struct Sequence {
+    pub request_id: String,
+    pub tenant: TenantId,
+    pub adapter: Option<AdapterKey>,
+    /// Prompt followed by the generated tokens.
+    pub tokens: Vec<u32>,
+    pub prompt_len: usize,
+    /// Tokens whose K/V are in the pool (0 after a preemption: recomputed from scratch).
+    pub computed: usize,
+    /// Prompt tokens already charged to the tenant's fairness counter (recompute is free).
+    pub charged: usize,
+    pub kv: Option<SeqKv>,
+    pub params: SamplingParams,
+    pub sampler: Sampler,
+    pub detok: Detokenizer,
+    /// Generated text so far, and how much of it has been streamed.
+    pub text: String,
+    pub sent: usize,
+    /// Generation ended on a stop string (text already cut) or a stop token (not part of the text).
+    pub stopped_on: Option<StopKind>,
+    pub events: UnboundedSender<Event>,
+    pub arrival: Instant,
+    pub scheduled: Option<Instant>,
+    pub first_token: Option<Instant>,
+    pub preemptions: u32,
+    /// Admission order; the largest running value is the newest (preempted first).
+    pub admitted: u64,
+}
+
+impl Sequence {
+    pub fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
+    }
+
+    /// Tokens still to compute before the next sample.
+    pub fn remaining(&self) -> usize {
+        self.tokens.len() - self.computed
+    }
+
+    fn holdback(&self) -> usize {
+        self.params
+            .stop
+            .iter()
+            .map(|s| s.len().saturating_sub(1))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Appends a sampled token; returns the reason generation ends, if it does.
+    pub fn push_token(
+        &mut self,
+        token: u32,
+        logprob: Option<f32>,
+        logits: Option<Vec<f32>>,
+        tok: &TokenizerBundle,
+        max_context: usize,
+    ) -> Option<FinishReason> {
+        self.tokens.push(token);
+        if self.first_token.is_none() {
+            self.first_token = Some(Instant::now());
+        }
+        let is_stop_token = self.params.stop_token_ids.contains(&token)
+            || (!self.params.ignore_eos && tok.eos_ids.contains(&token));
+        if !is_stop_token {
+            let delta = self.detok.next(tok, &self.tokens[self.prompt_len..]);
+            self.text.push_str(&delta);
+        }
+        let mut finish = None;
+        if is_stop_token {
+            self.stopped_on = Some(StopKind::Token);
+            finish = Some(FinishReason::Stop);
+        } else if let Some(cut) = self.stop_string_at() {
+            self.text.truncate(cut);
+            self.stopped_on = Some(StopKind::String);
+            finish = Some(FinishReason::Stop);
+        } else if self.generated() >= self.params.max_tokens || self.tokens.len() >= max_context {
+            finish = Some(FinishReason::Length);
+        }
+        // Stream what can no longer turn into a stop string.
+        let safe = if finish.is_some() {
+            self.sent
+        } else {
+            let mut end = self
+                .text
+                .len()
+                .saturating_sub(self.holdback())
+                .max(self.sent);
+            while !self.text.is_char_boundary(end) {
+                end -= 1;
+            }
+            end
+        };
+        let text = self.text[self.sent..safe].to_owned();
+        self.sent = safe;
+        let ok = self
+            .events
+            .send(Event::Token {
+                id: token,
+                text,
+                logprob,
+                logits,
+            })
+            .is_ok();
+        if !ok && finish.is_none() {
+            return Some(FinishReason::Cancelled);
+        }
+        finish
+    }
+
+    /// Byte offset where the first stop string starts, if any occurs.
+    fn stop_string_at(&self) -> Option<usize> {
+        let from = self.sent.saturating_sub(self.holdback());
+        let mut from = from.min(self.text.len());
+        while !self.text.is_char_boundary(from) {
+            from -= 1;
+        }
+        self.params
+            .stop
+            .iter()
+            .filter(|s| !s.is_empty())
+            .filter_map(|s| self.text[from..].find(s.as_str()).map(|i| from + i))
+            .min()
+    }
+
+    /// Sends the final event (the held-back text and usage).
+    pub fn finish(&mut self, reason: FinishReason, error: Option<String>, tok: &TokenizerBundle) {
+        if self.stopped_on != Some(StopKind::String) {
+            let end = self.tokens.len() - usize::from(self.stopped_on == Some(StopKind::Token));
+            let rest = self.detok.flush(tok, &self.tokens[self.prompt_len..end]);
+            self.text.push_str(&rest);
+            if let Some(cut) = self.stop_string_at() {
+                self.text.truncate(cut);
+            }
+        }
+        let text = self.text.get(self.sent..).unwrap_or_default().to_owned();
+        self.sent = self.text.len();
+        let now = Instant::now();
+        let timings = Timings {
+            queue: self.scheduled.unwrap_or(now) - self.arrival,
+            time_to_first_token: self.first_token.unwrap_or(now) - self.arrival,
+            total: now - self.arrival,
+            preemptions: self.preemptions,
+        };
+        let usage = Usage {
+            prompt_tokens: self.prompt_len,
+            completion_tokens: self.generated(),
+        };
+        let _ = self.events.send(Event::Finished {
+            reason,
+            text,
+            usage,
+            timings,
+            error,
+        });
+    }
+}

@@ -1,0 +1,349 @@
+//! The engine against the oracle: paged, chunked, heterogeneous multi-LoRA batches on the CPU
+//! must produce exactly the greedy tokens of candle-transformers' reference model run on
+//! weights with each request's adapter merged in (`W + s·BA`), and logits within
+//! [`LOGIT_TOL`].
+//!
+//! Tolerance: both sides compute in f32 but sum in different orders (paged attention, separate
+//! LoRA path, GEMM blocking), so logits may differ by float rounding that grows with depth;
+//! 2e-3 absolute on logits of magnitude ~10 is far below any real bug (a wrong scale, rank or
+//! index moves logits by O(0.1–1)) and above accumulated rounding.
+
+// Test helpers outside #[test] functions fail loudly by design.
+#![allow(clippy::unwrap_used)]
+
+#[path = "support/oracle.rs"]
+mod oracle;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+
+use loraplane_agent::backend::cpu::CpuBackend;
+use loraplane_agent::engine::{Engine, EngineConfig, Event, FinishReason, Request, SamplingParams};
+use loraplane_agent::fixtures::adapter::{self, AdapterSpec};
+use loraplane_agent::fixtures::model::{self, ModelSpec, Preset};
+use loraplane_agent::fixtures::tensor::FixtureDtype;
+use loraplane_agent::lora::Module;
+use loraplane_agent::lora::ids::{AdapterKey, TenantId};
+use loraplane_agent::model::config::Arch;
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+const LOGIT_TOL: f32 = 2e-3;
+const MAX_NEW: usize = 8;
+/// The small-pool run generates longer, so decodes outgrow their pages and must preempt.
+const MAX_NEW_LONG: usize = 24;
+const ADAPTERS: usize = 16;
+
+/// Eight adapter shapes (ranks 4–32, different targets, one rank_pattern, one rsLoRA); the 16
+/// adapters of the workload cycle through them with different seeds.
+fn adapter_spec(i: usize) -> AdapterSpec {
+    use Module::*;
+    let base = |rank: usize, targets: Vec<Module>| AdapterSpec {
+        rank,
+        alpha: 2.0 * rank as f64,
+        targets,
+        rank_pattern: BTreeMap::new(),
+        alpha_pattern: BTreeMap::new(),
+        rslora: false,
+        dtype: FixtureDtype::F32,
+        seed: 100 + i as u64,
+    };
+    match i % 8 {
+        0 => base(4, vec![Q, V]),
+        1 => base(8, Module::ALL.to_vec()),
+        2 => base(16, vec![Q, K, V, O]),
+        3 => base(32, vec![Gate, Up, Down]),
+        4 => AdapterSpec {
+            rank_pattern: BTreeMap::from([
+                ("model.layers.1.self_attn.q_proj".to_owned(), 16),
+                ("down_proj".to_owned(), 4),
+            ]),
+            ..base(8, Module::ALL.to_vec())
+        },
+        5 => AdapterSpec {
+            rslora: true,
+            alpha: 8.0,
+            ..base(16, Module::ALL.to_vec())
+        },
+        6 => base(4, vec![K, O, Down]),
+        _ => AdapterSpec {
+            alpha_pattern: BTreeMap::from([("up_proj".to_owned(), 3.0)]),
+            ..base(32, vec![V, Up])
+        },
+    }
+}
+
+struct Case {
+    id: String,
+    adapter: Option<usize>,
+    prompt: Vec<u32>,
+}
+
+struct World {
+    _dir: tempfile::TempDir,
+    model: PathBuf,
+    adapters: Vec<PathBuf>,
+    cases: Vec<Case>,
+    expected: HashMap<String, oracle::OracleRun>,
+    /// The base model's output on each adapter case's prompt.
+    base_on_prompt: HashMap<String, oracle::OracleRun>,
+}
+
+fn prompt(seed: usize, len: usize, vocab: u32) -> Vec<u32> {
+    (0..len)
+        .map(|j| ((seed * 7919 + j * 104_729 + 13) as u32) % (vocab - 8))
+        .collect()
+}
+
+fn world(arch: Arch) -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    model::write(
+        &ModelSpec {
+            arch,
+            preset: Preset::Tiny,
+            dtype: FixtureDtype::F32,
+            seed: 7,
+            shards: 2,
+        },
+        &model,
+    )
+    .unwrap();
+    let adapters: Vec<PathBuf> = (0..ADAPTERS)
+        .map(|i| {
+            let out = dir.path().join(format!("adapter-{i}"));
+            adapter::write(&adapter_spec(i), &model, &out).unwrap();
+            out
+        })
+        .collect();
+    let mut cases: Vec<Case> = (0..ADAPTERS)
+        .map(|i| Case {
+            id: format!("a{i}"),
+            adapter: Some(i),
+            prompt: prompt(i, 5 + (i * 11) % 37, 512),
+        })
+        .collect();
+    for b in 0..2 {
+        cases.push(Case {
+            id: format!("base{b}"),
+            adapter: None,
+            prompt: prompt(100 + b, 9 + b * 20, 512),
+        });
+    }
+    let mut expected = HashMap::new();
+    for case in &cases {
+        let merged = dir.path().join(format!("merged-{}", case.id));
+        let adapter_dir = case.adapter.map(|i| adapters[i].as_path());
+        oracle::merge_adapter(&model, adapter_dir, &merged).unwrap();
+        expected.insert(
+            case.id.clone(),
+            oracle::greedy(&merged, &case.prompt, MAX_NEW_LONG).unwrap(),
+        );
+    }
+    let base = dir.path().join("merged-base");
+    oracle::merge_adapter(&model, None, &base).unwrap();
+    let base_on_prompt = cases
+        .iter()
+        .map(|c| {
+            (
+                c.id.clone(),
+                oracle::greedy(&base, &c.prompt, MAX_NEW).unwrap(),
+            )
+        })
+        .collect();
+    World {
+        _dir: dir,
+        model,
+        adapters,
+        cases,
+        expected,
+        base_on_prompt,
+    }
+}
+
+fn engine(w: &World, config: EngineConfig) -> Engine<CpuBackend> {
+    let mut e = Engine::new(CpuBackend, &w.model, config).unwrap();
+    for (i, dir) in w.adapters.iter().enumerate() {
+        let key = AdapterKey::new("default", &format!("lora-{i}"));
+        assert!(
+            e.begin_adapter_load(key.clone(), dir.clone(), None, false)
+                .unwrap()
+        );
+        let (k, source) = e.take_pending_loads().pop().unwrap();
+        assert_eq!(k, key);
+        let model_config = e.model_config().clone();
+        let host = loraplane_agent::lora::host::load(&source, &model_config, &Default::default());
+        e.finish_adapter_load(&key, host).unwrap();
+    }
+    e
+}
+
+fn request(case: &Case, max_new: usize) -> Request {
+    Request {
+        id: case.id.clone(),
+        tenant: TenantId::default_tenant(),
+        adapter: case.adapter.map(|i| format!("lora-{i}")),
+        prompt: case.prompt.clone(),
+        params: SamplingParams {
+            max_tokens: max_new,
+            ignore_eos: true,
+            return_logits: true,
+            ..SamplingParams::default()
+        },
+    }
+}
+
+/// Runs the workload: cases with `arrive_at[i] = s` are submitted before step `s`.
+fn run(
+    e: &mut Engine<CpuBackend>,
+    w: &World,
+    arrive_at: &[usize],
+    max_new: usize,
+) -> HashMap<String, (Vec<u32>, Vec<Vec<f32>>)> {
+    let start = e.stats().pool;
+    let mut streams: Vec<(String, UnboundedReceiver<Event>)> = Vec::new();
+    let mut step = 0;
+    loop {
+        for (case, _) in w.cases.iter().zip(arrive_at).filter(|(_, s)| **s == step) {
+            let (tx, rx) = unbounded_channel();
+            e.submit(request(case, max_new), tx).unwrap();
+            streams.push((case.id.clone(), rx));
+        }
+        let pending = arrive_at.iter().any(|s| *s > step);
+        if !e.has_work() && !pending {
+            break;
+        }
+        e.step().unwrap();
+        step += 1;
+        assert!(step < 10_000, "the workload does not finish");
+    }
+    let mut out = HashMap::new();
+    for (id, mut rx) in streams {
+        let (mut tokens, mut logits) = (Vec::new(), Vec::new());
+        let mut finished = false;
+        while let Ok(ev) = rx.try_recv() {
+            match ev {
+                Event::Token { id, logits: l, .. } => {
+                    tokens.push(id);
+                    logits.push(l.unwrap());
+                }
+                Event::Finished { reason, usage, .. } => {
+                    assert_eq!(reason, FinishReason::Length);
+                    assert_eq!(usage.completion_tokens, max_new);
+                    finished = true;
+                }
+            }
+        }
+        assert!(finished, "{id} never finished");
+        out.insert(id, (tokens, logits));
+    }
+    let s = e.stats();
+    assert_eq!(
+        (s.running, s.waiting, s.pool.kv),
+        (0, 0, 0),
+        "every KV page is returned"
+    );
+    e.trim();
+    assert_eq!(
+        e.stats().pool,
+        start,
+        "the pool returns to where it started"
+    );
+    assert!(e.stats().host_cache_used <= e.stats().host_cache_capacity);
+    out
+}
+
+fn check(w: &World, got: &HashMap<String, (Vec<u32>, Vec<Vec<f32>>)>, label: &str) {
+    for case in &w.cases {
+        let want = &w.expected[&case.id];
+        let (tokens, logits) = &got[&case.id];
+        assert_eq!(
+            tokens[..],
+            want.tokens[..tokens.len()],
+            "{label}: {} greedy tokens differ from the oracle",
+            case.id
+        );
+        for (step, (a, b)) in logits.iter().zip(&want.logits).enumerate() {
+            let worst = a
+                .iter()
+                .zip(b)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0f32, f32::max);
+            assert!(
+                worst <= LOGIT_TOL,
+                "{label}: {} step {step}: logits differ by {worst}",
+                case.id
+            );
+        }
+    }
+}
+
+fn config(chunk: usize, pages: usize) -> EngineConfig {
+    EngineConfig {
+        num_pages: pages,
+        max_batch_tokens: 64.max(chunk),
+        max_prefill_chunk: chunk,
+        ..EngineConfig::default()
+    }
+}
+
+fn suite(arch: Arch) {
+    let w = world(arch);
+    // Adapters must matter, or the comparison proves nothing about LoRA: every adapter moves
+    // the logits, and most change the greedy tokens.
+    let mut changed_tokens = 0;
+    for case in w.cases.iter().filter(|c| c.adapter.is_some()) {
+        let (with, without) = (&w.expected[&case.id], &w.base_on_prompt[&case.id]);
+        changed_tokens += usize::from(with.tokens[..MAX_NEW] != without.tokens[..]);
+        let moved = with.logits[0]
+            .iter()
+            .zip(&without.logits[0])
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max);
+        assert!(
+            moved > 0.1,
+            "{arch}: adapter of {} barely moves the logits ({moved})",
+            case.id
+        );
+    }
+    assert!(
+        changed_tokens >= ADAPTERS / 2,
+        "{arch}: only {changed_tokens} adapters change the tokens"
+    );
+
+    let together = vec![0; w.cases.len()];
+    for chunk in [1, 7, 64] {
+        let mut e = engine(&w, config(chunk, 2048));
+        let got = run(&mut e, &w, &together, MAX_NEW);
+        check(&w, &got, &format!("{arch} chunk {chunk}"));
+    }
+
+    // Requests arriving while others decode.
+    let staggered: Vec<usize> = (0..w.cases.len()).map(|i| (i % 6) * 3).collect();
+    let mut e = engine(&w, config(16, 2048));
+    let got = run(&mut e, &w, &staggered, MAX_NEW);
+    check(&w, &got, &format!("{arch} staggered"));
+
+    // A pool so small that decodes must preempt (and adapters be evicted).
+    let mut e = engine(&w, config(16, 100));
+    let got = run(&mut e, &w, &together, MAX_NEW_LONG);
+    let stats = e.stats();
+    assert!(
+        stats.preemptions > 0,
+        "{arch}: the small pool must force preemption"
+    );
+    assert!(
+        stats.adapter_device_evictions > 0,
+        "{arch}: and adapter evictions"
+    );
+    check(&w, &got, &format!("{arch} preempted"));
+}
+
+#[test]
+fn llama_matches_the_oracle() {
+    suite(Arch::Llama);
+}
+
+#[test]
+fn qwen2_matches_the_oracle() {
+    suite(Arch::Qwen2);
+}

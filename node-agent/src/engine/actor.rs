@@ -196,6 +196,7 @@ impl<B: Backend> Actor<B> {
                     Err(TryRecvError::Disconnected) => return,
                 }
             }
+            self.engine.request_reloads();
             self.start_loads();
             if self.engine.has_work() {
                 self.engine.drop_disconnected();

@@ -38,6 +38,15 @@ pub struct EngineConfig {
     /// Host-memory adapter cache bound, bytes.
     pub host_cache_bytes: usize,
     pub adapter_limits: AdapterLimits,
+    /// Told about every step (the serving layer feeds its metrics from it); the engine never
+    /// imports a metrics library.
+    pub observer: Option<Arc<dyn StepObserver>>,
+}
+
+/// Receives per-step facts from the engine thread. Must be cheap and never block.
+pub trait StepObserver: Send + Sync + std::fmt::Debug {
+    /// A step computed `batch_tokens` tokens (prefill chunks plus decodes) in `elapsed`.
+    fn on_step(&self, batch_tokens: usize, elapsed: std::time::Duration);
 }
 
 impl Default for EngineConfig {
@@ -50,6 +59,7 @@ impl Default for EngineConfig {
             max_running: 128,
             host_cache_bytes: 1 << 30,
             adapter_limits: AdapterLimits::default(),
+            observer: None,
         }
     }
 }
@@ -123,6 +133,21 @@ pub struct EngineStats {
     pub waiting_adapters: Vec<AdapterKey>,
 }
 
+/// The pool geometry for a model and page size: a page holds one KV block of one layer, or
+/// one adapter row of the widest module (whichever is larger). The serving layer sizes the pool
+/// in bytes with it (`page_elems * 4` bytes per page).
+pub fn kv_geometry(c: &crate::model::config::ModelConfig, block_size: usize) -> KvGeometry {
+    let kv_elems = 2 * block_size * c.kv_dim();
+    let widest_row = c.hidden_size.max(c.intermediate_size).max(c.q_dim());
+    KvGeometry {
+        num_layers: c.num_layers,
+        block_size,
+        num_kv_heads: c.num_kv_heads,
+        head_dim: c.head_dim,
+        page_elems: kv_elems.max(widest_row),
+    }
+}
+
 /// The engine state machine.
 pub struct Engine<B: Backend> {
     pub(crate) backend: B,
@@ -167,15 +192,7 @@ impl<B: Backend> Engine<B> {
                 "block_size, num_pages and max_batch_tokens must be positive".into(),
             ));
         }
-        let kv_elems = 2 * config.block_size * c.kv_dim();
-        let widest_row = c.hidden_size.max(c.intermediate_size).max(c.q_dim());
-        let geometry = KvGeometry {
-            num_layers: c.num_layers,
-            block_size: config.block_size,
-            num_kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
-            page_elems: kv_elems.max(widest_row),
-        };
+        let geometry = kv_geometry(c, config.block_size);
         let pool = backend.pool(config.num_pages, geometry.page_elems)?;
         Ok(Engine {
             backend,
@@ -410,6 +427,26 @@ impl<B: Backend> Engine<B> {
             .begin_load(key.clone(), source.clone(), expected, pin);
         self.pending_loads.push((key, source));
         Ok(true)
+    }
+
+    /// Asks for reloads of evicted adapters that queued requests near the front need.
+    pub fn request_reloads(&mut self) {
+        let front: Vec<AdapterKey> = self
+            .waiting
+            .iter()
+            .take(self.config.max_running)
+            .filter_map(|id| self.seqs.get(id)?.adapter.clone())
+            .collect();
+        for key in front {
+            let Some(e) = self.registry.get(&key) else {
+                continue;
+            };
+            if matches!(e.host, HostState::Evicted) && e.device.is_none() {
+                let source = e.source.clone();
+                self.registry.begin_reload(&key);
+                self.pending_loads.push((key, source));
+            }
+        }
     }
 
     /// Takes the loads the actor should start.

@@ -12,5 +12,5 @@ pub mod sampler;
 mod sequence;
 mod step;
 
-pub use self::core::{Engine, EngineConfig, EngineError, EngineStats};
+pub use self::core::{Engine, EngineConfig, EngineError, EngineStats, StepObserver};
 pub use request::{Event, FinishReason, Request, SamplingParams, Timings, Usage};

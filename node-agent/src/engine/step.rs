@@ -53,6 +53,9 @@ impl<B: Backend> Engine<B> {
         self.steps += 1;
         let computed: usize = plan.iter().map(|(_, n)| n).sum();
         self.last_batch_tokens = computed;
+        if let Some(observer) = &self.config.observer {
+            observer.on_step(computed, now.elapsed());
+        }
 
         let vocab = self.model.config.vocab_size;
         let max_context = self.model.config.max_position_embeddings;

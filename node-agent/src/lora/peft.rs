@@ -1,7 +1,8 @@
 //! PEFT's on-disk LoRA format: `adapter_config.json` and the tensor names in
 //! `adapter_model.safetensors`, with PEFT's rules for resolving per-module rank and alpha.
 
-use std::collections::BTreeMap;
+use std::fmt;
+use std::marker::PhantomData;
 
 use regex::Regex;
 use serde::{Deserialize, Serialize};
@@ -31,9 +32,9 @@ pub struct AdapterConfig {
     pub lora_alpha: f64,
     pub target_modules: TargetModules,
     #[serde(default)]
-    pub rank_pattern: BTreeMap<String, usize>,
+    pub rank_pattern: OrderedMap<usize>,
     #[serde(default)]
-    pub alpha_pattern: BTreeMap<String, f64>,
+    pub alpha_pattern: OrderedMap<f64>,
     #[serde(default)]
     pub use_rslora: bool,
     #[serde(default)]
@@ -56,6 +57,72 @@ pub struct AdapterConfig {
 
 fn default_bias() -> String {
     "none".to_owned()
+}
+
+/// A JSON object kept in file order. PEFT tries `rank_pattern` / `alpha_pattern` keys in
+/// insertion order and the first match wins, so sorting the keys would change ranks.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct OrderedMap<T>(pub Vec<(String, T)>);
+
+impl<T> OrderedMap<T> {
+    pub fn iter(&self) -> impl Iterator<Item = (&String, &T)> {
+        self.0.iter().map(|(k, v)| (k, v))
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &T> {
+        self.0.iter().map(|(_, v)| v)
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl<T> FromIterator<(String, T)> for OrderedMap<T> {
+    fn from_iter<I: IntoIterator<Item = (String, T)>>(iter: I) -> Self {
+        OrderedMap(iter.into_iter().collect())
+    }
+}
+
+impl<T: Serialize> Serialize for OrderedMap<T> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeMap;
+        let mut map = serializer.serialize_map(Some(self.0.len()))?;
+        for (k, v) in &self.0 {
+            map.serialize_entry(k, v)?;
+        }
+        map.end()
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for OrderedMap<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor<T>(PhantomData<T>);
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for Visitor<T> {
+            type Value = OrderedMap<T>;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("an object of module patterns")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<Self::Value, A::Error> {
+                let mut out = Vec::new();
+                while let Some(entry) = map.next_entry()? {
+                    out.push(entry);
+                }
+                Ok(OrderedMap(out))
+            }
+            fn visit_unit<E: serde::de::Error>(self) -> Result<Self::Value, E> {
+                Ok(OrderedMap(Vec::new()))
+            }
+        }
+        deserializer.deserialize_any(Visitor(PhantomData))
+    }
 }
 
 /// PEFT's rule for a pattern key (`get_pattern_key`): the key matches a module path when the
@@ -165,6 +232,23 @@ mod tests {
         assert_eq!(c.scale_for(Module::Q, 0), 8.0);
         assert!(c.targets(Module::Q, 5) && c.targets(Module::V, 0));
         assert!(!c.targets(Module::K, 0));
+    }
+
+    #[test]
+    fn patterns_are_tried_in_file_order() {
+        let c = config(
+            r#"{"peft_type":"LORA","r":8,"lora_alpha":16,"target_modules":["up_proj"],
+                "rank_pattern":{"up_proj":6,"mlp\\..*_proj":2}}"#,
+        );
+        assert_eq!(
+            c.rank_for(Module::Up, 0),
+            6,
+            "the first matching key wins, as in PEFT"
+        );
+        assert_eq!(c.rank_for(Module::Down, 0), 2);
+        let round: AdapterConfig =
+            serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(round.rank_pattern, c.rank_pattern);
     }
 
     #[test]

@@ -220,13 +220,27 @@ impl Registry {
         true
     }
 
+    /// Evicts host copies until `need` more bytes fit. Victims, least recently used first
+    /// within each class: adapters no request uses; then adapters whose weights are also in the
+    /// device pool (running requests read those); then adapters that only queued requests wait
+    /// for (reloaded when their turn comes). Pinned adapters stay.
     fn make_host_room(&mut self, need: usize, keep: &AdapterKey) {
         while self.host_used + need > self.host_capacity {
             let victim = self
                 .entries
                 .values()
-                .filter(|e| &e.key != keep && e.active == 0 && !e.pinned && e.ready().is_some())
-                .min_by_key(|e| e.last_used)
+                .filter(|e| &e.key != keep && !e.pinned && e.ready().is_some())
+                .filter(|e| e.active == 0 || e.device.is_some() || e.running == 0)
+                .min_by_key(|e| {
+                    let class = if e.active == 0 {
+                        0
+                    } else if e.device.is_some() {
+                        1
+                    } else {
+                        2
+                    };
+                    (class, e.last_used)
+                })
                 .map(|e| e.key.clone());
             let Some(victim) = victim else { break };
             self.drop_host(&victim);

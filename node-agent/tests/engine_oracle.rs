@@ -18,7 +18,9 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 
 use loraplane_agent::backend::cpu::CpuBackend;
-use loraplane_agent::engine::{Engine, EngineConfig, Event, FinishReason, Request, SamplingParams};
+use loraplane_agent::engine::{
+    Engine, EngineConfig, Event, FinishReason, KvImport, KvLayer, Request, SamplingParams,
+};
 use loraplane_agent::fixtures::adapter::{self, AdapterSpec};
 use loraplane_agent::fixtures::model::{self, ModelSpec, Preset};
 use loraplane_agent::fixtures::tensor::FixtureDtype;
@@ -94,14 +96,14 @@ fn prompt(seed: usize, len: usize, vocab: u32) -> Vec<u32> {
         .collect()
 }
 
-fn world(arch: Arch) -> World {
+fn world(arch: Arch, dtype: FixtureDtype) -> World {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("model");
     model::write(
         &ModelSpec {
             arch,
             preset: Preset::Tiny,
-            dtype: FixtureDtype::F32,
+            dtype,
             seed: 7,
             shards: 2,
         },
@@ -252,6 +254,74 @@ fn run(
     out
 }
 
+/// Splitwise in-process: `p` computes every prompt and streams KV layer by layer; `d` imports
+/// it and generates the rest.
+fn run_disaggregated(
+    p: &mut Engine<CpuBackend>,
+    d: &mut Engine<CpuBackend>,
+    w: &World,
+) -> HashMap<String, (Vec<u32>, Vec<Vec<f32>>)> {
+    let (p_start, d_start) = (p.stats().pool, d.stats().pool);
+    let mut pending = Vec::new();
+    for case in &w.cases {
+        let (tx, rx) = unbounded_channel();
+        let (kv_tx, kv_rx) = unbounded_channel();
+        p.submit_prefill(request(case, MAX_NEW), tx, kv_tx).unwrap();
+        pending.push((case, rx, kv_rx));
+    }
+    while p.has_work() {
+        p.step().unwrap();
+    }
+    let mut streams = Vec::new();
+    for (case, mut rx, mut kv_rx) in pending {
+        let mut layers: Vec<KvLayer> = Vec::new();
+        while let Ok(l) = kv_rx.try_recv() {
+            layers.push(l);
+        }
+        assert_eq!(
+            layers.iter().map(|l| l.layer).collect::<Vec<_>>(),
+            vec![0, 1],
+            "layers in order"
+        );
+        let Some(Event::Token { id, logprob, .. }) = rx.try_recv().ok() else {
+            panic!("no first token")
+        };
+        let import = KvImport {
+            layers: layers.into_iter().map(|l| l.data).collect(),
+            first_token: id,
+            first_logprob: logprob,
+        };
+        let (tx, rx) = unbounded_channel();
+        d.submit_prefilled(request(case, MAX_NEW), tx, import)
+            .unwrap();
+        streams.push((case.id.clone(), rx));
+    }
+    assert_eq!(p.stats().pool.kv, 0, "the prefill side frees its KV");
+    p.trim();
+    assert_eq!(
+        p.stats().pool,
+        p_start,
+        "and everything else once idle adapters go"
+    );
+    while d.has_work() {
+        d.step().unwrap();
+    }
+    let mut out = HashMap::new();
+    for (id, mut rx) in streams {
+        let mut tokens = Vec::new();
+        while let Ok(ev) = rx.try_recv() {
+            if let Event::Token { id, .. } = ev {
+                tokens.push(id);
+            }
+        }
+        assert_eq!(tokens.len(), MAX_NEW);
+        out.insert(id, (tokens, Vec::new()));
+    }
+    d.trim();
+    assert_eq!(d.stats().pool, d_start, "the decode side frees everything");
+    out
+}
+
 fn check(w: &World, got: &HashMap<String, (Vec<u32>, Vec<Vec<f32>>)>, label: &str) {
     for case in &w.cases {
         let want = &w.expected[&case.id];
@@ -286,8 +356,8 @@ fn config(chunk: usize, pages: usize) -> EngineConfig {
     }
 }
 
-fn suite(arch: Arch) {
-    let w = world(arch);
+fn suite(arch: Arch, dtype: FixtureDtype) {
+    let w = world(arch, dtype);
     // Adapters must matter, or the comparison proves nothing about LoRA: every adapter moves
     // the logits, and most change the greedy tokens.
     let mut changed_tokens = 0;
@@ -323,6 +393,11 @@ fn suite(arch: Arch) {
     let got = run(&mut e, &w, &staggered, MAX_NEW);
     check(&w, &got, &format!("{arch} staggered"));
 
+    // Disaggregated: prompts on one engine, KV streamed layer by layer into another.
+    let (mut p, mut d) = (engine(&w, config(7, 2048)), engine(&w, config(16, 2048)));
+    let got = run_disaggregated(&mut p, &mut d, &w);
+    check(&w, &got, &format!("{arch} disaggregated"));
+
     // A pool so small that decodes must preempt (and adapters be evicted).
     let mut e = engine(&w, config(16, 100));
     let got = run(&mut e, &w, &together, MAX_NEW_LONG);
@@ -340,10 +415,23 @@ fn suite(arch: Arch) {
 
 #[test]
 fn llama_matches_the_oracle() {
-    suite(Arch::Llama);
+    suite(Arch::Llama, FixtureDtype::F32);
 }
 
 #[test]
 fn qwen2_matches_the_oracle() {
-    suite(Arch::Qwen2);
+    suite(Arch::Qwen2, FixtureDtype::F32);
+}
+
+#[test]
+fn mistral_matches_the_oracle() {
+    suite(Arch::Mistral, FixtureDtype::F32);
+}
+
+/// bf16 and f16 checkpoints: both sides upcast the stored weights to f32, so the same
+/// tolerances hold.
+#[test]
+fn low_precision_checkpoints_match_the_oracle() {
+    suite(Arch::Llama, FixtureDtype::Bf16);
+    suite(Arch::Qwen2, FixtureDtype::F16);
 }

@@ -126,6 +126,22 @@ impl Backend for CpuBackend {
         Ok(())
     }
 
+    fn gather_kv(&self, layout: &KvLayout, pool: &Vec<f32>, pages: &[u32]) -> Result<Vec<f32>> {
+        let mut out = Vec::new();
+        k::gather_kv_pages(layout, pool, pages, &mut out)?;
+        Ok(out)
+    }
+
+    fn scatter_kv(
+        &self,
+        layout: &KvLayout,
+        data: &[f32],
+        pages: &[u32],
+        pool: &mut Vec<f32>,
+    ) -> Result<()> {
+        Ok(k::scatter_kv_pages(layout, data, pages, pool)?)
+    }
+
     fn pool_read(&self, pool: &Vec<f32>, offset: usize, len: usize) -> Result<Vec<f32>> {
         pool.get(offset..offset.saturating_add(len))
             .map(<[f32]>::to_vec)

@@ -60,6 +60,17 @@ pub trait Backend: Send + 'static {
     fn pool(&self, pages: usize, page_elems: usize) -> Result<Self::Pool>;
     /// Copies host data into the pool at an element offset (adapter weights, received KV).
     fn pool_write(&self, pool: &mut Self::Pool, offset: usize, data: &[f32]) -> Result<()>;
+    /// The KV elements (keys then values) of whole pages, concatenated, on the host: what one
+    /// layer of a sequence sends in disaggregated serving.
+    fn gather_kv(&self, layout: &KvLayout, pool: &Self::Pool, pages: &[u32]) -> Result<Vec<f32>>;
+    /// The inverse of [`Backend::gather_kv`]: writes received KV into pages.
+    fn scatter_kv(
+        &self,
+        layout: &KvLayout,
+        data: &[f32],
+        pages: &[u32],
+        pool: &mut Self::Pool,
+    ) -> Result<()>;
     /// Copies pool elements back to the host (KV transfer, tests).
     fn pool_read(&self, pool: &Self::Pool, offset: usize, len: usize) -> Result<Vec<f32>>;
 

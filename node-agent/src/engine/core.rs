@@ -9,7 +9,7 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::backend::{Backend, BackendError};
-use crate::engine::request::{Event, FinishReason, Request};
+use crate::engine::request::{Event, FinishReason, KvImport, KvLayer, Request};
 use crate::engine::sampler::Sampler;
 use crate::engine::sequence::Sequence;
 use crate::lora::host::{AdapterError, AdapterLimits, HostAdapter};
@@ -257,6 +257,60 @@ impl<B: Backend> Engine<B> {
         req: Request,
         events: UnboundedSender<Event>,
     ) -> Result<(), EngineError> {
+        self.enqueue(req, events, None, None)
+    }
+
+    /// Prefill role: computes the prompt only, streams each layer's KV to `kv` as the prompt's
+    /// last chunk computes that layer, then samples the first token (sent on `events` with its
+    /// log-probability) and frees everything.
+    pub fn submit_prefill(
+        &mut self,
+        mut req: Request,
+        events: UnboundedSender<Event>,
+        kv: UnboundedSender<KvLayer>,
+    ) -> Result<(), EngineError> {
+        req.params.max_tokens = 1;
+        req.params.logprobs = true;
+        self.enqueue(req, events, Some(kv), None)
+    }
+
+    /// Decode role: admits a request whose prompt KV was computed by a prefill agent. At
+    /// admission the KV is written into this pool and generation continues from the first
+    /// token; should the request later be preempted, it is recomputed locally.
+    ///
+    /// Errors: KV whose layout disagrees with this model and block size, plus everything
+    /// [`Engine::submit`] refuses.
+    pub fn submit_prefilled(
+        &mut self,
+        req: Request,
+        events: UnboundedSender<Event>,
+        import: KvImport,
+    ) -> Result<(), EngineError> {
+        let blocks = req.prompt.len().div_ceil(self.geometry.block_size);
+        let expected = blocks * self.geometry.kv_elems_per_page();
+        if import.layers.len() != self.geometry.num_layers
+            || import.layers.iter().any(|l| l.len() != expected)
+        {
+            return Err(EngineError::InvalidRequest(format!(
+                "received KV does not match this model: expected {} layers of {expected} values",
+                self.geometry.num_layers
+            )));
+        }
+        if import.first_token as usize >= self.model.config.vocab_size {
+            return Err(EngineError::InvalidRequest(
+                "first token outside the vocabulary".into(),
+            ));
+        }
+        self.enqueue(req, events, None, Some(import))
+    }
+
+    fn enqueue(
+        &mut self,
+        req: Request,
+        events: UnboundedSender<Event>,
+        export: Option<UnboundedSender<KvLayer>>,
+        import: Option<KvImport>,
+    ) -> Result<(), EngineError> {
         let c = &self.model.config;
         if req.prompt.is_empty() {
             return Err(EngineError::InvalidRequest("the prompt is empty".into()));
@@ -336,6 +390,8 @@ impl<B: Backend> Engine<B> {
             sent: 0,
             stopped_on: None,
             events,
+            export,
+            import,
             arrival: Instant::now(),
             scheduled: None,
             first_token: None,
@@ -353,7 +409,9 @@ impl<B: Backend> Engine<B> {
         let gone: Vec<u64> = self
             .seqs
             .iter()
-            .filter(|(_, s)| s.events.is_closed())
+            .filter(|(_, s)| {
+                s.events.is_closed() || s.export.as_ref().is_some_and(|k| k.is_closed())
+            })
             .map(|(id, _)| *id)
             .collect();
         for id in gone {

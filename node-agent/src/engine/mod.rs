@@ -13,4 +13,6 @@ mod sequence;
 mod step;
 
 pub use self::core::{Engine, EngineConfig, EngineError, EngineStats, StepObserver};
-pub use request::{Event, FinishReason, Request, SamplingParams, Timings, Usage};
+pub use request::{
+    Event, FinishReason, KvImport, KvLayer, Request, SamplingParams, Timings, Usage,
+};

@@ -50,6 +50,25 @@ pub struct Request {
     pub params: SamplingParams,
 }
 
+/// One layer's KV cache of a prefilled prompt, streamed by a prefill agent as soon as the
+/// layer is computed: the keys then values of each page, page after page, for `num_tokens`
+/// tokens (the last page may be partly filled).
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvLayer {
+    pub layer: usize,
+    pub num_tokens: usize,
+    pub data: Vec<f32>,
+}
+
+/// A prompt's KV cache computed elsewhere, and the first token sampled from it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct KvImport {
+    /// One entry per layer, as [`KvLayer::data`].
+    pub layers: Vec<Vec<f32>>,
+    pub first_token: u32,
+    pub first_logprob: Option<f32>,
+}
+
 /// Why generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum FinishReason {

@@ -5,7 +5,9 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::engine::request::{Event, FinishReason, SamplingParams, Timings, Usage};
+use crate::engine::request::{
+    Event, FinishReason, KvImport, KvLayer, SamplingParams, Timings, Usage,
+};
 use crate::engine::sampler::Sampler;
 use crate::lora::ids::{AdapterKey, TenantId};
 use crate::memory::kv::SeqKv;
@@ -39,6 +41,10 @@ pub(crate) struct Sequence {
     /// Generation ended on a stop string (text already cut) or a stop token (not part of the text).
     pub stopped_on: Option<StopKind>,
     pub events: UnboundedSender<Event>,
+    /// Prefill role: stream each layer's KV here when the prompt's last chunk computes it.
+    pub export: Option<UnboundedSender<KvLayer>>,
+    /// Decode role: KV computed by a prefill agent, written into the pool at admission.
+    pub import: Option<KvImport>,
     pub arrival: Instant,
     pub scheduled: Option<Instant>,
     pub first_token: Option<Instant>,

@@ -13,7 +13,7 @@ use std::time::Instant;
 
 use crate::backend::Backend;
 use crate::engine::core::{Engine, EngineError};
-use crate::engine::request::FinishReason;
+use crate::engine::request::{FinishReason, KvLayer};
 use crate::lora::batch::LoraBatch;
 use crate::lora::ids::AdapterKey;
 use crate::lora::registry::{DeviceAdapter, plan_placement};
@@ -216,10 +216,17 @@ impl<B: Backend> Engine<B> {
             .geometry
             .pages_for(seq.prompt_len + seq.params.max_tokens);
         let adapter = seq.adapter.clone();
-        let n = seq
-            .remaining()
-            .min(budget)
-            .min(self.config.max_prefill_chunk);
+        let importing = seq.import.is_some();
+        // An imported prompt only needs its pages; its first decode is the step's one token.
+        let (n, reserve_for) = if importing {
+            (1, seq.prompt_len + 1)
+        } else {
+            let n = seq
+                .remaining()
+                .min(budget)
+                .min(self.config.max_prefill_chunk);
+            (n, n)
+        };
         let adapter_pages = match &adapter {
             Some(key) => self.adapter_pages_needed(key)?,
             None => 0,
@@ -259,7 +266,7 @@ impl<B: Backend> Engine<B> {
             }
             self.registry.touch(key);
         }
-        while !self.reserve(id, n) {
+        while !self.reserve(id, reserve_for) {
             if !self.registry.evict_idle_device() {
                 // Cannot happen after the availability check; undo rather than loop.
                 if let Some(key) = &adapter
@@ -278,7 +285,56 @@ impl<B: Backend> Engine<B> {
         let seq = self.seqs.get_mut(&id)?;
         seq.admitted = self.next_admit;
         self.next_admit += 1;
+        if importing {
+            return self.import_kv(id).then_some(n).or(Some(0));
+        }
         Some(n)
+    }
+
+    /// Writes a prefilled prompt's KV into the sequence's pages and emits the first token.
+    /// Returns `false` when the sequence ended (an error, or the first token finished it).
+    fn import_kv(&mut self, id: u64) -> bool {
+        let layout = self.geometry.kernel_layout();
+        let Some(seq) = self.seqs.get_mut(&id) else {
+            return false;
+        };
+        let (Some(import), Some(kv)) = (seq.import.take(), seq.kv.as_ref()) else {
+            return false;
+        };
+        for (l, data) in import.layers.iter().enumerate() {
+            let table = kv.block_table(l);
+            let blocks = seq.prompt_len.div_ceil(self.geometry.block_size);
+            let pages = table.get(..blocks).unwrap_or(&table);
+            if let Err(e) = self
+                .backend
+                .scatter_kv(&layout, data, pages, &mut self.pool)
+            {
+                self.finish(
+                    id,
+                    FinishReason::Error,
+                    Some(format!("writing received KV failed: {e}")),
+                );
+                return false;
+            }
+        }
+        seq.computed = seq.prompt_len;
+        seq.charged = seq.prompt_len;
+        let max_context = self.model.config.max_position_embeddings;
+        self.tokens_generated += 1;
+        let finish = seq.push_token(
+            import.first_token,
+            import.first_logprob,
+            None,
+            &self.tokenizer,
+            max_context,
+        );
+        match finish {
+            Some(reason) => {
+                self.finish(id, reason, None);
+                false
+            }
+            None => true,
+        }
     }
 
     /// Pool pages an adapter still needs to become resident (`None`: not loaded in host memory).
@@ -394,9 +450,49 @@ impl<B: Backend> Engine<B> {
         }
         input.lora = lora;
         let layout = self.geometry.kernel_layout();
-        let logits = self
-            .model
-            .forward(&self.backend, &mut self.pool, &layout, &input)?;
+        // Prefill-role sequences whose prompt completes this step stream every layer's KV as
+        // soon as the layer is computed.
+        let exports: Vec<(
+            Vec<Vec<u32>>,
+            usize,
+            tokio::sync::mpsc::UnboundedSender<KvLayer>,
+        )> = plan
+            .iter()
+            .filter_map(|&(id, n)| {
+                let seq = self.seqs.get(&id)?;
+                let sink = seq.export.as_ref()?;
+                if seq.computed + n != seq.prompt_len || seq.tokens.len() != seq.prompt_len {
+                    return None; // not the prompt's last chunk
+                }
+                let kv = seq.kv.as_ref()?;
+                let blocks = seq.prompt_len.div_ceil(self.geometry.block_size);
+                let tables = (0..num_layers)
+                    .map(|l| kv.block_table(l).get(..blocks).map(<[u32]>::to_vec))
+                    .collect::<Option<Vec<_>>>()?;
+                Some((tables, seq.prompt_len, sink.clone()))
+            })
+            .collect();
+        let backend = &self.backend;
+        let mut after_layer =
+            |l: usize, pool: &B::Pool| -> Result<(), crate::backend::BackendError> {
+                for (tables, num_tokens, sink) in &exports {
+                    let data = backend.gather_kv(&layout, pool, &tables[l])?;
+                    // A closed sink means the receiver left; the request is cancelled next step.
+                    let _ = sink.send(KvLayer {
+                        layer: l,
+                        num_tokens: *num_tokens,
+                        data,
+                    });
+                }
+                Ok(())
+            };
+        let logits = self.model.forward(
+            &self.backend,
+            &mut self.pool,
+            &layout,
+            &input,
+            &mut after_layer,
+        )?;
         Ok((logits, samplers))
     }
 }

@@ -168,6 +168,7 @@ impl<B: Backend> Model<B> {
         pool: &mut B::Pool,
         kv: &KvLayout,
         input: &StepInput<'_>,
+        after_layer: &mut dyn FnMut(usize, &B::Pool) -> Result<(), BackendError>,
     ) -> Result<Vec<f32>, BackendError> {
         let c = &self.config;
         let mut h = backend.embedding(&input.tokens, &self.embed)?;
@@ -223,6 +224,9 @@ impl<B: Backend> Model<B> {
             let act = backend.silu_mul(&gate, &up)?;
             let down = self.linear(backend, pool, &act, layer, l, Module::Down, &input.lora)?;
             backend.add(&mut h, &down)?;
+            // This layer's K/V of every row are in the pool now: disaggregated prefill streams
+            // them from here while the next layers compute.
+            after_layer(l, pool)?;
         }
         if input.logits_rows.is_empty() {
             return Ok(Vec::new());

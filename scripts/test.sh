@@ -14,6 +14,10 @@ cargo --version
 rustup component list --installed 2>/dev/null | grep -E '^(rustfmt|clippy)' \
   || rustup component add rustfmt clippy
 
+step "python clients of the e2e tests (pinned: e2e/clients/requirements.txt)"
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+  -r e2e/clients/requirements.txt
+
 step "format"
 cargo fmt --all -- --check
 
@@ -23,6 +27,9 @@ cargo clippy --locked --workspace --all-targets -- -D warnings
 step "cuda feature builds without a CUDA toolkit"
 cargo check --locked -p loraplane-kernels -p loraplane-agent --features cuda
 cargo clippy --locked -p loraplane-kernels -p loraplane-agent --features cuda --all-targets -- -D warnings
+
+step "binaries the e2e tests start (same profile as the tests)"
+cargo build --locked -p loraplane-agent --bins
 
 step "tests"
 cargo test --locked --workspace --no-fail-fast

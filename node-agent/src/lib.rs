@@ -3,10 +3,16 @@
 
 #![forbid(unsafe_code)]
 
+pub mod api;
 pub mod backend;
+pub mod config;
+pub mod disagg;
 pub mod engine;
 pub mod fixtures;
 pub mod lora;
 pub mod memory;
+pub mod metrics;
 pub mod model;
 pub mod scheduler;
+pub mod serve;
+pub mod sources;

@@ -14,7 +14,7 @@ use tokio::sync::oneshot;
 
 use crate::backend::Backend;
 use crate::engine::core::{Engine, EngineConfig, EngineError, EngineStats};
-use crate::engine::request::{Event, Request};
+use crate::engine::request::{Event, KvImport, KvLayer, Request};
 use crate::lora::host::{self, AdapterError, AdapterLimits, HostAdapter};
 use crate::lora::ids::{AdapterKey, Digest};
 use crate::lora::registry::AdapterSummary;
@@ -24,6 +24,18 @@ use crate::model::tokenizer::TokenizerBundle;
 type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
 
 enum Command {
+    SubmitPrefill {
+        request: Request,
+        events: UnboundedSender<Event>,
+        kv: UnboundedSender<KvLayer>,
+        reply: Reply<()>,
+    },
+    SubmitPrefilled {
+        request: Request,
+        events: UnboundedSender<Event>,
+        import: Box<KvImport>,
+        reply: Reply<()>,
+    },
     Submit {
         request: Request,
         events: UnboundedSender<Event>,
@@ -134,6 +146,42 @@ impl EngineHandle {
         Ok(stream)
     }
 
+    /// Prefill role: computes the prompt and returns the request's events (the first token,
+    /// then `Finished`) and its KV, one message per layer as each layer is computed.
+    pub async fn submit_prefill(
+        &self,
+        request: Request,
+    ) -> Result<(RequestStream, UnboundedReceiver<KvLayer>), EngineError> {
+        let (events, stream) = unbounded_channel();
+        let (kv, kv_stream) = unbounded_channel();
+        self.call(|reply| Command::SubmitPrefill {
+            request,
+            events,
+            kv,
+            reply,
+        })
+        .await??;
+        Ok((stream, kv_stream))
+    }
+
+    /// Decode role: continues a request whose prompt KV was computed by a prefill agent.
+    pub async fn submit_prefilled(
+        &self,
+        request: Request,
+        import: KvImport,
+    ) -> Result<RequestStream, EngineError> {
+        let (events, stream) = unbounded_channel();
+        let import = Box::new(import);
+        self.call(|reply| Command::SubmitPrefilled {
+            request,
+            events,
+            import,
+            reply,
+        })
+        .await??;
+        Ok(stream)
+    }
+
     pub fn cancel(&self, request_id: &str) {
         let _ = self.tx.send(Command::Cancel {
             request_id: request_id.to_owned(),
@@ -234,6 +282,22 @@ impl<B: Backend> Actor<B> {
 
     fn handle(&mut self, cmd: Command) {
         match cmd {
+            Command::SubmitPrefill {
+                request,
+                events,
+                kv,
+                reply,
+            } => {
+                let _ = reply.send(self.engine.submit_prefill(request, events, kv));
+            }
+            Command::SubmitPrefilled {
+                request,
+                events,
+                import,
+                reply,
+            } => {
+                let _ = reply.send(self.engine.submit_prefilled(request, events, *import));
+            }
             Command::Submit {
                 request,
                 events,

@@ -89,6 +89,9 @@ pub enum EngineError {
     Backend(#[from] BackendError),
     #[error("the engine has stopped")]
     Stopped,
+    /// A dependency (a prefill peer) cannot serve the request now; retrying may succeed.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
 }
 
 impl EngineError {
@@ -103,6 +106,7 @@ impl EngineError {
             EngineError::Model(_) => "model",
             EngineError::Backend(_) => "backend",
             EngineError::Stopped => "stopped",
+            EngineError::Unavailable(_) => "unavailable",
         }
     }
 }
@@ -369,8 +373,12 @@ impl<B: Backend> Engine<B> {
                 Some(key)
             }
         };
+        // VTC lifts only a tenant that was idle (no queued or running work): lifting a tenant
+        // that is already backlogged would erase the deficit fairness owes it.
         let active: Vec<_> = self.seqs.values().map(|s| s.tenant.clone()).collect();
-        self.vtc.on_arrival(&req.tenant, active.iter());
+        if !active.contains(&req.tenant) {
+            self.vtc.on_arrival(&req.tenant, active.iter());
+        }
         let id = self.next_seq;
         self.next_seq += 1;
         let prompt_len = req.prompt.len();

@@ -27,6 +27,14 @@ impl Sampler {
         }
     }
 
+    /// Accounts for a token sampled elsewhere (a prefill agent drew the first token with the
+    /// same seed), so a seeded request draws the same numbers as it would have on one agent.
+    pub fn skip_draw(&mut self) {
+        if self.spec.temperature > 0.0 {
+            self.rng.next_f32();
+        }
+    }
+
     /// Picks the next token from a row of logits; returns it and its log-probability (when
     /// asked for).
     pub fn sample(&mut self, logits: &[f32]) -> Result<(u32, Option<f32>), String> {

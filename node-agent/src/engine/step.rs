@@ -319,6 +319,7 @@ impl<B: Backend> Engine<B> {
         }
         seq.computed = seq.prompt_len;
         seq.charged = seq.prompt_len;
+        seq.sampler.skip_draw();
         let max_context = self.model.config.max_position_embeddings;
         self.tokens_generated += 1;
         let finish = seq.push_token(

@@ -46,6 +46,10 @@ impl<B: Backend> std::fmt::Debug for Model<B> {
     }
 }
 
+/// Called after each layer of a step with the pool, whose pages then hold that layer's K/V
+/// of every row.
+pub type LayerHook<'a, P> = dyn FnMut(usize, &P) -> Result<(), BackendError> + 'a;
+
 /// One sequence's rows in a step.
 #[derive(Debug, Clone)]
 pub struct SeqRows {
@@ -168,7 +172,7 @@ impl<B: Backend> Model<B> {
         pool: &mut B::Pool,
         kv: &KvLayout,
         input: &StepInput<'_>,
-        after_layer: &mut dyn FnMut(usize, &B::Pool) -> Result<(), BackendError>,
+        after_layer: &mut LayerHook<'_, B::Pool>,
     ) -> Result<Vec<f32>, BackendError> {
         let c = &self.config;
         let mut h = backend.embedding(&input.tokens, &self.embed)?;

@@ -1,0 +1,628 @@
+//! `loraplane-agent serve` configuration: every flag is `--long` and `LORAPLANE_…` in the
+//! environment, grouped into flattened structs, and a `--config FILE` (TOML, or JSON for a
+//! `.json` file) whose keys are the long flag names (`grpc-addr` or `grpc_addr`). Precedence:
+//! command line, then environment, then the file, then the defaults. Parsed and validated once
+//! into [`ServeConfig`], which is passed down; nothing below reads the environment.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::parser::ValueSource;
+use clap::{ArgAction, CommandFactory, FromArgMatches};
+
+use crate::api::auth::{self, AdminAuth, AuthError, TenantSpec};
+use crate::api::service::RequestBounds;
+use crate::engine::EngineConfig;
+use crate::lora::host::AdapterLimits;
+use crate::sources::SourceOptions;
+
+/// The agent's role in a (possibly disaggregated) deployment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// Prefill and decode in one agent.
+    Unified,
+    /// Computes prompts for decode agents.
+    Prefill,
+    /// Owns requests and decodes; prompts are prefilled remotely.
+    Decode,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Unified => "unified",
+            Role::Prefill => "prefill",
+            Role::Decode => "decode",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+/// `loraplane-agent serve …`
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// A TOML or JSON file whose keys are long flag names; flags and environment override it.
+    #[arg(long, env = "LORAPLANE_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[command(flatten)]
+    pub tenancy: TenancyArgs,
+    #[command(flatten)]
+    pub adapters: AdapterArgs,
+    #[command(flatten)]
+    pub engine: EngineArgs,
+    #[command(flatten)]
+    pub requests: RequestArgs,
+    #[command(flatten)]
+    pub sources: SourceArgs,
+    #[command(flatten)]
+    pub logging: LogArgs,
+}
+
+/// What to serve and where.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServerArgs {
+    /// `unified` (prefill and decode here); `prefill` and `decode` arrive with disaggregation.
+    #[arg(long, env = "LORAPLANE_ROLE", value_enum, default_value = "unified")]
+    pub role: Role,
+    /// The base model: a checkpoint directory, or a source URI (`hf://org/repo[@rev]`,
+    /// `https://…`, `file://…`).
+    #[arg(long, env = "LORAPLANE_MODEL")]
+    pub model: Option<String>,
+    /// The name clients use for the base model (default: the model directory's name).
+    #[arg(long, env = "LORAPLANE_SERVED_MODEL_NAME")]
+    pub served_model_name: Option<String>,
+    /// gRPC listen address (`Inference`, `Admin`, health, reflection). Port 0 picks one.
+    #[arg(long, env = "LORAPLANE_GRPC_ADDR", default_value = "0.0.0.0:50051")]
+    pub grpc_addr: SocketAddr,
+    /// HTTP listen address (OpenAI API, admin routes, health, metrics). Port 0 picks one.
+    #[arg(long, env = "LORAPLANE_HTTP_ADDR", default_value = "0.0.0.0:8000")]
+    pub http_addr: SocketAddr,
+    /// How long a drain (SIGTERM) waits for in-flight requests: `30s`, `2m`, `500ms`.
+    #[arg(long, env = "LORAPLANE_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+}
+
+/// Who may call.
+#[derive(Debug, Clone, clap::Args)]
+pub struct TenancyArgs {
+    /// Tenants, their API-key SHA-256 hashes and limits (JSON, or TOML for `.toml`). Without
+    /// it (and until `Admin/SetTenants`), every caller is tenant `default`.
+    #[arg(long, env = "LORAPLANE_API_KEYS_FILE")]
+    pub api_keys_file: Option<PathBuf>,
+    /// Hex SHA-256 of the admin token.
+    #[arg(
+        long,
+        env = "LORAPLANE_ADMIN_TOKEN_SHA256",
+        conflicts_with = "admin_token_file"
+    )]
+    pub admin_token_sha256: Option<String>,
+    /// A file holding the admin token itself (e.g. a mounted Secret); only its hash is kept.
+    #[arg(long, env = "LORAPLANE_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+}
+
+/// Adapters and their caches.
+#[derive(Debug, Clone, clap::Args)]
+pub struct AdapterArgs {
+    /// Preload every PEFT adapter directory in this directory (tenant `default`, named after
+    /// the directory).
+    #[arg(long, env = "LORAPLANE_ADAPTERS")]
+    pub adapters: Option<PathBuf>,
+    /// Largest adapter rank accepted.
+    #[arg(long, env = "LORAPLANE_MAX_ADAPTER_RANK", default_value_t = 64)]
+    pub max_adapter_rank: usize,
+    /// Largest `adapter_model.safetensors` accepted: `512MiB`, `1G`, bytes.
+    #[arg(long, env = "LORAPLANE_MAX_ADAPTER_BYTES", default_value = "1GiB", value_parser = parse_bytes)]
+    pub max_adapter_bytes: u64,
+    /// Host-memory adapter cache bound.
+    #[arg(long, env = "LORAPLANE_HOST_CACHE_BYTES", default_value = "1GiB", value_parser = parse_bytes)]
+    pub host_cache_bytes: u64,
+}
+
+/// The unified pool and the scheduler.
+#[derive(Debug, Clone, clap::Args)]
+pub struct EngineArgs {
+    /// Pages in the unified pool (KV blocks and adapter weights). Default 4096.
+    #[arg(long, env = "LORAPLANE_POOL_PAGES", conflicts_with = "pool_bytes")]
+    pub pool_pages: Option<usize>,
+    /// Size the pool in bytes instead (divided by the model's page size).
+    #[arg(long, env = "LORAPLANE_POOL_BYTES", value_parser = parse_bytes)]
+    pub pool_bytes: Option<u64>,
+    /// Tokens per KV page.
+    #[arg(long, env = "LORAPLANE_BLOCK_SIZE", default_value_t = 16)]
+    pub block_size: usize,
+    /// Tokens computed per engine step over all sequences.
+    #[arg(long, env = "LORAPLANE_MAX_BATCH_TOKENS", default_value_t = 512)]
+    pub max_batch_tokens: usize,
+    /// Largest prefill chunk of one sequence in one step.
+    #[arg(long, env = "LORAPLANE_MAX_PREFILL_CHUNK", default_value_t = 512)]
+    pub max_prefill_chunk: usize,
+    /// Sequences running at once.
+    #[arg(long, env = "LORAPLANE_MAX_RUNNING", default_value_t = 128)]
+    pub max_running: usize,
+}
+
+/// Bounds on what one request may ask for.
+#[derive(Debug, Clone, clap::Args)]
+pub struct RequestArgs {
+    /// `max_tokens` of requests that give none (capped by the context left).
+    #[arg(long, env = "LORAPLANE_DEFAULT_MAX_TOKENS", default_value_t = 256)]
+    pub default_max_tokens: usize,
+    /// Largest request body or gRPC message.
+    #[arg(long, env = "LORAPLANE_MAX_REQUEST_BYTES", default_value = "4MiB", value_parser = parse_bytes)]
+    pub max_request_bytes: u64,
+    /// Most stop strings per request.
+    #[arg(long, env = "LORAPLANE_MAX_STOP_STRINGS", default_value_t = 16)]
+    pub max_stop_strings: usize,
+    /// Longest stop string, bytes.
+    #[arg(long, env = "LORAPLANE_MAX_STOP_STRING_BYTES", default_value_t = 256)]
+    pub max_stop_string_bytes: usize,
+    /// Largest `n` (choices per request); only 1 is implemented.
+    #[arg(long, env = "LORAPLANE_MAX_N", default_value_t = 1)]
+    pub max_n: usize,
+}
+
+/// Where adapter (and model) sources may come from.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SourceArgs {
+    /// Directories local adapter paths must stay inside (comma-separated or repeated).
+    #[arg(long, env = "LORAPLANE_ADAPTER_ROOTS", value_delimiter = ',')]
+    pub adapter_roots: Vec<PathBuf>,
+    /// Where downloaded sources are kept (default: a `loraplane-sources` temp directory).
+    #[arg(long, env = "LORAPLANE_SOURCE_CACHE_DIR")]
+    pub source_cache_dir: Option<PathBuf>,
+    /// Most bytes one source may download.
+    #[arg(long, env = "LORAPLANE_SOURCE_MAX_BYTES", default_value = "4GiB", value_parser = parse_bytes)]
+    pub source_max_bytes: u64,
+    /// Time budget to fetch one source.
+    #[arg(long, env = "LORAPLANE_SOURCE_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    pub source_timeout: Duration,
+    /// Let `https://` sources reach loopback, private and link-local addresses.
+    #[arg(long, env = "LORAPLANE_ALLOW_PRIVATE_NETWORKS")]
+    pub allow_private_networks: bool,
+    /// Hosts exempt from the private-address rule (comma-separated or repeated).
+    #[arg(long, env = "LORAPLANE_ALLOWED_PRIVATE_HOSTS", value_delimiter = ',')]
+    pub allowed_private_hosts: Vec<String>,
+    /// Accept plain `http://` sources.
+    #[arg(long, env = "LORAPLANE_ALLOW_HTTP_SOURCES")]
+    pub allow_http_sources: bool,
+    /// The Hugging Face Hub endpoint (falls back to `HF_ENDPOINT`, then the public Hub).
+    #[arg(long, env = "LORAPLANE_HF_ENDPOINT")]
+    pub hf_endpoint: Option<String>,
+    /// A file holding the Hub token (falls back to `HF_TOKEN`).
+    #[arg(long, env = "LORAPLANE_HF_TOKEN_FILE")]
+    pub hf_token_file: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogArgs {
+    /// `json` (one object per line, for log pipelines) or `text`.
+    #[arg(long, env = "LORAPLANE_LOG_FORMAT", value_enum, default_value = "json")]
+    pub log_format: LogFormat,
+    /// A tracing filter: `info`, `debug`, `loraplane_agent=debug,info`.
+    #[arg(long, env = "LORAPLANE_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+/// Why the configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(
+        "--role {0} is not yet supported: only `unified` serves today (prefill and decode arrive with disaggregation)"
+    )]
+    RoleNotSupported(&'static str),
+    #[error("--model is required")]
+    MissingModel,
+    #[error("--{flag}: {reason}")]
+    Invalid { flag: &'static str, reason: String },
+    #[error("{path}: {reason}")]
+    File { path: PathBuf, reason: String },
+    #[error(transparent)]
+    Auth(#[from] AuthError),
+}
+
+impl ConfigError {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ConfigError::RoleNotSupported(_) => "role_not_supported",
+            ConfigError::MissingModel => "missing_model",
+            ConfigError::Invalid { .. } => "invalid",
+            ConfigError::File { .. } => "file",
+            ConfigError::Auth(e) => e.kind(),
+        }
+    }
+}
+
+/// How big the pool is: pages, or bytes to divide by the model's page size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolSize {
+    Pages(usize),
+    Bytes(u64),
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub role: Role,
+    pub model: String,
+    pub served_model_name: Option<String>,
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    pub drain_timeout: Duration,
+    pub tenants: Vec<TenantSpec>,
+    pub admin: AdminAuth,
+    pub adapters_dir: Option<PathBuf>,
+    /// Engine sizing; `num_pages` is final once [`PoolSize`] is resolved against the model.
+    pub engine: EngineConfig,
+    pub pool: PoolSize,
+    pub bounds: RequestBounds,
+    pub sources: SourceOptions,
+    pub log_format: LogFormat,
+    pub log_level: String,
+}
+
+fn invalid(flag: &'static str, reason: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        flag,
+        reason: reason.into(),
+    }
+}
+
+fn read_secret(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path)
+        .map(|s| s.trim().to_owned())
+        .map_err(|e| ConfigError::File {
+            path: path.to_owned(),
+            reason: e.to_string(),
+        })
+}
+
+impl ServeArgs {
+    /// Validates the flags. `env` reads the conventional variables the flags fall back on
+    /// (`HF_ENDPOINT`, `HF_TOKEN`); pass `|k| std::env::var(k).ok()` in the binary.
+    ///
+    /// Errors: an unsupported role, a missing model, out-of-range sizes, unreadable key files.
+    pub fn validate(
+        self,
+        env: impl Fn(&str) -> Option<String>,
+    ) -> Result<ServeConfig, ConfigError> {
+        let role = self.server.role;
+        if role != Role::Unified {
+            return Err(ConfigError::RoleNotSupported(role.as_str()));
+        }
+        let model = self.server.model.ok_or(ConfigError::MissingModel)?;
+        let e = &self.engine;
+        for (flag, v) in [
+            ("block-size", e.block_size),
+            ("max-batch-tokens", e.max_batch_tokens),
+            ("max-prefill-chunk", e.max_prefill_chunk),
+            ("max-running", e.max_running),
+        ] {
+            if v == 0 {
+                return Err(invalid(flag, "must be at least 1"));
+            }
+        }
+        let pool = match (e.pool_pages, e.pool_bytes) {
+            (Some(0), _) => return Err(invalid("pool-pages", "must be at least 1")),
+            (Some(p), _) => PoolSize::Pages(p),
+            (None, Some(b)) => PoolSize::Bytes(b),
+            (None, None) => PoolSize::Pages(4096),
+        };
+        if e.pool_pages.is_some_and(|p| p > u32::MAX as usize) {
+            return Err(invalid("pool-pages", "must fit in 32 bits"));
+        }
+        let r = &self.requests;
+        if r.max_n != 1 {
+            return Err(invalid("max-n", "only n = 1 is implemented"));
+        }
+        if r.default_max_tokens == 0 {
+            return Err(invalid("default-max-tokens", "must be at least 1"));
+        }
+        if r.max_request_bytes < 1024 {
+            return Err(invalid("max-request-bytes", "must be at least 1KiB"));
+        }
+        let usize_of = |flag, v: u64| usize::try_from(v).map_err(|_| invalid(flag, "too large"));
+        let tenants = match &self.tenancy.api_keys_file {
+            Some(path) => auth::load_tenants_file(path)?,
+            None => Vec::new(),
+        };
+        let admin = match (
+            &self.tenancy.admin_token_sha256,
+            &self.tenancy.admin_token_file,
+        ) {
+            (Some(h), _) => AdminAuth::from_sha256_hex(h)?,
+            (None, Some(path)) => AdminAuth::from_token(&read_secret(path)?)?,
+            (None, None) => AdminAuth::disabled(),
+        };
+        let s = self.sources;
+        let mut sources = SourceOptions::new(
+            s.source_cache_dir
+                .unwrap_or_else(|| std::env::temp_dir().join("loraplane-sources")),
+        );
+        sources.local_roots = s.adapter_roots;
+        sources.max_bytes = s.source_max_bytes;
+        sources.timeout = s.source_timeout;
+        sources.allow_private_networks = s.allow_private_networks;
+        sources.allowed_private_hosts = s.allowed_private_hosts;
+        sources.allow_http = s.allow_http_sources;
+        if let Some(endpoint) = s.hf_endpoint.or_else(|| env("HF_ENDPOINT")) {
+            sources.hf_endpoint = endpoint.trim_end_matches('/').to_owned();
+        }
+        sources.hf_token = match s.hf_token_file {
+            Some(path) => Some(read_secret(&path)?),
+            None => env("HF_TOKEN").filter(|t| !t.is_empty()),
+        };
+        let a = &self.adapters;
+        let engine = EngineConfig {
+            block_size: e.block_size,
+            num_pages: match pool {
+                PoolSize::Pages(p) => p,
+                PoolSize::Bytes(_) => 0,
+            },
+            max_batch_tokens: e.max_batch_tokens,
+            max_prefill_chunk: e.max_prefill_chunk,
+            max_running: e.max_running,
+            host_cache_bytes: usize_of("host-cache-bytes", a.host_cache_bytes)?,
+            adapter_limits: AdapterLimits {
+                max_rank: a.max_adapter_rank,
+                max_bytes: a.max_adapter_bytes,
+            },
+            observer: None,
+        };
+        Ok(ServeConfig {
+            role,
+            model,
+            served_model_name: self.server.served_model_name,
+            grpc_addr: self.server.grpc_addr,
+            http_addr: self.server.http_addr,
+            drain_timeout: self.server.drain_timeout,
+            tenants,
+            admin,
+            adapters_dir: self.adapters.adapters,
+            engine,
+            pool,
+            bounds: RequestBounds {
+                default_max_tokens: r.default_max_tokens,
+                max_stop_strings: r.max_stop_strings,
+                max_stop_string_bytes: r.max_stop_string_bytes,
+                max_n: r.max_n,
+                max_request_bytes: usize_of("max-request-bytes", r.max_request_bytes)?,
+                ..RequestBounds::default()
+            },
+            sources,
+            log_format: self.logging.log_format,
+            log_level: self.logging.log_level,
+        })
+    }
+}
+
+/// `30s`, `2m`, `1h`, `500ms`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 30s, 2m, 500ms"))?;
+    let secs = match unit.trim() {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        other => return Err(format!("invalid duration unit {other:?} in {s:?}")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+/// `512MiB`, `2G`, `4096` bytes. `K`/`M`/`G`/`T` are powers of 1000, `KiB`… powers of 1024.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid size {s:?}: expected e.g. 512MiB, 2G, 4096"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KB" => 1_000,
+        "M" | "MB" => 1_000_000,
+        "G" | "GB" => 1_000_000_000,
+        "T" | "TB" => 1_000_000_000_000,
+        "Ki" | "KiB" => 1 << 10,
+        "Mi" | "MiB" => 1 << 20,
+        "Gi" | "GiB" => 1 << 30,
+        "Ti" | "TiB" => 1 << 40,
+        other => return Err(format!("invalid size unit {other:?} in {s:?}")),
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("size {s:?} is too large"))
+}
+
+fn file_error(path: &Path, reason: impl Into<String>) -> clap::Error {
+    clap::Error::raw(
+        clap::error::ErrorKind::InvalidValue,
+        format!("{}: {}\n", path.display(), reason.into()),
+    )
+}
+
+/// Reads a config file into key → value (TOML, or JSON for `.json`).
+fn read_config_file(path: &Path) -> Result<BTreeMap<String, serde_json::Value>, clap::Error> {
+    let text = std::fs::read_to_string(path).map_err(|e| file_error(path, e.to_string()))?;
+    if path.extension().is_some_and(|e| e == "json") {
+        serde_json::from_str(&text).map_err(|e| file_error(path, e.to_string()))
+    } else {
+        toml::from_str(&text).map_err(|e| file_error(path, e.to_string()))
+    }
+}
+
+/// Turns the file's entries into arguments for the flags the command line and the
+/// environment left unset.
+fn file_args(
+    path: &Path,
+    cmd: &clap::Command,
+    matches: &clap::ArgMatches,
+) -> Result<Vec<OsString>, clap::Error> {
+    let mut out = Vec::new();
+    for (key, value) in read_config_file(path)? {
+        let long = key.replace('_', "-");
+        let arg = cmd
+            .get_arguments()
+            .find(|a| a.get_long() == Some(long.as_str()) && long != "config")
+            .ok_or_else(|| file_error(path, format!("unknown key {key:?}")))?;
+        let id = arg.get_id().as_str();
+        if matches!(
+            matches.value_source(id),
+            Some(ValueSource::CommandLine | ValueSource::EnvVariable)
+        ) {
+            continue;
+        }
+        let scalar = |v: &serde_json::Value| -> Result<String, clap::Error> {
+            match v {
+                serde_json::Value::String(s) => Ok(s.clone()),
+                serde_json::Value::Number(n) => Ok(n.to_string()),
+                serde_json::Value::Bool(b) => Ok(b.to_string()),
+                _ => Err(file_error(
+                    path,
+                    format!("{key:?} must be a string, number or boolean"),
+                )),
+            }
+        };
+        match (arg.get_action(), &value) {
+            (ArgAction::SetTrue, serde_json::Value::Bool(true)) => {
+                out.push(format!("--{long}").into())
+            }
+            (ArgAction::SetTrue, serde_json::Value::Bool(false)) => {}
+            (ArgAction::SetTrue, _) => {
+                return Err(file_error(path, format!("{key:?} must be true or false")));
+            }
+            (_, serde_json::Value::Array(items)) => {
+                for item in items {
+                    out.push(format!("--{long}={}", scalar(item)?).into());
+                }
+            }
+            (_, v) => out.push(format!("--{long}={}", scalar(v)?).into()),
+        }
+    }
+    Ok(out)
+}
+
+/// Parses the command line of a CLI whose `serve` subcommand takes [`ServeArgs`], applying
+/// `serve --config FILE` underneath the command line and environment.
+///
+/// Errors: clap's (usage, invalid values, unknown config keys); the caller `exit()`s on them.
+pub fn parse_cli<P: CommandFactory + FromArgMatches>(
+    argv: Vec<OsString>,
+) -> Result<P, clap::Error> {
+    let matches = P::command().try_get_matches_from(&argv)?;
+    let extra = match matches.subcommand() {
+        Some(("serve", sub)) => match sub.get_one::<PathBuf>("config") {
+            Some(path) => {
+                let cmd = P::command();
+                let serve = cmd
+                    .find_subcommand("serve")
+                    .ok_or_else(|| file_error(path, "no serve subcommand"))?;
+                file_args(path, serve, sub)?
+            }
+            None => Vec::new(),
+        },
+        _ => Vec::new(),
+    };
+    if extra.is_empty() {
+        return P::from_arg_matches(&matches);
+    }
+    let mut argv = argv;
+    argv.extend(extra);
+    let matches = P::command().try_get_matches_from(&argv)?;
+    P::from_arg_matches(&matches)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(subcommand)]
+        cmd: Cmd,
+    }
+
+    #[derive(Debug, clap::Subcommand)]
+    enum Cmd {
+        Serve(Box<ServeArgs>),
+    }
+
+    fn serve(argv: &[&str]) -> Result<ServeArgs, clap::Error> {
+        let mut v: Vec<OsString> = vec!["agent".into(), "serve".into()];
+        v.extend(argv.iter().map(OsString::from));
+        parse_cli::<Cli>(v).map(|c| match c.cmd {
+            Cmd::Serve(a) => *a,
+        })
+    }
+
+    #[test]
+    fn sizes_and_durations() {
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("2MiB"), Ok(2 << 20));
+        assert_eq!(parse_bytes("3G"), Ok(3_000_000_000));
+        assert!(parse_bytes("1XB").is_err());
+        assert!(parse_bytes("99999999999TiB").is_err());
+        assert_eq!(parse_duration("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(parse_duration("250ms"), Ok(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Ok(Duration::from_secs(120)));
+        assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn config_file_sits_under_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("agent.toml");
+        std::fs::write(
+            &file,
+            "model = \"/m\"\nmax_running = 7\nblock-size = 8\nallow_private_networks = true\nadapter_roots = [\"/a\", \"/b\"]\n",
+        )
+        .unwrap();
+        let f = file.to_str().unwrap();
+        let a = serve(&["--config", f, "--max-running", "3"]).unwrap();
+        assert_eq!(a.server.model.as_deref(), Some("/m"));
+        assert_eq!(a.engine.max_running, 3, "the flag wins over the file");
+        assert_eq!(a.engine.block_size, 8);
+        assert!(a.sources.allow_private_networks);
+        assert_eq!(a.sources.adapter_roots.len(), 2);
+
+        std::fs::write(&file, "no_such_flag = 1\n").unwrap();
+        let e = serve(&["--config", f]).unwrap_err();
+        assert!(e.to_string().contains("unknown key"), "{e}");
+
+        let json = dir.path().join("agent.json");
+        std::fs::write(&json, r#"{"model": "/j", "drain-timeout": "5s"}"#).unwrap();
+        let a = serve(&["--config", json.to_str().unwrap()]).unwrap();
+        assert_eq!(a.server.drain_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn roles_other_than_unified_are_refused_clearly() {
+        let a = serve(&["--model", "/m", "--role", "decode"]).unwrap();
+        let e = a.validate(|_| None).unwrap_err();
+        assert!(e.to_string().contains("not yet supported"), "{e}");
+        let a = serve(&["--model", "/m", "--pool-bytes", "1MiB"]).unwrap();
+        let c = a
+            .validate(|_| Some("https://mirror.example/".into()))
+            .unwrap();
+        assert_eq!(c.pool, PoolSize::Bytes(1 << 20));
+        assert_eq!(c.sources.hf_endpoint, "https://mirror.example");
+        assert!(serve(&["--model", "/m", "--pool-bytes", "1MiB", "--pool-pages", "3"]).is_err());
+    }
+}

@@ -1,0 +1,330 @@
+//! The decode role's side of disaggregation: pick a prefill peer, stream the prompt's KV from
+//! it, validate it, and hand it to the engine; on any failure try the next peer, then (if
+//! allowed) prefill locally.
+//!
+//! Peers come from `--prefill-peers`: addresses or DNS names (a Kubernetes headless Service
+//! resolves to every prefill pod), re-resolved periodically. Choice: peers already known to hold
+//! the request's adapter first, then the fewest prompt tokens this agent has in flight to them.
+
+use std::collections::{BTreeMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use loraplane_proto::v1::kv_transfer_client::KvTransferClient;
+use loraplane_proto::v1::{
+    AdapterIdentity, GenerateRequest, PrefillRequest, SamplingParams as WireSampling,
+    prefill_response,
+};
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+
+use crate::disagg::stats::DisaggStats;
+use crate::disagg::transfer::{Assembler, TransferError, WireLayout};
+use crate::engine::actor::{EngineHandle, RequestStream};
+use crate::engine::{EngineError, KvImport, Request};
+use crate::lora::ids::AdapterKey;
+
+/// How a decode agent reaches its prefill peers.
+#[derive(Debug, Clone)]
+pub struct DecodeOptions {
+    /// `host:port` entries; names are re-resolved every `refresh`.
+    pub peers: Vec<String>,
+    pub refresh: Duration,
+    /// Prompts shorter than this many tokens are prefilled locally.
+    pub local_prefill_threshold: usize,
+    /// When every peer fails, prefill locally (with a warning) instead of failing the request.
+    pub local_fallback: bool,
+    pub connect_timeout: Duration,
+    /// Whole-transfer deadline.
+    pub timeout: Duration,
+    pub max_chunk_bytes: usize,
+    /// The cluster credential presented to prefill agents.
+    pub credential: Option<String>,
+    pub tls: Option<ClientTlsConfig>,
+}
+
+#[derive(Debug)]
+struct Peer {
+    addr: SocketAddr,
+    channel: Channel,
+    in_flight_tokens: AtomicUsize,
+    adapters: Mutex<HashSet<String>>,
+}
+
+/// The current prefill peers.
+#[derive(Debug, Default)]
+pub struct PeerSet {
+    peers: Mutex<Vec<Arc<Peer>>>,
+}
+
+impl PeerSet {
+    fn snapshot(&self) -> Vec<Arc<Peer>> {
+        self.peers.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    pub fn addresses(&self) -> Vec<SocketAddr> {
+        self.snapshot().iter().map(|p| p.addr).collect()
+    }
+
+    /// Re-resolves every entry; keeps the state of peers that are still there.
+    pub async fn refresh(&self, opts: &DecodeOptions) {
+        let mut found = Vec::new();
+        for entry in &opts.peers {
+            match tokio::net::lookup_host(entry.as_str()).await {
+                Ok(addrs) => found.extend(addrs),
+                Err(e) => tracing::warn!(peer = %entry, error = %e, "cannot resolve prefill peer"),
+            }
+        }
+        found.sort();
+        found.dedup();
+        let old = self.snapshot();
+        let next: Vec<Arc<Peer>> = found
+            .into_iter()
+            .filter_map(|addr| {
+                if let Some(p) = old.iter().find(|p| p.addr == addr) {
+                    return Some(p.clone());
+                }
+                let scheme = if opts.tls.is_some() { "https" } else { "http" };
+                let mut ep = Endpoint::from_shared(format!("{scheme}://{addr}"))
+                    .ok()?
+                    .connect_timeout(opts.connect_timeout)
+                    .tcp_nodelay(true);
+                if let Some(tls) = &opts.tls {
+                    ep = ep.tls_config(tls.clone()).ok()?;
+                }
+                Some(Arc::new(Peer {
+                    addr,
+                    channel: ep.connect_lazy(),
+                    in_flight_tokens: AtomicUsize::new(0),
+                    adapters: Mutex::new(HashSet::new()),
+                }))
+            })
+            .collect();
+        *self.peers.lock().unwrap_or_else(|e| e.into_inner()) = next;
+    }
+
+    /// Peers in the order to try for an adapter.
+    fn ranked(&self, adapter: &str) -> Vec<Arc<Peer>> {
+        let mut peers = self.snapshot();
+        peers.sort_by_key(|p| {
+            let has = p
+                .adapters
+                .lock()
+                .map(|a| a.contains(adapter))
+                .unwrap_or(false);
+            (!has, p.in_flight_tokens.load(Ordering::Relaxed), p.addr)
+        });
+        peers
+    }
+}
+
+/// Routes a decode agent's requests through remote prefill.
+#[derive(Debug, Clone)]
+pub struct DecodeRouter {
+    engine: EngineHandle,
+    layout: WireLayout,
+    opts: Arc<DecodeOptions>,
+    peers: Arc<PeerSet>,
+    stats: Arc<DisaggStats>,
+}
+
+/// Why one remote prefill attempt failed.
+#[derive(Debug, thiserror::Error)]
+enum AttemptError {
+    #[error(transparent)]
+    Transfer(#[from] TransferError),
+    #[error("prefill peer: {0}")]
+    Status(#[from] tonic::Status),
+    #[error("prefill peer timed out")]
+    Timeout,
+}
+
+impl AttemptError {
+    fn kind(&self) -> &'static str {
+        match self {
+            AttemptError::Transfer(e) => e.kind(),
+            AttemptError::Status(s) if s.code() == tonic::Code::Unavailable => "unavailable",
+            AttemptError::Status(_) => "status",
+            AttemptError::Timeout => "timeout",
+        }
+    }
+}
+
+impl DecodeRouter {
+    /// Resolves the peers once and keeps re-resolving them in the background.
+    pub async fn start(
+        engine: EngineHandle,
+        layout: WireLayout,
+        opts: DecodeOptions,
+        stats: Arc<DisaggStats>,
+    ) -> Self {
+        let peers = Arc::new(PeerSet::default());
+        let opts = Arc::new(opts);
+        peers.refresh(&opts).await;
+        if peers.addresses().is_empty() {
+            tracing::warn!(peers = ?opts.peers, "no prefill peer resolved yet; prompts are prefilled locally until one does");
+        }
+        let (bg_peers, bg_opts) = (Arc::downgrade(&peers), opts.clone());
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(bg_opts.refresh).await;
+                let Some(peers) = bg_peers.upgrade() else {
+                    return;
+                };
+                peers.refresh(&bg_opts).await;
+            }
+        });
+        DecodeRouter {
+            engine,
+            layout,
+            opts,
+            peers,
+            stats,
+        }
+    }
+
+    pub fn peers(&self) -> &PeerSet {
+        &self.peers
+    }
+
+    /// Submits a request: remote prefill when the prompt is long enough and a peer answers,
+    /// local otherwise (or an error when local prefill is disabled).
+    pub async fn submit(&self, request: Request) -> Result<RequestStream, EngineError> {
+        if request.prompt.len() < self.opts.local_prefill_threshold {
+            self.stats.local_prefills.fetch_add(1, Ordering::Relaxed);
+            return self.engine.submit(request).await;
+        }
+        let identity = self.identity(&request).await?;
+        let adapter_label = identity
+            .as_ref()
+            .map(|i| format!("{}/{}@{}", i.tenant, i.name, i.digest))
+            .unwrap_or_default();
+        let peers = self.peers.ranked(&adapter_label);
+        for peer in &peers {
+            let tokens = request.prompt.len();
+            peer.in_flight_tokens.fetch_add(tokens, Ordering::Relaxed);
+            let started = Instant::now();
+            let result = tokio::time::timeout(
+                self.opts.timeout,
+                self.attempt(peer, &request, identity.clone()),
+            )
+            .await;
+            peer.in_flight_tokens.fetch_sub(tokens, Ordering::Relaxed);
+            let outcome = result.unwrap_or(Err(AttemptError::Timeout));
+            match outcome {
+                Ok((import, bytes)) => {
+                    self.stats
+                        .received(bytes, started.elapsed().as_micros() as u64);
+                    self.stats.remote_prefills.fetch_add(1, Ordering::Relaxed);
+                    if let Ok(mut a) = peer.adapters.lock() {
+                        a.insert(adapter_label.clone());
+                    }
+                    return self.engine.submit_prefilled(request, import).await;
+                }
+                Err(e) => {
+                    self.stats.failure(e.kind());
+                    tracing::warn!(peer = %peer.addr, error = %e, request = %request.id, "remote prefill failed; trying the next peer");
+                }
+            }
+        }
+        if !self.opts.local_fallback {
+            return Err(EngineError::Unavailable(if peers.is_empty() {
+                "no prefill peer is reachable and local prefill is disabled".into()
+            } else {
+                "every prefill peer failed and local prefill is disabled".into()
+            }));
+        }
+        if peers.is_empty() {
+            tracing::warn!(request = %request.id, "no prefill peer; prefilling locally");
+        }
+        self.stats.local_prefills.fetch_add(1, Ordering::Relaxed);
+        self.engine.submit(request).await
+    }
+
+    /// The adapter's full identity (tenant, name, digest, source), or `None` for the base model.
+    async fn identity(&self, request: &Request) -> Result<Option<AdapterIdentity>, EngineError> {
+        let Some(name) = &request.adapter else {
+            return Ok(None);
+        };
+        let key = AdapterKey {
+            tenant: request.tenant.clone(),
+            name: name.clone(),
+        };
+        let summary = self
+            .engine
+            .adapters()
+            .await?
+            .into_iter()
+            .find(|a| a.key == key);
+        let summary = summary.ok_or_else(|| EngineError::AdapterNotFound(name.clone()))?;
+        Ok(Some(AdapterIdentity {
+            tenant: key.tenant.0,
+            name: key.name,
+            digest: summary.digest.map(|d| d.to_string()).unwrap_or_default(),
+            source_uri: summary.source.display().to_string(),
+        }))
+    }
+
+    async fn attempt(
+        &self,
+        peer: &Peer,
+        request: &Request,
+        adapter: Option<AdapterIdentity>,
+    ) -> Result<(KvImport, u64), AttemptError> {
+        let mut client = KvTransferClient::new(peer.channel.clone())
+            .max_decoding_message_size(self.opts.max_chunk_bytes + (1 << 16));
+        let p = &request.params;
+        let wire = PrefillRequest {
+            request_id: request.id.clone(),
+            request: Some(GenerateRequest {
+                request_id: request.id.clone(),
+                adapter: request.adapter.clone().unwrap_or_default(),
+                sampling: Some(WireSampling {
+                    temperature: Some(p.temperature),
+                    top_k: p.top_k.map(|k| k as u32),
+                    top_p: p.top_p,
+                    seed: p.seed,
+                    max_tokens: Some(p.max_tokens as u32),
+                    ..WireSampling::default()
+                }),
+                ..GenerateRequest::default()
+            }),
+            prompt_token_ids: request.prompt.clone(),
+            adapter,
+            layout: Some(self.layout.to_proto(request.prompt.len())),
+            max_chunk_bytes: self.opts.max_chunk_bytes as u32,
+        };
+        let mut grpc = tonic::Request::new(wire);
+        if let Some(token) = &self.opts.credential {
+            let value = format!("Bearer {token}")
+                .parse()
+                .map_err(|_| tonic::Status::internal("credential is not valid metadata"))?;
+            grpc.metadata_mut().insert("authorization", value);
+        }
+        let mut stream = client.prefill(grpc).await?.into_inner();
+        let mut assembler = Assembler::new(self.layout, request.prompt.len());
+        let vocab = self.engine.model_config().vocab_size;
+        while let Some(msg) = stream.message().await? {
+            match msg.msg {
+                Some(prefill_response::Msg::Chunk(chunk)) => assembler.push(&chunk)?,
+                Some(prefill_response::Msg::Done(done)) => {
+                    let bytes = assembler.bytes;
+                    return Ok((assembler.finish(&done, vocab)?, bytes));
+                }
+                None => return Err(TransferError::Truncated("an empty message".into()).into()),
+            }
+        }
+        Err(TransferError::Truncated(format!(
+            "the stream ended after {} of {} layers",
+            assembler.complete_layers(),
+            self.layout.num_layers
+        ))
+        .into())
+    }
+}
+
+/// Failures by kind, for metrics.
+pub fn failure_counts(stats: &DisaggStats) -> BTreeMap<&'static str, u64> {
+    stats.failures()
+}

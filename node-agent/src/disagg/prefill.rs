@@ -1,0 +1,255 @@
+//! The prefill role's `loraplane.v1.KvTransfer/Prefill` service: computes a decode agent's
+//! prompt with the request's adapter (loading it from the given source first if this agent
+//! lacks it, digest-checked) and streams the KV cache back layer by layer, as each layer
+//! finishes, then the first sampled token.
+//!
+//! Wire safety: the caller must present the cluster credential; the requested layout must be
+//! exactly this agent's; chunks stay below the caller's declared limit and carry lengths and
+//! checksums; the response channel is bounded, so a slow decode agent slows the producer
+//! instead of growing memory; a caller that goes away cancels the prefill and frees its pages.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::Stream;
+use loraplane_proto::v1::kv_transfer_server::KvTransfer;
+use loraplane_proto::v1::{PrefillDone, PrefillRequest, PrefillResponse, prefill_response};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request as GrpcRequest, Response, Status};
+
+use crate::api::auth::{AdminAuth, bearer_token};
+use crate::disagg::stats::DisaggStats;
+use crate::disagg::transfer::{WireLayout, encode_layer};
+use crate::engine::actor::EngineHandle;
+use crate::engine::{Event, FinishReason, Request, SamplingParams};
+use crate::lora::ids::{AdapterKey, Digest, TenantId};
+use crate::sources::{SourceOptions, resolve_adapter};
+
+/// Responses buffered per stream before the producer waits for the decode agent.
+const STREAM_BUFFER: usize = 4;
+
+/// The prefill agent's KV-transfer service.
+#[derive(Clone)]
+pub struct PrefillService {
+    engine: EngineHandle,
+    layout: WireLayout,
+    credential: AdminAuth,
+    sources: Arc<SourceOptions>,
+    stats: Arc<DisaggStats>,
+}
+
+impl std::fmt::Debug for PrefillService {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PrefillService")
+            .field("layout", &self.layout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PrefillService {
+    /// `credential` is the cluster credential decode agents present.
+    pub fn new(
+        engine: EngineHandle,
+        layout: WireLayout,
+        credential: AdminAuth,
+        sources: Arc<SourceOptions>,
+        stats: Arc<DisaggStats>,
+    ) -> Self {
+        PrefillService {
+            engine,
+            layout,
+            credential,
+            sources,
+            stats,
+        }
+    }
+
+    pub fn into_server(self) -> loraplane_proto::v1::kv_transfer_server::KvTransferServer<Self> {
+        loraplane_proto::v1::kv_transfer_server::KvTransferServer::new(self)
+            .max_decoding_message_size(64 << 20)
+    }
+
+    fn authorize<T>(&self, req: &GrpcRequest<T>) -> Result<(), Status> {
+        let token = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(bearer_token);
+        match token {
+            None => Err(Status::unauthenticated(
+                "the KV channel requires the cluster credential",
+            )),
+            Some(t) if self.credential.is_admin(t) => Ok(()),
+            Some(_) => Err(Status::permission_denied("wrong cluster credential")),
+        }
+    }
+
+    /// Makes sure the adapter with exactly this digest is loaded, fetching it if needed.
+    async fn ensure_adapter(
+        &self,
+        id: &loraplane_proto::v1::AdapterIdentity,
+    ) -> Result<(), Status> {
+        let digest = parse_digest(&id.digest)
+            .ok_or_else(|| Status::invalid_argument("adapter digest must be sha256:<64 hex>"))?;
+        let key = AdapterKey::new(&id.tenant, &id.name);
+        let loaded = self
+            .engine
+            .adapters()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        if loaded
+            .iter()
+            .any(|a| a.key == key && a.digest == Some(digest))
+        {
+            return Ok(());
+        }
+        let dir = resolve_adapter(&id.source_uri, Some(&digest), &self.sources)
+            .await
+            .map_err(|e| Status::failed_precondition(format!("fetching the adapter: {e}")))?;
+        self.engine
+            .load_adapter(key, dir, Some(digest), false)
+            .await
+            .map(|_| ())
+            .map_err(|e| Status::failed_precondition(format!("loading the adapter: {e}")))
+    }
+}
+
+fn parse_digest(s: &str) -> Option<Digest> {
+    let hex_str = s.strip_prefix("sha256:")?;
+    let bytes: [u8; 32] = hex::decode(hex_str).ok()?.try_into().ok()?;
+    Some(Digest(bytes))
+}
+
+/// Sampling parameters of the first token (the decode agent samples the rest).
+fn sampling(req: &PrefillRequest) -> SamplingParams {
+    let s = req
+        .request
+        .as_ref()
+        .and_then(|r| r.sampling.clone())
+        .unwrap_or_default();
+    SamplingParams {
+        temperature: s.temperature.unwrap_or(0.0),
+        top_k: s.top_k.map(|k| k as usize).filter(|k| *k > 0),
+        top_p: s.top_p.filter(|p| *p > 0.0 && *p < 1.0),
+        seed: s.seed,
+        max_tokens: 1,
+        ignore_eos: true,
+        logprobs: true,
+        ..SamplingParams::default()
+    }
+}
+
+type PrefillStream = Pin<Box<dyn Stream<Item = Result<PrefillResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl KvTransfer for PrefillService {
+    type PrefillStream = PrefillStream;
+
+    async fn prefill(
+        &self,
+        request: GrpcRequest<PrefillRequest>,
+    ) -> Result<Response<PrefillStream>, Status> {
+        self.authorize(&request)?;
+        let req = request.into_inner();
+        if req.prompt_token_ids.is_empty() {
+            return Err(Status::invalid_argument("the prompt is empty"));
+        }
+        let tokens = req.prompt_token_ids.len();
+        let layout = req
+            .layout
+            .as_ref()
+            .ok_or_else(|| Status::invalid_argument("missing KV layout"))?;
+        self.layout
+            .check(layout, tokens)
+            .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        let max_chunk = req.max_chunk_bytes as usize;
+        let page_bytes = self.layout.page_elems() * 4;
+        if max_chunk < page_bytes {
+            return Err(Status::invalid_argument(format!(
+                "max_chunk_bytes {max_chunk} is below one KV page ({page_bytes} bytes)"
+            )));
+        }
+        let adapter = match &req.adapter {
+            Some(id) if !id.name.is_empty() => {
+                self.ensure_adapter(id).await?;
+                Some((TenantId(id.tenant.clone()), id.name.clone()))
+            }
+            _ => None,
+        };
+        let engine_req = Request {
+            id: format!("prefill-{}", req.request_id),
+            tenant: adapter
+                .as_ref()
+                .map_or_else(TenantId::default_tenant, |(t, _)| t.clone()),
+            adapter: adapter.map(|(_, n)| n),
+            prompt: req.prompt_token_ids.clone(),
+            params: sampling(&req),
+        };
+        let started = Instant::now();
+        let (mut events, mut kv) =
+            self.engine
+                .submit_prefill(engine_req)
+                .await
+                .map_err(|e| match e {
+                    crate::engine::EngineError::AdapterNotFound(_) => {
+                        Status::not_found(e.to_string())
+                    }
+                    other => Status::invalid_argument(other.to_string()),
+                })?;
+        self.stats.prefill_started();
+        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let (layout, stats) = (self.layout, self.stats.clone());
+        tokio::spawn(async move {
+            let mut chunks = 0u32;
+            // Layers arrive as the engine computes them; forward each at once.
+            while let Some(layer) = kv.recv().await {
+                let encoded = match encode_layer(&layout, &layer, max_chunk) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        let _ = tx.send(Err(Status::internal(e.to_string()))).await;
+                        return;
+                    }
+                };
+                for chunk in encoded {
+                    stats.sent(chunk.data.len());
+                    chunks += 1;
+                    let msg = PrefillResponse {
+                        msg: Some(prefill_response::Msg::Chunk(chunk)),
+                    };
+                    if tx.send(Ok(msg)).await.is_err() {
+                        return; // the decode agent left: dropping `events` and `kv` cancels
+                    }
+                }
+            }
+            let mut first = None;
+            while let Some(ev) = events.recv().await {
+                match ev {
+                    Event::Token { id, logprob, .. } => first = Some((id, logprob.unwrap_or(0.0))),
+                    Event::Finished { reason, error, .. } => {
+                        let msg = match (first, reason) {
+                            (Some((token, logprob)), FinishReason::Length | FinishReason::Stop) => {
+                                Ok(PrefillResponse {
+                                    msg: Some(prefill_response::Msg::Done(PrefillDone {
+                                        first_token: token,
+                                        first_token_logprob: logprob,
+                                        prompt_tokens: tokens as u32,
+                                        prefill_us: started.elapsed().as_micros() as u64,
+                                        chunks,
+                                    })),
+                                })
+                            }
+                            _ => Err(Status::internal(error.unwrap_or_else(|| {
+                                format!("prefill ended: {}", reason.as_str())
+                            }))),
+                        };
+                        let _ = tx.send(msg).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

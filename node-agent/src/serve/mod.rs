@@ -1,0 +1,328 @@
+//! `loraplane-agent serve`: starts the engine, preloads adapters, wires every surface (gRPC
+//! `Inference` + `Admin` + health + reflection on one port; the OpenAI API, admin routes,
+//! health and metrics on the other), and runs until a signal, then drains.
+//!
+//! Start-up order: logging → model (a directory, or a source URI fetched through `sources`)
+//! → engine → tenants → adapter preload → listeners. When both listeners are bound the agent
+//! prints ONE machine-readable line on stdout —
+//! `{"event":"listening","grpc":"ADDR","http":"ADDR"}` — so a supervisor or a test that asked
+//! for port 0 learns the real ports; everything else is logged to stderr.
+//!
+//! Shutdown: the first SIGTERM or SIGINT starts a drain (readiness and gRPC health fail at
+//! once, new requests get HTTP 503 + `Retry-After` / gRPC `UNAVAILABLE`), waits up to
+//! `--drain-timeout` for in-flight requests, then stops the servers and returns (exit 0). A
+//! second signal stops waiting. `Admin/Drain` starts the same drain without exiting.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic_health::ServingStatus;
+
+use crate::api::admin::{self, AdminService, AdminState};
+use crate::api::auth::Tenants;
+use crate::api::grpc;
+use crate::api::http;
+use crate::api::lifecycle::Lifecycle;
+use crate::api::service::AgentService;
+use crate::backend::cpu::CpuBackend;
+use crate::config::{LogFormat, PoolSize, ServeConfig};
+use crate::engine::actor::EngineHandle;
+use crate::lora::ids::AdapterKey;
+use crate::metrics::{Metrics, StepMetrics};
+use crate::model::config::HfConfig;
+
+/// How long the servers get to close their connections after the drain.
+const SERVER_STOP_GRACE: Duration = Duration::from_secs(3);
+/// The gRPC service name health is reported for (besides the overall "").
+const INFERENCE_SERVICE: &str = "loraplane.v1.Inference";
+
+/// Installs the global tracing subscriber (stderr; JSON or text).
+pub fn init_logging(format: LogFormat, level: &str) -> anyhow::Result<()> {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .with_context(|| format!("invalid --log-level {level:?}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .with_writer(std::io::stderr);
+    let result = match format {
+        LogFormat::Json => builder.json().with_current_span(false).try_init(),
+        LogFormat::Text => builder.try_init(),
+    };
+    result.map_err(|e| anyhow::anyhow!("cannot install the logger: {e}"))
+}
+
+/// Resolves `--model` to a local checkpoint directory: a path as is, a URI through the
+/// sources module (downloads are cached under `--source-cache-dir`).
+async fn model_dir(config: &ServeConfig) -> anyhow::Result<PathBuf> {
+    if config.model.contains("://") {
+        tracing::info!(source = %crate::sources::redact(&config.model), "fetching the model");
+        return crate::sources::resolve_model(&config.model, &config.sources)
+            .await
+            .context("fetching --model");
+    }
+    Ok(PathBuf::from(&config.model))
+}
+
+/// The served name of the base model: the flag, else the directory's (or repository's) name.
+fn served_name(config: &ServeConfig, dir: &Path) -> String {
+    if let Some(n) = &config.served_model_name {
+        return n.clone();
+    }
+    let from_uri = config
+        .model
+        .split_once("://")
+        .map(|(_, rest)| rest.split('@').next().unwrap_or(rest).trim_end_matches('/'))
+        .and_then(|r| r.rsplit('/').next())
+        .filter(|s| !s.is_empty());
+    from_uri
+        .map(str::to_owned)
+        .or_else(|| dir.file_name().map(|n| n.to_string_lossy().into_owned()))
+        .unwrap_or_else(|| "base".to_owned())
+}
+
+/// Starts the engine thread (loading the model off the async runtime).
+async fn start_engine(
+    config: &ServeConfig,
+    dir: &Path,
+    metrics: &Arc<Metrics>,
+) -> anyhow::Result<EngineHandle> {
+    let mut engine = config.engine.clone();
+    if let PoolSize::Bytes(bytes) = config.pool {
+        let path = dir.join("config.json");
+        let model = HfConfig::read(&path)?.validate(&path)?;
+        let page_bytes = crate::engine::core::kv_geometry(&model, engine.block_size).page_elems
+            * size_of::<f32>();
+        let pages = bytes / page_bytes as u64;
+        anyhow::ensure!(
+            pages >= 1,
+            "--pool-bytes {bytes} is smaller than one page ({page_bytes} bytes)"
+        );
+        engine.num_pages = usize::try_from(pages.min(u64::from(u32::MAX)))?;
+    }
+    engine.observer = Some(Arc::new(StepMetrics(metrics.clone())));
+    let pages = engine.num_pages;
+    let dir = dir.to_owned();
+    let handle = tokio::task::spawn_blocking(move || EngineHandle::spawn(CpuBackend, &dir, engine))
+        .await
+        .context("the model loader panicked")?
+        .context("loading the model")?;
+    let c = handle.model_config();
+    tracing::info!(
+        layers = c.num_layers,
+        hidden = c.hidden_size,
+        vocab = c.vocab_size,
+        context = c.max_position_embeddings,
+        pool_pages = pages,
+        "engine started"
+    );
+    Ok(handle)
+}
+
+/// Loads every PEFT adapter directory in `dir` for tenant `default`. A bad adapter is logged
+/// and skipped; it never stops the agent.
+async fn preload_adapters(handle: &EngineHandle, dir: &Path) -> anyhow::Result<usize> {
+    let mut entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("reading --adapters {}", dir.display()))?
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| p.join(crate::sources::ADAPTER_CONFIG).is_file())
+        .collect();
+    entries.sort();
+    let mut loaded = 0;
+    for path in entries {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if !admin::is_valid_name(&name) {
+            tracing::warn!(adapter = %name, "skipping an adapter directory whose name is not a valid adapter name");
+            continue;
+        }
+        let key = AdapterKey::new("default", &name);
+        match handle.load_adapter(key, path.clone(), None, false).await {
+            Ok(a) => {
+                loaded += 1;
+                tracing::info!(adapter = %name, rank = a.rank, digest = ?a.digest, "adapter preloaded");
+            }
+            Err(e) => tracing::error!(adapter = %name, error = %e, "adapter preload failed"),
+        }
+    }
+    Ok(loaded)
+}
+
+/// Waits for SIGTERM or SIGINT.
+async fn signal() -> anyhow::Result<&'static str> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => Ok("SIGTERM"),
+            _ = int.recv() => Ok("SIGINT"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await?;
+        Ok("ctrl-c")
+    }
+}
+
+/// Runs the agent until it has drained after a signal.
+pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
+    let metrics = Metrics::new().context("building the metrics registry")?;
+    let dir = model_dir(&config).await?;
+    let handle = start_engine(&config, &dir, &metrics).await?;
+    let served = served_name(&config, &dir);
+
+    let tenants = Tenants::new(config.tenants.clone())?;
+    if tenants.is_open() {
+        tracing::info!("no API keys configured: serving a single `default` tenant to every caller");
+    } else {
+        tracing::info!(tenants = tenants.ids().len(), "API keys loaded");
+    }
+    if !config.admin.is_configured() {
+        tracing::warn!("no admin credential configured: the admin API refuses every call");
+    }
+    if let Some(adapters) = &config.adapters_dir {
+        let n = preload_adapters(&handle, adapters).await?;
+        tracing::info!(adapters = n, dir = %adapters.display(), "adapters preloaded for tenant `default`");
+    }
+
+    let lifecycle = Lifecycle::new(config.drain_timeout);
+    let max_lora = config.engine.max_running;
+    let service = AgentService::new(
+        handle.clone(),
+        tenants.clone(),
+        lifecycle.clone(),
+        metrics.clone(),
+        config.bounds.clone(),
+        served.clone(),
+        max_lora,
+    );
+
+    // ---- Admin surfaces (api/admin.rs): gRPC `loraplane.v1.Admin` and the vLLM routes. ----
+    let admin_state = Arc::new(AdminState::new(
+        handle.clone(),
+        tenants.clone(),
+        config.admin.clone(),
+        lifecycle.clone(),
+        config.sources.clone(),
+        config.role.as_str(),
+        &served,
+    ));
+    let admin_grpc = AdminService::new(admin_state.clone()).into_server();
+    let admin_http = admin::admin_routes(admin_state);
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health.set_service_status("", ServingStatus::Serving).await;
+    health
+        .set_service_status(INFERENCE_SERVICE, ServingStatus::Serving)
+        .await;
+
+    let grpc_listener = TcpListener::bind(config.grpc_addr)
+        .await
+        .with_context(|| format!("binding --grpc-addr {}", config.grpc_addr))?;
+    let http_listener = TcpListener::bind(config.http_addr)
+        .await
+        .with_context(|| format!("binding --http-addr {}", config.http_addr))?;
+    let (grpc_addr, http_addr): (SocketAddr, SocketAddr) =
+        (grpc_listener.local_addr()?, http_listener.local_addr()?);
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+
+    let grpc_server = tonic::transport::Server::builder()
+        .add_service(health_service)
+        .add_service(grpc::reflection_service().context("building gRPC reflection")?)
+        .add_service(grpc::inference_server(service.clone()))
+        .add_service(admin_grpc)
+        .serve_with_incoming_shutdown(
+            TcpListenerStream::new(grpc_listener),
+            stopped(stop_rx.clone()),
+        );
+    let router = http::router(service.clone()).merge(admin_http);
+    let http_server = axum::serve(http_listener, router).with_graceful_shutdown(stopped(stop_rx));
+
+    let grpc_task = tokio::spawn(grpc_server);
+    let http_task = tokio::spawn(async move { http_server.await });
+
+    // Readiness follows the lifecycle, whoever starts the drain (a signal or Admin/Drain).
+    {
+        let (lifecycle, health, metrics) = (lifecycle.clone(), health.clone(), metrics.clone());
+        tokio::spawn(async move {
+            lifecycle.drain_started().await;
+            metrics.set_draining(true);
+            health
+                .set_service_status("", ServingStatus::NotServing)
+                .await;
+            health
+                .set_service_status(INFERENCE_SERVICE, ServingStatus::NotServing)
+                .await;
+        });
+    }
+
+    tracing::info!(%grpc_addr, %http_addr, model = %served, "serving");
+    println!(
+        "{}",
+        serde_json::json!({"event": "listening", "grpc": grpc_addr.to_string(), "http": http_addr.to_string()})
+    );
+
+    let mut grpc_task = grpc_task;
+    let mut http_task = http_task;
+    let which = tokio::select! {
+        s = signal() => s?,
+        r = &mut grpc_task => anyhow::bail!("the gRPC server stopped: {r:?}"),
+        r = &mut http_task => anyhow::bail!("the HTTP server stopped: {r:?}"),
+    };
+    let first = lifecycle.start_drain();
+    tracing::info!(
+        signal = which,
+        in_flight = lifecycle.in_flight(),
+        timeout_s = config.drain_timeout.as_secs_f64(),
+        already_draining = !first,
+        "draining"
+    );
+    let remaining = tokio::select! {
+        n = lifecycle.wait_idle(config.drain_timeout) => n,
+        _ = signal() => {
+            tracing::warn!("second signal: stopping without waiting for in-flight requests");
+            lifecycle.in_flight()
+        }
+    };
+    if remaining > 0 {
+        tracing::warn!(
+            in_flight = remaining,
+            "drain timeout reached with requests still in flight"
+        );
+    } else {
+        tracing::info!("drained: no request in flight");
+    }
+    let _ = stop_tx.send(true);
+    let servers = async {
+        let (g, h) = tokio::join!(grpc_task, http_task);
+        if let Ok(Err(e)) = g {
+            tracing::error!(error = %e, "gRPC server error");
+        }
+        if let Ok(Err(e)) = h {
+            tracing::error!(error = %e, "HTTP server error");
+        }
+    };
+    if tokio::time::timeout(SERVER_STOP_GRACE, servers)
+        .await
+        .is_err()
+    {
+        tracing::warn!("servers did not close their connections in time; exiting anyway");
+    }
+    tracing::info!("stopped");
+    Ok(())
+}

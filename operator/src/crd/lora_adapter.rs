@@ -1,0 +1,163 @@
+//! `LoraAdapter` (short name `lora`): a tenant's PEFT LoRA adapter for a base model. The
+//! operator admits it (base model exists, namespace admitted, quota), places it on agents,
+//! loads it through their Admin API and reports where it runs.
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use super::common::Phase;
+
+/// A LoRA adapter of a base model, owned by the tenant (namespace) it lives in.
+#[derive(CustomResource, Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "loraplane.dev",
+    version = "v1alpha1",
+    kind = "LoraAdapter",
+    namespaced,
+    shortname = "lora",
+    category = "loraplane",
+    status = "LoraAdapterStatus",
+    derive = "PartialEq",
+    doc = "A tenant's LoRA adapter: placed on the base model's agents and loaded through their Admin API.",
+    printcolumn(name = "Base Model", type_ = "string", json_path = ".spec.baseModel.name"),
+    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
+    printcolumn(name = "Rank", type_ = "integer", json_path = ".status.rank"),
+    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas", description = "agents with the adapter loaded"),
+    printcolumn(name = "Digest", type_ = "string", json_path = ".status.digest", priority = 1),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct LoraAdapterSpec {
+    /// The BaseModel this adapter was trained for.
+    pub base_model: BaseModelRef,
+    /// Where the adapter (`adapter_config.json` + `adapter_model.safetensors`) comes from.
+    pub source: AdapterSource,
+    /// Agents (per role) that keep it pinned and warm. Unset: every agent registers it and
+    /// loads the weights on demand.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub replicas: Option<i32>,
+}
+
+/// A BaseModel by name; `namespace` defaults to the adapter's own.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BaseModelRef {
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 63))]
+    pub namespace: Option<String>,
+}
+
+/// An adapter source: exactly one of `huggingFace` or `uri`, with an optional digest check.
+///
+/// There is no Hub token: the agents' `Admin/LoadAdapter` carries no credential, so private
+/// Hub adapters are reached through `uri` (an `https://` URL with its own access) instead.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.huggingFace) != has(self.uri)", "message": "set exactly one of huggingFace or uri"}
+]))]
+pub struct AdapterSource {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hugging_face: Option<HuggingFaceAdapter>,
+    /// `https://…`, `file:///…` (under the agents' adapter roots) or `hf://org/repo[@rev]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(https|file|hf)://.+$"), length(max = 4096))]
+    pub uri: Option<String>,
+    /// Expected hex SHA-256 of `adapter_model.safetensors` (optionally `sha256:`-prefixed); a
+    /// load whose files differ fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(sha256:)?[0-9a-f]{64}$"))]
+    pub sha256: Option<String>,
+}
+
+/// An adapter repository on the Hugging Face Hub.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct HuggingFaceAdapter {
+    /// `org/name`.
+    #[schemars(regex(pattern = r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*$"))]
+    pub repo: String,
+    /// A branch, tag or commit (default: the Hub's default branch).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    pub revision: Option<String>,
+}
+
+impl AdapterSource {
+    /// The `source_uri` of `Admin/LoadAdapter`: `hf://org/repo[@revision]` or the URI as given.
+    pub fn to_uri(&self) -> String {
+        match (&self.hugging_face, &self.uri) {
+            (Some(hf), _) => match &hf.revision {
+                Some(rev) => format!("hf://{}@{rev}", hf.repo),
+                None => format!("hf://{}", hf.repo),
+            },
+            (None, Some(uri)) => uri.clone(),
+            // Unreachable through the API server (CEL rule); an empty URI is refused by the agent.
+            (None, None) => String::new(),
+        }
+    }
+
+    /// The expected digest as bare lowercase hex, if one is given.
+    pub fn expected_sha256(&self) -> Option<String> {
+        self.sha256
+            .as_deref()
+            .map(|s| s.trim_start_matches("sha256:").to_ascii_lowercase())
+    }
+}
+
+/// Observed state, written by the operator.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LoraAdapterStatus {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub phase: Option<Phase>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Progressing`, `Degraded`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+    /// Largest rank over the adapter's modules, as the agents report it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rank: Option<u32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub target_modules: Vec<String>,
+    /// `sha256:<hex>` of the loaded weights.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub digest: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size_bytes: Option<u64>,
+    /// Agents holding (or asked to hold) the adapter, sorted by pod.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub placements: Vec<Placement>,
+    /// Placements in state `Loaded`.
+    #[serde(default)]
+    pub ready_replicas: i32,
+}
+
+/// One agent's copy of the adapter.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Placement {
+    /// The agent pod.
+    pub pod: String,
+    /// `unified`, `prefill` or `decode`.
+    pub role: String,
+    pub state: PlacementState,
+    /// Why a load failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Where one placement stands.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+pub enum PlacementState {
+    /// Verified and in the agent's registry (`Admin/ListAdapters` shows it).
+    Loaded,
+    /// The load failed; the message says why.
+    Failed,
+}

@@ -76,8 +76,9 @@ impl PeerSet {
                 Err(e) => tracing::warn!(peer = %entry, error = %e, "cannot resolve prefill peer"),
             }
         }
-        found.sort();
-        found.dedup();
+        // Keep the configured order (the tie-break when peers are equally loaded).
+        let mut seen = HashSet::new();
+        found.retain(|a| seen.insert(*a));
         let old = self.snapshot();
         let next: Vec<Arc<Peer>> = found
             .into_iter()
@@ -104,18 +105,24 @@ impl PeerSet {
         *self.peers.lock().unwrap_or_else(|e| e.into_inner()) = next;
     }
 
-    /// Peers in the order to try for an adapter.
+    /// Peers in the order to try for an adapter: those known to hold it, then the fewest
+    /// prompt tokens in flight, then the configured order.
     fn ranked(&self, adapter: &str) -> Vec<Arc<Peer>> {
-        let mut peers = self.snapshot();
-        peers.sort_by_key(|p| {
-            let has = p
-                .adapters
-                .lock()
-                .map(|a| a.contains(adapter))
-                .unwrap_or(false);
-            (!has, p.in_flight_tokens.load(Ordering::Relaxed), p.addr)
-        });
-        peers
+        let mut keyed: Vec<_> = self
+            .snapshot()
+            .into_iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let has = p
+                    .adapters
+                    .lock()
+                    .map(|a| a.contains(adapter))
+                    .unwrap_or(false);
+                ((!has, p.in_flight_tokens.load(Ordering::Relaxed), i), p)
+            })
+            .collect();
+        keyed.sort_by_key(|(k, _)| *k);
+        keyed.into_iter().map(|(_, p)| p).collect()
     }
 }
 

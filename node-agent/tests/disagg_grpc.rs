@@ -1,0 +1,447 @@
+//! Splitwise over real gRPC on loopback (in-process servers): a decode agent's router streams
+//! each prompt's KV from prefill agents and must produce exactly a unified agent's greedy
+//! tokens. Faults are injected deterministically by a wrapping KvTransfer service that cuts or
+//! corrupts the stream at a chosen message — never by luck of timing — and every case checks
+//! that both sides' pools return to their starting free pages.
+
+// Test helpers outside #[test] functions fail loudly by design.
+#![allow(clippy::unwrap_used)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use loraplane_agent::api::auth::AdminAuth;
+use loraplane_agent::backend::cpu::CpuBackend;
+use loraplane_agent::disagg::decode::{DecodeOptions, DecodeRouter};
+use loraplane_agent::disagg::prefill::PrefillService;
+use loraplane_agent::disagg::stats::DisaggStats;
+use loraplane_agent::disagg::transfer::WireLayout;
+use loraplane_agent::engine::actor::EngineHandle;
+use loraplane_agent::engine::{EngineConfig, EngineError, Event, Request, SamplingParams};
+use loraplane_agent::fixtures::adapter::{self, AdapterSpec};
+use loraplane_agent::fixtures::model::{self, ModelSpec, Preset};
+use loraplane_agent::fixtures::tensor::FixtureDtype;
+use loraplane_agent::lora::Module;
+use loraplane_agent::lora::ids::{AdapterKey, TenantId};
+use loraplane_agent::model::config::Arch;
+use loraplane_agent::sources::SourceOptions;
+use loraplane_proto::v1::kv_transfer_server::{KvTransfer, KvTransferServer};
+use loraplane_proto::v1::{PrefillRequest, PrefillResponse, prefill_response};
+use tonic::{Response, Status};
+
+const TOKEN: &str = "cluster-secret";
+
+struct World {
+    dir: tempfile::TempDir,
+    model: PathBuf,
+    adapters: Vec<PathBuf>,
+}
+
+fn world() -> World {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    model::write(
+        &ModelSpec {
+            arch: Arch::Llama,
+            preset: Preset::Tiny,
+            dtype: FixtureDtype::F32,
+            seed: 5,
+            shards: 1,
+        },
+        &model,
+    )
+    .unwrap();
+    let adapters = (0..8)
+        .map(|i| {
+            let out = dir.path().join(format!("lora-{i}"));
+            let spec = AdapterSpec {
+                rank: [4, 8, 16, 32][i % 4],
+                alpha: 16.0,
+                targets: if i % 2 == 0 {
+                    Module::ALL.to_vec()
+                } else {
+                    vec![Module::Q, Module::V, Module::Down]
+                },
+                rank_pattern: BTreeMap::new(),
+                alpha_pattern: BTreeMap::new(),
+                rslora: i == 3,
+                dtype: FixtureDtype::F32,
+                seed: 70 + i as u64,
+            };
+            adapter::write(&spec, &model, &out).unwrap();
+            out
+        })
+        .collect();
+    World {
+        dir,
+        model,
+        adapters,
+    }
+}
+
+async fn engine(w: &World, load_adapters: bool) -> EngineHandle {
+    let h = EngineHandle::spawn(
+        CpuBackend,
+        &w.model,
+        EngineConfig {
+            num_pages: 1024,
+            ..EngineConfig::default()
+        },
+    )
+    .unwrap();
+    if load_adapters {
+        for (i, dir) in w.adapters.iter().enumerate() {
+            h.load_adapter(
+                AdapterKey::new("default", &format!("lora-{i}")),
+                dir.clone(),
+                None,
+                false,
+            )
+            .await
+            .unwrap();
+        }
+    }
+    h
+}
+
+fn layout(h: &EngineHandle) -> WireLayout {
+    let c = h.model_config();
+    WireLayout {
+        num_layers: c.num_layers,
+        block_size: 16,
+        num_kv_heads: c.num_kv_heads,
+        head_dim: c.head_dim,
+    }
+}
+
+fn sources(w: &World) -> Arc<SourceOptions> {
+    let mut s = SourceOptions::new(w.dir.path().join("cache"));
+    s.local_roots = vec![w.dir.path().to_owned()];
+    Arc::new(s)
+}
+
+/// What a wrapped prefill service does to its stream.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Fault {
+    None,
+    /// Ends the stream with an error after this many messages (the prefill agent "dies").
+    DieAfter(usize),
+    /// Flips one byte of the KV data of this message.
+    Corrupt(usize),
+    /// Drops this message (a truncated stream).
+    Drop(usize),
+}
+
+#[derive(Clone)]
+struct Faulty {
+    inner: PrefillService,
+    fault: Fault,
+}
+
+type Out = Pin<Box<dyn Stream<Item = Result<PrefillResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl KvTransfer for Faulty {
+    type PrefillStream = Out;
+
+    async fn prefill(
+        &self,
+        request: tonic::Request<PrefillRequest>,
+    ) -> Result<Response<Out>, Status> {
+        let inner = self.inner.prefill(request).await?.into_inner();
+        let fault = self.fault;
+        let stream = inner.enumerate().filter_map(move |(i, msg)| async move {
+            match (fault, msg) {
+                (Fault::DieAfter(n), _) if i == n => {
+                    Some(Err(Status::unavailable("prefill agent died")))
+                }
+                (Fault::DieAfter(n), _) if i > n => None,
+                (Fault::Drop(n), _) if i == n => None,
+                (
+                    Fault::Corrupt(n),
+                    Ok(PrefillResponse {
+                        msg: Some(prefill_response::Msg::Chunk(mut c)),
+                    }),
+                ) if i == n => {
+                    c.data[5] ^= 0x40;
+                    Some(Ok(PrefillResponse {
+                        msg: Some(prefill_response::Msg::Chunk(c)),
+                    }))
+                }
+                (_, m) => Some(m),
+            }
+        });
+        // Once the faulty stream ends early the inner stream is dropped: the real service sees
+        // its client gone, exactly as when a decode agent disconnects.
+        Ok(Response::new(Box::pin(stream)))
+    }
+}
+
+/// Serves a (possibly faulty) prefill agent on 127.0.0.1:0.
+async fn serve_prefill(w: &World, fault: Fault) -> (String, EngineHandle, Arc<DisaggStats>) {
+    let h = engine(w, false).await;
+    let stats = Arc::new(DisaggStats::default());
+    let service = PrefillService::new(
+        h.clone(),
+        layout(&h),
+        AdminAuth::from_token(TOKEN).unwrap(),
+        sources(w),
+        stats.clone(),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(KvTransferServer::new(Faulty {
+                inner: service,
+                fault,
+            }))
+            .serve_with_incoming(incoming),
+    );
+    (addr.to_string(), h, stats)
+}
+
+fn options(peers: Vec<String>, local_fallback: bool) -> DecodeOptions {
+    DecodeOptions {
+        peers,
+        refresh: Duration::from_secs(3600),
+        local_prefill_threshold: 4,
+        local_fallback,
+        connect_timeout: Duration::from_secs(2),
+        timeout: Duration::from_secs(20),
+        max_chunk_bytes: 3 * 4096, // three pages of the tiny model per chunk
+        credential: Some(TOKEN.to_owned()),
+        tls: None,
+    }
+}
+
+fn request(i: usize) -> Request {
+    Request {
+        id: format!("r{i}"),
+        tenant: TenantId::default_tenant(),
+        adapter: (i % 9 != 8).then(|| format!("lora-{}", i % 8)),
+        prompt: (0..(6 + (i * 13) % 45))
+            .map(|j| ((i * 31 + j * 17) % 500) as u32)
+            .collect(),
+        params: SamplingParams {
+            max_tokens: 6,
+            ignore_eos: true,
+            ..SamplingParams::default()
+        },
+    }
+}
+
+async fn tokens(
+    stream: Result<loraplane_agent::engine::actor::RequestStream, EngineError>,
+) -> Vec<u32> {
+    let mut stream = stream.unwrap();
+    let mut out = Vec::new();
+    while let Some(ev) = stream.recv().await {
+        match ev {
+            Event::Token { id, .. } => out.push(id),
+            Event::Finished { error, .. } => {
+                assert!(error.is_none(), "{error:?}");
+                break;
+            }
+        }
+    }
+    out
+}
+
+async fn settle(h: &EngineHandle) {
+    for _ in 0..400 {
+        let s = h.stats().await.unwrap();
+        if s.running == 0 && s.waiting == 0 && s.pool.kv == 0 {
+            h.trim().await.unwrap();
+            let s = h.stats().await.unwrap();
+            assert_eq!(s.pool.free, s.pool.total, "every page is back");
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the engine did not settle: {:?}", h.stats().await.unwrap());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disaggregated_matches_unified_token_for_token() {
+    let w = world();
+    let unified = engine(&w, true).await;
+    let (addr, prefill, prefill_stats) = serve_prefill(&w, Fault::None).await;
+    let decode = engine(&w, true).await;
+    let stats = Arc::new(DisaggStats::default());
+    let router = DecodeRouter::start(
+        decode.clone(),
+        layout(&decode),
+        options(vec![addr], false),
+        stats.clone(),
+    )
+    .await;
+
+    let requests: Vec<Request> = (0..18).map(request).collect();
+    let expected = futures::future::join_all(
+        requests
+            .iter()
+            .map(|r| async { tokens(unified.submit(r.clone()).await).await }),
+    )
+    .await;
+    let got = futures::future::join_all(
+        requests
+            .iter()
+            .map(|r| async { tokens(router.submit(r.clone()).await).await }),
+    )
+    .await;
+    assert_eq!(got, expected);
+    assert!(
+        stats.remote_prefills.load(Ordering::Relaxed) >= 17,
+        "long prompts went remote"
+    );
+    assert!(stats.bytes_received.load(Ordering::Relaxed) > 0);
+    assert_eq!(
+        stats.bytes_received.load(Ordering::Relaxed),
+        prefill_stats.bytes_sent.load(Ordering::Relaxed)
+    );
+    // The prefill agent fetched the adapters it lacked from their source, digest-checked.
+    assert_eq!(prefill.adapters().await.unwrap().len(), 8);
+    settle(&prefill).await;
+    settle(&decode).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn faults_fail_over_to_the_next_peer_and_free_everything() {
+    let w = world();
+    let unified = engine(&w, true).await;
+    for fault in [Fault::DieAfter(1), Fault::Corrupt(1), Fault::Drop(2)] {
+        let (bad, bad_engine, _) = serve_prefill(&w, fault).await;
+        let (good, good_engine, _) = serve_prefill(&w, Fault::None).await;
+        let decode = engine(&w, true).await;
+        let stats = Arc::new(DisaggStats::default());
+        // Idle peers tie on load, so the configured order decides: the faulty one goes first.
+        let router = DecodeRouter::start(
+            decode.clone(),
+            layout(&decode),
+            options(vec![bad.clone(), good.clone()], false),
+            stats.clone(),
+        )
+        .await;
+        let r = request(3);
+        let expected = tokens(unified.submit(r.clone()).await).await;
+        assert_eq!(
+            tokens(router.submit(r.clone()).await).await,
+            expected,
+            "{fault:?}"
+        );
+        assert_eq!(
+            stats.failures().values().sum::<u64>(),
+            1,
+            "{fault:?}: one failed attempt"
+        );
+        assert_eq!(
+            stats.remote_prefills.load(Ordering::Relaxed),
+            1,
+            "then the healthy peer"
+        );
+        let kinds: Vec<_> = stats.failures().keys().copied().collect();
+        match fault {
+            Fault::Corrupt(_) => assert_eq!(kinds, ["corrupt"]),
+            Fault::Drop(_) => assert_eq!(kinds, ["truncated"]),
+            Fault::DieAfter(_) => assert_eq!(kinds, ["unavailable"]),
+            Fault::None => unreachable!(),
+        }
+        settle(&bad_engine).await;
+        settle(&good_engine).await;
+        settle(&decode).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decode_agent_that_leaves_mid_stream_frees_the_prefill_side() {
+    let w = world();
+    let (addr, prefill, _) = serve_prefill(&w, Fault::None).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = loraplane_proto::v1::kv_transfer_client::KvTransferClient::new(channel);
+    let l = layout(&prefill);
+    let prompt: Vec<u32> = (0..120).map(|i| (i * 7 % 500) as u32).collect();
+    let mut req = tonic::Request::new(PrefillRequest {
+        request_id: "leaver".into(),
+        prompt_token_ids: prompt.clone(),
+        layout: Some(l.to_proto(prompt.len())),
+        max_chunk_bytes: 4096,
+        ..PrefillRequest::default()
+    });
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+    let mut stream = client.prefill(req).await.unwrap().into_inner();
+    assert!(matches!(
+        stream.message().await.unwrap().unwrap().msg,
+        Some(prefill_response::Msg::Chunk(_))
+    ));
+    drop(stream);
+    drop(client);
+    settle(&prefill).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_reachable_peer_prefills_locally_or_fails_clearly() {
+    let w = world();
+    let unified = engine(&w, true).await;
+    // A port nothing listens on.
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().to_string()
+    };
+    let decode = engine(&w, true).await;
+    let stats = Arc::new(DisaggStats::default());
+    let router = DecodeRouter::start(
+        decode.clone(),
+        layout(&decode),
+        options(vec![closed.clone()], true),
+        stats.clone(),
+    )
+    .await;
+    let r = request(5);
+    assert_eq!(
+        tokens(router.submit(r.clone()).await).await,
+        tokens(unified.submit(r.clone()).await).await
+    );
+    assert_eq!(stats.local_prefills.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.failures().get("unavailable"), Some(&1));
+
+    let strict = DecodeRouter::start(
+        decode.clone(),
+        layout(&decode),
+        options(vec![closed], false),
+        stats.clone(),
+    )
+    .await;
+    let err = strict.submit(r).await.unwrap_err();
+    assert!(matches!(err, EngineError::Unavailable(_)), "{err}");
+    settle(&decode).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_kv_channel_requires_the_cluster_credential() {
+    let w = world();
+    let (addr, prefill, _) = serve_prefill(&w, Fault::None).await;
+    let decode = engine(&w, true).await;
+    let stats = Arc::new(DisaggStats::default());
+    let mut opts = options(vec![addr], false);
+    opts.credential = Some("wrong".into());
+    let router = DecodeRouter::start(decode.clone(), layout(&decode), opts, stats.clone()).await;
+    assert!(router.submit(request(2)).await.is_err());
+    assert_eq!(stats.failures().get("status"), Some(&1));
+    assert_eq!(
+        prefill.stats().await.unwrap().steps,
+        0,
+        "nothing was computed for an intruder"
+    );
+}

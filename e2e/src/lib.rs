@@ -121,6 +121,8 @@ pub struct Agent {
     child: Child,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
+    /// The `KvTransfer` address of a `--role prefill` agent.
+    pub kv: Option<SocketAddr>,
     pub stderr_log: PathBuf,
 }
 
@@ -170,6 +172,7 @@ impl Agent {
         Agent {
             grpc: addr("grpc"),
             http: addr("http"),
+            kv: v["kv"].as_str().map(|a| a.parse().unwrap()),
             child,
             stderr_log,
         }

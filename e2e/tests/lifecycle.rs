@@ -55,20 +55,20 @@ async fn open_stream(addr: SocketAddr, max_tokens: usize) -> BufReader<TcpStream
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_in_flight_requests_and_exits_zero() {
     let world = World::tiny();
-    // Four running slots for twenty requests: most are still queued when the signal lands.
-    let mut agent = Agent::start(&world, &["--drain-timeout", "60s", "--max-running", "4"]);
-    let max_tokens = 200;
+    // Two running slots for twenty requests: most are still queued when the signal lands.
+    let mut agent = Agent::start(&world, &["--drain-timeout", "60s", "--max-running", "2"]);
+    let max_tokens = 300;
     let mut streams = Vec::new();
-    for _ in 0..4 {
+    for _ in 0..2 {
         streams.push(tokio::spawn(open_stream(agent.http, max_tokens)));
     }
     let mut readers = Vec::new();
     for s in streams {
         readers.push(s.await.unwrap());
     }
-    // Sixteen more, accepted (headers back) but waiting for a slot.
+    // Eighteen more, accepted but waiting for a slot.
     let mut queued = Vec::new();
-    for _ in 0..16 {
+    for _ in 0..18 {
         let body = json!({"model": "tiny", "prompt": PROMPT, "max_tokens": max_tokens, "ignore_eos": true, "stream": true}).to_string();
         let mut s = TcpStream::connect(agent.http).await.unwrap();
         let head = request_head(

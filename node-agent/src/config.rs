@@ -53,6 +53,8 @@ pub struct ServeArgs {
     #[arg(long, env = "LORAPLANE_CONFIG")]
     pub config: Option<PathBuf>,
     #[command(flatten)]
+    pub disagg: crate::disagg::config::DisaggArgs,
+    #[command(flatten)]
     pub server: ServerArgs,
     #[command(flatten)]
     pub tenancy: TenancyArgs,
@@ -71,7 +73,8 @@ pub struct ServeArgs {
 /// What to serve and where.
 #[derive(Debug, Clone, clap::Args)]
 pub struct ServerArgs {
-    /// `unified` (prefill and decode here); `prefill` and `decode` arrive with disaggregation.
+    /// `unified` (prefill and decode here), `prefill` (computes prompts for decode agents over
+    /// `KvTransfer`) or `decode` (serves clients, prefilling on `--prefill-peers`).
     #[arg(long, env = "LORAPLANE_ROLE", value_enum, default_value = "unified")]
     pub role: Role,
     /// The base model: a checkpoint directory, or a source URI (`hf://org/repo[@rev]`,
@@ -217,10 +220,8 @@ pub struct LogArgs {
 /// Why the configuration was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
-    #[error(
-        "--role {0} is not yet supported: only `unified` serves today (prefill and decode arrive with disaggregation)"
-    )]
-    RoleNotSupported(&'static str),
+    #[error(transparent)]
+    Disagg(#[from] crate::disagg::config::DisaggConfigError),
     #[error("--model is required")]
     MissingModel,
     #[error("--{flag}: {reason}")]
@@ -234,7 +235,7 @@ pub enum ConfigError {
 impl ConfigError {
     pub fn kind(&self) -> &'static str {
         match self {
-            ConfigError::RoleNotSupported(_) => "role_not_supported",
+            ConfigError::Disagg(e) => e.kind(),
             ConfigError::MissingModel => "missing_model",
             ConfigError::Invalid { .. } => "invalid",
             ConfigError::File { .. } => "file",
@@ -254,6 +255,7 @@ pub enum PoolSize {
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub role: Role,
+    pub disagg: crate::disagg::config::DisaggConfig,
     pub model: String,
     pub served_model_name: Option<String>,
     pub grpc_addr: SocketAddr,
@@ -297,9 +299,7 @@ impl ServeArgs {
         env: impl Fn(&str) -> Option<String>,
     ) -> Result<ServeConfig, ConfigError> {
         let role = self.server.role;
-        if role != Role::Unified {
-            return Err(ConfigError::RoleNotSupported(role.as_str()));
-        }
+        let disagg = self.disagg.validate(role)?;
         let model = self.server.model.ok_or(ConfigError::MissingModel)?;
         let e = &self.engine;
         for (flag, v) in [
@@ -381,6 +381,7 @@ impl ServeArgs {
         };
         Ok(ServeConfig {
             role,
+            disagg,
             model,
             served_model_name: self.server.served_model_name,
             grpc_addr: self.server.grpc_addr,
@@ -616,7 +617,11 @@ mod tests {
     fn roles_other_than_unified_are_refused_clearly() {
         let a = serve(&["--model", "/m", "--role", "decode"]).unwrap();
         let e = a.validate(|_| None).unwrap_err();
-        assert!(e.to_string().contains("not yet supported"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("--cluster-token-file is required for --role decode"),
+            "{e}"
+        );
         let a = serve(&["--model", "/m", "--pool-bytes", "1MiB"]).unwrap();
         let c = a
             .validate(|_| Some("https://mirror.example/".into()))

@@ -60,6 +60,26 @@ pub mod names {
     pub const VLLM_KV_USAGE: &str = "vllm:gpu_cache_usage_perc";
     pub const VLLM_LORA_INFO: &str = "vllm:lora_requests_info";
 
+    /// Disaggregated serving (exported by `prefill` and `decode` agents only).
+    pub const KV_BYTES: &str = "loraplane_kv_transfer_bytes_total";
+    pub const KV_SECONDS: &str = "loraplane_kv_transfer_seconds_total";
+    pub const KV_TRANSFERS: &str = "loraplane_kv_transfers_total";
+    pub const KV_FAILURES: &str = "loraplane_kv_transfer_failures_total";
+    pub const PREFILLS: &str = "loraplane_prefills_total";
+    pub const QUEUED_PREFILL_TOKENS: &str = "loraplane_queued_prefill_tokens";
+    pub const ROLE: &str = "loraplane_role_info";
+
+    /// The disaggregation series, for tests of prefill and decode agents.
+    pub const DISAGG: &[&str] = &[
+        KV_BYTES,
+        KV_SECONDS,
+        KV_TRANSFERS,
+        KV_FAILURES,
+        PREFILLS,
+        QUEUED_PREFILL_TOKENS,
+        ROLE,
+    ];
+
     /// Every name above, for tests that check a scrape has them all.
     pub const ALL: &[&str] = &[
         TIME_TO_FIRST_TOKEN,
@@ -478,6 +498,12 @@ impl Metrics {
                 max_lora.to_string().as_str(),
             ])
             .set(now);
+    }
+
+    /// Adds a collector to the registry (e.g. the disaggregation counters of a prefill or
+    /// decode agent).
+    pub fn register(&self, c: Box<dyn prometheus::core::Collector>) -> Result<(), MetricsError> {
+        self.registry.register(c)
     }
 
     /// The Prometheus text exposition of every metric.

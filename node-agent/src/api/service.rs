@@ -183,6 +183,8 @@ struct ServiceInner {
     id_prefix: u64,
     /// Distinct adapters one batch may hold (the `max_lora` label).
     max_lora: usize,
+    /// Decode role: remote prefill.
+    router: Option<crate::disagg::decode::DecodeRouter>,
 }
 
 fn epoch_secs() -> u64 {
@@ -222,8 +224,19 @@ impl AgentService {
                 next_id: AtomicU64::new(0),
                 id_prefix,
                 max_lora,
+                router: None,
             }),
         }
+    }
+
+    /// Decode role: prompts are prefilled by remote prefill agents through `router`. Call it
+    /// on a freshly built service, before it is cloned.
+    pub fn with_router(mut self, router: crate::disagg::decode::DecodeRouter) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.router = Some(router),
+            None => tracing::error!("with_router on a shared service: remote prefill is off"),
+        }
+        self
     }
 
     pub fn engine(&self) -> &EngineHandle {
@@ -438,7 +451,10 @@ impl AgentService {
             },
         };
         let arrival = Instant::now();
-        let stream = self.inner.engine.submit(request).await?;
+        let stream = match &self.inner.router {
+            Some(router) => router.submit(request).await?,
+            None => self.inner.engine.submit(request).await?,
+        };
         let metrics = self.inner.metrics.clone();
         metrics.request(surface, &caller.tenant.0);
         metrics.prompt_tokens(&caller.tenant.0, prompt_tokens);

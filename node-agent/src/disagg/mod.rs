@@ -9,7 +9,9 @@
 //! peer, a slow or dying prefill agent can never hold decode pages hostage, and a failed
 //! transfer has nothing on the device to clean up; admission control stays where it is.
 
+pub mod config;
 pub mod decode;
+pub mod metrics;
 pub mod prefill;
 pub mod stats;
 pub mod transfer;

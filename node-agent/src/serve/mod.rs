@@ -13,6 +13,8 @@
 //! `--drain-timeout` for in-flight requests, then stops the servers and returns (exit 0). A
 //! second signal stops waiting. `Admin/Drain` starts the same drain without exiting.
 
+mod disagg;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -198,6 +200,8 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
 
     let lifecycle = Lifecycle::new(config.drain_timeout);
     let max_lora = config.engine.max_running;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let role = disagg::start(&config, &handle, &metrics, stop_rx.clone()).await?;
     let service = AgentService::new(
         handle.clone(),
         tenants.clone(),
@@ -207,6 +211,10 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         served.clone(),
         max_lora,
     );
+    let service = match role.router.clone() {
+        Some(router) => service.with_router(router),
+        None => service,
+    };
 
     // ---- Admin surfaces (api/admin.rs): gRPC `loraplane.v1.Admin` and the vLLM routes. ----
     let admin_state = Arc::new(AdminState::new(
@@ -236,7 +244,6 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let (grpc_addr, http_addr): (SocketAddr, SocketAddr) =
         (grpc_listener.local_addr()?, http_listener.local_addr()?);
 
-    let (stop_tx, stop_rx) = watch::channel(false);
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
@@ -271,11 +278,12 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         });
     }
 
-    tracing::info!(%grpc_addr, %http_addr, model = %served, "serving");
-    println!(
-        "{}",
-        serde_json::json!({"event": "listening", "grpc": grpc_addr.to_string(), "http": http_addr.to_string()})
-    );
+    tracing::info!(%grpc_addr, %http_addr, role = config.role.as_str(), model = %served, "serving");
+    let mut listening = serde_json::json!({"event": "listening", "grpc": grpc_addr.to_string(), "http": http_addr.to_string()});
+    if let Some(kv) = role.kv_addr {
+        listening["kv"] = serde_json::Value::String(kv.to_string());
+    }
+    println!("{listening}");
 
     let mut grpc_task = grpc_task;
     let mut http_task = http_task;
@@ -308,8 +316,14 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         tracing::info!("drained: no request in flight");
     }
     let _ = stop_tx.send(true);
+    let kv_task = role.kv_task;
     let servers = async {
         let (g, h) = tokio::join!(grpc_task, http_task);
+        if let Some(kv) = kv_task
+            && let Ok(Err(e)) = kv.await
+        {
+            tracing::error!(error = %e, "KV-transfer server error");
+        }
         if let Ok(Err(e)) = g {
             tracing::error!(error = %e, "gRPC server error");
         }

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod backend;
 pub mod config;
+pub mod demo;
 pub mod disagg;
 pub mod engine;
 pub mod fixtures;

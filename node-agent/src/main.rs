@@ -23,8 +23,8 @@ enum Command {
     /// Write deterministic fixture checkpoints and adapters in the real on-disk formats.
     #[command(subcommand)]
     Fixtures(FixturesCommand),
-    /// Run the out-of-the-box demonstration on this machine.
-    Demo,
+    /// Run the out-of-the-box demonstration: a disaggregated stack serving many adapters.
+    Demo(loraplane_agent::demo::DemoArgs),
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -48,8 +48,6 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(*args),
         Command::Fixtures(cmd) => cmd.run(),
-        Command::Demo => {
-            anyhow::bail!("the demo is not yet available: it lands with the serving stack")
-        }
+        Command::Demo(args) => loraplane_agent::demo::run(args),
     }
 }

@@ -29,9 +29,15 @@ cargo check --locked -p loraplane-kernels -p loraplane-agent --features cuda
 cargo clippy --locked -p loraplane-kernels -p loraplane-agent --features cuda --all-targets -- -D warnings
 
 step "binaries the e2e tests start (same profile as the tests)"
-cargo build --locked -p loraplane-agent --bins
+cargo build --locked -p loraplane-agent -p loraplane-operator --bins
+
+step "helm chart, dashboard and alerts (scripts/chart-test.sh)"
+scripts/chart-test.sh
 
 step "tests"
 cargo test --locked --workspace --no-fail-fast
+
+step "CUDA launch plans and parameter layouts (CPU-only; GPU parity tests skip without a device)"
+cargo test --locked -p loraplane-kernels --features cuda
 
 step "done"

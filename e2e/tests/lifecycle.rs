@@ -282,3 +282,42 @@ async fn every_metric_appears_after_a_workload() {
     assert!(lora.contains("max_lora=\"128\""), "{lora}");
     assert!(lora.contains("running_lora_adapters=\"\""), "{lora}");
 }
+
+/// `serve --device` refuses what it cannot run before binding anything: an unknown device at
+/// flag parsing, and `cuda:N` in a binary without the GPU backend (or, with it, on a machine
+/// without a driver) at start-up, with a message that says why.
+#[test]
+fn unusable_devices_fail_at_start_up_with_the_reason() {
+    let world = World::tiny();
+    let run = |device: &str| {
+        let out = std::process::Command::new(loraplane_e2e::agent_binary())
+            .args(["serve", "--model"])
+            .arg(&world.model)
+            .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+            .args(["--device", device])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (status, stdout, stderr) = run("gpu:0");
+    assert!(!status.success());
+    assert!(!stdout.contains("listening"), "{stdout}");
+    assert!(
+        stderr.contains("expected `cpu`, `cuda` or `cuda:N`"),
+        "{stderr}"
+    );
+    let (status, stdout, stderr) = run("cuda:0");
+    assert!(!status.success(), "{stdout}\n{stderr}");
+    assert!(!stdout.contains("listening"), "{stdout}");
+    assert!(
+        stderr.contains("built without the `cuda` feature")
+            || stderr.contains("CUDA")
+            || stderr.contains("cuda"),
+        "{stderr}"
+    );
+}

@@ -129,6 +129,12 @@ pub enum KernelError {
     /// A CUDA library (driver, NVRTC, cuBLAS) could not be loaded on this machine.
     #[error("CUDA library `{library}` is not available on this machine")]
     CudaUnavailable { library: &'static str },
+    /// A CUDA driver or cuBLAS call failed (allocation, copy, module load, launch, GEMM).
+    #[error("{kernel}: CUDA call failed: {message}")]
+    Cuda {
+        kernel: &'static str,
+        message: String,
+    },
 }
 
 impl KernelError {
@@ -152,6 +158,7 @@ impl KernelError {
             Self::EmptyDistribution { .. } => "empty_distribution",
             Self::Compile { .. } => "compile",
             Self::CudaUnavailable { .. } => "cuda_unavailable",
+            Self::Cuda { .. } => "cuda",
         }
     }
 
@@ -172,7 +179,8 @@ impl KernelError {
             | Self::TokenOutOfRange { kernel, .. }
             | Self::PositionOutOfRange { kernel, .. }
             | Self::InvalidLogit { kernel, .. }
-            | Self::EmptyDistribution { kernel, .. } => kernel,
+            | Self::EmptyDistribution { kernel, .. }
+            | Self::Cuda { kernel, .. } => kernel,
             Self::Compile { kernel, .. } => kernel,
             Self::CudaUnavailable { library } => library,
         }

@@ -349,3 +349,16 @@ fn embedding_errors_leave_out_untouched() {
     );
     assert!(out.iter().all(|&x| x == 0.0));
 }
+
+#[test]
+fn stream_sum_adds_every_element_serial_and_parallel() {
+    for n in [0usize, 1, 15, 17, 1000, (1 << 16) + 3, 1 << 18] {
+        let x: Vec<f32> = (0..n).map(|i| ((i % 7) as f32) - 3.0 + 0.25).collect();
+        let exact: f64 = x.iter().map(|v| f64::from(*v)).sum();
+        let got = loraplane_kernels::cpu::stream_sum(&x);
+        assert!(
+            (f64::from(got) - exact).abs() <= 1e-3 * (1.0 + exact.abs()),
+            "n={n}: {got} vs {exact}"
+        );
+    }
+}

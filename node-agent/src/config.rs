@@ -15,6 +15,7 @@ use clap::{ArgAction, CommandFactory, FromArgMatches};
 
 use crate::api::auth::{self, AdminAuth, AuthError, TenantSpec};
 use crate::api::service::RequestBounds;
+use crate::backend::device::Device;
 use crate::engine::EngineConfig;
 use crate::lora::host::AdapterLimits;
 use crate::sources::SourceOptions;
@@ -135,7 +136,20 @@ pub struct AdapterArgs {
 /// The unified pool and the scheduler.
 #[derive(Debug, Clone, clap::Args)]
 pub struct EngineArgs {
-    /// Pages in the unified pool (KV blocks and adapter weights). Default 4096.
+    /// Where the model runs: `cpu`, or `cuda:N` (a binary built with `--features cuda`).
+    #[arg(long, env = "LORAPLANE_DEVICE", default_value = "cpu", value_parser = crate::backend::device::parse_device)]
+    pub device: Device,
+    /// Compute dtype (`auto`, `float32`, `bfloat16`, `float16`). The CPU backend computes in
+    /// f32 whatever the checkpoint stores (weights are upcast at load); GPU backends honour it.
+    #[arg(long, env = "LORAPLANE_DTYPE", default_value = "auto", value_parser = ["auto", "float32", "bfloat16", "float16", "f32", "bf16", "f16"])]
+    pub dtype: String,
+    /// Share of the device's free memory (less the weights) for the unified pool on GPU
+    /// backends, (0, 1]; used when neither `--pool-pages` nor `--pool-bytes` is given. On the
+    /// CPU the pool defaults to 4096 pages.
+    #[arg(long, env = "LORAPLANE_DEVICE_POOL_FRACTION", default_value_t = 0.9)]
+    pub device_pool_fraction: f64,
+    /// Pages in the unified pool (KV blocks and adapter weights). Default: 4096 on the CPU,
+    /// `--device-pool-fraction` of the GPU.
     #[arg(long, env = "LORAPLANE_POOL_PAGES", conflicts_with = "pool_bytes")]
     pub pool_pages: Option<usize>,
     /// Size the pool in bytes instead (divided by the model's page size).
@@ -245,10 +259,12 @@ impl ConfigError {
 }
 
 /// How big the pool is: pages, or bytes to divide by the model's page size.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub enum PoolSize {
     Pages(usize),
     Bytes(u64),
+    /// This share of a GPU's free memory, less the weights (resolved when the device is open).
+    DeviceFraction(f64),
 }
 
 /// The validated configuration.
@@ -267,6 +283,9 @@ pub struct ServeConfig {
     /// Engine sizing; `num_pages` is final once [`PoolSize`] is resolved against the model.
     pub engine: EngineConfig,
     pub pool: PoolSize,
+    pub device: Device,
+    /// `--dtype` as given (`auto` resolves against the checkpoint at start-up).
+    pub dtype: String,
     pub bounds: RequestBounds,
     pub sources: SourceOptions,
     pub log_format: LogFormat,
@@ -312,10 +331,16 @@ impl ServeArgs {
                 return Err(invalid(flag, "must be at least 1"));
             }
         }
+        if !(e.device_pool_fraction > 0.0 && e.device_pool_fraction <= 1.0) {
+            return Err(invalid("device-pool-fraction", "must be in (0, 1]"));
+        }
         let pool = match (e.pool_pages, e.pool_bytes) {
             (Some(0), _) => return Err(invalid("pool-pages", "must be at least 1")),
             (Some(p), _) => PoolSize::Pages(p),
             (None, Some(b)) => PoolSize::Bytes(b),
+            (None, None) if e.device != Device::Cpu => {
+                PoolSize::DeviceFraction(e.device_pool_fraction)
+            }
             (None, None) => PoolSize::Pages(4096),
         };
         if e.pool_pages.is_some_and(|p| p > u32::MAX as usize) {
@@ -367,7 +392,7 @@ impl ServeArgs {
             block_size: e.block_size,
             num_pages: match pool {
                 PoolSize::Pages(p) => p,
-                PoolSize::Bytes(_) => 0,
+                PoolSize::Bytes(_) | PoolSize::DeviceFraction(_) => 0,
             },
             max_batch_tokens: e.max_batch_tokens,
             max_prefill_chunk: e.max_prefill_chunk,
@@ -392,6 +417,8 @@ impl ServeArgs {
             adapters_dir: self.adapters.adapters,
             engine,
             pool,
+            device: e.device,
+            dtype: e.dtype.clone(),
             bounds: RequestBounds {
                 default_max_tokens: r.default_max_tokens,
                 max_stop_strings: r.max_stop_strings,

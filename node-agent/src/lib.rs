@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod backend;
+pub mod bench;
 pub mod config;
 pub mod demo;
 pub mod disagg;

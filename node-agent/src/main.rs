@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
+use loraplane_agent::bench::BenchArgs;
 use loraplane_agent::config::{self, ServeArgs};
 use loraplane_agent::fixtures::FixturesCommand;
 
@@ -25,6 +26,8 @@ enum Command {
     Fixtures(FixturesCommand),
     /// Run the out-of-the-box demonstration: a disaggregated stack serving many adapters.
     Demo(loraplane_agent::demo::DemoArgs),
+    /// Measure the engine against the performance targets (Markdown, JSON and PNG results).
+    Bench(Box<BenchArgs>),
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
@@ -48,6 +51,7 @@ fn main() -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(args) => serve(*args),
         Command::Fixtures(cmd) => cmd.run(),
+        Command::Bench(args) => args.run(),
         Command::Demo(args) => loraplane_agent::demo::run(args),
     }
 }

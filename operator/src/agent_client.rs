@@ -10,6 +10,7 @@
 //! reached through the same channel, which reconnects on its own.
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -32,7 +33,9 @@ pub struct Target {
 impl std::fmt::Debug for Target {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // Never print the token.
-        f.debug_struct("Target").field("addr", &self.addr).finish_non_exhaustive()
+        f.debug_struct("Target")
+            .field("addr", &self.addr)
+            .finish_non_exhaustive()
     }
 }
 
@@ -171,7 +174,8 @@ pub trait AgentApi: Send + Sync {
     /// `true` when the adapter was loaded and is now gone.
     fn unload<'a>(&'a self, target: &'a Target, adapter: pb::AdapterRef) -> AgentFuture<'a, bool>;
     /// Replaces the agent's tenant table.
-    fn set_tenants<'a>(&'a self, target: &'a Target, tenants: &'a [Tenant]) -> AgentFuture<'a, u32>;
+    fn set_tenants<'a>(&'a self, target: &'a Target, tenants: &'a [Tenant])
+    -> AgentFuture<'a, u32>;
 }
 
 /// The tenant table as the proto carries it.
@@ -226,7 +230,11 @@ impl GrpcAgents {
         }
     }
 
-    fn client(&self, target: &Target, method: &'static str) -> Result<AdminClient<Channel>, AgentError> {
+    fn client(
+        &self,
+        target: &Target,
+        method: &'static str,
+    ) -> Result<AdminClient<Channel>, AgentError> {
         let mut channels = self
             .channels
             .lock()
@@ -267,7 +275,7 @@ impl GrpcAgents {
         fut: F,
     ) -> Result<T, AgentError>
     where
-        F: std::future::Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+        F: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let started = Instant::now();
         let out = match tokio::time::timeout(timeout, fut).await {
@@ -276,14 +284,16 @@ impl GrpcAgents {
                 method,
                 timeout,
             }),
-            Ok(Err(status)) => Err(match AgentError::from_status(target.addr, method, &status) {
-                AgentError::Timeout { addr, method, .. } => AgentError::Timeout {
-                    addr,
-                    method,
-                    timeout,
+            Ok(Err(status)) => Err(
+                match AgentError::from_status(target.addr, method, &status) {
+                    AgentError::Timeout { addr, method, .. } => AgentError::Timeout {
+                        addr,
+                        method,
+                        timeout,
+                    },
+                    e => e,
                 },
-                e => e,
-            }),
+            ),
             Ok(Ok(resp)) => Ok(resp.into_inner()),
         };
         let outcome = match &out {
@@ -355,7 +365,11 @@ impl AgentApi for GrpcAgents {
         })
     }
 
-    fn set_tenants<'a>(&'a self, target: &'a Target, tenants: &'a [Tenant]) -> AgentFuture<'a, u32> {
+    fn set_tenants<'a>(
+        &'a self,
+        target: &'a Target,
+        tenants: &'a [Tenant],
+    ) -> AgentFuture<'a, u32> {
         Box::pin(async move {
             let method = "SetTenants";
             let mut c = self.client(target, method)?;

@@ -64,12 +64,7 @@ pub fn agent(pod: &Pod, model_name: &str) -> Option<Agent> {
         role,
         node: pod.spec.as_ref().and_then(|s| s.node_name.clone()),
         addr,
-        incarnation: format!(
-            "{}/{}/{}",
-            pod.uid().unwrap_or_default(),
-            restarts(pod),
-            ip
-        ),
+        incarnation: format!("{}/{}/{}", pod.uid().unwrap_or_default(), restarts(pod), ip),
     })
 }
 

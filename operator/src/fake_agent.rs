@@ -116,7 +116,10 @@ impl FakeAgent {
         }
         let digest = digest_of(&req.source_uri);
         if !req.expected_sha256.is_empty()
-            && format!("sha256:{}", req.expected_sha256.trim_start_matches("sha256:")) != digest
+            && format!(
+                "sha256:{}",
+                req.expected_sha256.trim_start_matches("sha256:")
+            ) != digest
         {
             return Err(Status::failed_precondition(format!(
                 "digest mismatch: expected {}, fetched {digest}",
@@ -136,7 +139,9 @@ impl FakeAgent {
             .filter(|a| a.pinned)
             .map_or(0, |a| a.size_bytes);
         if req.pin && self.pinned_bytes() - old + size > self.capacity_bytes {
-            return Err(Status::resource_exhausted("host adapter cache is full of pinned adapters"));
+            return Err(Status::resource_exhausted(
+                "host adapter cache is full of pinned adapters",
+            ));
         }
         let info = pb::AdapterInfo {
             adapter: Some(pb::AdapterRef {
@@ -158,7 +163,8 @@ impl FakeAgent {
 
     pub fn unload(&mut self, adapter: Option<&pb::AdapterRef>) -> Result<bool, Status> {
         let key = Self::key(adapter)?;
-        self.calls.push(format!("UnloadAdapter {}/{}", key.0, key.1));
+        self.calls
+            .push(format!("UnloadAdapter {}/{}", key.0, key.1));
         Ok(self.adapters.remove(&key).is_some())
     }
 
@@ -226,11 +232,13 @@ impl FakeAgents {
         method: &'static str,
         f: impl FnOnce(&mut FakeAgent) -> Result<T, Status>,
     ) -> Result<T, AgentError> {
-        let agent = self.get(target.addr).ok_or_else(|| AgentError::Unavailable {
-            addr: target.addr,
-            method,
-            message: "connection refused".into(),
-        })?;
+        let agent = self
+            .get(target.addr)
+            .ok_or_else(|| AgentError::Unavailable {
+                addr: target.addr,
+                method,
+                message: "connection refused".into(),
+            })?;
         let mut agent = lock(&agent);
         agent
             .authorize(Some(&target.token))
@@ -260,9 +268,15 @@ impl AgentApi for FakeAgents {
         async move { self.call(target, "UnloadAdapter", |a| a.unload(Some(&adapter))) }.boxed()
     }
 
-    fn set_tenants<'a>(&'a self, target: &'a Target, tenants: &'a [Tenant]) -> AgentFuture<'a, u32> {
+    fn set_tenants<'a>(
+        &'a self,
+        target: &'a Target,
+        tenants: &'a [Tenant],
+    ) -> AgentFuture<'a, u32> {
         async move {
-            self.call(target, "SetTenants", |a| Ok(a.set_tenants(tenants_to_proto(tenants))))
+            self.call(target, "SetTenants", |a| {
+                Ok(a.set_tenants(tenants_to_proto(tenants)))
+            })
         }
         .boxed()
     }
@@ -326,7 +340,9 @@ impl Admin for FakeAdmin {
             let adapters = a
                 .list()
                 .into_iter()
-                .filter(|i| tenant.is_empty() || i.adapter.as_ref().is_some_and(|r| r.tenant == tenant))
+                .filter(|i| {
+                    tenant.is_empty() || i.adapter.as_ref().is_some_and(|r| r.tenant == tenant)
+                })
                 .collect();
             Ok(pb::ListAdaptersResponse { adapters })
         })

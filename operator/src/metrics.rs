@@ -80,7 +80,9 @@ impl Metrics {
             names::RECONCILE_DURATION,
             "Reconcile wall time.",
             &["controller"],
-            vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0],
+            vec![
+                0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 120.0,
+            ],
         );
         let agent_calls = counter(
             names::AGENT_CALLS,
@@ -91,7 +93,9 @@ impl Metrics {
             names::AGENT_CALL_DURATION,
             "Admin API call wall time.",
             &["method"],
-            vec![0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0],
+            vec![
+                0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 30.0, 120.0, 600.0,
+            ],
         );
         let writes = counter(
             names::WRITES,
@@ -99,13 +103,19 @@ impl Metrics {
             &["verb"],
         );
         let adapters = IntGaugeVec::new(
-            Opts::new(names::ADAPTERS, "LoraAdapters by phase, as last reconciled."),
+            Opts::new(
+                names::ADAPTERS,
+                "LoraAdapters by phase, as last reconciled.",
+            ),
             &["phase"],
         )
         .unwrap_or_else(|e| unreachable!("metric is well formed: {e}"));
         let _ = registry.register(Box::new(adapters.clone()));
-        let leader = IntGauge::new(names::LEADER, "1 while this replica holds the leader Lease.")
-            .unwrap_or_else(|e| unreachable!("metric is well formed: {e}"));
+        let leader = IntGauge::new(
+            names::LEADER,
+            "1 while this replica holds the leader Lease.",
+        )
+        .unwrap_or_else(|e| unreachable!("metric is well formed: {e}"));
         let _ = registry.register(Box::new(leader.clone()));
         Metrics {
             registry,

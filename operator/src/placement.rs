@@ -149,7 +149,12 @@ fn place_in_pool(demand: &Demand<'_>, role: Role, pool: &[&AgentLoad]) -> RolePl
                     Some(n) => per_node.get(&Some(n)).copied().unwrap_or(0),
                     None => 0,
                 };
-                (same_node, Reverse(a.headroom()), a.pinned_adapters, a.pod.as_str())
+                (
+                    same_node,
+                    Reverse(a.headroom()),
+                    a.pinned_adapters,
+                    a.pod.as_str(),
+                )
             })
             .map(|(i, _)| i);
         let Some(i) = best else { break };

@@ -104,9 +104,16 @@ mod tests {
     #[test]
     fn refuses_malformed_and_overflowing_values() {
         for bad in ["", "Gi", "-1Gi", "500m", "1.2.3", "12XB", "1e"] {
-            assert_eq!(to_bytes(bad), Err(QuantityError::Malformed(bad.into())), "{bad}");
+            assert_eq!(
+                to_bytes(bad),
+                Err(QuantityError::Malformed(bad.into())),
+                "{bad}"
+            );
         }
-        assert_eq!(to_bytes("16Ei"), Err(QuantityError::Overflow("16Ei".into())));
+        assert_eq!(
+            to_bytes("16Ei"),
+            Err(QuantityError::Overflow("16Ei".into()))
+        );
         assert!(matches!(to_bytes("1e30"), Err(QuantityError::Overflow(_))));
     }
 }

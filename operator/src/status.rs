@@ -37,7 +37,12 @@ pub struct Cond {
 }
 
 impl Cond {
-    pub fn new(type_: &'static str, status: bool, reason: &str, message: impl Into<String>) -> Self {
+    pub fn new(
+        type_: &'static str,
+        status: bool,
+        reason: &str,
+        message: impl Into<String>,
+    ) -> Self {
         Cond {
             type_,
             status,
@@ -114,7 +119,11 @@ fn failing_pods(pods: &[Pod]) -> Vec<(String, String)> {
 }
 
 /// The BaseModel's status.
-pub fn base_model_status(model: &BaseModel, seen: ObservedModel<'_>, now: &Time) -> BaseModelStatus {
+pub fn base_model_status(
+    model: &BaseModel,
+    seen: ObservedModel<'_>,
+    now: &Time,
+) -> BaseModelStatus {
     let old = model.status.clone().unwrap_or_default();
     let generation = model.metadata.generation;
     let mut status = BaseModelStatus {
@@ -177,22 +186,57 @@ pub fn base_model_status(model: &BaseModel, seen: ObservedModel<'_>, now: &Time)
     } else {
         let all_ready = not_ready.is_empty();
         let ready = if all_ready {
-            Cond::new(condition_types::READY, true, "AgentsReady", ready_msg("ready: "))
+            Cond::new(
+                condition_types::READY,
+                true,
+                "AgentsReady",
+                ready_msg("ready: "),
+            )
         } else {
-            Cond::new(condition_types::READY, false, "AgentsNotReady", ready_msg("ready: "))
+            Cond::new(
+                condition_types::READY,
+                false,
+                "AgentsNotReady",
+                ready_msg("ready: "),
+            )
         };
         let progressing = if rolling.is_empty() && all_ready {
-            Cond::new(condition_types::PROGRESSING, false, "RolloutComplete", "every role is up to date")
+            Cond::new(
+                condition_types::PROGRESSING,
+                false,
+                "RolloutComplete",
+                "every role is up to date",
+            )
         } else if rolling.is_empty() {
-            Cond::new(condition_types::PROGRESSING, true, "WaitingForAgents", format!("waiting for {}", not_ready.join(", ")))
+            Cond::new(
+                condition_types::PROGRESSING,
+                true,
+                "WaitingForAgents",
+                format!("waiting for {}", not_ready.join(", ")),
+            )
         } else {
-            Cond::new(condition_types::PROGRESSING, true, "RollingOut", format!("rolling out {}", rolling.join(", ")))
+            Cond::new(
+                condition_types::PROGRESSING,
+                true,
+                "RollingOut",
+                format!("rolling out {}", rolling.join(", ")),
+            )
         };
         let degraded = if failing.is_empty() {
-            Cond::new(condition_types::DEGRADED, false, "AsExpected", "no agent is failing")
+            Cond::new(
+                condition_types::DEGRADED,
+                false,
+                "AsExpected",
+                "no agent is failing",
+            )
         } else {
             let list: Vec<String> = failing.iter().map(|(p, r)| format!("{p}: {r}")).collect();
-            Cond::new(condition_types::DEGRADED, true, "AgentsFailing", list.join(", "))
+            Cond::new(
+                condition_types::DEGRADED,
+                true,
+                "AgentsFailing",
+                list.join(", "),
+            )
         };
         let phase = if !failing.is_empty() {
             Phase::Degraded
@@ -247,7 +291,11 @@ pub enum AdapterOutcome {
 }
 
 /// The LoraAdapter's status.
-pub fn adapter_status(adapter: &LoraAdapter, outcome: &AdapterOutcome, now: &Time) -> LoraAdapterStatus {
+pub fn adapter_status(
+    adapter: &LoraAdapter,
+    outcome: &AdapterOutcome,
+    now: &Time,
+) -> LoraAdapterStatus {
     let old = adapter.status.clone().unwrap_or_default();
     let generation = adapter.metadata.generation;
     let (phase, conds, mut status) = match outcome {
@@ -255,8 +303,18 @@ pub fn adapter_status(adapter: &LoraAdapter, outcome: &AdapterOutcome, now: &Tim
             Phase::Pending,
             vec![
                 Cond::new(condition_types::READY, false, b.reason, b.message.clone()),
-                Cond::new(condition_types::PROGRESSING, false, b.reason, b.message.clone()),
-                Cond::new(condition_types::DEGRADED, false, "AsExpected", "nothing is placed"),
+                Cond::new(
+                    condition_types::PROGRESSING,
+                    false,
+                    b.reason,
+                    b.message.clone(),
+                ),
+                Cond::new(
+                    condition_types::DEGRADED,
+                    false,
+                    "AsExpected",
+                    "nothing is placed",
+                ),
             ],
             // Keep what is known about the adapter itself; placements are gone.
             LoraAdapterStatus {
@@ -275,7 +333,10 @@ pub fn adapter_status(adapter: &LoraAdapter, outcome: &AdapterOutcome, now: &Tim
     status
 }
 
-fn converged_status(c: &Converged, old: &LoraAdapterStatus) -> (Phase, Vec<Cond>, LoraAdapterStatus) {
+fn converged_status(
+    c: &Converged,
+    old: &LoraAdapterStatus,
+) -> (Phase, Vec<Cond>, LoraAdapterStatus) {
     let mut placements: Vec<Placement> = c
         .placements
         .iter()
@@ -292,8 +353,11 @@ fn converged_status(c: &Converged, old: &LoraAdapterStatus) -> (Phase, Vec<Cond>
         .collect();
     placements.sort_by(|a, b| a.pod.cmp(&b.pod));
     let loaded = c.placements.iter().filter(|p| p.error.is_none()).count() as u32;
-    let failures: Vec<&PlacementOutcome> = c.placements.iter().filter(|p| p.error.is_some()).collect();
-    let permanent = failures.iter().any(|p| p.error.as_ref().is_some_and(|(perm, _)| *perm));
+    let failures: Vec<&PlacementOutcome> =
+        c.placements.iter().filter(|p| p.error.is_some()).collect();
+    let permanent = failures
+        .iter()
+        .any(|p| p.error.as_ref().is_some_and(|(perm, _)| *perm));
     let first_failure = failures
         .first()
         .and_then(|p| p.error.as_ref().map(|(_, m)| format!("{}: {m}", p.pod)))
@@ -302,41 +366,103 @@ fn converged_status(c: &Converged, old: &LoraAdapterStatus) -> (Phase, Vec<Cond>
     let (phase, ready, progressing, degraded) = if c.wanted == 0 {
         (
             Phase::Pending,
-            Cond::new(condition_types::READY, false, "NoAgents", "no ready agent of the base model"),
-            Cond::new(condition_types::PROGRESSING, false, "NoAgents", "waiting for agents"),
-            Cond::new(condition_types::DEGRADED, false, "AsExpected", "nothing is placed"),
+            Cond::new(
+                condition_types::READY,
+                false,
+                "NoAgents",
+                "no ready agent of the base model",
+            ),
+            Cond::new(
+                condition_types::PROGRESSING,
+                false,
+                "NoAgents",
+                "waiting for agents",
+            ),
+            Cond::new(
+                condition_types::DEGRADED,
+                false,
+                "AsExpected",
+                "nothing is placed",
+            ),
         )
     } else if loaded >= c.wanted {
         (
             Phase::Ready,
             Cond::new(condition_types::READY, true, "Loaded", summary.clone()),
             Cond::new(condition_types::PROGRESSING, false, "Placed", summary),
-            Cond::new(condition_types::DEGRADED, false, "AsExpected", "every placement is loaded"),
+            Cond::new(
+                condition_types::DEGRADED,
+                false,
+                "AsExpected",
+                "every placement is loaded",
+            ),
         )
     } else if loaded == 0 && permanent {
         (
             Phase::Failed,
-            Cond::new(condition_types::READY, false, "LoadRejected", first_failure.clone()),
-            Cond::new(condition_types::PROGRESSING, false, "LoadRejected", "the agents refuse this adapter; fix the spec"),
-            Cond::new(condition_types::DEGRADED, true, "LoadRejected", first_failure),
+            Cond::new(
+                condition_types::READY,
+                false,
+                "LoadRejected",
+                first_failure.clone(),
+            ),
+            Cond::new(
+                condition_types::PROGRESSING,
+                false,
+                "LoadRejected",
+                "the agents refuse this adapter; fix the spec",
+            ),
+            Cond::new(
+                condition_types::DEGRADED,
+                true,
+                "LoadRejected",
+                first_failure,
+            ),
         )
     } else if loaded == 0 && failures.is_empty() {
         let msg = format!("no agent has room for it ({} short)", c.shortfall);
         (
             Phase::Pending,
-            Cond::new(condition_types::READY, false, "InsufficientCapacity", msg.clone()),
-            Cond::new(condition_types::PROGRESSING, true, "WaitingForCapacity", msg),
-            Cond::new(condition_types::DEGRADED, false, "AsExpected", "nothing is placed"),
+            Cond::new(
+                condition_types::READY,
+                false,
+                "InsufficientCapacity",
+                msg.clone(),
+            ),
+            Cond::new(
+                condition_types::PROGRESSING,
+                true,
+                "WaitingForCapacity",
+                msg,
+            ),
+            Cond::new(
+                condition_types::DEGRADED,
+                false,
+                "AsExpected",
+                "nothing is placed",
+            ),
         )
     } else {
         let (reason, msg) = if failures.is_empty() {
-            ("InsufficientCapacity", format!("{summary}; {} agents short of room", c.shortfall))
+            (
+                "InsufficientCapacity",
+                format!("{summary}; {} agents short of room", c.shortfall),
+            )
         } else {
             ("LoadFailed", format!("{summary}; {first_failure}"))
         };
         (
             Phase::Degraded,
-            Cond::new(condition_types::READY, loaded > 0, if loaded > 0 { "PartiallyLoaded" } else { reason }, summary.clone()),
+            Cond::new(
+                condition_types::READY,
+                loaded > 0,
+                if loaded > 0 {
+                    "PartiallyLoaded"
+                } else {
+                    reason
+                },
+                summary.clone(),
+            ),
             Cond::new(condition_types::PROGRESSING, true, "Retrying", msg.clone()),
             Cond::new(condition_types::DEGRADED, true, reason, msg),
         )
@@ -358,7 +484,9 @@ fn converged_status(c: &Converged, old: &LoraAdapterStatus) -> (Phase, Vec<Cond>
 }
 
 /// Adapters per phase (for the `loraplane_operator_adapters` gauge).
-pub fn count_phases<'a>(statuses: impl IntoIterator<Item = Option<&'a LoraAdapterStatus>>) -> BTreeMap<&'static str, i64> {
+pub fn count_phases<'a>(
+    statuses: impl IntoIterator<Item = Option<&'a LoraAdapterStatus>>,
+) -> BTreeMap<&'static str, i64> {
     let mut out: BTreeMap<&'static str, i64> = [
         Phase::Pending,
         Phase::Progressing,

@@ -81,7 +81,10 @@ pub fn admitted_namespaces(model: &BaseModel, namespaces: &[Namespace]) -> BTree
     if let Some(allowed) = tenancy.and_then(|t| t.allowed_namespaces.as_ref()) {
         return allowed.iter().cloned().collect();
     }
-    if tenancy.and_then(|t| t.namespace_selector.as_ref()).is_some() {
+    if tenancy
+        .and_then(|t| t.namespace_selector.as_ref())
+        .is_some()
+    {
         return namespaces
             .iter()
             .filter(|ns| admits(model, &ns.name_any(), Some(ns)))
@@ -121,7 +124,11 @@ pub fn is_api_key(secret: &Secret) -> bool {
 /// The tenant table of `model`'s agents: one row per admitted namespace, with the hashes of the
 /// keys in its labelled Secrets (Secrets being deleted are left out) and its limits. Sorted by
 /// id, hashes sorted and de-duplicated, so equal worlds give equal tables.
-pub fn tenant_table(model: &BaseModel, namespaces: &[Namespace], secrets: &[Secret]) -> Vec<Tenant> {
+pub fn tenant_table(
+    model: &BaseModel,
+    namespaces: &[Namespace],
+    secrets: &[Secret],
+) -> Vec<Tenant> {
     let by_name: BTreeMap<String, &Namespace> =
         namespaces.iter().map(|ns| (ns.name_any(), ns)).collect();
     admitted_namespaces(model, namespaces)
@@ -150,7 +157,11 @@ pub fn tenant_table(model: &BaseModel, namespaces: &[Namespace], secrets: &[Secr
 /// Whether `adapter` is within its namespace's quota: the namespace's adapters (any base
 /// model, not being deleted) ordered by creation time then name, and only the first
 /// `max_adapters` count. `max_adapters == 0` is unlimited.
-pub fn within_quota(adapter: &LoraAdapter, namespace_adapters: &[&LoraAdapter], max_adapters: u32) -> bool {
+pub fn within_quota(
+    adapter: &LoraAdapter,
+    namespace_adapters: &[&LoraAdapter],
+    max_adapters: u32,
+) -> bool {
     if max_adapters == 0 {
         return true;
     }

@@ -1,5 +1,6 @@
-//! Pointwise kernels and the embedding lookup: SwiGLU's `silu(gate) · up`, residual add, and
-//! gathering token rows of the embedding table.
+//! Pointwise kernels and the embedding lookup: SwiGLU's `silu(gate) · up`, residual add,
+//! gathering token rows of the embedding table, and a streaming sum (the memory-bandwidth probe
+//! of `loraplane-agent bench roofline`).
 
 use rayon::prelude::*;
 
@@ -86,4 +87,25 @@ pub fn embedding(ids: &[u32], table: &[f32], d: usize, out: &mut [f32]) -> Resul
         ids.iter().zip(out.chunks_mut(d)).for_each(copy);
     }
     Ok(())
+}
+
+/// `Σ x[i]`, reading `x` once with every core: the read stream `bench roofline` measures memory
+/// bandwidth with. Lane accumulators keep it bandwidth-bound rather than bound by the latency
+/// of one add chain (the summation order is therefore not left-to-right).
+pub fn stream_sum(x: &[f32]) -> f32 {
+    let lanes = |c: &[f32]| {
+        let (chunks, tail) = c.as_chunks::<16>();
+        let mut acc = [0.0f32; 16];
+        for ch in chunks {
+            for (a, v) in acc.iter_mut().zip(ch) {
+                *a += v;
+            }
+        }
+        acc.iter().sum::<f32>() + tail.iter().sum::<f32>()
+    };
+    if x.len() >= PAR_MIN_WORK {
+        x.par_chunks(CHUNK).map(lanes).sum()
+    } else {
+        lanes(x)
+    }
 }

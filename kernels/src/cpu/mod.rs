@@ -21,7 +21,7 @@ mod sampling;
 mod simd;
 
 pub use attention::{AttnSeq, paged_attention};
-pub use elementwise::{add_inplace, embedding, silu_mul};
+pub use elementwise::{add_inplace, embedding, silu_mul, stream_sum};
 pub use kv::{KvLayout, gather_kv_pages, scatter_kv_pages, write_kv};
 pub use lora::{LoraSegment, lora_expand, lora_shrink};
 pub use norm::rms_norm;

@@ -1,12 +1,16 @@
 //! The backend contract: the small set of operations the model's forward pass is written
 //! against once (embedding, RMSNorm, linear, LoRA shrink/expand, RoPE, paged KV write, paged
 //! attention, SiLU·mul, add). The CPU backend implements it with candle-core GEMMs and the
-//! hand-written kernels of `loraplane-kernels`; a CUDA backend implements the same contract.
+//! hand-written kernels of `loraplane-kernels`; the CUDA backend (feature `cuda`) implements the
+//! same contract with cuBLAS and NVRTC kernels. [`device`] picks one from `--device cpu|cuda:N`.
 //!
 //! Host-side metadata (positions, slots, block tables, LoRA row offsets) is passed as plain
 //! slices; a device backend uploads what it needs.
 
 pub mod cpu;
+#[cfg(feature = "cuda")]
+pub mod cuda;
+pub mod device;
 
 use loraplane_kernels::KernelError;
 use loraplane_kernels::cpu::{AttnSeq, KvLayout, LoraSegment, RopeTable};
@@ -24,6 +28,9 @@ pub enum BackendError {
         len: usize,
         size: usize,
     },
+    /// The requested device cannot be used by this binary (see [`device::DeviceError`]).
+    #[error("{0}")]
+    Device(String),
 }
 
 impl BackendError {
@@ -32,6 +39,7 @@ impl BackendError {
             BackendError::Kernel(e) => e.kind(),
             BackendError::Gemm(_) => "gemm",
             BackendError::PoolRange { .. } => "pool_range",
+            BackendError::Device(_) => "device",
         }
     }
 }
@@ -48,6 +56,12 @@ pub trait Backend: Send + 'static {
     type Pool: Send;
 
     fn name(&self) -> &'static str;
+
+    /// Free memory on the device, bytes, for backends whose pool lives in a bounded device
+    /// memory (sized by `--device-pool-fraction`); `None` on the host.
+    fn free_memory(&self) -> Option<usize> {
+        None
+    }
 
     /// A linear layer's weight from Hugging Face's `[out, in]` row-major data.
     fn matrix(&self, data: Vec<f32>, out_dim: usize, in_dim: usize) -> Result<Self::Param>;

@@ -7,7 +7,7 @@
 use serde_json::json;
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use crate::bench::report::{Bar, Plot, PlotKind, Report, Table, Target, format_num};
+use crate::bench::report::{Bar, GroupSeries, Plot, PlotKind, Report, Table, Target, format_num};
 use crate::bench::setup::{self, AdapterDef};
 use crate::bench::sim::timed_step;
 use crate::bench::stats::{Summary, median};
@@ -68,7 +68,10 @@ fn run_batch(
     sample.prefill_ops = s1.since(&s0);
     for _ in 0..decode_steps {
         let (n, dt) = timed_step(engine, None)?;
-        anyhow::ensure!(n == BATCH, "a decode step computed {n} tokens, expected {BATCH}");
+        anyhow::ensure!(
+            n == BATCH,
+            "a decode step computed {n} tokens, expected {BATCH}"
+        );
         sample.decode_s.push(dt);
     }
     sample.decode_ops = times.snapshot().since(&s1);
@@ -87,14 +90,15 @@ pub(crate) fn run(ctx: &mut Ctx) -> anyhow::Result<Report> {
     } else {
         ctx.workload.ranks.clone()
     };
-    let prompt_len = ctx.workload.prompt_len.map_or_else(
-        || if ctx.tiny() { 16 } else { ctx.pick(8, 32) },
-        |r| r.0,
-    );
+    let prompt_len = ctx
+        .workload
+        .prompt_len
+        .map_or_else(|| if ctx.tiny() { 16 } else { ctx.pick(8, 32) }, |r| r.0);
     let decode_steps = ctx.pick(4, 8);
     let repeats = ctx.repeats(2, 5);
-    ctx.progress
-        .update(format!("writing {BATCH} adapters (ranks {ranks:?}, all modules)"));
+    ctx.progress.update(format!(
+        "writing {BATCH} adapters (ranks {ranks:?}, all modules)"
+    ));
     let defs = setup::adapter_defs(&ctx.fixtures, BATCH, &ranks, &Module::ALL, 16)?;
     let hosts = setup::hosts_of(&mut ctx.fixtures, &config, &defs)?;
     let kv_tokens = BATCH * (prompt_len + decode_steps + 2 * 16);
@@ -107,29 +111,66 @@ pub(crate) fn run(ctx: &mut Ctx) -> anyhow::Result<Report> {
     };
     let backend = TimedCpu::new();
     let times = backend.times.clone();
+    // The machine's read bandwidth, to bound what a bandwidth-bound LoRA path could reach.
+    ctx.progress.update("memory bandwidth (read stream)");
+    let probe = vec![1.0f32; ctx.pick(32usize, 64) << 18];
+    let mut bandwidth: f64 = 0.0;
+    for _ in 0..4 {
+        let t = std::time::Instant::now();
+        std::hint::black_box(loraplane_kernels::cpu::stream_sum(&probe));
+        bandwidth = bandwidth.max(size_of_val(probe.as_slice()) as f64 / t.elapsed().as_secs_f64());
+    }
+    drop(probe);
     ctx.progress.update("loading the model and adapters");
     let mut engine = setup::engine(backend, &mut ctx.fixtures, &dir, engine_config, &defs)?;
 
     // Warm-up (discarded): the first adapter batch also copies every adapter into the pool.
     ctx.progress.update("warm-up (adapters become resident)");
-    let cold = run_batch(&mut engine, &times, Some(&defs), prompt_len, decode_steps, 1)?;
+    let cold = run_batch(
+        &mut engine,
+        &times,
+        Some(&defs),
+        prompt_len,
+        decode_steps,
+        1,
+    )?;
     run_batch(&mut engine, &times, None, prompt_len, decode_steps, 1)?;
     let (mut lora, mut base) = (Vec::new(), Vec::new());
     for r in 0..repeats {
         ctx.progress
             .update(format!("repeat {}/{repeats}: adapters, then base", r + 1));
         let seed = 100 + r as u64;
-        lora.push(run_batch(&mut engine, &times, Some(&defs), prompt_len, decode_steps, seed)?);
-        base.push(run_batch(&mut engine, &times, None, prompt_len, decode_steps, seed)?);
+        lora.push(run_batch(
+            &mut engine,
+            &times,
+            Some(&defs),
+            prompt_len,
+            decode_steps,
+            seed,
+        )?);
+        base.push(run_batch(
+            &mut engine,
+            &times,
+            None,
+            prompt_len,
+            decode_steps,
+            seed,
+        )?);
     }
 
     let prefill_tokens = (BATCH * prompt_len) as f64;
-    let decode_t = |s: &[Sample]| Summary::of(&s.iter().map(|x| median(&x.decode_s)).collect::<Vec<_>>());
+    let decode_t =
+        |s: &[Sample]| Summary::of(&s.iter().map(|x| median(&x.decode_s)).collect::<Vec<_>>());
     let prefill_t = |s: &[Sample]| Summary::of(&s.iter().map(|x| x.prefill_s).collect::<Vec<_>>());
     let (ld, bd) = (decode_t(&lora), decode_t(&base));
     let (lp, bp) = (prefill_t(&lora), prefill_t(&base));
     let ratio = |l: &[Sample], b: &[Sample], f: &dyn Fn(&Sample) -> f64| {
-        Summary::of(&l.iter().zip(b).map(|(l, b)| f(b) / f(l)).collect::<Vec<_>>())
+        Summary::of(
+            &l.iter()
+                .zip(b)
+                .map(|(l, b)| f(b) / f(l))
+                .collect::<Vec<_>>(),
+        )
     };
     let decode_ratio = ratio(&lora, &base, &|s| median(&s.decode_s));
     let prefill_ratio = ratio(&lora, &base, &|s| s.prefill_s);
@@ -139,12 +180,7 @@ pub(crate) fn run(ctx: &mut Ctx) -> anyhow::Result<Report> {
         "Heterogeneous batching: 64 requests on 64 adapters vs the base model",
     );
     let goal = "≥ 0.80 of the no-adapter tokens/s";
-    let measured = |r: &Summary| {
-        format!(
-            "{:.3} (range {:.3}–{:.3})",
-            r.median, r.min, r.max
-        )
-    };
+    let measured = |r: &Summary| format!("{:.3} (range {:.3}–{:.3})", r.median, r.min, r.max);
     report.targets.push(Target::at_least(
         "LoRA overhead ratio, decode step",
         goal,
@@ -163,17 +199,40 @@ pub(crate) fn run(ctx: &mut Ctx) -> anyhow::Result<Report> {
     let tps = |t: &Summary, tokens: f64| t.map(|s| tokens / s);
     let mut table = Table::new(
         "Tokens/s (median of the repeats, range)",
-        &["step", "base model", "64 adapters", "ratio", "step time base", "step time adapters"],
+        &[
+            "step",
+            "base model",
+            "64 adapters",
+            "ratio",
+            "step time base",
+            "step time adapters",
+        ],
     );
     for (name, b, l, r, tokens) in [
         ("decode (64 tokens)", &bd, &ld, &decode_ratio, BATCH as f64),
-        ("prefill (all prompts)", &bp, &lp, &prefill_ratio, prefill_tokens),
+        (
+            "prefill (all prompts)",
+            &bp,
+            &lp,
+            &prefill_ratio,
+            prefill_tokens,
+        ),
     ] {
         let (bt, lt) = (tps(b, tokens), tps(l, tokens));
         table.row(vec![
             name.to_owned(),
-            format!("{} ({}–{})", format_num(bt.median), format_num(bt.min), format_num(bt.max)),
-            format!("{} ({}–{})", format_num(lt.median), format_num(lt.min), format_num(lt.max)),
+            format!(
+                "{} ({}–{})",
+                format_num(bt.median),
+                format_num(bt.min),
+                format_num(bt.max)
+            ),
+            format!(
+                "{} ({}–{})",
+                format_num(lt.median),
+                format_num(lt.min),
+                format_num(lt.max)
+            ),
             format!("{:.3}", r.median),
             format!("{:.1} ms", b.median * 1e3),
             format!("{:.1} ms", l.median * 1e3),
@@ -204,7 +263,13 @@ pub(crate) fn run(ctx: &mut Ctx) -> anyhow::Result<Report> {
     );
     let mut breakdown = Table::new(
         "Where a step's time goes (ms per step, timed backend)",
-        &["operation", "decode base", "decode adapters", "prefill base", "prefill adapters"],
+        &[
+            "operation",
+            "decode base",
+            "decode adapters",
+            "prefill base",
+            "prefill adapters",
+        ],
     );
     for op in Op::ALL {
         let i = op as usize;
@@ -236,31 +301,52 @@ pub(crate) fn run(ctx: &mut Ctx) -> anyhow::Result<Report> {
     let lora_share = ldo[Op::Lora as usize] / ldo.iter().sum::<f64>().max(1e-12);
     let lora_flops = lora.iter().map(|s| s.decode_ops.lora_flops).sum::<f64>();
     let gemm_flops = lora.iter().map(|s| s.decode_ops.gemm_flops).sum::<f64>();
+    let lora_decode = ldo[Op::Lora as usize];
+    let base_step = bd.median;
+    // A LoRA path that read every adapter byte at the machine's stream bandwidth.
+    let best_lora = adapter_bytes as f64 / bandwidth;
     report.findings.push(format!(
         "Decode with adapters: the LoRA path takes {:.1} ms of a {:.1} ms step ({:.0} %), \
-         against {:.1} ms for the base GEMMs. It does only {:.1} % of the base GEMMs' \
-         arithmetic, but every one of the 64 requests reads its own adapter: {:.0} MB of adapter \
-         weights per step against {:.0} MB of base weights ({:.2}×). A decode step is \
-         memory-bound, so the ratio it can reach is bounded by about base / (base + adapters) \
-         = {:.2} unless adapter rows are shared across requests.",
-        ldo[Op::Lora as usize] * 1e3,
+         against {:.1} ms for the base GEMMs, though it does only {:.1} % of their arithmetic. \
+         Every one of the 64 requests reads its own adapter: {} MB of adapter weights per step \
+         against {} MB of base weights ({:.2}×), so the LoRA path is a read stream — it moves \
+         them at {:.1} GB/s, {:.0} % of the {:.1} GB/s this machine streams. Even at the full \
+         stream bandwidth the path would take {:.1} ms, capping the ratio at {:.2} for this \
+         adapter mix ({:.1} ms base step); ≥ 0.80 needs adapters that together weigh less than \
+         about a quarter of the base step's time in bandwidth, i.e. smaller ranks, fewer \
+         modules, or requests sharing adapters.",
+        lora_decode * 1e3,
         ldo.iter().sum::<f64>() * 1e3,
         lora_share * 100.0,
         ldo[Op::Gemm as usize] * 1e3,
         100.0 * lora_flops / gemm_flops.max(1.0),
-        adapter_bytes as f64 / 1e6,
-        base_bytes as f64 / 1e6,
+        format_num(adapter_bytes as f64 / 1e6),
+        format_num(base_bytes as f64 / 1e6),
         adapter_bytes as f64 / base_bytes as f64,
-        base_bytes as f64 / (base_bytes + adapter_bytes) as f64,
+        adapter_bytes as f64 / lora_decode.max(1e-12) / 1e9,
+        100.0 * adapter_bytes as f64 / lora_decode.max(1e-12) / bandwidth,
+        bandwidth / 1e9,
+        best_lora * 1e3,
+        base_step / (base_step + best_lora),
+        base_step * 1e3,
     ));
+    let prefill_lora_flops = lora.iter().map(|s| s.prefill_ops.lora_flops).sum::<f64>();
+    let prefill_gemm_flops = lora.iter().map(|s| s.prefill_ops.gemm_flops).sum::<f64>();
+    let n = lora.len().max(1) as f64;
     report.findings.push(format!(
-        "Prefill with adapters: LoRA {:.1} ms of {:.1} ms ({:.0} %); base GEMMs {:.1} ms. With \
-         {prompt_len} tokens per adapter the LoRA shrink/expand reuses each adapter row over \
-         the prompt's tokens, so its share is a compute share.",
+        "Prefill with adapters: LoRA {:.1} ms of {:.1} ms ({:.0} %); base GEMMs {:.1} ms. The \
+         LoRA path does {:.1} % of the base GEMMs' arithmetic but runs at {} GFLOP/s against \
+         their {} GFLOP/s: the shrink and expand kernels compute row by row (one dot product \
+         or axpy per token and rank, BGMV-style) even when a segment has {prompt_len} tokens \
+         on one adapter, where a segment GEMM (MBGMM/SGMV) would reuse each adapter row across \
+         the tokens.",
         lpo[Op::Lora as usize] * 1e3,
         lpo.iter().sum::<f64>() * 1e3,
         100.0 * lpo[Op::Lora as usize] / lpo.iter().sum::<f64>().max(1e-12),
         lpo[Op::Gemm as usize] * 1e3,
+        100.0 * prefill_lora_flops / prefill_gemm_flops.max(1.0),
+        format_num(prefill_lora_flops / n / lpo[Op::Lora as usize].max(1e-12) / 1e9),
+        format_num(prefill_gemm_flops / n / lpo[Op::Gemm as usize].max(1e-12) / 1e9),
     ));
     report.findings.push(format!(
         "Cold start (first batch, discarded): prefill {:.1} ms with adapters, including {:.1} ms \
@@ -304,28 +390,25 @@ pub(crate) fn run(ctx: &mut Ctx) -> anyhow::Result<Report> {
             bars: bars(&bp, &lp, prefill_tokens),
         },
     });
-    let mut op_bars = Vec::new();
-    for op in Op::ALL {
-        let i = op as usize;
-        op_bars.push(Bar {
-            label: format!("{} base", op.name()),
-            value: bdo[i] * 1e3,
-            range: None,
-            color: 0,
-        });
-        op_bars.push(Bar {
-            label: "+LoRA".into(),
-            value: ldo[i] * 1e3,
-            range: None,
-            color: 1,
-        });
-    }
+    let ops_of = |a: &[f64; 5]| Op::ALL.iter().map(|op| a[*op as usize] * 1e3).collect();
     report.plots.push(Plot {
         file: "hetero-breakdown.png".into(),
-        title: "Decode step time by operation (blue: base, red: 64 adapters)".into(),
+        title: "Decode step time by operation".into(),
         x_label: String::new(),
         y_label: "ms per step".into(),
-        kind: PlotKind::Bars { bars: op_bars },
+        kind: PlotKind::Groups {
+            groups: Op::ALL.iter().map(|op| op.name().to_owned()).collect(),
+            series: vec![
+                GroupSeries {
+                    name: "base model".into(),
+                    values: ops_of(&bdo),
+                },
+                GroupSeries {
+                    name: "64 adapters".into(),
+                    values: ops_of(&ldo),
+                },
+            ],
+        },
     });
 
     report.method = vec![
@@ -363,6 +446,7 @@ pub(crate) fn run(ctx: &mut Ctx) -> anyhow::Result<Report> {
         "decode_step_s": {"base": bd, "adapters": ld},
         "prefill_step_s": {"base": bp, "adapters": lp},
         "base_weight_bytes": base_bytes,
+        "read_bandwidth_bps": bandwidth,
         "adapter_bytes_per_decode_step": adapter_bytes,
         "samples": {"base": base, "adapters": lora, "cold_adapters": cold},
     });

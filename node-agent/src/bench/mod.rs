@@ -80,10 +80,20 @@ pub struct BenchArgs {
     /// Directory for the Markdown, JSON and PNG results (created if missing).
     #[arg(long, env = "LORAPLANE_BENCH_OUT", default_value = "bench-results")]
     pub out: PathBuf,
-    #[arg(long, value_enum, env = "LORAPLANE_BENCH_DEVICE", default_value = "cpu")]
+    #[arg(
+        long,
+        value_enum,
+        env = "LORAPLANE_BENCH_DEVICE",
+        default_value = "cpu"
+    )]
     pub device: Device,
     /// Fixture model the suites run on (`small` is about 90M parameters; `tiny` is for CI).
-    #[arg(long, value_enum, env = "LORAPLANE_BENCH_PRESET", default_value = "small")]
+    #[arg(
+        long,
+        value_enum,
+        env = "LORAPLANE_BENCH_PRESET",
+        default_value = "small"
+    )]
     pub preset: Preset,
     /// Where fixture checkpoints and adapters are written and reused across runs; a temporary
     /// directory (removed afterwards) when unset.
@@ -108,7 +118,7 @@ pub struct WorkloadArgs {
     #[arg(long, env = "LORAPLANE_BENCH_RATE")]
     pub rate: Option<f64>,
     /// Offered load relative to the measured capacity when `--rate` is unset
-    /// (default 1.2 for `adapters`: saturating, so throughput is the capacity; 0.7 for `pd`).
+    /// (default 2.0 for `adapters`: saturating, so throughput is the capacity; 0.7 for `pd`).
     #[arg(long, env = "LORAPLANE_BENCH_LOAD")]
     pub load: Option<f64>,
     /// Requests per serving run.
@@ -141,8 +151,14 @@ fn parse_range(s: &str) -> Result<(usize, usize), String> {
     let (lo, hi) = s
         .split_once('-')
         .ok_or_else(|| format!("expected MIN-MAX, got {s:?}"))?;
-    let lo: usize = lo.trim().parse().map_err(|_| format!("bad minimum in {s:?}"))?;
-    let hi: usize = hi.trim().parse().map_err(|_| format!("bad maximum in {s:?}"))?;
+    let lo: usize = lo
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad minimum in {s:?}"))?;
+    let hi: usize = hi
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad maximum in {s:?}"))?;
     if lo == 0 || hi < lo {
         return Err(format!("{s:?}: need 0 < MIN <= MAX"));
     }

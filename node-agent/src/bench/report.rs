@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Context;
 use plotters::coord::ranged1d::SegmentValue;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde::Serialize;
 
 use crate::bench::Ctx;
@@ -104,8 +105,24 @@ pub struct Bar {
 
 #[derive(Debug, Clone, Serialize)]
 pub enum PlotKind {
-    Lines { series: Vec<Series>, log_x: bool },
-    Bars { bars: Vec<Bar> },
+    Lines {
+        series: Vec<Series>,
+        log_x: bool,
+    },
+    Bars {
+        bars: Vec<Bar>,
+    },
+    /// Bars side by side per group: `series[s].values[g]` is series `s` in group `g`.
+    Groups {
+        groups: Vec<String>,
+        series: Vec<GroupSeries>,
+    },
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct GroupSeries {
+    pub name: String,
+    pub values: Vec<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -133,7 +150,7 @@ pub struct Environment {
 }
 
 impl Environment {
-    pub fn collect(ctx: &Ctx, elapsed: Duration) -> Self {
+    pub(crate) fn collect(ctx: &Ctx, elapsed: Duration) -> Self {
         let cpu = std::fs::read_to_string("/proc/cpuinfo")
             .ok()
             .and_then(|s| {
@@ -389,6 +406,7 @@ fn draw(plot: &Plot, path: &Path) -> anyhow::Result<()> {
     match &plot.kind {
         PlotKind::Lines { series, log_x } => draw_lines(&root, plot, series, *log_x)?,
         PlotKind::Bars { bars } => draw_bars(&root, plot, bars)?,
+        PlotKind::Groups { groups, series } => draw_groups(&root, plot, groups, series)?,
     }
     root.present().map_err(plot_err)?;
     Ok(())
@@ -408,6 +426,8 @@ fn draw_lines(root: &Area<'_>, plot: &Plot, series: &[Series], log_x: bool) -> a
     });
     let (x0, x1) = padded(x0, x1, false);
     let (y0, y1) = padded(y0, y1, true);
+    // Headroom above the data for the legend in the upper right.
+    let y1 = y1 + (y1 - y0) * 0.2;
     let mut chart = ChartBuilder::on(root)
         .caption(&plot.title, (FAMILY, 24))
         .margin(18)
@@ -417,7 +437,13 @@ fn draw_lines(root: &Area<'_>, plot: &Plot, series: &[Series], log_x: bool) -> a
         .map_err(plot_err)?;
     let x_fmt = |v: &f64| {
         if log_x {
-            format_num(10f64.powf(*v))
+            let x = 10f64.powf(*v);
+            if x >= 10.0 {
+                format!("{x:.0}")
+            } else {
+                let s = format!("{x:.2}");
+                s.trim_end_matches('0').trim_end_matches('.').to_owned()
+            }
         } else {
             format_num(*v)
         }
@@ -440,9 +466,12 @@ fn draw_lines(root: &Area<'_>, plot: &Plot, series: &[Series], log_x: bool) -> a
             .map_err(plot_err)?
             .label(s.name.as_str())
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 22, y)], c.stroke_width(3)));
-        chart
-            .draw_series(pts.into_iter().map(|p| Circle::new(p, 4, c.filled())))
-            .map_err(plot_err)?;
+        // Markers only where there are few points (a distribution is drawn as a line).
+        if pts.len() <= 40 {
+            chart
+                .draw_series(pts.into_iter().map(|p| Circle::new(p, 4, c.filled())))
+                .map_err(plot_err)?;
+        }
     }
     chart
         .configure_series_labels()
@@ -488,7 +517,10 @@ fn draw_bars(root: &Area<'_>, plot: &Plot, bars: &[Bar]) -> anyhow::Result<()> {
     chart
         .draw_series(bars.iter().enumerate().map(|(i, b)| {
             let mut r = Rectangle::new(
-                [(SegmentValue::Exact(i), 0.0), (SegmentValue::Exact(i + 1), b.value)],
+                [
+                    (SegmentValue::Exact(i), 0.0),
+                    (SegmentValue::Exact(i + 1), b.value),
+                ],
                 color(b.color).filled(),
             );
             r.set_margin(0, 0, 12, 12);
@@ -499,7 +531,10 @@ fn draw_bars(root: &Area<'_>, plot: &Plot, bars: &[Bar]) -> anyhow::Result<()> {
         .draw_series(bars.iter().enumerate().filter_map(|(i, b)| {
             let (lo, hi) = b.range?;
             Some(PathElement::new(
-                vec![(SegmentValue::CenterOf(i), lo), (SegmentValue::CenterOf(i), hi)],
+                vec![
+                    (SegmentValue::CenterOf(i), lo),
+                    (SegmentValue::CenterOf(i), hi),
+                ],
                 BLACK.stroke_width(2),
             ))
         }))
@@ -509,9 +544,94 @@ fn draw_bars(root: &Area<'_>, plot: &Plot, bars: &[Bar]) -> anyhow::Result<()> {
             Text::new(
                 format_num(b.value),
                 (SegmentValue::CenterOf(i), b.value),
-                (FAMILY, 14).into_font().color(&BLACK),
+                value_style(),
             )
         }))
+        .map_err(plot_err)?;
+    Ok(())
+}
+
+fn value_style() -> TextStyle<'static> {
+    (FAMILY, 14)
+        .into_font()
+        .color(&BLACK)
+        .pos(Pos::new(HPos::Center, VPos::Bottom))
+}
+
+fn draw_groups(
+    root: &Area<'_>,
+    plot: &Plot,
+    groups: &[String],
+    series: &[GroupSeries],
+) -> anyhow::Result<()> {
+    let top = series
+        .iter()
+        .flat_map(|s| s.values.iter().copied())
+        .fold(0.0, f64::max);
+    let (_, y1) = padded(0.0, top, true);
+    // Each group takes one segment per series plus a gap; its name sits under its first bar.
+    let per = series.len() + 1;
+    let n = groups.len().max(1) * per;
+    let mut chart = ChartBuilder::on(root)
+        .caption(&plot.title, (FAMILY, 24))
+        .margin(18)
+        .x_label_area_size(50)
+        .y_label_area_size(80)
+        .build_cartesian_2d((0..n).into_segmented(), 0.0..y1)
+        .map_err(plot_err)?;
+    let label = |v: &SegmentValue<usize>| match v {
+        SegmentValue::CenterOf(j) if j % per == 0 => {
+            groups.get(j / per).cloned().unwrap_or_default()
+        }
+        _ => String::new(),
+    };
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .x_desc(plot.x_label.as_str())
+        .y_desc(plot.y_label.as_str())
+        .x_labels(n)
+        .x_label_formatter(&label)
+        .y_label_formatter(&|v| format_num(*v))
+        .label_style((FAMILY, 14))
+        .axis_desc_style((FAMILY, 17))
+        .draw()
+        .map_err(plot_err)?;
+    for (si, s) in series.iter().enumerate() {
+        let c = color(si);
+        let at = |g: usize| g * per + si;
+        chart
+            .draw_series(s.values.iter().enumerate().map(|(g, v)| {
+                let mut r = Rectangle::new(
+                    [
+                        (SegmentValue::Exact(at(g)), 0.0),
+                        (SegmentValue::Exact(at(g) + 1), *v),
+                    ],
+                    c.filled(),
+                );
+                r.set_margin(0, 0, 3, 3);
+                r
+            }))
+            .map_err(plot_err)?
+            .label(s.name.as_str())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 16, y + 6)], c.filled()));
+        chart
+            .draw_series(s.values.iter().enumerate().map(|(g, v)| {
+                Text::new(
+                    format_num(*v),
+                    (SegmentValue::CenterOf(at(g)), *v),
+                    value_style(),
+                )
+            }))
+            .map_err(plot_err)?;
+    }
+    chart
+        .configure_series_labels()
+        .label_font((FAMILY, 15))
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .position(SeriesLabelPosition::UpperRight)
+        .draw()
         .map_err(plot_err)?;
     Ok(())
 }
@@ -522,10 +642,8 @@ pub fn format_num(v: f64) -> String {
     if a == 0.0 {
         "0".to_owned()
     } else if a >= 1e6 {
-        format!("{:.3}M", v / 1e6)
-            .trim_end_matches('0')
-            .trim_end_matches('.')
-            .replace(".M", "M")
+        let m = format!("{:.3}", v / 1e6);
+        format!("{}M", m.trim_end_matches('0').trim_end_matches('.'))
     } else if a >= 1e4 {
         format!("{:.0}k", v / 1e3)
     } else if a >= 100.0 {
@@ -551,7 +669,7 @@ mod tests {
         assert_eq!(format_num(1234.0), "1234");
         assert_eq!(format_num(12_345.0), "12k");
         assert_eq!(format_num(2.5e6), "2.5M");
-        assert_eq!(format_num(3.14159), "3.14");
+        assert_eq!(format_num(3.456), "3.46");
         assert_eq!(format_num(0.5), "0.500");
     }
 
@@ -560,13 +678,8 @@ mod tests {
         register_font().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let mut r = Report::new("unit", "A unit report");
-        r.targets.push(Target::at_least(
-            "ratio",
-            "≥ 0.80",
-            0.9,
-            0.8,
-            "0.90".into(),
-        ));
+        r.targets
+            .push(Target::at_least("ratio", "≥ 0.80", 0.9, 0.8, "0.90".into()));
         let mut t = Table::new("Results", &["a", "b"]);
         t.row(vec!["1".into(), "2".into()]);
         r.tables.push(t);
@@ -597,6 +710,25 @@ mod tests {
                 }],
             },
         });
+        r.plots.push(Plot {
+            file: "unit-groups.png".into(),
+            title: "Groups".into(),
+            x_label: String::new(),
+            y_label: "y".into(),
+            kind: PlotKind::Groups {
+                groups: vec!["g1".into(), "g2".into()],
+                series: vec![
+                    GroupSeries {
+                        name: "a".into(),
+                        values: vec![1.0, 2.0],
+                    },
+                    GroupSeries {
+                        name: "b".into(),
+                        values: vec![3.0, 0.5],
+                    },
+                ],
+            },
+        });
         r.write(dir.path()).unwrap();
         let md = std::fs::read_to_string(dir.path().join("unit.md")).unwrap();
         assert!(md.contains("✅ met") && md.contains("![Bars](unit-bars.png)"));
@@ -604,7 +736,7 @@ mod tests {
             serde_json::from_str(&std::fs::read_to_string(dir.path().join("unit.json")).unwrap())
                 .unwrap();
         assert_eq!(json["targets"][0]["met"], true);
-        for f in ["unit-lines.png", "unit-bars.png"] {
+        for f in ["unit-lines.png", "unit-bars.png", "unit-groups.png"] {
             let bytes = std::fs::read(dir.path().join(f)).unwrap();
             assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
         }

@@ -73,10 +73,6 @@ impl Fixtures {
         })
     }
 
-    pub fn preset(&self) -> Preset {
-        self.preset
-    }
-
     /// The fixture checkpoint's directory (Llama 3 architecture, f32).
     pub fn model(&self) -> anyhow::Result<PathBuf> {
         let dir = self
@@ -153,7 +149,6 @@ impl Fixtures {
 pub(crate) struct AdapterDef {
     pub name: String,
     pub dir: PathBuf,
-    pub rank: usize,
 }
 
 /// `count` adapters named `lora-0…`, ranks cycled from `ranks`, over `targets`. Adapters share
@@ -176,7 +171,6 @@ pub(crate) fn adapter_defs(
             Ok(AdapterDef {
                 name: format!("lora-{i}"),
                 dir: fixtures.adapter(rank, targets, variant)?,
-                rank,
             })
         })
         .collect()

@@ -259,7 +259,8 @@ impl Tracker {
                     }
                     Event::Finished { reason, .. } => {
                         rec.done = Some(now);
-                        rec.failed = matches!(reason, FinishReason::Error | FinishReason::Cancelled);
+                        rec.failed =
+                            matches!(reason, FinishReason::Error | FinishReason::Cancelled);
                         return false;
                     }
                 }
@@ -271,6 +272,14 @@ impl Tracker {
     /// Jobs still in flight (submitted, not finished).
     pub fn in_flight(&self) -> Vec<usize> {
         self.live.iter().map(|(i, _)| *i).collect()
+    }
+
+    /// Every inter-token gap of every request, seconds.
+    pub fn gaps(&self) -> Vec<f64> {
+        self.recs
+            .iter()
+            .flat_map(|r| r.gaps.iter().copied())
+            .collect()
     }
 
     pub fn finished(&self) -> usize {
@@ -337,6 +346,14 @@ impl Tracker {
     }
 }
 
+/// What a policy submits now: jobs with the adapter each runs with, and the seconds of extra
+/// work done (for real) before they can run.
+#[derive(Debug, Default)]
+pub struct Admitted {
+    pub jobs: Vec<(usize, Option<String>)>,
+    pub extra_s: f64,
+}
+
 /// Decides which arrived jobs a run submits, and with which adapter.
 pub trait Policy {
     /// Moves the jobs to submit now out of `queue` (arrived, not yet submitted, oldest first)
@@ -347,7 +364,7 @@ pub trait Policy {
         queue: &mut VecDeque<usize>,
         jobs: &[Job],
         engine_busy: bool,
-    ) -> anyhow::Result<(Vec<(usize, Option<String>)>, f64)>;
+    ) -> anyhow::Result<Admitted>;
 }
 
 /// Submits every request as it arrives: with its adapter (`names`) or on the base model.
@@ -361,16 +378,16 @@ impl Policy for AllNow<'_> {
         queue: &mut VecDeque<usize>,
         jobs: &[Job],
         _busy: bool,
-    ) -> anyhow::Result<(Vec<(usize, Option<String>)>, f64)> {
+    ) -> anyhow::Result<Admitted> {
         let names = self.names;
-        let out = queue
+        let jobs = queue
             .drain(..)
             .map(|i| {
                 let name = names.and_then(|n| jobs[i].adapter.and_then(|a| n.get(a).cloned()));
                 (i, name)
             })
             .collect();
-        Ok((out, 0.0))
+        Ok(Admitted { jobs, extra_s: 0.0 })
     }
 }
 
@@ -387,6 +404,8 @@ pub struct RunOptions<'a> {
 #[derive(Debug, Clone, Default, serde::Serialize)]
 pub struct RunStats {
     pub steps: u64,
+    /// Tokens computed over all steps (prefill chunks and decodes).
+    pub tokens: usize,
     /// Wall time of engine steps.
     pub compute_s: f64,
     /// Wall time of policy work charged to the clock (merged-weight swaps).
@@ -447,10 +466,10 @@ pub fn serve<B: Backend>(
             next += 1;
         }
         if !queue.is_empty() {
-            let (admitted, extra) = policy.admit(&mut queue, jobs, engine.has_work())?;
-            clock += extra;
-            stats.extra_s += extra;
-            for (i, adapter) in admitted {
+            let admitted = policy.admit(&mut queue, jobs, engine.has_work())?;
+            clock += admitted.extra_s;
+            stats.extra_s += admitted.extra_s;
+            for (i, adapter) in admitted.jobs {
                 let tx = tracker.channel(i);
                 if engine.submit(request(i, &jobs[i], adapter), tx).is_err() {
                     tracker.fail(i);
@@ -461,8 +480,9 @@ pub fn serve<B: Backend>(
             stats.reload_s += reload;
         }
         if engine.has_work() {
-            let (_, dt) = timed_step(engine, opts.pool)?;
+            let (n, dt) = timed_step(engine, opts.pool)?;
             clock += dt;
+            stats.tokens += n;
             stats.compute_s += dt;
             stats.steps += 1;
             tracker.poll(clock);
@@ -524,7 +544,11 @@ mod tests {
             counts[j.adapter.unwrap_or(99)] += 1;
             assert!((4..=6).contains(&j.max_tokens));
             let n = j.prompt.len();
-            assert!(if j.long { (100..=120).contains(&n) } else { (8..=16).contains(&n) });
+            assert!(if j.long {
+                (100..=120).contains(&n)
+            } else {
+                (8..=16).contains(&n)
+            });
             assert!(j.prompt.iter().all(|t| *t < 512));
         }
         // Zipf(1) over 10: the first adapter is drawn about twice as often as the second.

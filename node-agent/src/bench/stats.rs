@@ -25,15 +25,6 @@ impl Summary {
         }
     }
 
-    /// The range as a percentage of the median (0 when the median is 0).
-    pub fn spread_pct(&self) -> f64 {
-        if self.median == 0.0 {
-            0.0
-        } else {
-            100.0 * (self.max - self.min) / self.median
-        }
-    }
-
     /// Applies `f` (monotonic) to every figure, e.g. seconds → tokens/s (which swaps min and
     /// max for a decreasing `f`).
     pub fn map(&self, f: impl Fn(f64) -> f64) -> Summary {

@@ -67,10 +67,6 @@ impl OpSnapshot {
         self.seconds[op.index()]
     }
 
-    pub fn total(&self) -> f64 {
-        self.seconds.iter().sum()
-    }
-
     /// `self - earlier`, for the span between two snapshots.
     pub fn since(&self, earlier: &OpSnapshot) -> OpSnapshot {
         let mut seconds = [0.0; 5];
@@ -220,9 +216,7 @@ impl Backend for TimedCpu {
         self.times
             .lora_flops
             .fetch_add(flops as u64, Ordering::Relaxed);
-        self.timed(Op::Lora, || {
-            self.inner.lora(x, y, pool, segments, max_rank)
-        })
+        self.timed(Op::Lora, || self.inner.lora(x, y, pool, segments, max_rank))
     }
 
     fn rope(

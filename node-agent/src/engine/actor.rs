@@ -76,6 +76,7 @@ pub struct EngineHandle {
     tx: UnboundedSender<Command>,
     tokenizer: Arc<TokenizerBundle>,
     model: Arc<ModelConfig>,
+    num_pages: usize,
 }
 
 /// The events of one request, in order; the last is [`Event::Finished`]. Dropping it cancels
@@ -90,6 +91,7 @@ impl EngineHandle {
         config: EngineConfig,
     ) -> Result<Self, EngineError> {
         let limits = config.adapter_limits;
+        let num_pages = config.num_pages;
         let engine = Engine::new(backend, model_dir, config)?;
         let tokenizer = engine.tokenizer().clone();
         let model = Arc::new(engine.model_config().clone());
@@ -112,6 +114,7 @@ impl EngineHandle {
             tx,
             tokenizer,
             model,
+            num_pages,
         })
     }
 
@@ -121,6 +124,11 @@ impl EngineHandle {
 
     pub fn model_config(&self) -> &ModelConfig {
         &self.model
+    }
+
+    /// Pages in the engine's unified pool.
+    pub fn num_pages(&self) -> usize {
+        self.num_pages
     }
 
     async fn call<T>(

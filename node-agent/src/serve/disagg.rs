@@ -11,7 +11,6 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
 use crate::api::auth::AdminAuth;
@@ -23,6 +22,7 @@ use crate::disagg::stats::DisaggStats;
 use crate::disagg::transfer::WireLayout;
 use crate::engine::actor::EngineHandle;
 use crate::metrics::Metrics;
+use crate::serve::nodelay_incoming;
 
 /// What the role adds to the agent.
 #[derive(Debug, Default)]
@@ -105,7 +105,7 @@ pub(super) async fn start(
             let mut stop = stop;
             let server = builder
                 .add_service(service.into_server())
-                .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                .serve_with_incoming_shutdown(nodelay_incoming(listener), async move {
                     let _ = stop.wait_for(|s| *s).await;
                 });
             tracing::info!(%kv_addr, tls = d.tls.is_some(), "prefill role: KvTransfer listening");

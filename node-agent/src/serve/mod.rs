@@ -21,9 +21,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
+use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 
 use crate::api::admin::{self, AdminService, AdminState};
@@ -32,7 +33,7 @@ use crate::api::grpc;
 use crate::api::http;
 use crate::api::lifecycle::Lifecycle;
 use crate::api::service::AgentService;
-use crate::backend::cpu::CpuBackend;
+use crate::backend::device::{checkpoint_dtype, parse_dtype, spawn_engine};
 use crate::config::{LogFormat, PoolSize, ServeConfig};
 use crate::engine::actor::EngineHandle;
 use crate::lora::ids::AdapterKey;
@@ -72,6 +73,12 @@ async fn model_dir(config: &ServeConfig) -> anyhow::Result<PathBuf> {
 }
 
 /// The served name of the base model: the flag, else the directory's (or repository's) name.
+/// Accepted gRPC connections with TCP_NODELAY: tokens and KV chunks are written as they are
+/// produced, and Nagle's algorithm would otherwise delay each small write by an ACK round trip.
+pub(crate) fn nodelay_incoming(listener: TcpListener) -> TcpIncoming {
+    TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 fn served_name(config: &ServeConfig, dir: &Path) -> String {
     if let Some(n) = &config.served_model_name {
         return n.clone();
@@ -108,19 +115,25 @@ async fn start_engine(
         engine.num_pages = usize::try_from(pages.min(u64::from(u32::MAX)))?;
     }
     engine.observer = Some(Arc::new(StepMetrics(metrics.clone())));
-    let pages = engine.num_pages;
+    let dtype = parse_dtype(&config.dtype, checkpoint_dtype(dir).as_deref())?;
+    let (device, fraction) = match config.pool {
+        PoolSize::DeviceFraction(f) => (config.device, Some(f)),
+        _ => (config.device, None),
+    };
+    tracing::info!(%device, ?dtype, "loading the model");
     let dir = dir.to_owned();
-    let handle = tokio::task::spawn_blocking(move || EngineHandle::spawn(CpuBackend, &dir, engine))
-        .await
-        .context("the model loader panicked")?
-        .context("loading the model")?;
+    let handle =
+        tokio::task::spawn_blocking(move || spawn_engine(device, dtype, &dir, engine, fraction))
+            .await
+            .context("the model loader panicked")?
+            .with_context(|| format!("loading the model on {device}"))?;
     let c = handle.model_config();
     tracing::info!(
         layers = c.num_layers,
         hidden = c.hidden_size,
         vocab = c.vocab_size,
         context = c.max_position_embeddings,
-        pool_pages = pages,
+        pool_pages = handle.num_pages(),
         "engine started"
     );
     Ok(handle)
@@ -253,11 +266,15 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         .add_service(grpc::reflection_service().context("building gRPC reflection")?)
         .add_service(grpc::inference_server(service.clone()))
         .add_service(admin_grpc)
-        .serve_with_incoming_shutdown(
-            TcpListenerStream::new(grpc_listener),
-            stopped(stop_rx.clone()),
-        );
+        .serve_with_incoming_shutdown(nodelay_incoming(grpc_listener), stopped(stop_rx.clone()));
     let router = http::router(service.clone()).merge(admin_http);
+    // Streamed tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds each one
+    // back until the previous is acknowledged (tens of milliseconds on delayed-ACK peers).
+    let http_listener = http_listener.tap_io(|tcp| {
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%error, "setting TCP_NODELAY on an HTTP connection");
+        }
+    });
     let http_server = axum::serve(http_listener, router).with_graceful_shutdown(stopped(stop_rx));
 
     let grpc_task = tokio::spawn(grpc_server);

@@ -23,20 +23,95 @@ use crate::placement::AgentLoad;
 /// An adapter's key on an agent: (tenant, name).
 pub type AdapterKey = (String, String);
 
-/// What one agent reported.
+/// What one agent reported, with running totals kept in step by [`Snapshot::insert`] and
+/// [`Snapshot::remove`] (placement reads them once per adapter: they must not cost a scan).
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     pub fetched: Instant,
     pub capacity_bytes: u64,
-    pub adapters: HashMap<AdapterKey, pb::AdapterInfo>,
+    adapters: HashMap<AdapterKey, pb::AdapterInfo>,
+    pinned_bytes: u64,
+    pinned_count: u32,
+    sized_bytes: u128,
+    sized_count: u64,
 }
 
 impl Snapshot {
+    pub fn new(fetched: Instant, capacity_bytes: u64, list: Vec<pb::AdapterInfo>) -> Self {
+        let mut s = Snapshot {
+            fetched,
+            capacity_bytes,
+            adapters: HashMap::with_capacity(list.len()),
+            pinned_bytes: 0,
+            pinned_count: 0,
+            sized_bytes: 0,
+            sized_count: 0,
+        };
+        for info in list {
+            if let Some(r) = info.adapter.clone() {
+                s.insert((r.tenant, r.name), info);
+            }
+        }
+        s
+    }
+
+    fn account(&mut self, info: &pb::AdapterInfo, add: bool) {
+        let apply = |v: &mut u64, d: u64| {
+            *v = if add {
+                v.saturating_add(d)
+            } else {
+                v.saturating_sub(d)
+            }
+        };
+        if info.pinned {
+            apply(&mut self.pinned_bytes, info.size_bytes);
+            self.pinned_count = if add {
+                self.pinned_count.saturating_add(1)
+            } else {
+                self.pinned_count.saturating_sub(1)
+            };
+        }
+        if info.size_bytes > 0 {
+            let b = u128::from(info.size_bytes);
+            self.sized_bytes = if add {
+                self.sized_bytes + b
+            } else {
+                self.sized_bytes.saturating_sub(b)
+            };
+            apply(&mut self.sized_count, 1);
+        }
+    }
+
+    /// Records an adapter (replacing any entry of the same key).
+    pub fn insert(&mut self, key: AdapterKey, info: pb::AdapterInfo) {
+        self.account(&info, true);
+        if let Some(old) = self.adapters.insert(key, info) {
+            self.account(&old, false);
+        }
+    }
+
+    pub fn remove(&mut self, key: &AdapterKey) {
+        if let Some(old) = self.adapters.remove(key) {
+            self.account(&old, false);
+        }
+    }
+
+    pub fn get(&self, key: &AdapterKey) -> Option<&pb::AdapterInfo> {
+        self.adapters.get(key)
+    }
+
+    pub fn contains(&self, key: &AdapterKey) -> bool {
+        self.adapters.contains_key(key)
+    }
+
+    /// Bytes and count of pinned adapters.
     pub fn pinned(&self) -> (u64, u32) {
-        self.adapters
-            .values()
-            .filter(|a| a.pinned)
-            .fold((0, 0), |(b, n), a| (b + a.size_bytes, n + 1))
+        (self.pinned_bytes, self.pinned_count)
+    }
+
+    /// Sum and count of the adapters whose size is known.
+    pub fn sized(&self) -> (u128, u64) {
+        (self.sized_bytes, self.sized_count)
     }
 }
 
@@ -68,39 +143,35 @@ impl Fleet {
         })
     }
 
-    /// Brings the agent set in line with discovery (dropping gone agents, resetting restarted
-    /// ones) and fetches every snapshot that is missing or older than `ttl`.
+    /// Brings the agent set in line with discovery: gone agents are dropped; a restarted one
+    /// (new incarnation) starts over with no snapshot and no tenant table.
+    pub fn set_agents(&mut self, discovered: &[Agent]) {
+        self.agents
+            .retain(|pod, _| discovered.iter().any(|a| &a.pod == pod));
+        for a in discovered {
+            let fresh = AgentEntry {
+                agent: a.clone(),
+                snapshot: None,
+                tenants_pushed: None,
+                error: None,
+            };
+            match self.agents.get_mut(&a.pod) {
+                Some(e) if e.agent == *a => {}
+                Some(e) => *e = fresh,
+                None => {
+                    self.agents.insert(a.pod.clone(), fresh);
+                }
+            }
+        }
+    }
+
+    /// [`Fleet::set_agents`], then fetches every snapshot that is missing or older than `ttl`.
     ///
     /// Agents whose fetch fails stay without a snapshot (and out of placement) with the error
     /// recorded; an `Unauthenticated` answer also forgets the token so it is read again.
     pub async fn sync(&mut self, api: &dyn AgentApi, discovered: &[Agent], ttl: Duration) {
         let now = Instant::now();
-        self.agents
-            .retain(|pod, _| discovered.iter().any(|a| &a.pod == pod));
-        for a in discovered {
-            match self.agents.get_mut(&a.pod) {
-                Some(e) if e.agent == *a => {}
-                Some(e) => {
-                    *e = AgentEntry {
-                        agent: a.clone(),
-                        snapshot: None,
-                        tenants_pushed: None,
-                        error: None,
-                    }
-                }
-                None => {
-                    self.agents.insert(
-                        a.pod.clone(),
-                        AgentEntry {
-                            agent: a.clone(),
-                            snapshot: None,
-                            tenants_pushed: None,
-                            error: None,
-                        },
-                    );
-                }
-            }
-        }
+        self.set_agents(discovered);
         let Some(token) = self.token.clone() else {
             return;
         };
@@ -137,17 +208,11 @@ impl Fleet {
             };
             match (stats, list) {
                 (Ok(stats), Ok(list)) => {
-                    e.snapshot = Some(Snapshot {
-                        fetched: now,
-                        capacity_bytes: stats.host_cache.map_or(0, |h| h.capacity_bytes),
-                        adapters: list
-                            .into_iter()
-                            .filter_map(|info| {
-                                let r = info.adapter.clone()?;
-                                Some(((r.tenant, r.name), info))
-                            })
-                            .collect(),
-                    });
+                    e.snapshot = Some(Snapshot::new(
+                        now,
+                        stats.host_cache.map_or(0, |h| h.capacity_bytes),
+                        list,
+                    ));
                     e.error = None;
                 }
                 (Err(err), _) | (_, Err(err)) => {
@@ -180,19 +245,30 @@ impl Fleet {
             .collect()
     }
 
+    /// The mean size of the adapters the agents report (0 when none is known).
+    pub fn mean_adapter_bytes(&self) -> u64 {
+        let (sum, n) = self
+            .agents
+            .values()
+            .filter_map(|e| e.snapshot.as_ref())
+            .map(Snapshot::sized)
+            .fold((0u128, 0u128), |(s, n), (b, c)| (s + b, n + u128::from(c)));
+        u64::try_from(sum.checked_div(n).unwrap_or(0)).unwrap_or(u64::MAX)
+    }
+
     /// Records an adapter an agent now holds (after a load, or a reservation before one).
     pub fn record_load(&mut self, pod: &str, info: pb::AdapterInfo) {
         if let Some(s) = self.agents.get_mut(pod).and_then(|e| e.snapshot.as_mut())
             && let Some(r) = info.adapter.clone()
         {
-            s.adapters.insert((r.tenant, r.name), info);
+            s.insert((r.tenant, r.name), info);
         }
     }
 
     /// Records that an agent no longer holds an adapter.
     pub fn record_unload(&mut self, pod: &str, key: &AdapterKey) {
         if let Some(s) = self.agents.get_mut(pod).and_then(|e| e.snapshot.as_mut()) {
-            s.adapters.remove(key);
+            s.remove(key);
         }
     }
 

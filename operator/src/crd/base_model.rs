@@ -26,13 +26,13 @@ use super::common::Phase;
     status = "BaseModelStatus",
     derive = "PartialEq",
     doc = "A base LLM served by loraplane agents: one StatefulSet per role, Services, agent configuration and a PodDisruptionBudget.",
-    printcolumn(name = "Mode", type_ = "string", json_path = ".spec.serving.mode"),
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Prefill", type_ = "integer", json_path = ".status.prefill.ready", description = "ready prefill agents"),
-    printcolumn(name = "Decode", type_ = "integer", json_path = ".status.decode.ready", description = "ready decode agents"),
-    printcolumn(name = "Unified", type_ = "integer", json_path = ".status.unified.ready", description = "ready unified agents"),
-    printcolumn(name = "Endpoint", type_ = "string", json_path = ".status.endpoint", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn = r#"{"name":"Mode","type":"string","jsonPath":".spec.serving.mode"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Prefill","type":"integer","description":"ready prefill agents","jsonPath":".status.prefill.ready"}"#,
+    printcolumn = r#"{"name":"Decode","type":"integer","description":"ready decode agents","jsonPath":".status.decode.ready"}"#,
+    printcolumn = r#"{"name":"Unified","type":"integer","description":"ready unified agents","jsonPath":".status.unified.ready"}"#,
+    printcolumn = r#"{"name":"Endpoint","type":"string","jsonPath":".status.endpoint","priority":1}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct BaseModelSpec {

@@ -21,12 +21,12 @@ use super::common::Phase;
     status = "LoraAdapterStatus",
     derive = "PartialEq",
     doc = "A tenant's LoRA adapter: placed on the base model's agents and loaded through their Admin API.",
-    printcolumn(name = "Base Model", type_ = "string", json_path = ".spec.baseModel.name"),
-    printcolumn(name = "Phase", type_ = "string", json_path = ".status.phase"),
-    printcolumn(name = "Rank", type_ = "integer", json_path = ".status.rank"),
-    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas", description = "agents with the adapter loaded"),
-    printcolumn(name = "Digest", type_ = "string", json_path = ".status.digest", priority = 1),
-    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp")
+    printcolumn = r#"{"name":"Base Model","type":"string","jsonPath":".spec.baseModel.name"}"#,
+    printcolumn = r#"{"name":"Phase","type":"string","jsonPath":".status.phase"}"#,
+    printcolumn = r#"{"name":"Rank","type":"integer","jsonPath":".status.rank"}"#,
+    printcolumn = r#"{"name":"Ready","type":"integer","description":"agents with the adapter loaded","jsonPath":".status.readyReplicas"}"#,
+    printcolumn = r#"{"name":"Digest","type":"string","jsonPath":".status.digest","priority":1}"#,
+    printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#
 )]
 #[serde(rename_all = "camelCase")]
 pub struct LoraAdapterSpec {

@@ -28,7 +28,10 @@ pub const VERSION: &str = "v1alpha1";
 
 /// Both CRDs, as installed (`BaseModel` first).
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![with_name_limit(BaseModel::crd()), with_name_limit(LoraAdapter::crd())]
+    vec![
+        with_name_limit(BaseModel::crd()),
+        with_name_limit(LoraAdapter::crd()),
+    ]
 }
 
 /// Both CRDs as one multi-document YAML stream: exactly what `loraplane-operator crds` prints

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::core::v1::ConfigMap;
 use toml::Value;
 
-use super::{AgentParams, GRPC_PORT, HTTP_PORT, child_meta, common_labels, config_name};
+use super::{AgentParams, GRPC_PORT, HTTP_PORT, KV_PORT, child_meta, common_labels, config_name};
 use crate::crd::{BaseModel, ModelSource};
 use crate::quantity::{self, QuantityError};
 
@@ -15,8 +15,8 @@ use crate::quantity::{self, QuantityError};
 pub const CONFIG_KEY: &str = "agent.toml";
 /// Where the ConfigMap is mounted in agent pods.
 pub const CONFIG_DIR: &str = "/etc/loraplane";
-/// Where the admin-token Secret is mounted.
-pub const ADMIN_TOKEN_DIR: &str = "/var/run/secrets/loraplane/admin";
+/// Where the credentials Secret is mounted.
+pub const CREDENTIALS_DIR: &str = "/var/run/secrets/loraplane/agent";
 /// Where the Hub token Secret is mounted (when the source names one).
 pub const HF_TOKEN_DIR: &str = "/var/run/secrets/loraplane/hf";
 /// The writable cache of downloaded sources (an emptyDir).
@@ -54,9 +54,10 @@ pub fn pvc_source(model: &BaseModel) -> Result<Option<(String, String)>, SpecErr
         return Ok(None);
     };
     match rest.split_once('/') {
-        Some((claim, path)) if !claim.is_empty() && !path.is_empty() => {
-            Ok(Some((claim.to_owned(), path.trim_start_matches('/').to_owned())))
-        }
+        Some((claim, path)) if !claim.is_empty() && !path.is_empty() => Ok(Some((
+            claim.to_owned(),
+            path.trim_start_matches('/').to_owned(),
+        ))),
         _ => Err(SpecError::PvcUri(uri.to_owned())),
     }
 }
@@ -104,8 +105,19 @@ pub fn agent_settings(
     );
     set(
         "admin-token-file",
-        Value::String(format!("{ADMIN_TOKEN_DIR}/{}", super::secret::TOKEN_KEY)),
+        Value::String(format!(
+            "{CREDENTIALS_DIR}/{}",
+            super::secret::ADMIN_TOKEN_KEY
+        )),
     );
+    set(
+        "cluster-token-file",
+        Value::String(format!(
+            "{CREDENTIALS_DIR}/{}",
+            super::secret::CLUSTER_TOKEN_KEY
+        )),
+    );
+    set("kv-addr", Value::String(format!("0.0.0.0:{KV_PORT}")));
     set(
         "source-cache-dir",
         Value::String(format!("{CACHE_DIR}/sources")),
@@ -117,7 +129,10 @@ pub fn agent_settings(
     if let Some(hf) = &model.spec.source.hugging_face
         && hf.token_secret_ref.is_some()
     {
-        set("hf-token-file", Value::String(format!("{HF_TOKEN_DIR}/token")));
+        set(
+            "hf-token-file",
+            Value::String(format!("{HF_TOKEN_DIR}/token")),
+        );
     }
     if let Some(mem) = &model.spec.memory {
         if let Some(f) = mem.device_pool_fraction {
@@ -128,10 +143,7 @@ pub fn agent_settings(
                 field: "memory.hostAdapterCacheBytes",
                 source,
             })?;
-            set(
-                "host-cache-bytes",
-                Value::String(bytes.to_string()),
-            );
+            set("host-cache-bytes", Value::String(bytes.to_string()));
         }
         if let Some(r) = mem.max_adapter_rank {
             set("max-adapter-rank", Value::Integer(i64::from(r)));

@@ -5,7 +5,7 @@
 //! | object | name | builder |
 //! |---|---|---|
 //! | ConfigMap of agent configuration | `<model>-agent-config` | [`config::agent_config`] |
-//! | Secret with the admin token | `<model>-admin-token` | [`secret::admin_token`] |
+//! | Secret with the admin and cluster tokens | `<model>-agent-credentials` | [`secret::credentials`] |
 //! | StatefulSet per role | `<model>-<role>` | [`statefulset::statefulset`] |
 //! | headless Service per role (peer discovery) | `<model>-<role>` | [`service::headless`] |
 //! | client Service (decode or unified pods) | `<model>` | [`service::client`] |
@@ -33,6 +33,8 @@ pub const MANAGER: &str = "loraplane-operator";
 pub const GRPC_PORT: i32 = 50051;
 /// The agent's HTTP port (OpenAI API, `/healthz`, `/readyz`, `/metrics`).
 pub const HTTP_PORT: i32 = 8000;
+/// The prefill agent's `KvTransfer` port (decode agents stream KV caches from it).
+pub const KV_PORT: i32 = 50052;
 
 /// Label keys.
 pub mod labels {
@@ -105,9 +107,9 @@ pub fn config_name(model: &BaseModel) -> String {
     format!("{}-agent-config", model.name_any())
 }
 
-/// The admin-token Secret's name.
-pub fn admin_secret_name(model_name: &str) -> String {
-    format!("{model_name}-admin-token")
+/// The credentials Secret's name.
+pub fn credentials_secret_name(model_name: &str) -> String {
+    format!("{model_name}-agent-credentials")
 }
 
 /// The namespace children live in (the BaseModel's).
@@ -157,11 +159,7 @@ pub fn owner_refs(model: &BaseModel) -> Option<Vec<OwnerReference>> {
 }
 
 /// Metadata of a child: name, namespace, labels, owner.
-pub fn child_meta(
-    model: &BaseModel,
-    name: String,
-    labels: BTreeMap<String, String>,
-) -> ObjectMeta {
+pub fn child_meta(model: &BaseModel, name: String, labels: BTreeMap<String, String>) -> ObjectMeta {
     ObjectMeta {
         name: Some(name),
         namespace: Some(namespace(model)),

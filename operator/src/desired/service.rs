@@ -1,18 +1,18 @@
-//! Services: a headless Service per role (stable pod DNS names, so decode agents find their
-//! prefill peers) and the client Service over the pods that own requests (decode, or unified).
+//! Services: a headless Service per role (stable pod DNS names; the prefill one also carries
+//! the KV port, so decode agents resolve their prefill peers through it) and the client Service over the pods that own requests (decode, or unified).
 
 use k8s_openapi::api::core::v1::{Service, ServicePort, ServiceSpec};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
-    GRPC_PORT, HTTP_PORT, child_meta, client_service_name, common_labels, role_labels, role_name,
-    role_selector,
+    GRPC_PORT, HTTP_PORT, KV_PORT, child_meta, client_service_name, common_labels, role_labels,
+    role_name, role_selector,
 };
 use crate::crd::{BaseModel, ServingMode};
 use crate::role::Role;
 
-fn ports() -> Vec<ServicePort> {
-    vec![
+fn ports(kv: bool) -> Vec<ServicePort> {
+    let mut ports = vec![
         ServicePort {
             name: Some("grpc".into()),
             port: GRPC_PORT,
@@ -29,7 +29,18 @@ fn ports() -> Vec<ServicePort> {
             app_protocol: Some("http".into()),
             ..ServicePort::default()
         },
-    ]
+    ];
+    if kv {
+        ports.push(ServicePort {
+            name: Some("kv".into()),
+            port: KV_PORT,
+            target_port: Some(IntOrString::String("kv".into())),
+            protocol: Some("TCP".into()),
+            app_protocol: Some("kubernetes.io/h2c".into()),
+            ..ServicePort::default()
+        });
+    }
+    ports
 }
 
 /// The headless Service `<model>-<role>` (the StatefulSet's `serviceName`): only ready pods
@@ -41,7 +52,7 @@ pub fn headless(model: &BaseModel, role: Role) -> Service {
             cluster_ip: Some("None".into()),
             selector: Some(role_selector(model, role)),
             publish_not_ready_addresses: Some(false),
-            ports: Some(ports()),
+            ports: Some(ports(role == Role::Prefill)),
             ..ServiceSpec::default()
         }),
         ..Service::default()
@@ -63,7 +74,7 @@ pub fn client(model: &BaseModel) -> Service {
         spec: Some(ServiceSpec {
             type_: Some("ClusterIP".into()),
             selector: Some(role_selector(model, client_role(model))),
-            ports: Some(ports()),
+            ports: Some(ports(false)),
             ..ServiceSpec::default()
         }),
         ..Service::default()

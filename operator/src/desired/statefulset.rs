@@ -3,8 +3,8 @@
 //! probe covers the model download); a termination grace period longer than the agent's drain
 //! timeout, so SIGTERM lets in-flight requests finish; a restricted security context.
 //!
-//! The pod template carries the hash of the agent configuration and a fingerprint of the admin
-//! token, so changing either rolls the pods (the agent reads both only at start-up).
+//! The pod template carries the hash of the agent configuration and a fingerprint of the
+//! credentials, so changing either rolls the pods (the agent reads both only at start-up).
 
 use std::collections::BTreeMap;
 
@@ -19,20 +19,20 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::config::{
-    ADMIN_TOKEN_DIR, CACHE_DIR, CONFIG_DIR, CONFIG_KEY, HF_TOKEN_DIR, PVC_DIR, SpecError,
+    CACHE_DIR, CONFIG_DIR, CONFIG_KEY, CREDENTIALS_DIR, HF_TOKEN_DIR, PVC_DIR, SpecError,
     agent_toml, pvc_source,
 };
 use super::{
-    AgentParams, GRPC_PORT, HTTP_PORT, admin_secret_name, annotations, child_meta, config_name,
-    hash_json, role_labels, role_name, role_selector,
+    AgentParams, GRPC_PORT, HTTP_PORT, KV_PORT, annotations, child_meta, config_name,
+    credentials_secret_name, hash_json, role_labels, role_name, role_selector,
 };
 use crate::crd::{BaseModel, ServingMode};
 use crate::role::{self, Role};
 
 /// The agent container's name.
 pub const CONTAINER: &str = "agent";
-/// Pod template annotation: fingerprint of the admin token (not the token).
-pub const TOKEN_FINGERPRINT: &str = "loraplane.dev/admin-token-fingerprint";
+/// Pod template annotation: fingerprint of the agent credentials (not the tokens).
+pub const CREDENTIALS_FINGERPRINT: &str = "loraplane.dev/credentials-fingerprint";
 
 /// The arguments of a role's agent: `serve --config … --role <role>`, and for decode agents of
 /// a disaggregated model the prefill peers (the prefill headless Service; the agent resolves
@@ -48,13 +48,27 @@ pub fn agent_args(model: &BaseModel, role: Role, params: &AgentParams) -> Vec<St
     if role == Role::Decode && model.spec.serving.mode == ServingMode::Disaggregated {
         args.push("--prefill-peers".to_owned());
         args.push(format!(
-            "{}.{}.svc.{}:{GRPC_PORT}",
+            "{}.{}.svc.{}:{KV_PORT}",
             role_name(model, Role::Prefill),
             super::namespace(model),
             params.cluster_domain
         ));
     }
     args
+}
+
+fn container_ports(role: Role) -> Vec<ContainerPort> {
+    let port = |name: &str, container_port| ContainerPort {
+        name: Some(name.into()),
+        container_port,
+        protocol: Some("TCP".into()),
+        ..ContainerPort::default()
+    };
+    let mut ports = vec![port("grpc", GRPC_PORT), port("http", HTTP_PORT)];
+    if role == Role::Prefill {
+        ports.push(port("kv", KV_PORT));
+    }
+    ports
 }
 
 fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
@@ -92,9 +106,9 @@ fn volumes(model: &BaseModel) -> Result<(Vec<Volume>, Vec<VolumeMount>), SpecErr
             ..Volume::default()
         },
         Volume {
-            name: "admin-token".into(),
+            name: "credentials".into(),
             secret: Some(SecretVolumeSource {
-                secret_name: Some(admin_secret_name(&model_name)),
+                secret_name: Some(credentials_secret_name(&model_name)),
                 default_mode: Some(0o440),
                 ..SecretVolumeSource::default()
             }),
@@ -113,7 +127,7 @@ fn volumes(model: &BaseModel) -> Result<(Vec<Volume>, Vec<VolumeMount>), SpecErr
     ];
     let mut mounts = vec![
         mount("config", CONFIG_DIR, true),
-        mount("admin-token", ADMIN_TOKEN_DIR, true),
+        mount("credentials", CREDENTIALS_DIR, true),
         mount("cache", CACHE_DIR, false),
         mount("tmp", "/tmp", false),
     ];
@@ -161,7 +175,7 @@ pub fn statefulset(
     model: &BaseModel,
     role: Role,
     params: &AgentParams,
-    token_fingerprint: &str,
+    fingerprint: &str,
 ) -> Result<StatefulSet, SpecError> {
     let spec = role::roles(model)
         .into_iter()
@@ -176,20 +190,7 @@ pub fn statefulset(
         image: Some(params.image.clone()),
         image_pull_policy: params.image_pull_policy.clone(),
         args: Some(agent_args(model, role, params)),
-        ports: Some(vec![
-            ContainerPort {
-                name: Some("grpc".into()),
-                container_port: GRPC_PORT,
-                protocol: Some("TCP".into()),
-                ..ContainerPort::default()
-            },
-            ContainerPort {
-                name: Some("http".into()),
-                container_port: HTTP_PORT,
-                protocol: Some("TCP".into()),
-                ..ContainerPort::default()
-            },
-        ]),
+        ports: Some(container_ports(role)),
         resources: spec.resources.clone(),
         // Model loading can take many minutes: 30 minutes of start-up before liveness counts.
         startup_probe: Some(http_probe("/healthz", 10, 180)),
@@ -209,7 +210,7 @@ pub fn statefulset(
     };
     let template_annotations = BTreeMap::from([
         (annotations::CONFIG_HASH.to_owned(), config_hash),
-        (TOKEN_FINGERPRINT.to_owned(), token_fingerprint.to_owned()),
+        (CREDENTIALS_FINGERPRINT.to_owned(), fingerprint.to_owned()),
     ]);
     Ok(StatefulSet {
         metadata: child_meta(model, role_name(model, role), role_labels(model, role)),
@@ -260,11 +261,4 @@ pub fn statefulset(
         }),
         ..StatefulSet::default()
     })
-}
-
-/// The fingerprint of an admin token that goes on the pod template: a truncated SHA-256 of
-/// its SHA-256, which reveals nothing usable and changes when the token does.
-pub fn token_fingerprint(token: &str) -> String {
-    use sha2::{Digest, Sha256};
-    hex::encode(&Sha256::digest(Sha256::digest(token.as_bytes()))[..6])
 }

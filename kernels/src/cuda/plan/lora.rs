@@ -1,146 +1,15 @@
-//! Pure launch plans: grid, block and dynamic shared memory for each CUDA kernel, computed from
-//! shapes alone, plus the `#[repr(C)]` parameter structs the kernels take by value. Nothing
-//! here calls CUDA, so every rule is unit-tested on machines without a GPU.
-//!
-//! Each parameter struct has a compile-time size assert and a twin, field for field, in its
-//! `.cu` source; changing one without the other breaks the build or the parity tests.
+//! Launch plans, parameters and the device-side segment table of the heterogeneous LoRA
+//! kernels (`lora.cu`): shrink `v = x·A` and expand `y += s·v·Bᵀ` over pool row offsets
+//! (S-LoRA MBGMV/MBGMM, Punica BGMV/SGMV).
 
+use super::{
+    DEFAULT_SHARED_MEM_BYTES, LaunchPlan, MAX_GRID_X, MAX_GRID_YZ, WARP_SIZE, grid_dim,
+    shared_bytes, to_u32, warps_for,
+};
 use crate::KernelError;
 use crate::cpu::LoraSegment;
 use crate::cpu::check::NO_OWNER;
 use crate::cpu::lora::{Side, segment_owners};
-
-pub const WARP_SIZE: u32 = 32;
-pub const MAX_BLOCK_THREADS: u32 = 1024;
-/// Dynamic shared memory a block gets without opting in through a function attribute.
-pub const DEFAULT_SHARED_MEM_BYTES: u32 = 48 * 1024;
-const MAX_GRID_X: usize = (1 << 31) - 1;
-const MAX_GRID_YZ: usize = 65_535;
-
-/// One kernel launch's geometry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LaunchPlan {
-    pub grid: (u32, u32, u32),
-    pub block: (u32, u32, u32),
-    pub shared_mem_bytes: u32,
-}
-
-impl LaunchPlan {
-    /// A plan with no blocks (empty batch): callers skip the launch, which CUDA would reject.
-    pub fn is_empty(&self) -> bool {
-        self.grid.0 == 0 || self.grid.1 == 0 || self.grid.2 == 0
-    }
-
-    pub fn threads_per_block(&self) -> u32 {
-        self.block.0 * self.block.1 * self.block.2
-    }
-}
-
-impl From<LaunchPlan> for cudarc::driver::LaunchConfig {
-    fn from(plan: LaunchPlan) -> Self {
-        Self {
-            grid_dim: plan.grid,
-            block_dim: plan.block,
-            shared_mem_bytes: plan.shared_mem_bytes,
-        }
-    }
-}
-
-/// `value` as a kernel's `u32` field, or [`KernelError::InvalidArgument`].
-fn to_u32(kernel: &'static str, what: &'static str, value: usize) -> Result<u32, KernelError> {
-    u32::try_from(value)
-        .map_err(|_| KernelError::invalid(kernel, what, format!("{value} exceeds u32")))
-}
-
-fn grid_dim(
-    kernel: &'static str,
-    what: &'static str,
-    blocks: usize,
-    max: usize,
-) -> Result<u32, KernelError> {
-    if blocks > max {
-        return Err(KernelError::invalid(
-            kernel,
-            what,
-            format!("{blocks} blocks exceed the grid limit {max}"),
-        ));
-    }
-    to_u32(kernel, what, blocks)
-}
-
-fn shared_bytes(
-    kernel: &'static str,
-    what: &'static str,
-    floats: usize,
-) -> Result<u32, KernelError> {
-    match floats.checked_mul(4) {
-        Some(bytes) if bytes <= DEFAULT_SHARED_MEM_BYTES as usize => to_u32(kernel, what, bytes),
-        _ => Err(KernelError::invalid(
-            kernel,
-            what,
-            format!("{floats} floats exceed {DEFAULT_SHARED_MEM_BYTES} bytes of shared memory"),
-        )),
-    }
-}
-
-/// Threads for a loop over `n` elements with at least `per_thread` each: a whole number of
-/// warps, between one warp and `max`.
-fn warps_for(n: usize, per_thread: usize, max: u32) -> u32 {
-    let threads = n.div_ceil(per_thread).div_ceil(WARP_SIZE as usize) * WARP_SIZE as usize;
-    threads.clamp(WARP_SIZE as usize, max as usize) as u32
-}
-
-// ---- rms_norm (rms_norm.cu) ----
-
-/// Parameters of `rms_norm_f32`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RmsNormParams {
-    pub rows: u32,
-    pub dim: u32,
-    pub eps: f32,
-    pub _pad: u32,
-}
-const _: () = assert!(size_of::<RmsNormParams>() == 16);
-
-// SAFETY: `#[repr(C)]` plain data of four 4-byte scalars (no padding, no pointers), laid out
-// exactly as `struct RmsNormParams` in rms_norm.cu, so passing it by value as a kernel argument
-// copies a valid value of the C type.
-unsafe impl cudarc::driver::DeviceRepr for RmsNormParams {}
-
-/// Elements each rms_norm thread handles at least, so short rows use few warps.
-pub const RMS_NORM_ELEMS_PER_THREAD: usize = 4;
-
-/// One block per row; threads stride over the row, reduce the sum of squares with warp
-/// shuffles, then one float per warp in shared memory.
-///
-/// # Errors
-/// `dim == 0`, or rows/dim beyond what the grid and `u32` fields can index.
-pub fn rms_norm_plan(
-    rows: usize,
-    dim: usize,
-    eps: f32,
-) -> Result<(LaunchPlan, RmsNormParams), KernelError> {
-    const KERNEL: &str = "rms_norm";
-    if dim == 0 {
-        return Err(KernelError::invalid(KERNEL, "dim", "must be at least 1"));
-    }
-    let threads = warps_for(dim, RMS_NORM_ELEMS_PER_THREAD, MAX_BLOCK_THREADS);
-    let plan = LaunchPlan {
-        grid: (grid_dim(KERNEL, "rows", rows, MAX_GRID_X)?, 1, 1),
-        block: (threads, 1, 1),
-        shared_mem_bytes: threads / WARP_SIZE * 4,
-    };
-    let params = RmsNormParams {
-        rows: to_u32(KERNEL, "rows", rows)?,
-        dim: to_u32(KERNEL, "dim", dim)?,
-        eps,
-        _pad: 0,
-    };
-    Ok((plan, params))
-}
-
-// ---- LoRA shrink / expand (BGMV / SGMV) ----
 
 /// Parameters of `lora_shrink_f32`.
 #[repr(C)]
@@ -153,6 +22,8 @@ pub struct LoraShrinkParams {
     pub stage_x: u32,
 }
 const _: () = assert!(size_of::<LoraShrinkParams>() == 16);
+// SAFETY: `#[repr(C)]` four u32, as `struct LoraShrinkParams` in lora.cu.
+unsafe impl cudarc::driver::DeviceRepr for LoraShrinkParams {}
 
 /// Parameters of `lora_expand_f32`.
 #[repr(C)]
@@ -164,6 +35,8 @@ pub struct LoraExpandParams {
     pub _pad: u32,
 }
 const _: () = assert!(size_of::<LoraExpandParams>() == 16);
+// SAFETY: `#[repr(C)]` four u32, as `struct LoraExpandParams` in lora.cu.
+unsafe impl cudarc::driver::DeviceRepr for LoraExpandParams {}
 
 /// One segment as the kernels see it; its A rows are `a_offsets[first..first + rank]`, its Bᵀ
 /// rows `b_offsets[first..first + rank]`.
@@ -176,6 +49,9 @@ pub struct LoraSegmentParams {
     pub _pad: u32,
 }
 const _: () = assert!(size_of::<LoraSegmentParams>() == 16);
+// SAFETY: `#[repr(C)]` u32, f32, u32, u32 (no padding, no pointers), as
+// `struct LoraSegmentParams` in lora.cu; uploaded as an array, element by element.
+unsafe impl cudarc::driver::DeviceRepr for LoraSegmentParams {}
 
 /// Warps per shrink block: each warp computes one `v[t, j]`, a dot product over `in_dim`.
 pub const SHRINK_WARPS_PER_BLOCK: u32 = 4;
@@ -330,50 +206,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rms_norm_plan_uses_one_block_per_row_and_whole_warps() {
-        let (plan, params) = rms_norm_plan(7, 4096, 1e-5).unwrap();
-        assert_eq!(plan.grid, (7, 1, 1));
-        assert_eq!(plan.block, (1024, 1, 1)); // 4 elements per thread
-        assert_eq!(plan.shared_mem_bytes, 32 * 4); // one float per warp
-        assert_eq!(
-            params,
-            RmsNormParams {
-                rows: 7,
-                dim: 4096,
-                eps: 1e-5,
-                _pad: 0
-            }
-        );
-        // Short rows: one warp; odd sizes round up to whole warps; huge rows cap at 1024.
-        assert_eq!(rms_norm_plan(3, 37, 1e-6).unwrap().0.block, (32, 1, 1));
-        assert_eq!(
-            rms_norm_plan(3, 129 * 4, 1e-6).unwrap().0.block,
-            (160, 1, 1)
-        );
-        assert_eq!(
-            rms_norm_plan(3, 1 << 20, 1e-6).unwrap().0.block,
-            (1024, 1, 1)
-        );
-        assert!(rms_norm_plan(0, 64, 1e-6).unwrap().0.is_empty());
-    }
-
-    #[test]
-    fn rms_norm_plan_errors() {
-        assert_eq!(
-            rms_norm_plan(1, 0, 1e-6).unwrap_err().kind(),
-            "invalid_argument"
-        );
-        assert_eq!(
-            rms_norm_plan(1 << 31, 64, 1e-6).unwrap_err().kind(),
-            "invalid_argument"
-        );
-        assert_eq!(
-            rms_norm_plan(1, 1 << 32, 1e-6).unwrap_err().kind(),
-            "invalid_argument"
-        );
-    }
-
-    #[test]
     fn shrink_plan_covers_every_rank_with_one_warp_each() {
         let (plan, params) = lora_shrink_plan(11, 4096, 16).unwrap();
         assert_eq!(plan.grid, (11, 4, 1));
@@ -485,16 +317,5 @@ mod tests {
             lora_table(&segs, 6, 1, 100, 8, 16).unwrap_err().kind(),
             "bad_rank"
         );
-    }
-
-    #[test]
-    fn launch_config_conversion_keeps_the_geometry() {
-        let (plan, _) = rms_norm_plan(5, 100, 1e-6).unwrap();
-        let cfg = cudarc::driver::LaunchConfig::from(plan);
-        assert_eq!(
-            (cfg.grid_dim, cfg.block_dim, cfg.shared_mem_bytes),
-            (plan.grid, plan.block, plan.shared_mem_bytes)
-        );
-        assert_eq!(plan.threads_per_block(), 32);
     }
 }

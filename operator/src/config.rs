@@ -1,0 +1,314 @@
+//! The command line, parsed once: every flag is `--long` and `LORAPLANE_…` in the environment
+//! (Helm values map onto them), grouped into flattened structs, validated into the settings
+//! the controllers take. Nothing below `main` reads the environment.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+use crate::agent_client::Timeouts;
+use crate::controller::Settings;
+use crate::desired::AgentParams;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "loraplane-operator",
+    version,
+    about = "The loraplane Kubernetes operator: reconciles BaseModel and LoraAdapter resources onto node agents"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the controllers (what the chart's Deployment runs).
+    Run(Box<RunArgs>),
+    /// Print both CRDs as YAML, or write one file per CRD into --out-dir.
+    Crds(CrdsArgs),
+    /// Print the ClusterRole with every permission the operator uses.
+    Rbac,
+    /// Place and load adapters on fake agents over loopback gRPC; print convergence time and
+    /// peak memory.
+    BenchPlacement(BenchArgs),
+    /// Serve fake agents' Admin API (the benchmark's other process).
+    #[command(hide = true)]
+    FakeAgents(FakeAgentsArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CrdsArgs {
+    /// Write `<plural>.<group>.yaml` files here instead of printing.
+    #[arg(long)]
+    pub out_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    #[command(flatten)]
+    pub server: ServerArgs,
+    #[command(flatten)]
+    pub leader: LeaderArgs,
+    #[command(flatten)]
+    pub agents: AgentArgs,
+    #[command(flatten)]
+    pub reconcile: ReconcileArgs,
+    #[command(flatten)]
+    pub logging: LogArgs,
+}
+
+/// The operator's own HTTP surface.
+#[derive(Debug, Args)]
+pub struct ServerArgs {
+    /// Where `/metrics`, `/healthz` and `/readyz` are served.
+    #[arg(long, env = "LORAPLANE_METRICS_ADDR", default_value = "0.0.0.0:8080")]
+    pub metrics_addr: SocketAddr,
+}
+
+/// Leader election.
+#[derive(Debug, Args)]
+pub struct LeaderArgs {
+    /// Run without leader election (a single replica, or local development).
+    #[arg(long, env = "LORAPLANE_NO_LEADER_ELECTION")]
+    pub no_leader_election: bool,
+    #[arg(
+        long,
+        env = "LORAPLANE_LEASE_NAME",
+        default_value = "loraplane-operator"
+    )]
+    pub lease_name: String,
+    /// The Lease's namespace (default: --pod-namespace, then the client's namespace).
+    #[arg(long, env = "LORAPLANE_LEASE_NAMESPACE")]
+    pub lease_namespace: Option<String>,
+    #[arg(long, env = "LORAPLANE_LEASE_DURATION", default_value = "15s", value_parser = parse_duration)]
+    pub lease_duration: Duration,
+    #[arg(long, env = "LORAPLANE_LEASE_RENEW", default_value = "5s", value_parser = parse_duration)]
+    pub lease_renew: Duration,
+    /// This replica's pod name (downward API): the Lease holder identity and the Events'
+    /// reporting instance. Default: the host name.
+    #[arg(long, env = "LORAPLANE_POD_NAME")]
+    pub pod_name: Option<String>,
+    /// This replica's namespace (downward API).
+    #[arg(long, env = "LORAPLANE_POD_NAMESPACE")]
+    pub pod_namespace: Option<String>,
+}
+
+/// How agents are deployed and called.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// The `loraplane-agent` image of the StatefulSets.
+    #[arg(
+        long,
+        env = "LORAPLANE_AGENT_IMAGE",
+        default_value = "ghcr.io/loraplane/loraplane-agent:latest"
+    )]
+    pub agent_image: String,
+    #[arg(long, env = "LORAPLANE_AGENT_IMAGE_PULL_POLICY")]
+    pub agent_image_pull_policy: Option<String>,
+    /// The agents' `--drain-timeout`; pods get 15 s more to terminate.
+    #[arg(long, env = "LORAPLANE_AGENT_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub agent_drain_timeout: Duration,
+    #[arg(long, env = "LORAPLANE_AGENT_CONNECT_TIMEOUT", default_value = "3s", value_parser = parse_duration)]
+    pub agent_connect_timeout: Duration,
+    /// Deadline of ListAdapters, GetStats, UnloadAdapter and SetTenants.
+    #[arg(long, env = "LORAPLANE_AGENT_REQUEST_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub agent_request_timeout: Duration,
+    /// Deadline of LoadAdapter (it downloads the adapter).
+    #[arg(long, env = "LORAPLANE_AGENT_LOAD_TIMEOUT", default_value = "10m", value_parser = parse_duration)]
+    pub agent_load_timeout: Duration,
+    #[arg(
+        long,
+        env = "LORAPLANE_CLUSTER_DOMAIN",
+        default_value = "cluster.local"
+    )]
+    pub cluster_domain: String,
+}
+
+/// Reconcile timing.
+#[derive(Debug, Args)]
+pub struct ReconcileArgs {
+    /// How long an agent's adapter list and capacity are reused before being fetched again.
+    #[arg(long, env = "LORAPLANE_SNAPSHOT_TTL", default_value = "30s", value_parser = parse_duration)]
+    pub snapshot_ttl: Duration,
+    /// Re-reconcile of healthy objects (watches drive everything else).
+    #[arg(long, env = "LORAPLANE_RESYNC", default_value = "5m", value_parser = parse_duration)]
+    pub resync: Duration,
+    /// Requeue while converging.
+    #[arg(long, env = "LORAPLANE_PROGRESS_REQUEUE", default_value = "10s", value_parser = parse_duration)]
+    pub progress_requeue: Duration,
+    /// First retry after an error; doubles up to --retry-max.
+    #[arg(long, env = "LORAPLANE_RETRY_BASE", default_value = "1s", value_parser = parse_duration)]
+    pub retry_base: Duration,
+    #[arg(long, env = "LORAPLANE_RETRY_MAX", default_value = "5m", value_parser = parse_duration)]
+    pub retry_max: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Json,
+    Text,
+}
+
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    #[arg(long, env = "LORAPLANE_LOG_FORMAT", value_enum, default_value = "json")]
+    pub log_format: LogFormat,
+    /// A tracing filter: `info`, `loraplane_operator=debug,info`.
+    #[arg(long, env = "LORAPLANE_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+/// `loraplane-operator bench-placement`.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    #[arg(long, default_value_t = 20)]
+    pub agents: usize,
+    #[arg(long, default_value_t = 2000)]
+    pub adapters: usize,
+    /// Pinned replicas per adapter (per role); 0 = on demand (every agent).
+    #[arg(long, default_value_t = 2)]
+    pub replicas: u32,
+    /// Adapters reconciled at once.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Each agent's host adapter cache.
+    #[arg(long, default_value = "16GiB", value_parser = parse_bytes)]
+    pub capacity: u64,
+    /// Each adapter's size.
+    #[arg(long, default_value = "32MiB", value_parser = parse_bytes)]
+    pub adapter_bytes: u64,
+    /// Half the agents prefill, half decode.
+    #[arg(long)]
+    pub disaggregated: bool,
+    /// Run the fake agents in this process (the peak memory then includes them).
+    #[arg(long)]
+    pub in_process: bool,
+}
+
+/// `loraplane-operator fake-agents` (internal).
+#[derive(Debug, Clone, Args)]
+pub struct FakeAgentsArgs {
+    #[arg(long)]
+    pub count: usize,
+    #[arg(long, value_parser = parse_bytes)]
+    pub capacity: u64,
+    #[arg(long)]
+    pub token: String,
+    /// Roles, cycled over the agents (`unified`, or `prefill,decode`).
+    #[arg(long, value_delimiter = ',', default_value = "unified")]
+    pub roles: Vec<String>,
+}
+
+impl RunArgs {
+    /// The settings the controllers take.
+    pub fn settings(&self) -> Settings {
+        let a = &self.agents;
+        let r = &self.reconcile;
+        Settings {
+            agent: AgentParams {
+                image: a.agent_image.clone(),
+                image_pull_policy: a.agent_image_pull_policy.clone(),
+                drain_timeout: a.agent_drain_timeout,
+                cluster_domain: a.cluster_domain.clone(),
+                ..AgentParams::default()
+            },
+            snapshot_ttl: r.snapshot_ttl,
+            resync: r.resync,
+            progress: r.progress_requeue,
+            retry_base: r.retry_base,
+            retry_max: r.retry_max,
+        }
+    }
+
+    pub fn timeouts(&self) -> Timeouts {
+        Timeouts {
+            connect: self.agents.agent_connect_timeout,
+            request: self.agents.agent_request_timeout,
+            load: self.agents.agent_load_timeout,
+        }
+    }
+}
+
+/// `30s`, `2m`, `1h`, `500ms`, or plain seconds.
+pub fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (num, unit) = s.split_at(split);
+    let n: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 30s, 2m, 500ms"))?;
+    let secs = match unit.trim() {
+        "" | "s" => n,
+        "ms" => n / 1000.0,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        other => return Err(format!("invalid duration unit {other:?} in {s:?}")),
+    };
+    Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration {s:?}: {e}"))
+}
+
+/// `512MiB`, `2G`, `4096`: the Kubernetes quantity grammar, in bytes.
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let s = s
+        .strip_suffix("B")
+        .filter(|p| p.ends_with('i'))
+        .unwrap_or(s);
+    crate::quantity::to_bytes(s).map_err(|e| e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // test code
+
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn run_flags_become_settings() {
+        let cli = Cli::try_parse_from([
+            "loraplane-operator",
+            "run",
+            "--agent-image",
+            "r.example/agent:1",
+            "--agent-drain-timeout",
+            "2m",
+            "--snapshot-ttl",
+            "5s",
+            "--agent-load-timeout",
+            "90s",
+        ])
+        .unwrap();
+        let Command::Run(args) = cli.command else {
+            panic!("not run")
+        };
+        let s = args.settings();
+        assert_eq!(s.agent.image, "r.example/agent:1");
+        assert_eq!(s.agent.drain_timeout, Duration::from_secs(120));
+        assert_eq!(s.snapshot_ttl, Duration::from_secs(5));
+        assert_eq!(args.timeouts().load, Duration::from_secs(90));
+        assert_eq!(args.server.metrics_addr.port(), 8080);
+        assert!(!args.leader.no_leader_election);
+    }
+
+    #[test]
+    fn durations_and_sizes() {
+        assert_eq!(parse_duration("500ms"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_duration("1h"), Ok(Duration::from_secs(3600)));
+        assert!(parse_duration("5 parsecs").is_err());
+        assert_eq!(parse_bytes("16GiB"), Ok(16 << 30));
+        assert_eq!(parse_bytes("32Mi"), Ok(32 << 20));
+        assert_eq!(parse_bytes("2G"), Ok(2_000_000_000));
+    }
+}

@@ -101,3 +101,33 @@ fn bench_all_quick_writes_markdown_json_and_plots() {
         assert!(summary.contains(needle), "summary.md lacks {needle}");
     }
 }
+
+/// `--device` is parsed like `serve`'s; a device a suite cannot use fails before any work,
+/// with the reason, and writes nothing.
+#[test]
+fn bench_refuses_devices_it_cannot_use() {
+    let out = tempfile::tempdir().unwrap();
+    let bench = |args: &[&str]| {
+        let run = Command::new(env!("CARGO_BIN_EXE_loraplane-agent"))
+            .arg("bench")
+            .args(args)
+            .args(["--quick", "--preset", "tiny", "--out"])
+            .arg(out.path().join("results"))
+            .output()
+            .unwrap();
+        assert!(!run.status.success(), "bench {args:?} succeeded");
+        String::from_utf8_lossy(&run.stderr).into_owned()
+    };
+    let err = bench(&["hetero", "--device", "tpu"]);
+    assert!(err.contains("expected `cpu`, `cuda` or `cuda:N`"), "{err}");
+    let err = bench(&["adapters", "--device", "cuda:0"]);
+    assert!(
+        err.contains("only the `hetero` suite runs on --device cuda:0"),
+        "{err}"
+    );
+    assert!(!out.path().join("results").exists());
+    if cfg!(not(feature = "cuda")) {
+        let err = bench(&["hetero", "--device", "cuda:1"]);
+        assert!(err.contains("built without the `cuda` feature"), "{err}");
+    }
+}

@@ -7,11 +7,13 @@
 use serde_json::json;
 use tokio::sync::mpsc::UnboundedReceiver;
 
+use crate::backend::Backend;
+use crate::backend::device::{Device, WithBackend, with_backend};
 use crate::bench::report::{Bar, GroupSeries, Plot, PlotKind, Report, Table, Target, format_num};
 use crate::bench::setup::{self, AdapterDef};
 use crate::bench::sim::timed_step;
 use crate::bench::stats::{Summary, median};
-use crate::bench::timed::{Op, OpSnapshot, TimedCpu};
+use crate::bench::timed::{Op, OpSnapshot, OpTimes, TimedCpu};
 use crate::bench::{Ctx, sim};
 use crate::engine::{Engine, EngineConfig, Event};
 use crate::fixtures::rng::SplitMix64;
@@ -29,9 +31,9 @@ struct Sample {
     decode_ops: OpSnapshot,
 }
 
-fn run_batch(
-    engine: &mut Engine<TimedCpu>,
-    times: &crate::bench::timed::OpTimes,
+fn run_batch<B: Backend>(
+    engine: &mut Engine<B>,
+    times: Option<&OpTimes>,
     adapters: Option<&[AdapterDef]>,
     prompt_len: usize,
     decode_steps: usize,
@@ -56,7 +58,8 @@ fn run_batch(
         streams.push(rx);
     }
     let mut sample = Sample::default();
-    let s0 = times.snapshot();
+    let snapshot = || times.map(OpTimes::snapshot).unwrap_or_default();
+    let s0 = snapshot();
     let (n, dt) = timed_step(engine, None)?;
     anyhow::ensure!(
         n == BATCH * prompt_len,
@@ -64,7 +67,7 @@ fn run_batch(
         BATCH * prompt_len
     );
     sample.prefill_s = dt;
-    let s1 = times.snapshot();
+    let s1 = snapshot();
     sample.prefill_ops = s1.since(&s0);
     for _ in 0..decode_steps {
         let (n, dt) = timed_step(engine, None)?;
@@ -74,12 +77,74 @@ fn run_batch(
         );
         sample.decode_s.push(dt);
     }
-    sample.decode_ops = times.snapshot().since(&s1);
+    sample.decode_ops = snapshot().since(&s1);
     while engine.has_work() {
         engine.step()?;
     }
     drop(streams);
     Ok(sample)
+}
+
+/// The batch shape of a run.
+#[derive(Debug, Clone, Copy)]
+struct Shape {
+    prompt_len: usize,
+    decode_steps: usize,
+    repeats: usize,
+}
+
+/// The discarded cold batch and the interleaved repeats of both modes.
+struct Measured {
+    cold: Sample,
+    lora: Vec<Sample>,
+    base: Vec<Sample>,
+}
+
+/// Loads the model and adapters on `backend`, warms up, then runs the repeats, adapters and
+/// base interleaved. `times` is the timing wrapper's counters (CPU only).
+fn measure<B: Backend>(
+    ctx: &mut Ctx,
+    backend: B,
+    times: Option<&OpTimes>,
+    dir: &std::path::Path,
+    engine_config: EngineConfig,
+    defs: &[AdapterDef],
+    shape: Shape,
+) -> anyhow::Result<Measured> {
+    let Shape {
+        prompt_len,
+        decode_steps,
+        repeats,
+    } = shape;
+    ctx.progress.update("loading the model and adapters");
+    let mut engine = setup::engine(backend, &mut ctx.fixtures, dir, engine_config, defs)?;
+    // Warm-up (discarded): the first adapter batch also copies every adapter into the pool.
+    ctx.progress.update("warm-up (adapters become resident)");
+    let cold = run_batch(&mut engine, times, Some(defs), prompt_len, decode_steps, 1)?;
+    run_batch(&mut engine, times, None, prompt_len, decode_steps, 1)?;
+    let (mut lora, mut base) = (Vec::new(), Vec::new());
+    for r in 0..repeats {
+        ctx.progress
+            .update(format!("repeat {}/{repeats}: adapters, then base", r + 1));
+        let seed = 100 + r as u64;
+        lora.push(run_batch(
+            &mut engine,
+            times,
+            Some(defs),
+            prompt_len,
+            decode_steps,
+            seed,
+        )?);
+        base.push(run_batch(
+            &mut engine,
+            times,
+            None,
+            prompt_len,
+            decode_steps,
+            seed,
+        )?);
+    }
+    Ok(Measured { cold, lora, base })
 }
 
 pub(crate) fn run(ctx: &mut Ctx) -> anyhow::Result<Report> {
@@ -109,54 +174,70 @@ pub(crate) fn run(ctx: &mut Ctx) -> anyhow::Result<Report> {
         max_prefill_chunk: prompt_len,
         ..EngineConfig::default()
     };
-    let backend = TimedCpu::new();
-    let times = backend.times.clone();
-    // The machine's read bandwidth, to bound what a bandwidth-bound LoRA path could reach.
-    ctx.progress.update("memory bandwidth (read stream)");
-    let probe = vec![1.0f32; ctx.pick(32usize, 64) << 18];
-    let mut bandwidth: f64 = 0.0;
-    for _ in 0..4 {
-        let t = std::time::Instant::now();
-        std::hint::black_box(loraplane_kernels::cpu::stream_sum(&probe));
-        bandwidth = bandwidth.max(size_of_val(probe.as_slice()) as f64 / t.elapsed().as_secs_f64());
-    }
-    drop(probe);
-    ctx.progress.update("loading the model and adapters");
-    let mut engine = setup::engine(backend, &mut ctx.fixtures, &dir, engine_config, &defs)?;
-
-    // Warm-up (discarded): the first adapter batch also copies every adapter into the pool.
-    ctx.progress.update("warm-up (adapters become resident)");
-    let cold = run_batch(
-        &mut engine,
-        &times,
-        Some(&defs),
+    let shape = Shape {
         prompt_len,
         decode_steps,
-        1,
-    )?;
-    run_batch(&mut engine, &times, None, prompt_len, decode_steps, 1)?;
-    let (mut lora, mut base) = (Vec::new(), Vec::new());
-    for r in 0..repeats {
-        ctx.progress
-            .update(format!("repeat {}/{repeats}: adapters, then base", r + 1));
-        let seed = 100 + r as u64;
-        lora.push(run_batch(
-            &mut engine,
-            &times,
-            Some(&defs),
-            prompt_len,
-            decode_steps,
-            seed,
-        )?);
-        base.push(run_batch(
-            &mut engine,
-            &times,
-            None,
-            prompt_len,
-            decode_steps,
-            seed,
-        )?);
-    }
+        repeats,
+    };
+    // On the CPU: a timing wrapper of the backend (per-operation profile) and the machine's read
+    // bandwidth, to bound what a bandwidth-bound LoRA path could reach. On a GPU: step times.
+    let (measured, bandwidth) = if ctx.device == Device::Cpu {
+        ctx.progress.update("memory bandwidth (read stream)");
+        let probe = vec![1.0f32; ctx.pick(32usize, 64) << 18];
+        let mut bandwidth: f64 = 0.0;
+        for _ in 0..4 {
+            let t = std::time::Instant::now();
+            std::hint::black_box(loraplane_kernels::cpu::stream_sum(&probe));
+            bandwidth =
+                bandwidth.max(size_of_val(probe.as_slice()) as f64 / t.elapsed().as_secs_f64());
+        }
+        drop(probe);
+        let backend = TimedCpu::new();
+        let times = backend.times.clone();
+        let m = measure(
+            ctx,
+            backend,
+            Some(&times),
+            &dir,
+            engine_config,
+            &defs,
+            shape,
+        )?;
+        (m, Some(bandwidth))
+    } else {
+        struct OnDevice<'a> {
+            ctx: &'a mut Ctx,
+            dir: &'a std::path::Path,
+            config: EngineConfig,
+            defs: &'a [AdapterDef],
+            shape: Shape,
+        }
+        impl WithBackend for OnDevice<'_> {
+            type Output = anyhow::Result<Measured>;
+            fn run<B: Backend>(self, backend: B) -> Self::Output {
+                measure(
+                    self.ctx,
+                    backend,
+                    None,
+                    self.dir,
+                    self.config,
+                    self.defs,
+                    self.shape,
+                )
+            }
+        }
+        ctx.progress.update(format!("opening {}", ctx.device));
+        let (device, dtype) = (ctx.device, ctx.dtype);
+        let job = OnDevice {
+            ctx,
+            dir: &dir,
+            config: engine_config,
+            defs: &defs,
+            shape,
+        };
+        (with_backend(device, dtype, job)??, None)
+    };
+    let Measured { cold, lora, base } = measured;
 
     let prefill_tokens = (BATCH * prompt_len) as f64;
     let decode_t =
@@ -240,6 +321,154 @@ pub(crate) fn run(ctx: &mut Ctx) -> anyhow::Result<Report> {
     }
     report.tables.push(table);
 
+    // Bytes a decode step must read: base weights once, and every request's own adapter.
+    let base_bytes = (0..config.num_layers)
+        .map(|_| {
+            Module::ALL
+                .iter()
+                .map(|m| {
+                    let (i, o) = config.module_shape(*m);
+                    i * o
+                })
+                .sum::<usize>()
+        })
+        .sum::<usize>()
+        * 4
+        + config.vocab_size * config.hidden_size * 4;
+    let adapter_bytes: usize = hosts.iter().map(|h| h.bytes).sum();
+    match bandwidth {
+        Some(bandwidth) => cpu_profile(
+            &mut report,
+            &Profiled {
+                lora: &lora,
+                base: &base,
+                cold: &cold,
+                base_step: bd.median,
+                base_bytes,
+                adapter_bytes,
+                bandwidth,
+                prompt_len,
+            },
+        ),
+        None => report.findings.push(format!(
+            "Cold start (first batch, discarded) on {}: prefill {:.1} ms with adapters, \
+             including copying the 64 adapters into pool pages.",
+            ctx.device,
+            cold.prefill_s * 1e3
+        )),
+    }
+
+    let bars = |b: &Summary, l: &Summary, tokens: f64| {
+        let (bt, lt) = (tps(b, tokens), tps(l, tokens));
+        vec![
+            Bar {
+                label: "base model".into(),
+                value: bt.median,
+                range: Some((bt.min, bt.max)),
+                color: 0,
+            },
+            Bar {
+                label: "64 adapters".into(),
+                value: lt.median,
+                range: Some((lt.min, lt.max)),
+                color: 1,
+            },
+        ]
+    };
+    report.plots.push(Plot {
+        file: "hetero-decode.png".into(),
+        title: format!("Decode step, batch of {BATCH}: tokens/s"),
+        x_label: String::new(),
+        y_label: "tokens/s".into(),
+        kind: PlotKind::Bars {
+            bars: bars(&bd, &ld, BATCH as f64),
+        },
+    });
+    report.plots.push(Plot {
+        file: "hetero-prefill.png".into(),
+        title: format!("Prefill step, {BATCH} × {prompt_len} tokens: tokens/s"),
+        x_label: String::new(),
+        y_label: "tokens/s".into(),
+        kind: PlotKind::Bars {
+            bars: bars(&bp, &lp, prefill_tokens),
+        },
+    });
+    report.method = vec![
+        format!(
+            "Model: the `{}` fixture ({} layers, hidden {}, vocab {}). Adapters: {BATCH} adapters, \
+             ranks {ranks:?} cycled, on all seven linear modules (q, k, v, o, gate, up, down), \
+             registered as {BATCH} distinct adapters (own host-cache entry and pool pages) over \
+             16 distinct weight files. Batch: {BATCH} requests, prompt {prompt_len} tokens each, \
+             request i on adapter i; the baseline is the same prompts without adapters.",
+            format!("{:?}", ctx.preset).to_lowercase(),
+            config.num_layers,
+            config.hidden_size,
+            config.vocab_size
+        ),
+        format!(
+            "Steps: the engine's token budget is {BATCH}×{prompt_len}, so one prefill step \
+             computes every prompt; then {decode_steps} decode steps of {BATCH} tokens each \
+             (median per repeat). {repeats} repeats, adapters and base interleaved after one \
+             discarded warm-up of each (which makes the adapters pool-resident, as in steady \
+             state). Ratio = base step time ÷ adapter step time per repeat; the table gives the \
+             median and range over repeats."
+        ),
+        if ctx.device == Device::Cpu {
+            "Profile: the engine runs on a timing wrapper of the CPU backend, which adds up the \
+             wall time of every backend operation (base GEMM, LoRA shrink/expand, attention, KV \
+             copies, the rest) and counts GEMM and LoRA multiply-adds."
+                .to_owned()
+        } else {
+            format!(
+                "Device: {} with {:?} GEMM weights; step times are wall times of whole engine \
+                 steps (each ends by reading the sampled tokens back, so the GPU is idle at \
+                 both ends). No per-operation profile on GPUs.",
+                ctx.device, ctx.dtype
+            )
+        },
+    ];
+    report.data = json!({
+        "device": ctx.device.to_string(),
+        "batch": BATCH,
+        "prompt_len": prompt_len,
+        "decode_steps": decode_steps,
+        "ranks": ranks,
+        "decode_ratio": decode_ratio,
+        "prefill_ratio": prefill_ratio,
+        "decode_step_s": {"base": bd, "adapters": ld},
+        "prefill_step_s": {"base": bp, "adapters": lp},
+        "base_weight_bytes": base_bytes,
+        "read_bandwidth_bps": bandwidth,
+        "adapter_bytes_per_decode_step": adapter_bytes,
+        "samples": {"base": base, "adapters": lora, "cold_adapters": cold},
+    });
+    Ok(report)
+}
+
+/// What the CPU's per-operation profile is read against.
+struct Profiled<'a> {
+    lora: &'a [Sample],
+    base: &'a [Sample],
+    cold: &'a Sample,
+    base_step: f64,
+    base_bytes: usize,
+    adapter_bytes: usize,
+    bandwidth: f64,
+    prompt_len: usize,
+}
+
+/// The timing wrapper's breakdown (table, plot) and what it explains (findings): CPU only.
+fn cpu_profile(report: &mut Report, p: &Profiled<'_>) {
+    let Profiled {
+        lora,
+        base,
+        cold,
+        base_step,
+        base_bytes,
+        adapter_bytes,
+        bandwidth,
+        prompt_len,
+    } = *p;
     // Where the time goes: per-op time of one step, averaged over the repeats.
     let per_step = |s: &[Sample], decode: bool| {
         let mut acc = [0.0; 5];
@@ -256,10 +485,10 @@ pub(crate) fn run(ctx: &mut Ctx) -> anyhow::Result<Report> {
         acc
     };
     let (bdo, ldo, bpo, lpo) = (
-        per_step(&base, true),
-        per_step(&lora, true),
-        per_step(&base, false),
-        per_step(&lora, false),
+        per_step(base, true),
+        per_step(lora, true),
+        per_step(base, false),
+        per_step(lora, false),
     );
     let mut breakdown = Table::new(
         "Where a step's time goes (ms per step, timed backend)",
@@ -283,26 +512,10 @@ pub(crate) fn run(ctx: &mut Ctx) -> anyhow::Result<Report> {
     }
     report.tables.push(breakdown);
 
-    // Bytes a decode step must read: base weights once, and every request's own adapter.
-    let base_bytes = (0..config.num_layers)
-        .map(|_| {
-            Module::ALL
-                .iter()
-                .map(|m| {
-                    let (i, o) = config.module_shape(*m);
-                    i * o
-                })
-                .sum::<usize>()
-        })
-        .sum::<usize>()
-        * 4
-        + config.vocab_size * config.hidden_size * 4;
-    let adapter_bytes: usize = hosts.iter().map(|h| h.bytes).sum();
     let lora_share = ldo[Op::Lora as usize] / ldo.iter().sum::<f64>().max(1e-12);
     let lora_flops = lora.iter().map(|s| s.decode_ops.lora_flops).sum::<f64>();
     let gemm_flops = lora.iter().map(|s| s.decode_ops.gemm_flops).sum::<f64>();
     let lora_decode = ldo[Op::Lora as usize];
-    let base_step = bd.median;
     // A LoRA path that read every adapter byte at the machine's stream bandwidth.
     let best_lora = adapter_bytes as f64 / bandwidth;
     report.findings.push(format!(
@@ -355,41 +568,6 @@ pub(crate) fn run(ctx: &mut Ctx) -> anyhow::Result<Report> {
         cold.prefill_ops.get(Op::KvCopy) * 1e3
     ));
 
-    let bars = |b: &Summary, l: &Summary, tokens: f64| {
-        let (bt, lt) = (tps(b, tokens), tps(l, tokens));
-        vec![
-            Bar {
-                label: "base model".into(),
-                value: bt.median,
-                range: Some((bt.min, bt.max)),
-                color: 0,
-            },
-            Bar {
-                label: "64 adapters".into(),
-                value: lt.median,
-                range: Some((lt.min, lt.max)),
-                color: 1,
-            },
-        ]
-    };
-    report.plots.push(Plot {
-        file: "hetero-decode.png".into(),
-        title: format!("Decode step, batch of {BATCH}: tokens/s"),
-        x_label: String::new(),
-        y_label: "tokens/s".into(),
-        kind: PlotKind::Bars {
-            bars: bars(&bd, &ld, BATCH as f64),
-        },
-    });
-    report.plots.push(Plot {
-        file: "hetero-prefill.png".into(),
-        title: format!("Prefill step, {BATCH} × {prompt_len} tokens: tokens/s"),
-        x_label: String::new(),
-        y_label: "tokens/s".into(),
-        kind: PlotKind::Bars {
-            bars: bars(&bp, &lp, prefill_tokens),
-        },
-    });
     let ops_of = |a: &[f64; 5]| Op::ALL.iter().map(|op| a[*op as usize] * 1e3).collect();
     report.plots.push(Plot {
         file: "hetero-breakdown.png".into(),
@@ -410,45 +588,4 @@ pub(crate) fn run(ctx: &mut Ctx) -> anyhow::Result<Report> {
             ],
         },
     });
-
-    report.method = vec![
-        format!(
-            "Model: the `{}` fixture ({} layers, hidden {}, vocab {}). Adapters: {BATCH} adapters, \
-             ranks {ranks:?} cycled, on all seven linear modules (q, k, v, o, gate, up, down), \
-             registered as {BATCH} distinct adapters (own host-cache entry and pool pages) over \
-             16 distinct weight files. Batch: {BATCH} requests, prompt {prompt_len} tokens each, \
-             request i on adapter i; the baseline is the same prompts without adapters.",
-            format!("{:?}", ctx.preset).to_lowercase(),
-            config.num_layers,
-            config.hidden_size,
-            config.vocab_size
-        ),
-        format!(
-            "Steps: the engine's token budget is {BATCH}×{prompt_len}, so one prefill step \
-             computes every prompt; then {decode_steps} decode steps of {BATCH} tokens each \
-             (median per repeat). {repeats} repeats, adapters and base interleaved after one \
-             discarded warm-up of each (which makes the adapters pool-resident, as in steady \
-             state). Ratio = base step time ÷ adapter step time per repeat; the table gives the \
-             median and range over repeats."
-        ),
-        "Profile: the engine runs on a timing wrapper of the CPU backend, which adds up the \
-         wall time of every backend operation (base GEMM, LoRA shrink/expand, attention, KV \
-         copies, the rest) and counts GEMM and LoRA multiply-adds."
-            .to_owned(),
-    ];
-    report.data = json!({
-        "batch": BATCH,
-        "prompt_len": prompt_len,
-        "decode_steps": decode_steps,
-        "ranks": ranks,
-        "decode_ratio": decode_ratio,
-        "prefill_ratio": prefill_ratio,
-        "decode_step_s": {"base": bd, "adapters": ld},
-        "prefill_step_s": {"base": bp, "adapters": lp},
-        "base_weight_bytes": base_bytes,
-        "read_bandwidth_bps": bandwidth,
-        "adapter_bytes_per_decode_step": adapter_bytes,
-        "samples": {"base": base, "adapters": lora, "cold_adapters": cold},
-    });
-    Ok(report)
 }

@@ -29,6 +29,7 @@ use std::time::Instant;
 
 use anyhow::Context;
 
+use crate::backend::device::{ComputeDtype, Device, parse_device, parse_dtype};
 use crate::fixtures::model::Preset;
 
 pub use report::Report;
@@ -63,12 +64,6 @@ impl Suite {
     }
 }
 
-/// The compute device benchmarked. Only the CPU backend exists in the engine today.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Device {
-    Cpu,
-}
-
 /// `loraplane-agent bench …`
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -80,13 +75,13 @@ pub struct BenchArgs {
     /// Directory for the Markdown, JSON and PNG results (created if missing).
     #[arg(long, env = "LORAPLANE_BENCH_OUT", default_value = "bench-results")]
     pub out: PathBuf,
-    #[arg(
-        long,
-        value_enum,
-        env = "LORAPLANE_BENCH_DEVICE",
-        default_value = "cpu"
-    )]
+    /// Where the engine runs: `cpu`, or `cuda:N` (a binary built with `--features cuda`; the
+    /// `hetero` suite only — the others measure the CPU backend and its machine).
+    #[arg(long, env = "LORAPLANE_BENCH_DEVICE", default_value = "cpu", value_parser = parse_device)]
     pub device: Device,
+    /// How GEMM weights are stored on a GPU (`float32`, `bfloat16`, `float16`).
+    #[arg(long, env = "LORAPLANE_BENCH_DTYPE", default_value = "float32", value_parser = |s: &str| parse_dtype(s, None))]
+    pub dtype: ComputeDtype,
     /// Fixture model the suites run on (`small` is about 90M parameters; `tiny` is for CI).
     #[arg(
         long,
@@ -168,6 +163,8 @@ fn parse_range(s: &str) -> Result<(usize, usize), String> {
 /// What every suite gets: the options, the fixtures and a progress reporter.
 pub(crate) struct Ctx {
     pub quick: bool,
+    pub device: Device,
+    pub dtype: ComputeDtype,
     pub preset: Preset,
     pub seed: u64,
     pub workload: WorkloadArgs,
@@ -197,8 +194,13 @@ impl Ctx {
 impl BenchArgs {
     /// Runs the chosen suite(s) and writes their results.
     pub fn run(self) -> anyhow::Result<()> {
-        match self.device {
-            Device::Cpu => {}
+        if self.device != Device::Cpu && self.suite != Suite::Hetero {
+            anyhow::bail!(
+                "bench {}: only the `hetero` suite runs on --device {}; the other suites measure \
+                 the CPU backend",
+                self.suite.name(),
+                self.device
+            );
         }
         std::fs::create_dir_all(&self.out)
             .with_context(|| format!("creating {}", self.out.display()))?;
@@ -206,6 +208,8 @@ impl BenchArgs {
         let fixtures = setup::Fixtures::new(self.cache_dir.clone(), self.preset, self.seed)?;
         let mut ctx = Ctx {
             quick: self.quick,
+            device: self.device,
+            dtype: self.dtype,
             preset: self.preset,
             seed: self.seed,
             workload: self.workload.clone(),

@@ -11,20 +11,23 @@
 // Test helpers outside #[test] functions fail loudly by design.
 #![allow(clippy::unwrap_used)]
 
+#[path = "support/workload.rs"]
+mod workload;
+
 #[path = "support/oracle.rs"]
 mod oracle;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::path::PathBuf;
+use workload::{adapter_spec, prompt};
 
 use loraplane_agent::backend::cpu::CpuBackend;
 use loraplane_agent::engine::{
     Engine, EngineConfig, Event, FinishReason, KvImport, KvLayer, Request, SamplingParams,
 };
-use loraplane_agent::fixtures::adapter::{self, AdapterSpec};
+use loraplane_agent::fixtures::adapter;
 use loraplane_agent::fixtures::model::{self, ModelSpec, Preset};
 use loraplane_agent::fixtures::tensor::FixtureDtype;
-use loraplane_agent::lora::Module;
 use loraplane_agent::lora::ids::{AdapterKey, TenantId};
 use loraplane_agent::model::config::Arch;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
@@ -34,45 +37,6 @@ const MAX_NEW: usize = 8;
 /// The small-pool run generates longer, so decodes outgrow their pages and must preempt.
 const MAX_NEW_LONG: usize = 24;
 const ADAPTERS: usize = 16;
-
-/// Eight adapter shapes (ranks 4–32, different targets, one rank_pattern, one rsLoRA); the 16
-/// adapters of the workload cycle through them with different seeds.
-fn adapter_spec(i: usize) -> AdapterSpec {
-    use Module::*;
-    let base = |rank: usize, targets: Vec<Module>| AdapterSpec {
-        rank,
-        alpha: 2.0 * rank as f64,
-        targets,
-        rank_pattern: BTreeMap::new(),
-        alpha_pattern: BTreeMap::new(),
-        rslora: false,
-        dtype: FixtureDtype::F32,
-        seed: 100 + i as u64,
-    };
-    match i % 8 {
-        0 => base(4, vec![Q, V]),
-        1 => base(8, Module::ALL.to_vec()),
-        2 => base(16, vec![Q, K, V, O]),
-        3 => base(32, vec![Gate, Up, Down]),
-        4 => AdapterSpec {
-            rank_pattern: BTreeMap::from([
-                ("model.layers.1.self_attn.q_proj".to_owned(), 16),
-                ("down_proj".to_owned(), 4),
-            ]),
-            ..base(8, Module::ALL.to_vec())
-        },
-        5 => AdapterSpec {
-            rslora: true,
-            alpha: 8.0,
-            ..base(16, Module::ALL.to_vec())
-        },
-        6 => base(4, vec![K, O, Down]),
-        _ => AdapterSpec {
-            alpha_pattern: BTreeMap::from([("up_proj".to_owned(), 3.0)]),
-            ..base(32, vec![V, Up])
-        },
-    }
-}
 
 struct Case {
     id: String,
@@ -88,12 +52,6 @@ struct World {
     expected: HashMap<String, oracle::OracleRun>,
     /// The base model's output on each adapter case's prompt.
     base_on_prompt: HashMap<String, oracle::OracleRun>,
-}
-
-fn prompt(seed: usize, len: usize, vocab: u32) -> Vec<u32> {
-    (0..len)
-        .map(|j| ((seed * 7919 + j * 104_729 + 13) as u32) % (vocab - 8))
-        .collect()
 }
 
 fn world(arch: Arch, dtype: FixtureDtype) -> World {

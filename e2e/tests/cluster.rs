@@ -19,6 +19,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::future::Future;
+use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -147,7 +148,10 @@ async fn events_for(client: &Client, ns: &str, name: &str) -> Vec<Event> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn operator_on_a_real_cluster() {
     let Some(path) = std::env::var_os(KUBECONFIG).filter(|p| !p.is_empty()) else {
-        eprintln!(
+        // Straight to the process's stderr, past the test harness's capture, so that the skip
+        // shows in every CI log.
+        let _ = writeln!(
+            std::io::stderr(),
             "\n!!!!!!!! SKIPPED the real-cluster suite: {KUBECONFIG} is not set \
              (see e2e/tests/cluster.rs and the README for kind/k3d) !!!!!!!!\n"
         );

@@ -556,6 +556,7 @@ mod tests {
             queued_prefill_tokens: 0,
             steps: 5,
             preemptions: 0,
+            utilisation_at_first_preemption: None,
             tokens_generated: 9,
             last_batch_tokens: 4,
             host_cache_used: 1,

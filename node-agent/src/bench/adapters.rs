@@ -221,6 +221,22 @@ pub(crate) fn run(ctx: &mut Ctx) -> anyhow::Result<Report> {
         points.push((n, lora, merged));
     }
     drop(engine);
+    let pressure = pool_pressure(
+        ctx,
+        &dir,
+        engine_config_for_pressure(&config, &largest, max_running, prompt, output)?,
+        &defs,
+        &spec(
+            counts
+                .iter()
+                .copied()
+                .filter(|&n| n <= 64)
+                .max()
+                .unwrap_or(1),
+            f64::INFINITY,
+        ),
+        slo,
+    )?;
 
     let mut report = Report::new(
         "adapters",
@@ -266,6 +282,34 @@ pub(crate) fn run(ctx: &mut Ctx) -> anyhow::Result<Report> {
             "Throughput at 1,000 adapters vs 10",
             "within 10 % (≥ 0.90×)",
         )),
+    }
+
+    let (run, utilisation) = &pressure;
+    let zero_ooms = format!(
+        "{} requests, {} completed, {} failed, {} preemptions",
+        run.outcome.requests, run.outcome.completed, run.outcome.failed, run.stats.preemptions
+    );
+    report.targets.push(match utilisation {
+        Some(u) => Target::at_least(
+            "Pool utilisation before the first preemption",
+            "≥ 95 %, zero OOMs (the pool pre-empts)",
+            *u,
+            0.95,
+            format!("{:.1} % ({zero_ooms})", u * 100.0),
+        ),
+        None => Target {
+            measured: format!("no preemption happened ({zero_ooms})"),
+            ..not_measured(
+                "Pool utilisation before the first preemption",
+                "≥ 95 %, zero OOMs (the pool pre-empts)",
+            )
+        },
+    });
+    if run.outcome.failed > 0 {
+        report.findings.push(format!(
+            "Pool pressure: {} of {} requests failed under a small pool.",
+            run.outcome.failed, run.outcome.requests
+        ));
     }
 
     let mut table = Table::new(
@@ -445,6 +489,11 @@ pub(crate) fn run(ctx: &mut Ctx) -> anyhow::Result<Report> {
     }
 
     report.method = vec![
+        "Pool pressure: the same workload (the largest adapter count ≤ 64) arriving all at \
+         once on a pool with room for a quarter of its KV plus eight of the largest adapters; \
+         the engine records the pool's utilisation at its first preemption, and every request \
+         must still complete."
+            .to_owned(),
         format!(
             "Workload: {requests} requests per run, Poisson arrivals at {rate:.3} req/s{}, adapter \
              popularity Zipf(α = {}) over n adapters, prompts {}–{} tokens and outputs {}–{} \
@@ -499,6 +548,7 @@ pub(crate) fn run(ctx: &mut Ctx) -> anyhow::Result<Report> {
     let run_json = |r: &Run| serde_json::to_value(r).unwrap_or(serde_json::Value::Null);
     report.data = json!({
         "rate_rps": rate,
+        "pool_pressure": {"run": run_json(&pressure.0), "utilisation_at_first_preemption": pressure.1},
         "capacity": capacity.as_ref().map(run_json),
         "requests": requests,
         "prompt": prompt,
@@ -512,6 +562,59 @@ pub(crate) fn run(ctx: &mut Ctx) -> anyhow::Result<Report> {
         })).collect::<Vec<_>>(),
     });
     Ok(report)
+}
+
+/// A pool with room for a quarter of the workload's KV and eight of its largest adapters: a
+/// closed batch must then pre-empt.
+fn engine_config_for_pressure(
+    config: &crate::model::config::ModelConfig,
+    largest: &[std::sync::Arc<crate::lora::host::HostAdapter>],
+    max_running: usize,
+    prompt: (usize, usize),
+    output: (usize, usize),
+) -> anyhow::Result<EngineConfig> {
+    let kv_tokens = max_running * (prompt.1 + output.1 + 16) / 4;
+    Ok(EngineConfig {
+        num_pages: setup::pool_pages(config, 16, &largest[..largest.len().min(8)], kv_tokens)?,
+        max_running,
+        max_batch_tokens: 256,
+        max_prefill_chunk: 256,
+        ..EngineConfig::default()
+    })
+}
+
+/// §6 "zero OOMs: the pool pre-empts instead; utilisation ≥ 95 % before the first
+/// preemption": the workload all at once on a small pool. Returns the run and the pool's
+/// utilisation when the engine first pre-empted (`None` if it never had to).
+fn pool_pressure(
+    ctx: &mut Ctx,
+    dir: &std::path::Path,
+    engine_config: EngineConfig,
+    defs: &[AdapterDef],
+    spec: &WorkloadSpec,
+    slo: Slo,
+) -> anyhow::Result<(Run, Option<f64>)> {
+    let pages = engine_config.num_pages;
+    ctx.progress
+        .update(format!("pool pressure: {pages} pages, loading"));
+    let backend = TimedCpu::new();
+    let times = backend.times.clone();
+    let mut engine = setup::engine(backend, &mut ctx.fixtures, dir, engine_config, defs)?;
+    let names: Vec<String> = defs.iter().map(|d| d.name.clone()).collect();
+    let jobs = sim::generate(spec);
+    let run = run_one(
+        &mut engine,
+        &times,
+        &jobs,
+        &mut AllNow {
+            names: Some(&names),
+        },
+        slo,
+        None,
+        &mut ctx.progress,
+        &format!("pool pressure ({pages} pages)"),
+    )?;
+    Ok((run, engine.stats().utilisation_at_first_preemption))
 }
 
 fn not_measured(name: &str, goal: &str) -> Target {

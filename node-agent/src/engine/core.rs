@@ -122,6 +122,8 @@ pub struct EngineStats {
     pub queued_prefill_tokens: usize,
     pub steps: u64,
     pub preemptions: u64,
+    /// Pool utilisation when the first preemption happened (§6: ≥ 95 %); `None` before one.
+    pub utilisation_at_first_preemption: Option<f64>,
     pub tokens_generated: u64,
     pub last_batch_tokens: usize,
     pub host_cache_used: usize,
@@ -173,6 +175,7 @@ pub struct Engine<B: Backend> {
     pub(crate) pending_loads: Vec<(AdapterKey, PathBuf)>,
     pub(crate) steps: u64,
     pub(crate) preemptions: u64,
+    pub(crate) utilisation_at_first_preemption: Option<f64>,
     pub(crate) tokens_generated: u64,
     pub(crate) last_batch_tokens: usize,
 }
@@ -217,6 +220,7 @@ impl<B: Backend> Engine<B> {
             pending_loads: Vec::new(),
             steps: 0,
             preemptions: 0,
+            utilisation_at_first_preemption: None,
             tokens_generated: 0,
             last_batch_tokens: 0,
         })
@@ -618,6 +622,7 @@ impl<B: Backend> Engine<B> {
                 .sum(),
             steps: self.steps,
             preemptions: self.preemptions,
+            utilisation_at_first_preemption: self.utilisation_at_first_preemption,
             tokens_generated: self.tokens_generated,
             last_batch_tokens: self.last_batch_tokens,
             host_cache_used: self.registry.host_used(),

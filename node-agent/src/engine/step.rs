@@ -172,6 +172,9 @@ impl<B: Backend> Engine<B> {
 
     /// Frees a running sequence's pages and queues it (first in line) for recomputation.
     fn preempt(&mut self, id: u64) {
+        if self.utilisation_at_first_preemption.is_none() {
+            self.utilisation_at_first_preemption = Some(self.pages.stats().utilisation());
+        }
         self.running.retain(|x| *x != id);
         if let Some(seq) = self.seqs.get_mut(&id) {
             seq.kv = None;

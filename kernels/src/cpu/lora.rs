@@ -157,30 +157,102 @@ pub fn lora_expand(
     )?;
     let (owners, work) =
         segment_owners(KERNEL, segs, rows, max_rank, pool.len(), Side::Bt, out_dim)?;
-    let per_row = |acc: &mut Vec<f32>, (t, y_row): (usize, &mut [f32])| {
-        let Some(seg) = segs.get(owners[t]) else {
-            return;
-        };
-        if seg.b_rows.is_empty() {
+    // Tiles of TILE rows. Where a whole tile is one segment (prefill), the register-blocked
+    // kernel reads each Bᵀ element once for the tile's rows; elsewhere (decode), row by row.
+    let per_tile = |acc: &mut Vec<f32>, (tile, y_tile): (usize, &mut [f32])| {
+        let t0 = tile * TILE;
+        let n = y_tile.len() / out_dim;
+        let owner = owners[t0];
+        if n == TILE && owners[t0..t0 + TILE].iter().all(|&o| o == owner) {
+            if let Some(seg) = segs.get(owner) {
+                expand_tile(v, max_rank, t0, pool, seg, out_dim, y_tile);
+            }
             return;
         }
-        acc.clear();
-        acc.resize(out_dim, 0.0);
-        let v_row = &v[t * max_rank..t * max_rank + seg.b_rows.len()];
-        for (&vj, &offset) in v_row.iter().zip(seg.b_rows) {
-            simd::axpy(acc, vj, &pool[offset..offset + out_dim]);
+        for (k, y_row) in y_tile.chunks_mut(out_dim).enumerate() {
+            let t = t0 + k;
+            let Some(seg) = segs.get(owners[t]) else {
+                continue;
+            };
+            if seg.b_rows.is_empty() {
+                continue;
+            }
+            acc.clear();
+            acc.resize(out_dim, 0.0);
+            let v_row = &v[t * max_rank..t * max_rank + seg.b_rows.len()];
+            for (&vj, &offset) in v_row.iter().zip(seg.b_rows) {
+                simd::axpy(acc, vj, &pool[offset..offset + out_dim]);
+            }
+            simd::axpy(y_row, seg.scale, acc);
         }
-        simd::axpy(y_row, seg.scale, acc);
     };
     if work >= PAR_MIN_WORK {
-        y.par_chunks_mut(out_dim)
+        y.par_chunks_mut(out_dim * TILE)
             .enumerate()
-            .for_each_init(Vec::new, per_row);
+            .for_each_init(Vec::new, per_tile);
     } else {
         let mut acc = Vec::new();
-        y.chunks_mut(out_dim)
+        y.chunks_mut(out_dim * TILE)
             .enumerate()
-            .for_each(|item| per_row(&mut acc, item));
+            .for_each(|item| per_tile(&mut acc, item));
     }
     Ok(())
+}
+
+/// Rows per tile of [`lora_expand`].
+const TILE: usize = 4;
+/// Output columns per register block of [`expand_tile`].
+const COLS: usize = 8;
+
+/// [`lora_expand`] for TILE consecutive rows `t0..` of one segment: for each block of COLS
+/// output columns, TILE × COLS accumulators stay in registers while the segment's Bᵀ rows
+/// stream past, so each Bᵀ element is loaded once for TILE rows (the row-by-row path loads it,
+/// and loads and stores the accumulator, once per row).
+fn expand_tile(
+    v: &[f32],
+    max_rank: usize,
+    t0: usize,
+    pool: &[f32],
+    seg: &LoraSegment<'_>,
+    out_dim: usize,
+    y_tile: &mut [f32],
+) {
+    let rank = seg.b_rows.len();
+    let v_rows: [&[f32]; TILE] =
+        std::array::from_fn(|k| &v[(t0 + k) * max_rank..(t0 + k) * max_rank + rank]);
+    let b_rows: Vec<&[[f32; COLS]]> = seg
+        .b_rows
+        .iter()
+        .map(|&o| pool[o..o + out_dim].as_chunks::<COLS>().0)
+        .collect();
+    let blocks = out_dim / COLS;
+    for c in 0..blocks {
+        let mut acc = [[0.0f32; COLS]; TILE];
+        for (j, b) in b_rows.iter().enumerate() {
+            let b = &b[c];
+            for (acc, v_row) in acc.iter_mut().zip(&v_rows) {
+                let vj = v_row[j];
+                for (acc, b) in acc.iter_mut().zip(b) {
+                    *acc += vj * b;
+                }
+            }
+        }
+        for (k, acc) in acc.iter().enumerate() {
+            let y = &mut y_tile[k * out_dim + c * COLS..k * out_dim + (c + 1) * COLS];
+            for (y, a) in y.iter_mut().zip(acc) {
+                *y += seg.scale * a;
+            }
+        }
+    }
+    // Columns past the last whole block.
+    for o in blocks * COLS..out_dim {
+        for (k, v_row) in v_rows.iter().enumerate() {
+            let sum: f32 = v_row
+                .iter()
+                .zip(seg.b_rows)
+                .map(|(vj, &offset)| vj * pool[offset + o])
+                .sum();
+            y_tile[k * out_dim + o] += seg.scale * sum;
+        }
+    }
 }

@@ -233,18 +233,11 @@ pub fn spawn_engine(
         fn run<B: Backend>(self, backend: B) -> Self::Output {
             let mut config = self.config;
             if let (Some(fraction), Some(free)) = (self.pool_fraction, backend.free_memory()) {
-                let path = self.dir.join("config.json");
-                let model = crate::model::config::HfConfig::read(&path)?.validate(&path)?;
-                let page_elems =
-                    crate::engine::core::kv_geometry(&model, config.block_size).page_elems;
+                let page_bytes = crate::engine::core::page_bytes(self.dir, config.block_size)?;
                 let weights = weight_bytes_estimate(self.dir, self.dtype)
                     .map_err(|e| BackendError::Device(format!("reading the checkpoint: {e}")))?;
-                config.num_pages = pages_for_fraction(
-                    free as u64,
-                    fraction,
-                    weights,
-                    (page_elems * size_of::<f32>()) as u64,
-                )?;
+                config.num_pages =
+                    pages_for_fraction(free as u64, fraction, weights, page_bytes as u64)?;
                 tracing::info!(
                     free_bytes = free,
                     weight_bytes = weights,

@@ -154,6 +154,17 @@ pub fn kv_geometry(c: &crate::model::config::ModelConfig, block_size: usize) -> 
     }
 }
 
+/// Bytes of one pool page (f32 elements, [`kv_geometry`]) for the checkpoint in `dir`: what
+/// `--pool-bytes` and `--device-pool-fraction` budgets are divided by.
+///
+/// # Errors
+/// The checkpoint's `config.json` cannot be read or is not a supported model.
+pub fn page_bytes(dir: &Path, block_size: usize) -> Result<usize, ModelError> {
+    let path = dir.join("config.json");
+    let model = crate::model::config::HfConfig::read(&path)?.validate(&path)?;
+    Ok(kv_geometry(&model, block_size).page_elems * size_of::<f32>())
+}
+
 /// The engine state machine.
 pub struct Engine<B: Backend> {
     pub(crate) backend: B,

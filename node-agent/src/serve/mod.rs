@@ -38,7 +38,6 @@ use crate::config::{LogFormat, PoolSize, ServeConfig};
 use crate::engine::actor::EngineHandle;
 use crate::lora::ids::AdapterKey;
 use crate::metrics::{Metrics, StepMetrics};
-use crate::model::config::HfConfig;
 
 /// How long the servers get to close their connections after the drain.
 const SERVER_STOP_GRACE: Duration = Duration::from_secs(3);
@@ -103,10 +102,7 @@ async fn start_engine(
 ) -> anyhow::Result<EngineHandle> {
     let mut engine = config.engine.clone();
     if let PoolSize::Bytes(bytes) = config.pool {
-        let path = dir.join("config.json");
-        let model = HfConfig::read(&path)?.validate(&path)?;
-        let page_bytes = crate::engine::core::kv_geometry(&model, engine.block_size).page_elems
-            * size_of::<f32>();
+        let page_bytes = crate::engine::core::page_bytes(dir, engine.block_size)?;
         let pages = bytes / page_bytes as u64;
         anyhow::ensure!(
             pages >= 1,
@@ -116,9 +112,10 @@ async fn start_engine(
     }
     engine.observer = Some(Arc::new(StepMetrics(metrics.clone())));
     let dtype = parse_dtype(&config.dtype, checkpoint_dtype(dir).as_deref())?;
-    let (device, fraction) = match config.pool {
-        PoolSize::DeviceFraction(f) => (config.device, Some(f)),
-        _ => (config.device, None),
+    let device = config.device;
+    let fraction = match config.pool {
+        PoolSize::DeviceFraction(f) => Some(f),
+        PoolSize::Pages(_) | PoolSize::Bytes(_) => None,
     };
     tracing::info!(%device, ?dtype, "loading the model");
     let dir = dir.to_owned();

@@ -38,6 +38,6 @@ step "tests"
 cargo test --locked --workspace --no-fail-fast
 
 step "CUDA launch plans and parameter layouts (CPU-only; GPU parity tests skip without a device)"
-cargo test --locked -p loraplane-kernels --features cuda
+cargo test --locked -p loraplane-kernels --features cuda --lib --test cuda_parity
 
 step "done"

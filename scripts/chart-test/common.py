@@ -7,7 +7,6 @@ from __future__ import annotations
 import copy
 import os
 import re
-import sys
 from pathlib import Path
 
 import yaml
@@ -140,9 +139,6 @@ def write_yaml(path: Path, data) -> Path:
     return path
 
 
-def die(msg: str):
-    print(f"chart-test: {msg}", file=sys.stderr)
-    sys.exit(2)
 
 
 def tmpdir() -> Path:

@@ -19,9 +19,8 @@ knowledge of loraplane beyond the kind names of a few plurals), the way the oper
 It is not a conformance-grade API server: no admission, validation, defaulting, garbage
 collection or field ownership. It is enough for list/watch caches and idempotent applies.
 
-Usage: fake_kube.py --seed seed.yaml --port-file PATH [--dump PATH]
+Usage: fake_kube.py --seed seed.yaml --port-file PATH
   seed.yaml: a multi-document YAML of objects (with apiVersion, kind, metadata) to start with.
-  --dump: on SIGTERM, write every stored object as JSON lines there.
 """
 
 from __future__ import annotations
@@ -472,7 +471,6 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seed", required=True)
     ap.add_argument("--port-file", required=True)
-    ap.add_argument("--dump")
     args = ap.parse_args()
     store = Store()
     with open(args.seed) as f:
@@ -495,12 +493,6 @@ def main():
 
     os.replace(args.port_file + ".tmp", args.port_file)
     server.serve_forever(poll_interval=0.2)
-    if args.dump:
-        with store.lock, open(args.dump, "w") as f:
-            for (group, plural), objs in sorted(store.objects.items()):
-                for obj in objs.values():
-                    f.write(json.dumps(obj) + "\n")
-            f.write(json.dumps({"requests": store.requests}) + "\n")
     return 0
 
 

@@ -45,18 +45,19 @@ import yaml
 from common import (
     AGENT_TERMINATION_MARGIN_S,
     CHART,
+    HERE,
     NAMESPACE,
     Report,
     env_of,
     find,
     live_values,
     render,
+    rules_granted,
     seconds,
     tmpdir,
     write_yaml,
 )
 
-HERE = Path(__file__).resolve().parent
 TENANT, API_KEY = "team-a", "sk-team-a-chart-test"
 PROCS: list[tuple[str, subprocess.Popen]] = []
 
@@ -334,14 +335,8 @@ def check_alerts(rep: Report, prom: Prom, groups: list[dict]):
 
 
 def check_rbac(rep: Report, docs: list[dict], kube: str):
-    granted_cluster, granted_ns = set(), set()
-    for d in find(docs, "ClusterRole") + find(docs, "Role"):
-        target = granted_cluster if d["kind"] == "ClusterRole" else granted_ns
-        for rule in d["rules"]:
-            for g in rule["apiGroups"]:
-                for r in rule["resources"]:
-                    for v in rule["verbs"]:
-                        target.add((g, r, v))
+    granted_cluster = rules_granted(find(docs, "ClusterRole"))
+    granted_ns = rules_granted(find(docs, "Role"))
     _, body = http("GET", f"{kube}/_requests")
     denied = set()
     calls = json.loads(body)["requests"]

@@ -33,6 +33,7 @@ from common import (
     CHART,
     HERE,
     NAMESPACE,
+    RELEASE,
     ROOT,
     Report,
     env_of,
@@ -47,6 +48,7 @@ from common import (
     write_yaml,
 )
 
+APP_VERSION = yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"]
 KUBE_VERSIONS = ["1.27.0", "1.37.0"]  # Chart.yaml's kubeVersion floor, and the newest schemas
 NO_SCHEMA_KINDS = {"ServiceMonitor", "PodMonitor", "PrometheusRule"}
 REQUIRED_ALERTS = {
@@ -95,9 +97,22 @@ def lint(rep: Report, name: str, values: dict):
         rep.fail(f"[{name}] values.schema.json accepts the values", str(e))
 
 
-def validate_manifests(rep: Report, name: str, docs: list[dict]):
+def schema_errors(obj: dict) -> list[str]:
+    """Why `obj` fails strict validation against each of KUBE_VERSIONS' schemas (empty: valid)."""
     import kubernetes_validate as kv
 
+    errors = []
+    for version in KUBE_VERSIONS:
+        try:
+            kv.validate(obj, version, strict=True)
+        except kv.ValidationError as e:
+            errors.append(f"k8s {version}: {e.message} at {'/'.join(map(str, e.path))}")
+        except kv.SchemaNotFoundError as e:
+            errors.append(f"k8s {version}: no schema ({e})")
+    return errors
+
+
+def validate_manifests(rep: Report, name: str, docs: list[dict]):
     skipped: set[str] = set()
     for d in docs:
         obj = {k: v for k, v in d.items() if k != "__source__"}
@@ -105,14 +120,7 @@ def validate_manifests(rep: Report, name: str, docs: list[dict]):
         if d["kind"] in NO_SCHEMA_KINDS:
             skipped.add(d["kind"])
             continue
-        errors = []
-        for version in KUBE_VERSIONS:
-            try:
-                kv.validate(obj, version, strict=True)
-            except kv.ValidationError as e:
-                errors.append(f"k8s {version}: {e.message} at {'/'.join(map(str, e.path))}")
-            except kv.SchemaNotFoundError as e:
-                errors.append(f"k8s {version}: no schema ({e})")
+        errors = schema_errors(obj)
         rep.check(not errors, f"{what} validates against Kubernetes {' and '.join(KUBE_VERSIONS)} (strict)", "; ".join(errors))
     for kind in sorted(skipped):
         rep.skip(f"[{name}] {kind} schema validation",
@@ -136,7 +144,7 @@ def check_deployment(rep: Report, name: str, docs: list[dict], values: dict, fla
     v = merged(values)
     rep.check(res == v["operator"]["resources"], f"[{name}] operator resources are the values'")
     img = v["operator"]["image"]
-    want = f"{img['repository']}@{img['digest']}" if img.get("digest") else f"{img['repository']}:{img.get('tag') or '0.1.0'}"
+    want = f"{img['repository']}@{img['digest']}" if img.get("digest") else f"{img['repository']}:{img.get('tag') or APP_VERSION}"
     rep.check(c["image"] == want, f"[{name}] operator image is {want}", c["image"])
 
     env = {e["name"] for e in c.get("env", [])}
@@ -249,15 +257,13 @@ def check_refusals(rep: Report):
         try:
             with helm.Chart.load(str(CHART)) as chart:
                 chart.validate_schema(values)
-                chart.render(values, name="lp", namespace=NAMESPACE, is_install=True)
+                chart.render(values, name=RELEASE, namespace=NAMESPACE, is_install=True)
             rep.fail(f"the chart refuses {json.dumps(values)}", "it rendered")
         except Exception as e:  # noqa: BLE001
             rep.check(fragment in str(e), f"the chart refuses {json.dumps(values)}", f"refused, but for: {e}")
 
 
 def check_crds(rep: Report, operator: str, tmp: Path):
-    import kubernetes_validate as kv
-
     chart_dir = CHART / "crds"
     gen = tmp / "crds"
     gen.mkdir(parents=True, exist_ok=True)
@@ -275,12 +281,7 @@ def check_crds(rep: Report, operator: str, tmp: Path):
                   f"differs: {diff}; regenerate with `cargo run -p loraplane-operator -- crds --out-dir charts/loraplane/crds`")
     for name, text in want.items():
         for doc in yaml.safe_load_all(text):
-            errors = []
-            for version in KUBE_VERSIONS:
-                try:
-                    kv.validate(doc, version, strict=True)
-                except kv.ValidationError as e:
-                    errors.append(f"k8s {version}: {e.message}")
+            errors = schema_errors(doc)
             rep.check(not errors, f"CRD {doc['metadata']['name']} validates against Kubernetes {' and '.join(KUBE_VERSIONS)}", "; ".join(errors))
     return [doc for text in want.values() for doc in yaml.safe_load_all(text)]
 

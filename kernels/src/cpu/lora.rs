@@ -159,31 +159,33 @@ pub fn lora_expand(
         segment_owners(KERNEL, segs, rows, max_rank, pool.len(), Side::Bt, out_dim)?;
     // Tiles of TILE rows. Where a whole tile is one segment (prefill), the register-blocked
     // kernel reads each Bᵀ element once for the tile's rows; elsewhere (decode), row by row.
+    let per_row = |acc: &mut Vec<f32>, t: usize, y_row: &mut [f32]| {
+        let Some(seg) = segs.get(owners[t]) else {
+            return;
+        };
+        if seg.b_rows.is_empty() {
+            return;
+        }
+        acc.clear();
+        acc.resize(out_dim, 0.0);
+        let v_row = &v[t * max_rank..t * max_rank + seg.b_rows.len()];
+        for (&vj, &offset) in v_row.iter().zip(seg.b_rows) {
+            simd::axpy(acc, vj, &pool[offset..offset + out_dim]);
+        }
+        simd::axpy(y_row, seg.scale, acc);
+    };
     let per_tile = |acc: &mut Vec<f32>, (tile, y_tile): (usize, &mut [f32])| {
         let t0 = tile * TILE;
-        let n = y_tile.len() / out_dim;
         let owner = owners[t0];
-        if n == TILE && owners[t0..t0 + TILE].iter().all(|&o| o == owner) {
+        let whole = y_tile.len() == TILE * out_dim;
+        if whole && owners[t0..t0 + TILE].iter().all(|&o| o == owner) {
             if let Some(seg) = segs.get(owner) {
                 expand_tile(v, max_rank, t0, pool, seg, out_dim, y_tile);
             }
-            return;
-        }
-        for (k, y_row) in y_tile.chunks_mut(out_dim).enumerate() {
-            let t = t0 + k;
-            let Some(seg) = segs.get(owners[t]) else {
-                continue;
-            };
-            if seg.b_rows.is_empty() {
-                continue;
+        } else {
+            for (k, y_row) in y_tile.chunks_mut(out_dim).enumerate() {
+                per_row(acc, t0 + k, y_row);
             }
-            acc.clear();
-            acc.resize(out_dim, 0.0);
-            let v_row = &v[t * max_rank..t * max_rank + seg.b_rows.len()];
-            for (&vj, &offset) in v_row.iter().zip(seg.b_rows) {
-                simd::axpy(acc, vj, &pool[offset..offset + out_dim]);
-            }
-            simd::axpy(y_row, seg.scale, acc);
         }
     };
     if work >= PAR_MIN_WORK {
@@ -220,16 +222,11 @@ fn expand_tile(
     let rank = seg.b_rows.len();
     let v_rows: [&[f32]; TILE] =
         std::array::from_fn(|k| &v[(t0 + k) * max_rank..(t0 + k) * max_rank + rank]);
-    let b_rows: Vec<&[[f32; COLS]]> = seg
-        .b_rows
-        .iter()
-        .map(|&o| pool[o..o + out_dim].as_chunks::<COLS>().0)
-        .collect();
     let blocks = out_dim / COLS;
     for c in 0..blocks {
         let mut acc = [[0.0f32; COLS]; TILE];
-        for (j, b) in b_rows.iter().enumerate() {
-            let b = &b[c];
+        for (j, &offset) in seg.b_rows.iter().enumerate() {
+            let b = &pool[offset + c * COLS..offset + (c + 1) * COLS];
             for (acc, v_row) in acc.iter_mut().zip(&v_rows) {
                 let vj = v_row[j];
                 for (acc, b) in acc.iter_mut().zip(b) {

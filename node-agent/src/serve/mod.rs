@@ -71,13 +71,13 @@ async fn model_dir(config: &ServeConfig) -> anyhow::Result<PathBuf> {
     Ok(PathBuf::from(&config.model))
 }
 
-/// The served name of the base model: the flag, else the directory's (or repository's) name.
 /// Accepted gRPC connections with TCP_NODELAY: tokens and KV chunks are written as they are
 /// produced, and Nagle's algorithm would otherwise delay each small write by an ACK round trip.
 pub(crate) fn nodelay_incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
+/// The served name of the base model: the flag, else the directory's (or repository's) name.
 fn served_name(config: &ServeConfig, dir: &Path) -> String {
     if let Some(n) = &config.served_model_name {
         return n.clone();

@@ -88,9 +88,9 @@ pub(crate) fn pool_range(
     offset: usize,
     len: usize,
     pool_len: usize,
-) -> Result<(), KernelError> {
+) -> Result<usize, KernelError> {
     match offset.checked_add(len) {
-        Some(end) if end <= pool_len => Ok(()),
+        Some(end) if end <= pool_len => Ok(end),
         _ => Err(KernelError::PoolOffsetOutOfRange {
             kernel,
             offset,

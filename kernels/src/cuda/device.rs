@@ -17,6 +17,7 @@ use cudarc::driver::{
 
 use super::cache::{KernelSource, NvrtcCache, arch_for};
 use crate::KernelError;
+use crate::cpu::check;
 
 /// Device memory of `len` elements. CUDA cannot allocate zero bytes, so an empty buffer holds
 /// one unused element; [`DeviceBuffer::len`] is the logical length every check uses.
@@ -144,18 +145,9 @@ impl CudaDevice {
         })
     }
 
-    pub fn ordinal(&self) -> usize {
-        self.ctx.ordinal()
-    }
-
     /// The device's name, as the driver reports it.
     pub fn name(&self) -> String {
         self.ctx.name().unwrap_or_else(|e| format!("<{e}>"))
-    }
-
-    /// The virtual architecture kernels are compiled for, e.g. `compute_90`.
-    pub fn arch(&self) -> &str {
-        &self.arch
     }
 
     pub fn multiprocessors(&self) -> usize {
@@ -225,7 +217,7 @@ impl CudaDevice {
         offset: usize,
         data: &[T],
     ) -> Result<(), KernelError> {
-        let end = check_range("write", offset, data.len(), dst.len)?;
+        let end = check::pool_range("write", offset, data.len(), dst.len)?;
         if data.is_empty() {
             return Ok(());
         }
@@ -254,7 +246,7 @@ impl CudaDevice {
         offset: usize,
         len: usize,
     ) -> Result<Vec<T>, KernelError> {
-        let end = check_range("read", offset, len, src.len)?;
+        let end = check::pool_range("read", offset, len, src.len)?;
         if len == 0 {
             self.synchronize()?;
             return Ok(Vec::new());
@@ -281,14 +273,6 @@ impl CudaDevice {
     /// [`KernelError::Compile`] with the NVRTC log, or [`KernelError::Cuda`] on module load.
     pub fn preload(&self, sources: &[KernelSource]) -> Result<(), KernelError> {
         sources.iter().try_for_each(|s| self.module(s).map(|_| ()))
-    }
-
-    /// Number of kernel sources compiled and loaded so far.
-    pub fn loaded_modules(&self) -> usize {
-        self.modules
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .len()
     }
 
     fn module(&self, source: &KernelSource) -> Result<Arc<LoadedModule>, KernelError> {
@@ -346,38 +330,22 @@ impl CudaDevice {
     }
 }
 
-/// `offset + len <= size`, or [`KernelError::PoolOffsetOutOfRange`]; returns the end.
-fn check_range(
-    kernel: &'static str,
-    offset: usize,
-    len: usize,
-    size: usize,
-) -> Result<usize, KernelError> {
-    match offset.checked_add(len) {
-        Some(end) if end <= size => Ok(end),
-        _ => Err(KernelError::PoolOffsetOutOfRange {
-            kernel,
-            offset,
-            len,
-            pool_len: size,
-        }),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn ranges_are_checked_before_any_copy() {
-        assert_eq!(check_range("write", 2, 3, 5), Ok(5));
-        assert_eq!(check_range("write", 0, 0, 0), Ok(0));
+        assert_eq!(check::pool_range("write", 2, 3, 5), Ok(5));
+        assert_eq!(check::pool_range("write", 0, 0, 0), Ok(0));
         assert_eq!(
-            check_range("read", 4, 2, 5).unwrap_err().kind(),
+            check::pool_range("read", 4, 2, 5).unwrap_err().kind(),
             "pool_offset_out_of_range"
         );
         assert_eq!(
-            check_range("read", usize::MAX, 2, 5).unwrap_err().kind(),
+            check::pool_range("read", usize::MAX, 2, 5)
+                .unwrap_err()
+                .kind(),
             "pool_offset_out_of_range"
         );
     }

@@ -112,10 +112,6 @@ impl CudaBackend {
         }
     }
 
-    pub fn device(&self) -> &Arc<CudaDevice> {
-        &self.dev
-    }
-
     pub fn dtype(&self) -> WeightDtype {
         self.dtype
     }

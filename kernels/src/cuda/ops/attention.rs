@@ -3,8 +3,9 @@
 
 use cudarc::driver::PushKernelArg;
 
-use super::{launch_err, same_len};
+use super::launch_err;
 use crate::KernelError;
+use crate::cpu::check;
 use crate::cpu::{AttnSeq, KvLayout};
 use crate::cuda::ATTENTION;
 use crate::cuda::device::{CudaDevice, DeviceBuffer};
@@ -46,7 +47,7 @@ pub fn paged_attention(
         sliding_window,
         BLOCKS_PER_SM * dev.multiprocessors(),
     )?;
-    same_len(KERNEL, "out", q.len(), out.len())?;
+    check::len(KERNEL, "out", q.len(), out.len())?;
     if plan.main.is_empty() {
         return Ok(());
     }

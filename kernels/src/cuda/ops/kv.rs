@@ -5,9 +5,10 @@ use std::collections::HashSet;
 
 use cudarc::driver::PushKernelArg;
 
-use super::{launch_err, same_len};
+use super::launch_err;
 use crate::KernelError;
 use crate::cpu::KvLayout;
+use crate::cpu::check;
 use crate::cuda::KV;
 use crate::cuda::device::{CudaDevice, DeviceBuffer};
 use crate::cuda::plan::{kv_pages_plan, write_kv_plan};
@@ -48,8 +49,8 @@ pub fn write_kv(
             kernel: KERNEL,
             what: "k",
         })?;
-    same_len(KERNEL, "k", expected, k.len())?;
-    same_len(KERNEL, "v", expected, v.len())?;
+    check::len(KERNEL, "k", expected, k.len())?;
+    check::len(KERNEL, "v", expected, v.len())?;
     let num_slots = g.num_pages * g.block_size;
     if let Some(&slot) = slots.iter().find(|&&s| s >= num_slots) {
         return Err(KernelError::SlotOutOfRange {
@@ -116,7 +117,7 @@ pub fn gather_kv_pages(
             kernel: KERNEL,
             what: "out",
         })?;
-    same_len(KERNEL, "out", total, out.len())?;
+    check::len(KERNEL, "out", total, out.len())?;
     check_pages(KERNEL, pages, g.num_pages)?;
     let (plan, params) = kv_pages_plan(pages.len(), g.page_kv_elems, g.page_elems)?;
     if plan.is_empty() {
@@ -159,7 +160,7 @@ pub fn scatter_kv_pages(
             kernel: KERNEL,
             what: "data",
         })?;
-    same_len(KERNEL, "data", total, data.len())?;
+    check::len(KERNEL, "data", total, data.len())?;
     check_pages(KERNEL, pages, g.num_pages)?;
     let entries: Vec<u32> = last_occurrences(pages)
         .into_iter()

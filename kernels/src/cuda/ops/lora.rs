@@ -3,9 +3,10 @@
 
 use cudarc::driver::PushKernelArg;
 
-use super::{launch_err, same_len};
+use super::launch_err;
 use crate::KernelError;
 use crate::cpu::LoraSegment;
+use crate::cpu::check;
 use crate::cuda::LORA;
 use crate::cuda::device::{CudaDevice, DeviceBuffer};
 use crate::cuda::plan::{LoraSegmentParams, lora_expand_plan, lora_shrink_plan, lora_table};
@@ -60,7 +61,7 @@ impl DeviceLoraTable {
         kernel: &'static str,
         pool: &DeviceBuffer<f32>,
     ) -> Result<(), KernelError> {
-        same_len(kernel, "pool", self.pool_len, pool.len())
+        check::len(kernel, "pool", self.pool_len, pool.len())
     }
 }
 
@@ -78,8 +79,8 @@ pub fn lora_shrink(
     v: &mut DeviceBuffer<f32>,
 ) -> Result<(), KernelError> {
     const KERNEL: &str = "lora_shrink";
-    same_len(KERNEL, "x", table.rows * table.in_dim, x.len())?;
-    same_len(KERNEL, "v", table.rows * table.max_rank, v.len())?;
+    check::len(KERNEL, "x", table.rows * table.in_dim, x.len())?;
+    check::len(KERNEL, "v", table.rows * table.max_rank, v.len())?;
     table.check_pool(KERNEL, pool)?;
     let (plan, params) = lora_shrink_plan(table.rows, table.in_dim, table.max_rank)?;
     if plan.is_empty() {
@@ -118,8 +119,8 @@ pub fn lora_expand(
     y: &mut DeviceBuffer<f32>,
 ) -> Result<(), KernelError> {
     const KERNEL: &str = "lora_expand";
-    same_len(KERNEL, "v", table.rows * table.max_rank, v.len())?;
-    same_len(KERNEL, "y", table.rows * table.out_dim, y.len())?;
+    check::len(KERNEL, "v", table.rows * table.max_rank, v.len())?;
+    check::len(KERNEL, "y", table.rows * table.out_dim, y.len())?;
     table.check_pool(KERNEL, pool)?;
     let (plan, params) = lora_expand_plan(table.rows, table.out_dim, table.max_rank)?;
     if plan.is_empty() {
@@ -176,7 +177,7 @@ pub fn lora(
         });
     }
     let rows = x.len() / in_dim;
-    same_len(KERNEL, "y", rows * out_dim, y.len())?;
+    check::len(KERNEL, "y", rows * out_dim, y.len())?;
     if segs.is_empty() || max_rank == 0 {
         return Ok(());
     }

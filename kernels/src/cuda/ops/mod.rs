@@ -34,32 +34,3 @@ pub(crate) fn launch_err(
         message: format!("launch: {e}"),
     }
 }
-
-/// `actual == expected`, or [`KernelError::ShapeMismatch`].
-pub(crate) fn same_len(
-    kernel: &'static str,
-    what: &'static str,
-    expected: usize,
-    actual: usize,
-) -> Result<(), KernelError> {
-    if expected == actual {
-        Ok(())
-    } else {
-        Err(KernelError::ShapeMismatch {
-            kernel,
-            what,
-            expected,
-            actual,
-        })
-    }
-}
-
-/// `value` as a kernel's `u32` index, or [`KernelError::InvalidArgument`].
-pub(crate) fn index_u32(
-    kernel: &'static str,
-    what: &'static str,
-    value: usize,
-) -> Result<u32, KernelError> {
-    u32::try_from(value)
-        .map_err(|_| KernelError::invalid(kernel, what, format!("{value} exceeds u32")))
-}

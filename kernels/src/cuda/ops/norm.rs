@@ -2,10 +2,12 @@
 
 use cudarc::driver::PushKernelArg;
 
-use super::{index_u32, launch_err, same_len};
+use super::launch_err;
 use crate::KernelError;
 use crate::cpu::RopeTable;
+use crate::cpu::check;
 use crate::cuda::device::{CudaDevice, DeviceBuffer};
+use crate::cuda::plan::to_u32;
 use crate::cuda::plan::{rms_norm_plan, rope_plan};
 use crate::cuda::{RMS_NORM, ROPE};
 
@@ -31,7 +33,7 @@ pub fn rms_norm(
             width: d,
         });
     }
-    same_len(KERNEL, "out", x.len(), out.len())?;
+    check::len(KERNEL, "out", x.len(), out.len())?;
     let (plan, params) = rms_norm_plan(x.len() / d, d, eps)?;
     if plan.is_empty() {
         return Ok(());
@@ -74,8 +76,8 @@ impl DeviceRopeTable {
                     kernel: KERNEL,
                     what: "table",
                 })?;
-        same_len(KERNEL, "table.cos", len, table.cos.len())?;
-        same_len(KERNEL, "table.sin", len, table.sin.len())?;
+        check::len(KERNEL, "table.cos", len, table.cos.len())?;
+        check::len(KERNEL, "table.sin", len, table.sin.len())?;
         Ok(Self {
             cos: dev.upload(&table.cos)?,
             sin: dev.upload(&table.sin)?,
@@ -134,12 +136,12 @@ pub fn rope(
             kernel: KERNEL,
             what: "x",
         })?;
-    same_len(KERNEL, "x", expected, x.len())?;
+    check::len(KERNEL, "x", expected, x.len())?;
     let positions = positions
         .iter()
         .map(|&p| {
             if p < table.max_positions {
-                index_u32(KERNEL, "position", p)
+                to_u32(KERNEL, "position", p)
             } else {
                 Err(KernelError::PositionOutOfRange {
                     kernel: KERNEL,

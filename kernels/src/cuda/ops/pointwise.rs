@@ -1,11 +1,13 @@
 //! Launches of `elementwise.cu`: SiLU·mul, residual add, bias add, dtype conversion for 16-bit
 //! GEMMs, the embedding lookup and row selection.
 
-use super::{index_u32, launch_err, same_len};
+use super::launch_err;
 use crate::KernelError;
+use crate::cpu::check;
 use crate::cuda::ELEMENTWISE;
 use crate::cuda::device::{CudaDevice, DeviceBuffer};
 use crate::cuda::gemm::{DeviceMatrix, MatrixData, WeightDtype};
+use crate::cuda::plan::to_u32;
 use crate::cuda::plan::{copy_rows_plan, pointwise_plan};
 use cudarc::driver::PushKernelArg;
 
@@ -20,8 +22,8 @@ pub fn silu_mul(
     out: &mut DeviceBuffer<f32>,
 ) -> Result<(), KernelError> {
     const KERNEL: &str = "silu_mul";
-    same_len(KERNEL, "up", gate.len(), up.len())?;
-    same_len(KERNEL, "out", gate.len(), out.len())?;
+    check::len(KERNEL, "up", gate.len(), up.len())?;
+    check::len(KERNEL, "out", gate.len(), out.len())?;
     let (plan, params) = pointwise_plan(gate.len(), 1)?;
     if plan.is_empty() {
         return Ok(());
@@ -50,7 +52,7 @@ pub fn add(
     y: &DeviceBuffer<f32>,
 ) -> Result<(), KernelError> {
     const KERNEL: &str = "add_inplace";
-    same_len(KERNEL, "y", x.len(), y.len())?;
+    check::len(KERNEL, "y", x.len(), y.len())?;
     let (plan, params) = pointwise_plan(x.len(), 1)?;
     if plan.is_empty() {
         return Ok(());
@@ -103,7 +105,7 @@ pub(crate) fn convert_to_half(
     out: &mut DeviceBuffer<u16>,
 ) -> Result<(), KernelError> {
     const KERNEL: &str = "convert";
-    same_len(KERNEL, "out", x.len(), out.len())?;
+    check::len(KERNEL, "out", x.len(), out.len())?;
     let entry = match dtype {
         WeightDtype::Bf16 => "convert_f32_to_bf16",
         WeightDtype::F16 => "convert_f32_to_f16",
@@ -146,7 +148,7 @@ pub fn embedding(
         kernel: KERNEL,
         what: "out",
     })?;
-    same_len(KERNEL, "out", expected, out.len())?;
+    check::len(KERNEL, "out", expected, out.len())?;
     if let Some(&id) = ids.iter().find(|&&id| id as usize >= vocab) {
         return Err(KernelError::TokenOutOfRange {
             kernel: KERNEL,
@@ -222,12 +224,12 @@ pub fn select_rows(
             kernel: KERNEL,
             what: "out",
         })?;
-    same_len(KERNEL, "out", expected, out.len())?;
+    check::len(KERNEL, "out", expected, out.len())?;
     let idx = rows
         .iter()
         .map(|&r| {
             if r < x_rows {
-                index_u32(KERNEL, "rows", r)
+                to_u32(KERNEL, "rows", r)
             } else {
                 Err(KernelError::RowsOutOfRange {
                     kernel: KERNEL,

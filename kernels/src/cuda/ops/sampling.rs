@@ -3,8 +3,9 @@
 
 use cudarc::driver::PushKernelArg;
 
-use super::{launch_err, same_len};
+use super::launch_err;
 use crate::KernelError;
+use crate::cpu::check;
 use crate::cuda::SAMPLING;
 use crate::cuda::device::{CudaDevice, DeviceBuffer};
 use crate::cuda::plan::row_reduce_plan;
@@ -77,7 +78,7 @@ pub fn log_softmax_rows(
 ) -> Result<(), KernelError> {
     const KERNEL: &str = "log_softmax";
     let rows = rows_of(KERNEL, logits, vocab)?;
-    same_len(KERNEL, "out", logits.len(), out.len())?;
+    check::len(KERNEL, "out", logits.len(), out.len())?;
     let (plan, params) = row_reduce_plan(rows, vocab)?;
     if plan.is_empty() {
         return Ok(());

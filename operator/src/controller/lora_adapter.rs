@@ -24,7 +24,7 @@ use kube::runtime::reflector::ObjectRef;
 use kube::{Resource, ResourceExt};
 
 use super::apply::{event, patch_status};
-use super::base_model::{key_of, model_pods};
+use super::base_model::key_of;
 use super::converge::{AdapterWant, converge, remove_everywhere};
 use super::{Context, Error};
 use crate::crd::{BaseModel, LoraAdapter, Phase};
@@ -71,14 +71,20 @@ pub fn error_policy(adapter: Arc<LoraAdapter>, error: &Error, ctx: Arc<Context>)
 
 /// The BaseModel an adapter names: (namespace, name).
 pub fn model_ref(adapter: &LoraAdapter) -> (String, String) {
+    let (ns, name) = model_ref_borrowed(adapter);
+    (ns.to_owned(), name.to_owned())
+}
+
+/// [`model_ref`] without allocating, for filtering many adapters.
+pub fn model_ref_borrowed(adapter: &LoraAdapter) -> (&str, &str) {
     let ns = adapter
         .spec
         .base_model
         .namespace
-        .clone()
-        .or_else(|| adapter.namespace())
+        .as_deref()
+        .or(adapter.metadata.namespace.as_deref())
         .unwrap_or_default();
-    (ns, adapter.spec.base_model.name.clone())
+    (ns, adapter.spec.base_model.name.as_str())
 }
 
 fn blocked(reason: &'static str, message: String) -> AdapterOutcome {
@@ -106,20 +112,31 @@ async fn ensure_token(ctx: &Context, model_ns: &str, model_name: &str) -> Result
     Ok(found)
 }
 
+/// The agents of a model, read from the pod cache without copying the pods
+/// ([`discovery::agents`] keeps the model's ready ones).
 fn agents_of(ctx: &Context, model_ns: &str, model_name: &str) -> Vec<Agent> {
-    discovery::agents(&model_pods(ctx, model_ns, model_name), model_name)
+    let pods = ctx
+        .stores
+        .pods
+        .state_filter(|p| p.metadata.namespace.as_deref() == Some(model_ns));
+    discovery::agents(pods.iter().map(AsRef::as_ref), model_name)
 }
 
-/// Unloads the adapter from a model's agents (it is no longer admitted there).
-async fn evict(ctx: &Context, model: &BaseModel, adapter: &LoraAdapter) -> Result<(), Error> {
-    let (ns, name) = (model.namespace().unwrap_or_default(), model.name_any());
-    let agents = agents_of(ctx, &ns, &name);
-    if agents.is_empty() || !ensure_token(ctx, &ns, &name).await? {
-        return Ok(());
+/// Unloads the adapter from every agent of the model; `None` when there is nothing to reach
+/// yet (no agents, or no admin credential).
+async fn unload_everywhere(
+    ctx: &Context,
+    model_ns: &str,
+    model_name: &str,
+    adapter: &LoraAdapter,
+) -> Result<Option<u32>, Error> {
+    let agents = agents_of(ctx, model_ns, model_name);
+    if agents.is_empty() || !ensure_token(ctx, model_ns, model_name).await? {
+        return Ok(None);
     }
-    let fleet = ctx.fleets.get(&ns, &name);
+    let fleet = ctx.fleets.get(model_ns, model_name);
     let key = AdapterWant::from_adapter(adapter).key();
-    remove_everywhere(
+    let removed = remove_everywhere(
         ctx.agents.as_ref(),
         &fleet,
         &agents,
@@ -127,6 +144,13 @@ async fn evict(ctx: &Context, model: &BaseModel, adapter: &LoraAdapter) -> Resul
         ctx.settings.snapshot_ttl,
     )
     .await?;
+    Ok(Some(removed))
+}
+
+/// Unloads the adapter from a model's agents (it is no longer admitted there).
+async fn evict(ctx: &Context, model: &BaseModel, adapter: &LoraAdapter) -> Result<(), Error> {
+    let (ns, name) = (model.namespace().unwrap_or_default(), model.name_any());
+    unload_everywhere(ctx, &ns, &name, adapter).await?;
     Ok(())
 }
 
@@ -155,15 +179,16 @@ pub async fn place(adapter: &LoraAdapter, ctx: &Context) -> Result<AdapterOutcom
         ));
     }
     let limits = tenancy::limits(ns_obj.as_deref());
-    let siblings = ctx
-        .stores
-        .adapters
-        .state()
-        .into_iter()
-        .filter(|a| a.namespace().as_deref() == Some(ns.as_str()))
-        .collect::<Vec<_>>();
-    let sibling_refs: Vec<&LoraAdapter> = siblings.iter().map(|a| a.as_ref()).collect();
-    if !tenancy::within_quota(adapter, &sibling_refs, limits.max_adapters) {
+    // The namespace's adapters are only needed (and only listed) when it has a quota.
+    let over_quota = limits.max_adapters > 0 && {
+        let siblings = ctx
+            .stores
+            .adapters
+            .state_filter(|a| a.metadata.namespace.as_deref() == Some(ns.as_str()));
+        let sibling_refs: Vec<&LoraAdapter> = siblings.iter().map(AsRef::as_ref).collect();
+        !tenancy::within_quota(adapter, &sibling_refs, limits.max_adapters)
+    };
+    if over_quota {
         evict(ctx, &model, adapter).await?;
         return Ok(blocked(
             "QuotaExceeded",
@@ -257,20 +282,9 @@ async fn apply(adapter: &LoraAdapter, ctx: &Context) -> Result<Action, Error> {
 
 async fn cleanup(adapter: &LoraAdapter, ctx: &Context) -> Result<Action, Error> {
     let (model_ns, model_name) = model_ref(adapter);
-    let agents = agents_of(ctx, &model_ns, &model_name);
-    if agents.is_empty() || !ensure_token(ctx, &model_ns, &model_name).await? {
+    let Some(removed) = unload_everywhere(ctx, &model_ns, &model_name, adapter).await? else {
         return Ok(Action::await_change());
-    }
-    let fleet = ctx.fleets.get(&model_ns, &model_name);
-    let key = AdapterWant::from_adapter(adapter).key();
-    let removed = remove_everywhere(
-        ctx.agents.as_ref(),
-        &fleet,
-        &agents,
-        &key,
-        ctx.settings.snapshot_ttl,
-    )
-    .await?;
+    };
     if removed > 0 {
         event(
             &ctx.recorder,

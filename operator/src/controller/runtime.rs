@@ -23,7 +23,7 @@ use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{Controller, WatchStreamExt, watcher};
 use kube::{Client, ResourceExt};
 
-use super::lora_adapter::model_ref;
+use super::lora_adapter::model_ref_borrowed;
 use super::{Context, Settings, Stores, base_model, lora_adapter};
 use crate::agent_client::AgentApi;
 use crate::crd::{BaseModel, LoraAdapter};
@@ -85,9 +85,8 @@ fn adapters_of_model(
     name: &str,
 ) -> Vec<ObjectRef<LoraAdapter>> {
     store
-        .state()
+        .state_filter(|a| model_ref_borrowed(a) == (ns, name))
         .iter()
-        .filter(|a| model_ref(a) == (ns.to_owned(), name.to_owned()))
         .map(|a| ObjectRef::from_obj(a.as_ref()))
         .collect()
 }

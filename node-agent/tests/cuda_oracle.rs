@@ -25,20 +25,14 @@ mod workload;
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
-use workload::{adapter_spec, prompt};
+use workload::{Workload, request, workload};
 
 use loraplane_agent::backend::Backend;
 use loraplane_agent::backend::cpu::CpuBackend;
 use loraplane_agent::backend::cuda::{CudaBackend, WeightDtype};
-use loraplane_agent::engine::{
-    Engine, EngineConfig, Event, FinishReason, KvImport, KvLayer, Request, SamplingParams,
-};
-use loraplane_agent::fixtures::adapter;
-use loraplane_agent::fixtures::model::{self, ModelSpec, Preset};
+use loraplane_agent::engine::{Engine, EngineConfig, Event, FinishReason, KvImport, KvLayer};
 use loraplane_agent::fixtures::tensor::FixtureDtype;
-use loraplane_agent::lora::ids::{AdapterKey, TenantId};
 use loraplane_agent::model::config::Arch;
 use loraplane_kernels::cuda::CudaDevice;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
@@ -61,89 +55,14 @@ fn device() -> Option<Arc<CudaDevice>> {
     }
 }
 
-struct Case {
-    id: String,
-    adapter: Option<usize>,
-    prompt: Vec<u32>,
-}
-
-struct World {
-    _dir: tempfile::TempDir,
-    model: PathBuf,
-    adapters: Vec<PathBuf>,
-    cases: Vec<Case>,
-}
+type World = Workload;
 
 fn world(arch: Arch, dtype: FixtureDtype) -> World {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("model");
-    let spec = ModelSpec {
-        arch,
-        preset: Preset::Tiny,
-        dtype,
-        seed: 7,
-        shards: 2,
-    };
-    model::write(&spec, &model).unwrap();
-    let adapters = (0..ADAPTERS)
-        .map(|i| {
-            let out = dir.path().join(format!("adapter-{i}"));
-            adapter::write(&adapter_spec(i), &model, &out).unwrap();
-            out
-        })
-        .collect();
-    let mut cases: Vec<Case> = (0..ADAPTERS)
-        .map(|i| Case {
-            id: format!("a{i}"),
-            adapter: Some(i),
-            prompt: prompt(i, 5 + (i * 11) % 37, 512),
-        })
-        .collect();
-    for b in 0..2 {
-        cases.push(Case {
-            id: format!("base{b}"),
-            adapter: None,
-            prompt: prompt(100 + b, 9 + b * 20, 512),
-        });
-    }
-    World {
-        _dir: dir,
-        model,
-        adapters,
-        cases,
-    }
+    workload(arch, dtype, ADAPTERS)
 }
 
 fn engine<B: Backend>(backend: B, w: &World, config: EngineConfig) -> Engine<B> {
-    let mut e = Engine::new(backend, &w.model, config).unwrap();
-    for (i, dir) in w.adapters.iter().enumerate() {
-        let key = AdapterKey::new("default", &format!("lora-{i}"));
-        assert!(
-            e.begin_adapter_load(key.clone(), dir.clone(), None, false)
-                .unwrap()
-        );
-        let (k, source) = e.take_pending_loads().pop().unwrap();
-        assert_eq!(k, key);
-        let model_config = e.model_config().clone();
-        let host = loraplane_agent::lora::host::load(&source, &model_config, &Default::default());
-        e.finish_adapter_load(&key, host).unwrap();
-    }
-    e
-}
-
-fn request(case: &Case, max_new: usize) -> Request {
-    Request {
-        id: case.id.clone(),
-        tenant: TenantId::default_tenant(),
-        adapter: case.adapter.map(|i| format!("lora-{i}")),
-        prompt: case.prompt.clone(),
-        params: SamplingParams {
-            max_tokens: max_new,
-            ignore_eos: true,
-            return_logits: true,
-            ..SamplingParams::default()
-        },
-    }
+    workload::engine(backend, &w.model, &w.adapters, config)
 }
 
 type Outputs = HashMap<String, (Vec<u32>, Vec<Vec<f32>>)>;

@@ -19,16 +19,11 @@ mod oracle;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use workload::{adapter_spec, prompt};
+use workload::{Case, Workload, request, workload};
 
 use loraplane_agent::backend::cpu::CpuBackend;
-use loraplane_agent::engine::{
-    Engine, EngineConfig, Event, FinishReason, KvImport, KvLayer, Request, SamplingParams,
-};
-use loraplane_agent::fixtures::adapter;
-use loraplane_agent::fixtures::model::{self, ModelSpec, Preset};
+use loraplane_agent::engine::{Engine, EngineConfig, Event, FinishReason, KvImport, KvLayer};
 use loraplane_agent::fixtures::tensor::FixtureDtype;
-use loraplane_agent::lora::ids::{AdapterKey, TenantId};
 use loraplane_agent::model::config::Arch;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
@@ -37,12 +32,6 @@ const MAX_NEW: usize = 8;
 /// The small-pool run generates longer, so decodes outgrow their pages and must preempt.
 const MAX_NEW_LONG: usize = 24;
 const ADAPTERS: usize = 16;
-
-struct Case {
-    id: String,
-    adapter: Option<usize>,
-    prompt: Vec<u32>,
-}
 
 struct World {
     _dir: tempfile::TempDir,
@@ -55,40 +44,12 @@ struct World {
 }
 
 fn world(arch: Arch, dtype: FixtureDtype) -> World {
-    let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("model");
-    model::write(
-        &ModelSpec {
-            arch,
-            preset: Preset::Tiny,
-            dtype,
-            seed: 7,
-            shards: 2,
-        },
-        &model,
-    )
-    .unwrap();
-    let adapters: Vec<PathBuf> = (0..ADAPTERS)
-        .map(|i| {
-            let out = dir.path().join(format!("adapter-{i}"));
-            adapter::write(&adapter_spec(i), &model, &out).unwrap();
-            out
-        })
-        .collect();
-    let mut cases: Vec<Case> = (0..ADAPTERS)
-        .map(|i| Case {
-            id: format!("a{i}"),
-            adapter: Some(i),
-            prompt: prompt(i, 5 + (i * 11) % 37, 512),
-        })
-        .collect();
-    for b in 0..2 {
-        cases.push(Case {
-            id: format!("base{b}"),
-            adapter: None,
-            prompt: prompt(100 + b, 9 + b * 20, 512),
-        });
-    }
+    let Workload {
+        dir,
+        model,
+        adapters,
+        cases,
+    } = workload(arch, dtype, ADAPTERS);
     let mut expected = HashMap::new();
     for case in &cases {
         let merged = dir.path().join(format!("merged-{}", case.id));
@@ -120,39 +81,11 @@ fn world(arch: Arch, dtype: FixtureDtype) -> World {
     }
 }
 
-fn engine(w: &World, config: EngineConfig) -> Engine<CpuBackend> {
-    let mut e = Engine::new(CpuBackend, &w.model, config).unwrap();
-    for (i, dir) in w.adapters.iter().enumerate() {
-        let key = AdapterKey::new("default", &format!("lora-{i}"));
-        assert!(
-            e.begin_adapter_load(key.clone(), dir.clone(), None, false)
-                .unwrap()
-        );
-        let (k, source) = e.take_pending_loads().pop().unwrap();
-        assert_eq!(k, key);
-        let model_config = e.model_config().clone();
-        let host = loraplane_agent::lora::host::load(&source, &model_config, &Default::default());
-        e.finish_adapter_load(&key, host).unwrap();
-    }
-    e
-}
-
-fn request(case: &Case, max_new: usize) -> Request {
-    Request {
-        id: case.id.clone(),
-        tenant: TenantId::default_tenant(),
-        adapter: case.adapter.map(|i| format!("lora-{i}")),
-        prompt: case.prompt.clone(),
-        params: SamplingParams {
-            max_tokens: max_new,
-            ignore_eos: true,
-            return_logits: true,
-            ..SamplingParams::default()
-        },
-    }
-}
-
 /// Runs the workload: cases with `arrive_at[i] = s` are submitted before step `s`.
+fn engine(w: &World, config: EngineConfig) -> Engine<CpuBackend> {
+    workload::engine(CpuBackend, &w.model, &w.adapters, config)
+}
+
 fn run(
     e: &mut Engine<CpuBackend>,
     w: &World,

@@ -1,4 +1,4 @@
-//! The oracle workload's adapters and prompts, shared by `engine_oracle.rs` (CPU against
+//! The oracle workload (its model, adapters, prompts, engine and requests), shared by `engine_oracle.rs` (CPU against
 //! candle-transformers) and `cuda_oracle.rs` (CUDA against the CPU): both must run exactly the
 //! same workload for their results to be comparable.
 //!
@@ -7,10 +7,111 @@
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
-use loraplane_agent::fixtures::adapter::AdapterSpec;
+use loraplane_agent::backend::Backend;
+use loraplane_agent::engine::{Engine, EngineConfig, Request, SamplingParams};
+use loraplane_agent::fixtures::adapter::{self, AdapterSpec};
+use loraplane_agent::fixtures::model::{self, ModelSpec, Preset};
 use loraplane_agent::fixtures::tensor::FixtureDtype;
 use loraplane_agent::lora::Module;
+use loraplane_agent::lora::ids::{AdapterKey, TenantId};
+use loraplane_agent::model::config::Arch;
+
+/// One request of the workload: on adapter `lora-{i}` or the base model.
+pub struct Case {
+    pub id: String,
+    pub adapter: Option<usize>,
+    pub prompt: Vec<u32>,
+}
+
+/// The tiny fixture model of `arch` in `dtype`, `adapters` adapters cycling through
+/// [`adapter_spec`], and one case per adapter plus two on the base model.
+pub struct Workload {
+    pub dir: tempfile::TempDir,
+    pub model: PathBuf,
+    pub adapters: Vec<PathBuf>,
+    pub cases: Vec<Case>,
+}
+
+pub fn workload(arch: Arch, dtype: FixtureDtype, adapters: usize) -> Workload {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    let spec = ModelSpec {
+        arch,
+        preset: Preset::Tiny,
+        dtype,
+        seed: 7,
+        shards: 2,
+    };
+    model::write(&spec, &model).unwrap();
+    let adapter_dirs = (0..adapters)
+        .map(|i| {
+            let out = dir.path().join(format!("adapter-{i}"));
+            adapter::write(&adapter_spec(i), &model, &out).unwrap();
+            out
+        })
+        .collect();
+    let mut cases: Vec<Case> = (0..adapters)
+        .map(|i| Case {
+            id: format!("a{i}"),
+            adapter: Some(i),
+            prompt: prompt(i, 5 + (i * 11) % 37, 512),
+        })
+        .collect();
+    for b in 0..2 {
+        cases.push(Case {
+            id: format!("base{b}"),
+            adapter: None,
+            prompt: prompt(100 + b, 9 + b * 20, 512),
+        });
+    }
+    Workload {
+        dir,
+        model,
+        adapters: adapter_dirs,
+        cases,
+    }
+}
+
+/// An engine on `backend` with every adapter loaded as `lora-{i}` of tenant `default`.
+pub fn engine<B: Backend>(
+    backend: B,
+    model: &Path,
+    adapters: &[PathBuf],
+    config: EngineConfig,
+) -> Engine<B> {
+    let mut e = Engine::new(backend, model, config).unwrap();
+    for (i, dir) in adapters.iter().enumerate() {
+        let key = AdapterKey::new("default", &format!("lora-{i}"));
+        assert!(
+            e.begin_adapter_load(key.clone(), dir.clone(), None, false)
+                .unwrap()
+        );
+        let (k, source) = e.take_pending_loads().pop().unwrap();
+        assert_eq!(k, key);
+        let model_config = e.model_config().clone();
+        let host = loraplane_agent::lora::host::load(&source, &model_config, &Default::default());
+        e.finish_adapter_load(&key, host).unwrap();
+    }
+    e
+}
+
+/// The greedy request of `case` for `max_new` tokens, with logits.
+pub fn request(case: &Case, max_new: usize) -> Request {
+    Request {
+        id: case.id.clone(),
+        tenant: TenantId::default_tenant(),
+        adapter: case.adapter.map(|i| format!("lora-{i}")),
+        prompt: case.prompt.clone(),
+        params: SamplingParams {
+            max_tokens: max_new,
+            ignore_eos: true,
+            return_logits: true,
+            ..SamplingParams::default()
+        },
+    }
+}
 
 /// Eight adapter shapes (ranks 4–32, different targets, one rank_pattern, one rsLoRA); the 16
 /// adapters of the workload cycle through them with different seeds.

@@ -1,7 +1,7 @@
 //! `loraplane-agent bench all --quick` on the tiny fixture, as CI runs it: every suite must
-//! produce its Markdown (with each §6 target marked), its JSON and its PNG plots, and they must
-//! parse. The figures themselves are reported, never asserted: on a shared 2-core CI machine
-//! they say nothing reliable.
+//! produce its Markdown (with each target of docs/performance-targets.md marked), its JSON and
+//! its PNG plots, and they must parse. The figures themselves are reported, never asserted: on
+//! a shared 2-core CI machine they say nothing reliable.
 
 // Test helpers fail loudly by design.
 #![allow(clippy::unwrap_used)]
@@ -88,7 +88,7 @@ fn bench_all_quick_writes_markdown_json_and_plots() {
             check_png(&out.path().join(file));
         }
     }
-    // The §6 targets these suites cover are all in the summary.
+    // The targets (docs/performance-targets.md) these suites cover are all in the summary.
     let summary = std::fs::read_to_string(out.path().join("summary.md")).unwrap();
     for needle in [
         "LoRA overhead ratio",

@@ -301,8 +301,8 @@ fn suite(arch: Arch, dtype: FixtureDtype) {
         stats.adapter_device_evictions > 0,
         "{arch}: and adapter evictions"
     );
-    // §6: the unified pool is (nearly) full before anything is preempted — idle adapters are
-    // evicted first, and no page is held back for either kind.
+    // docs/performance-targets.md §2.6: the unified pool is (nearly) full before anything is
+    // preempted — idle adapters are evicted first, and no page is held back for either kind.
     let utilisation = stats.utilisation_at_first_preemption.unwrap();
     eprintln!("{arch}: pool utilisation at the first preemption {utilisation:.3}");
     assert!(

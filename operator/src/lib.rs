@@ -1,7 +1,7 @@
 //! `loraplane-operator`: the Kubernetes operator that turns `BaseModel` and `LoraAdapter`
 //! resources (group `loraplane.dev`) into running `loraplane-agent` fleets and placed adapters.
 //!
-//! Layout (STYLE.md rules 1–3): pure logic with no Kubernetes or gRPC I/O — [`crd`] (the
+//! Layout (docs/style.md rules 1–3): pure logic with no Kubernetes or gRPC I/O — [`crd`] (the
 //! types), [`desired`] (builders of child objects), [`placement`], [`discovery`], [`tenancy`],
 //! [`status`]; the edges — [`controller`] (reads, applies, patches status), [`agent_client`]
 //! (the agents' Admin API), [`leader`], [`server`], [`metrics`]. The operator never depends on

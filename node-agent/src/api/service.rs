@@ -129,7 +129,7 @@ pub struct ModelCard {
     pub parent: Option<String>,
 }
 
-/// The domain operations the transports need (STYLE rule 16).
+/// The domain operations the transports need (docs/style.md rule 16).
 pub trait Inference: Clone + Send + Sync + 'static {
     /// Resolves the presented API key.
     fn authenticate(&self, token: Option<&str>) -> Result<Caller, ApiError>;

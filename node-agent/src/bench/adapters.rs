@@ -8,8 +8,8 @@
 //! - **merged** (S-LoRA's "vLLM-packed" baseline, time-multiplexed): one adapter merged into the
 //!   base weights at a time, requests grouped by adapter, weights swapped between groups.
 //!
-//! Targets (§6): ≥ 4× merged serving's throughput at 64 adapters; throughput at 1,000 adapters
-//! within 10 % of 10 adapters.
+//! Targets (docs/performance-targets.md §2.3): ≥ 4× merged serving's throughput at 64
+//! adapters; throughput at 1,000 adapters within 10 % of 10 adapters.
 
 mod merged;
 
@@ -583,9 +583,9 @@ fn engine_config_for_pressure(
     })
 }
 
-/// §6 "zero OOMs: the pool pre-empts instead; utilisation ≥ 95 % before the first
-/// preemption": the workload all at once on a small pool. Returns the run and the pool's
-/// utilisation when the engine first pre-empted (`None` if it never had to).
+/// docs/performance-targets.md §2.6 "zero OOMs: the pool pre-empts instead; utilisation
+/// ≥ 95 % before the first preemption": the workload all at once on a small pool. Returns the
+/// run and the pool's utilisation when the engine first pre-empted (`None` if it never had to).
 fn pool_pressure(
     ctx: &mut Ctx,
     dir: &std::path::Path,

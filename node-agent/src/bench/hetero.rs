@@ -1,8 +1,9 @@
 //! `bench hetero`: the LoRA overhead of heterogeneous batching. One batch of 64 requests, each
 //! on its own adapter (ranks 8–64 cycled, all seven linear modules), against the same batch on
 //! the base model: a prefill step (all 64 prompts in one step) and decode steps (64 tokens
-//! each), timed separately, repeated with the two modes interleaved. Target (§6): the adapter
-//! batch keeps ≥ 80 % of the no-adapter tokens/s.
+//! each), timed separately, repeated with the two modes interleaved. Target
+//! (docs/performance-targets.md §2.2): the adapter batch keeps ≥ 80 % of the no-adapter
+//! tokens/s.
 
 use serde_json::json;
 use tokio::sync::mpsc::UnboundedReceiver;

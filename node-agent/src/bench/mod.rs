@@ -1,9 +1,9 @@
 //! `loraplane-agent bench <suite>`: the benchmark suite that measures the engine against the
-//! performance targets of ARCHITECTURE.md §6 and the experiments of the papers behind it
+//! performance targets of docs/performance-targets.md and the experiments of the papers behind it
 //! (S-LoRA's adapter sweep, Splitwise's phase split, the roofline of the decode step).
 //!
 //! Every suite writes `<out>/<suite>.md`, `<out>/<suite>.json` and PNG plots, prints a short
-//! summary table, and marks each §6 target it covers as met or missed. Figures are ratios taken
+//! summary table, and marks each target it covers as met or missed. Figures are ratios taken
 //! within one run on one machine, so they compare like with like; they are reported, never
 //! asserted. `--quick` shrinks every suite so `bench all --quick` fits in a few minutes of a
 //! debug build (CI runs it with `--preset tiny`).

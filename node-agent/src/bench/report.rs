@@ -24,11 +24,11 @@ pub fn register_font() -> anyhow::Result<()> {
         .map_err(|_| anyhow::anyhow!("the bundled plot font cannot be parsed"))
 }
 
-/// One §6 target and how the run did against it.
+/// One target (docs/performance-targets.md) and how the run did against it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Target {
     pub name: String,
-    /// The target as §6 words it, e.g. `≥ 0.80 of the no-adapter tokens/s`.
+    /// The target as the suite words it, e.g. `≥ 0.80 of the no-adapter tokens/s`.
     pub goal: String,
     pub measured: String,
     pub value: f64,
@@ -243,7 +243,7 @@ impl Report {
             e.suite_seconds
         );
         if !self.targets.is_empty() {
-            md += "## Targets (ARCHITECTURE.md §6)\n\n| target | goal | measured | status |\n|---|---|---|---|\n";
+            md += "## Targets (docs/performance-targets.md)\n\n| target | goal | measured | status |\n|---|---|---|---|\n";
             for t in &self.targets {
                 md += &format!(
                     "| {} | {} | {} | {} |\n",

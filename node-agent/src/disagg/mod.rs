@@ -1,7 +1,7 @@
 //! Splitwise disaggregation: prefill agents compute prompts and stream their KV cache, layer by
 //! layer, to decode agents over the `loraplane.v1.KvTransfer` gRPC service.
 //!
-//! Design (decode-first, as ARCHITECTURE.md §3): a client reaches a decode agent, which sends
+//! Design (decode-first, docs/architecture.md §3.6): a client reaches a decode agent, which sends
 //! the tokenized prompt to a prefill agent it picks and receives the KV cache as the prefill
 //! agent's layers finish (so transfer overlaps prefill compute). The decode agent buffers the
 //! stream in host memory, validates it completely, and only then admits the request into its

@@ -122,7 +122,8 @@ pub struct EngineStats {
     pub queued_prefill_tokens: usize,
     pub steps: u64,
     pub preemptions: u64,
-    /// Pool utilisation when the first preemption happened (§6: ≥ 95 %); `None` before one.
+    /// Pool utilisation when the first preemption happened (docs/performance-targets.md §2.6:
+    /// ≥ 95 %); `None` before one.
     pub utilisation_at_first_preemption: Option<f64>,
     pub tokens_generated: u64,
     pub last_batch_tokens: usize,

@@ -69,17 +69,6 @@ pub mod names {
     pub const QUEUED_PREFILL_TOKENS: &str = "loraplane_queued_prefill_tokens";
     pub const ROLE: &str = "loraplane_role_info";
 
-    /// The disaggregation series, for tests of prefill and decode agents.
-    pub const DISAGG: &[&str] = &[
-        KV_BYTES,
-        KV_SECONDS,
-        KV_TRANSFERS,
-        KV_FAILURES,
-        PREFILLS,
-        QUEUED_PREFILL_TOKENS,
-        ROLE,
-    ];
-
     /// Every name above, for tests that check a scrape has them all.
     pub const ALL: &[&str] = &[
         TIME_TO_FIRST_TOKEN,

@@ -28,11 +28,6 @@ impl Role {
     pub fn parse(s: &str) -> Option<Role> {
         Role::ALL.into_iter().find(|r| r.as_str() == s)
     }
-
-    /// Whether clients reach this role through the client Service.
-    pub fn serves_clients(self) -> bool {
-        matches!(self, Role::Unified | Role::Decode)
-    }
 }
 
 impl fmt::Display for Role {

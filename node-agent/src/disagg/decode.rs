@@ -6,7 +6,7 @@
 //! resolves to every prefill pod), re-resolved periodically. Choice: peers already known to hold
 //! the request's adapter first, then the fewest prompt tokens this agent has in flight to them.
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -329,9 +329,4 @@ impl DecodeRouter {
         ))
         .into())
     }
-}
-
-/// Failures by kind, for metrics.
-pub fn failure_counts(stats: &DisaggStats) -> BTreeMap<&'static str, u64> {
-    stats.failures()
 }

@@ -68,10 +68,3 @@ impl fmt::Debug for Digest {
         write!(f, "sha256:{}…", &self.hex()[..12])
     }
 }
-
-/// An adapter's full identity: who, which name, which weights.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub struct AdapterId {
-    pub key: AdapterKey,
-    pub digest: Digest,
-}

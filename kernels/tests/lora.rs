@@ -152,6 +152,14 @@ fn large_prefill_batch_takes_the_parallel_path_and_matches_naive() {
 }
 
 #[test]
+fn prefill_segments_with_ragged_ranks_and_columns_match_naive() {
+    // Ranks that leave a partial GEMM panel (20 of 32), outputs that leave a column tail
+    // (37 = 2·16 + 5), long segments (GEMM path) beside a single row (streaming path).
+    let spec = [(0..30, 20, 0.5), (30..31, 24, 1.0), (33..64, 24, 2.0)];
+    check(4, 64, 50, 37, 24, &spec);
+}
+
+#[test]
 fn max_rank_zero_is_a_no_op() {
     let pool = vec![1.0f32; 64];
     let x = vec![1.0f32; 2 * 8];

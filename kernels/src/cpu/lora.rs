@@ -11,7 +11,8 @@
 
 use rayon::prelude::*;
 
-use super::{PAR_MIN_WORK, check, simd};
+use super::gemm::{Contiguous, Gathered, Isa, KC, MR, NR, axpy, dots, micro};
+use super::{PAR_MIN_WORK, check};
 use crate::KernelError;
 
 /// One adapter's rows in a batch.
@@ -103,25 +104,38 @@ pub fn lora_shrink(
         check::mul(KERNEL, "v", rows, max_rank)?,
         v.len(),
     )?;
-    let (owners, work) = segment_owners(KERNEL, segs, rows, max_rank, pool.len(), Side::A, in_dim)?;
+    let (_, work) = segment_owners(KERNEL, segs, rows, max_rank, pool.len(), Side::A, in_dim)?;
     if max_rank == 0 {
         return Ok(()); // every segment has rank 0 and v is empty
     }
-    let per_row = |(t, v_row): (usize, &mut [f32])| {
-        let Some(seg) = segs.get(owners[t]) else {
-            return;
-        };
-        let x_row = &x[t * in_dim..(t + 1) * in_dim];
-        let (active, padding) = v_row.split_at_mut(seg.a_rows.len());
-        for (v, &offset) in active.iter_mut().zip(seg.a_rows) {
-            *v = simd::dot(x_row, &pool[offset..offset + in_dim]);
+    let isa = Isa::detect();
+    let chunks = segment_chunks(segs, v, max_rank);
+    let per_chunk = |packed: &mut Vec<f32>,
+                     (seg, t0, v_rows): (&LoraSegment<'_>, usize, &mut [f32])| {
+        let rank = seg.a_rows.len();
+        let m = v_rows.len() / max_rank;
+        let x = &x[t0 * in_dim..(t0 + m) * in_dim];
+        if m >= PACK_MIN_ROWS && rank > 0 {
+            // Prefill: A packed once into GEMM panels, then the base GEMM's tiles.
+            pack_rows(pool, seg.a_rows, in_dim, packed);
+            gemm_rows(isa, x, in_dim, packed, rank, v_rows, max_rank);
+        } else {
+            // Decode: each A row read once for up to MR rows, no packing.
+            for (x, v_tile) in x.chunks(MR * in_dim).zip(v_rows.chunks_mut(MR * max_rank)) {
+                shrink_tile(isa, x, in_dim, pool, seg.a_rows, v_tile, max_rank);
+            }
         }
-        padding.fill(0.0);
+        for v_row in v_rows.chunks_mut(max_rank) {
+            v_row[rank..].fill(0.0);
+        }
     };
     if work >= PAR_MIN_WORK {
-        v.par_chunks_mut(max_rank).enumerate().for_each(per_row);
+        chunks.into_par_iter().for_each_init(Vec::new, per_chunk);
     } else {
-        v.chunks_mut(max_rank).enumerate().for_each(per_row);
+        let mut packed = Vec::new();
+        chunks
+            .into_iter()
+            .for_each(|chunk| per_chunk(&mut packed, chunk));
     }
     Ok(())
 }
@@ -155,101 +169,179 @@ pub fn lora_expand(
         check::mul(KERNEL, "v", rows, max_rank)?,
         v.len(),
     )?;
-    let (owners, work) =
-        segment_owners(KERNEL, segs, rows, max_rank, pool.len(), Side::Bt, out_dim)?;
-    // Tiles of TILE rows. Where a whole tile is one segment (prefill), the register-blocked
-    // kernel reads each Bᵀ element once for the tile's rows; elsewhere (decode), row by row.
-    let per_row = |acc: &mut Vec<f32>, t: usize, y_row: &mut [f32]| {
-        let Some(seg) = segs.get(owners[t]) else {
-            return;
-        };
-        if seg.b_rows.is_empty() {
+    let (_, work) = segment_owners(KERNEL, segs, rows, max_rank, pool.len(), Side::Bt, out_dim)?;
+    let isa = Isa::detect();
+    let chunks = segment_chunks(segs, y, out_dim);
+    let per_chunk = |acc: &mut Vec<f32>,
+                     (seg, t0, y_rows): (&LoraSegment<'_>, usize, &mut [f32])| {
+        let rank = seg.b_rows.len();
+        if rank == 0 {
             return;
         }
-        acc.clear();
-        acc.resize(out_dim, 0.0);
-        let v_row = &v[t * max_rank..t * max_rank + seg.b_rows.len()];
-        for (&vj, &offset) in v_row.iter().zip(seg.b_rows) {
-            simd::axpy(acc, vj, &pool[offset..offset + out_dim]);
-        }
-        simd::axpy(y_row, seg.scale, acc);
-    };
-    let per_tile = |acc: &mut Vec<f32>, (tile, y_tile): (usize, &mut [f32])| {
-        let t0 = tile * TILE;
-        let owner = owners[t0];
-        let whole = y_tile.len() == TILE * out_dim;
-        if whole && owners[t0..t0 + TILE].iter().all(|&o| o == owner) {
-            if let Some(seg) = segs.get(owner) {
-                expand_tile(v, max_rank, t0, pool, seg, out_dim, y_tile);
-            }
+        let m = y_rows.len() / out_dim;
+        let v = &v[t0 * max_rank..(t0 + m) * max_rank];
+        if m >= PACK_MIN_ROWS {
+            // Prefill: Bᵀ's rows are already the GEMM's panel rows; tiles read them in place.
+            expand_tiles(isa, v, max_rank, pool, seg, out_dim, y_rows);
         } else {
-            for (k, y_row) in y_tile.chunks_mut(out_dim).enumerate() {
-                per_row(acc, t0 + k, y_row);
+            // Decode: each Bᵀ row streamed once, in order, for every row of the segment; the
+            // rows' sums stay in `acc` (L1) until they are scaled into `y` once.
+            acc.clear();
+            acc.resize(m * out_dim, 0.0);
+            for (j, &offset) in seg.b_rows.iter().enumerate() {
+                let b = &pool[offset..offset + out_dim];
+                for (acc, v) in acc.chunks_mut(out_dim).zip(v.chunks(max_rank)) {
+                    axpy(isa, acc, v[j], b);
+                }
+            }
+            for (y, acc) in y_rows.chunks_mut(out_dim).zip(acc.chunks(out_dim)) {
+                axpy(isa, y, seg.scale, acc);
             }
         }
     };
     if work >= PAR_MIN_WORK {
-        y.par_chunks_mut(out_dim * TILE)
-            .enumerate()
-            .for_each_init(Vec::new, per_tile);
+        chunks.into_par_iter().for_each_init(Vec::new, per_chunk);
     } else {
         let mut acc = Vec::new();
-        y.chunks_mut(out_dim * TILE)
-            .enumerate()
-            .for_each(|item| per_tile(&mut acc, item));
+        chunks
+            .into_iter()
+            .for_each(|chunk| per_chunk(&mut acc, chunk));
     }
     Ok(())
 }
 
-/// Rows per tile of [`lora_expand`].
-const TILE: usize = 4;
-/// Output columns per register block of [`expand_tile`].
-const COLS: usize = 8;
+/// Segments of at least this many rows (prefill chunks) run as GEMMs on packed or in-place
+/// panels; shorter ones (decode) stream each adapter row once.
+const PACK_MIN_ROWS: usize = 2 * MR;
 
-/// [`lora_expand`] for TILE consecutive rows `t0..` of one segment: for each block of COLS
-/// output columns, TILE × COLS accumulators stay in registers while the segment's Bᵀ rows
-/// stream past, so each Bᵀ element is loaded once for TILE rows (the row-by-row path loads it,
-/// and loads and stores the accumulator, once per row).
-fn expand_tile(
-    v: &[f32],
+/// Packs the `rank` rows of A (each `in_dim` long, at pool offsets `a_rows`) into GEMM panels
+/// of [`NR`] columns, `k`-major, the last panel zero-padded (see `gemm::PackedMatrix`).
+fn pack_rows(pool: &[f32], a_rows: &[usize], in_dim: usize, packed: &mut Vec<f32>) {
+    let panels = a_rows.len().div_ceil(NR);
+    packed.clear();
+    packed.resize(panels * in_dim * NR, 0.0);
+    for (j, &offset) in a_rows.iter().enumerate() {
+        let panel = &mut packed[j / NR * in_dim * NR..];
+        for (k, &a) in pool[offset..offset + in_dim].iter().enumerate() {
+            panel[k * NR + j % NR] = a;
+        }
+    }
+}
+
+/// `v[:, ..rank] = x · Aᵀ` for the rows of `x` against A packed by [`pack_rows`].
+fn gemm_rows(
+    isa: Isa,
+    x: &[f32],
+    in_dim: usize,
+    packed: &[f32],
+    rank: usize,
+    v: &mut [f32],
     max_rank: usize,
-    t0: usize,
-    pool: &[f32],
-    seg: &LoraSegment<'_>,
-    out_dim: usize,
-    y_tile: &mut [f32],
 ) {
-    let rank = seg.b_rows.len();
-    let v_rows: [&[f32]; TILE] =
-        std::array::from_fn(|k| &v[(t0 + k) * max_rank..(t0 + k) * max_rank + rank]);
-    let blocks = out_dim / COLS;
-    for c in 0..blocks {
-        let mut acc = [[0.0f32; COLS]; TILE];
-        for (j, &offset) in seg.b_rows.iter().enumerate() {
-            let b = &pool[offset + c * COLS..offset + (c + 1) * COLS];
-            for (acc, v_row) in acc.iter_mut().zip(&v_rows) {
-                let vj = v_row[j];
-                for (acc, b) in acc.iter_mut().zip(b) {
-                    *acc += vj * b;
+    let rows = x.len() / in_dim;
+    for k0 in (0..in_dim).step_by(KC) {
+        let kc = KC.min(in_dim - k0);
+        for p in 0..rank.div_ceil(NR) {
+            let cols = NR.min(rank - p * NR);
+            let b = Contiguous(&packed[p * in_dim * NR + k0 * NR..][..kc * NR]);
+            for (i, v_tile) in v.chunks_mut(MR * max_rank).enumerate() {
+                let m = v_tile.len() / max_rank;
+                let acc = micro(isa, m, &x[i * MR * in_dim + k0..], in_dim, kc, b);
+                for (v_row, acc) in v_tile.chunks_mut(max_rank).zip(&acc) {
+                    let v = &mut v_row[p * NR..p * NR + cols];
+                    for (v, &a) in v.iter_mut().zip(acc) {
+                        if k0 == 0 { *v = a } else { *v += a }
+                    }
                 }
             }
         }
-        for (k, acc) in acc.iter().enumerate() {
-            let y = &mut y_tile[k * out_dim + c * COLS..k * out_dim + (c + 1) * COLS];
-            for (y, a) in y.iter_mut().zip(acc) {
-                *y += seg.scale * a;
+    }
+    debug_assert_eq!(rows * max_rank, v.len());
+}
+
+/// `y += scale · v · Bᵀ` for a prefill segment: tiles of [`MR`] rows × [`NR`] columns with Bᵀ's
+/// rows read in place from their pages; columns past the last whole panel one by one.
+fn expand_tiles(
+    isa: Isa,
+    v: &[f32],
+    max_rank: usize,
+    pool: &[f32],
+    seg: &LoraSegment<'_>,
+    out_dim: usize,
+    y: &mut [f32],
+) {
+    let rank = seg.b_rows.len();
+    let full = out_dim / NR * NR;
+    let b = Gathered::new(pool, seg.b_rows, out_dim);
+    for (v_tile, y_tile) in v.chunks(MR * max_rank).zip(y.chunks_mut(MR * out_dim)) {
+        let m = y_tile.len() / out_dim;
+        for col in (0..full).step_by(NR) {
+            let acc = micro(isa, m, v_tile, max_rank, rank, b.at(col));
+            for (y_row, acc) in y_tile.chunks_mut(out_dim).zip(&acc) {
+                for (y, a) in y_row[col..col + NR].iter_mut().zip(acc) {
+                    *y += seg.scale * a;
+                }
+            }
+        }
+        for o in full..out_dim {
+            for (v_row, y_row) in v_tile.chunks(max_rank).zip(y_tile.chunks_mut(out_dim)) {
+                let sum: f32 = v_row[..rank]
+                    .iter()
+                    .zip(seg.b_rows)
+                    .map(|(vj, &offset)| vj * pool[offset + o])
+                    .sum();
+                y_row[o] += seg.scale * sum;
             }
         }
     }
-    // Columns past the last whole block.
-    for o in blocks * COLS..out_dim {
-        for (k, v_row) in v_rows.iter().enumerate() {
-            let sum: f32 = v_row
-                .iter()
-                .zip(seg.b_rows)
-                .map(|(vj, &offset)| vj * pool[offset + o])
-                .sum();
-            y_tile[k * out_dim + o] += seg.scale * sum;
+}
+
+/// Rows per parallel task: enough tiles to amortise a task, few enough that a long prefill
+/// segment spreads over every thread.
+const CHUNK_ROWS: usize = 8 * MR;
+
+/// Cuts `out` (`[T, width]`) into the row chunks of every segment (at most [`CHUNK_ROWS`] rows
+/// each), as `(segment, first row, rows)`, so tasks own disjoint rows. Segments were validated
+/// as disjoint ranges inside `0..T`.
+fn segment_chunks<'s, 'a, 'o>(
+    segs: &'s [LoraSegment<'a>],
+    out: &'o mut [f32],
+    width: usize,
+) -> Vec<(&'s LoraSegment<'a>, usize, &'o mut [f32])> {
+    let mut order: Vec<&LoraSegment<'a>> = segs.iter().filter(|s| !s.rows.is_empty()).collect();
+    order.sort_by_key(|s| s.rows.start);
+    let mut chunks = Vec::new();
+    let mut rest = out;
+    let mut at = 0;
+    for seg in order {
+        let tail = std::mem::take(&mut rest);
+        let (_, tail) = tail.split_at_mut((seg.rows.start - at) * width);
+        let (mine, tail) = tail.split_at_mut(seg.rows.len() * width);
+        rest = tail;
+        at = seg.rows.end;
+        for (i, rows) in mine.chunks_mut(CHUNK_ROWS * width).enumerate() {
+            chunks.push((seg, seg.rows.start + i * CHUNK_ROWS, rows));
+        }
+    }
+    chunks
+}
+
+/// `v[r][j] = x[r] · A_j` for the `m = x.len() / in_dim` (≤ MR) rows of a tile and every A row
+/// `j` of the segment: each A row is read once for all the tile's rows.
+fn shrink_tile(
+    isa: Isa,
+    x: &[f32],
+    in_dim: usize,
+    pool: &[f32],
+    a_rows: &[usize],
+    v: &mut [f32],
+    max_rank: usize,
+) {
+    for (j, &offset) in a_rows.iter().enumerate() {
+        let a = &pool[offset..offset + in_dim];
+        let sums = dots(isa, x, a);
+        for (k, sum) in sums.iter().enumerate().take(x.len() / in_dim) {
+            v[k * max_rank + j] = *sum;
         }
     }
 }

@@ -8,11 +8,13 @@
 //! - Work is split across rayon's pool only above [`PAR_MIN_WORK`] multiply-adds, so decode-sized
 //!   calls do not pay the fork/join overhead.
 //! - Inner loops are written as fixed-width lane loops (see `simd`) that the compiler vectorises
-//!   without `unsafe` or target-specific intrinsics.
+//!   without `unsafe` or target-specific intrinsics — except the base GEMM (`gemm`), whose
+//!   register-blocked micro-kernel uses AVX2/FMA intrinsics where the CPU has them.
 
 mod attention;
 pub(crate) mod check;
 mod elementwise;
+mod gemm;
 mod kv;
 pub(crate) mod lora;
 mod norm;
@@ -22,6 +24,7 @@ mod simd;
 
 pub use attention::{AttnSeq, paged_attention};
 pub use elementwise::{add_inplace, embedding, silu_mul, stream_sum};
+pub use gemm::{PackedMatrix, gemm_packed};
 pub use kv::{KvLayout, gather_kv_pages, scatter_kv_pages, write_kv};
 pub use lora::{LoraSegment, lora_expand, lora_shrink};
 pub use norm::rms_norm;

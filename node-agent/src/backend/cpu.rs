@@ -1,9 +1,8 @@
-//! The CPU backend: base GEMMs on candle-core (the `gemm` crate, multi-threaded), everything
-//! else on the reference kernels of `loraplane-kernels`. All f32.
+//! The CPU backend: every operation on the kernels of `loraplane-kernels` (the base GEMMs on
+//! weights packed at load, multi-threaded on rayon's pool). All f32.
 
-use candle_core::{Device, Tensor};
 use loraplane_kernels::cpu as k;
-use loraplane_kernels::cpu::{AttnSeq, KvLayout, LoraSegment, RopeTable};
+use loraplane_kernels::cpu::{AttnSeq, KvLayout, LoraSegment, PackedMatrix, RopeTable};
 
 use super::{Backend, BackendError, Result};
 
@@ -25,22 +24,18 @@ impl CpuTensor {
     }
 }
 
-/// Weights. Matrices keep Hugging Face's `[out, in]` data and multiply through a transposed
-/// view, so loading copies nothing and a tied LM head shares the embedding's memory.
+/// Weights. Matrices are packed once at load for the base GEMM ([`k::gemm_packed`]), which
+/// then reads them in the micro-kernel's order on every step without re-packing.
 #[derive(Debug)]
 pub enum CpuParam {
     Vector(Vec<f32>),
-    /// `[out, in]` data as a candle tensor, plus its `[in, out]` view for `x · Wᵀ`.
-    Matrix {
-        transposed: Tensor,
-        out_dim: usize,
-    },
-    /// `[vocab, hidden]`, kept both flat (lookups) and as a tensor (tied LM head).
+    /// `[out, in]` weights packed for `x · Wᵀ`.
+    Matrix(PackedMatrix),
+    /// `[vocab, hidden]`, kept flat (lookups) and packed (tied LM head).
     Table {
         data: Vec<f32>,
-        transposed: Tensor,
+        packed: PackedMatrix,
         hidden: usize,
-        vocab: usize,
     },
 }
 
@@ -48,28 +43,10 @@ pub enum CpuParam {
 #[derive(Debug, Default, Clone)]
 pub struct CpuBackend;
 
-fn gemm_err(e: candle_core::Error) -> BackendError {
-    BackendError::Gemm(e.to_string())
-}
-
-fn transposed(data: Vec<f32>, out_dim: usize, in_dim: usize) -> Result<Tensor> {
-    Tensor::from_vec(data, (out_dim, in_dim), &Device::Cpu)
-        .and_then(|t| t.t())
-        .map_err(gemm_err)
-}
-
-fn matmul(x: &CpuTensor, w_t: &Tensor, out_dim: usize) -> Result<CpuTensor> {
-    let xt = Tensor::from_vec(x.data.clone(), (x.rows, x.cols), &Device::Cpu).map_err(gemm_err)?;
-    let y = xt.matmul(w_t).map_err(gemm_err)?;
-    let data = y
-        .flatten_all()
-        .and_then(|y| y.to_vec1::<f32>())
-        .map_err(gemm_err)?;
-    Ok(CpuTensor {
-        data,
-        rows: x.rows,
-        cols: out_dim,
-    })
+fn matmul(x: &CpuTensor, w: &PackedMatrix) -> Result<CpuTensor> {
+    let mut y = CpuTensor::zeros(x.rows, w.out_dim());
+    k::gemm_packed(&x.data, w, &mut y.data)?;
+    Ok(y)
 }
 
 fn vector(p: &CpuParam) -> &[f32] {
@@ -89,10 +66,7 @@ impl Backend for CpuBackend {
     }
 
     fn matrix(&self, data: Vec<f32>, out_dim: usize, in_dim: usize) -> Result<CpuParam> {
-        Ok(CpuParam::Matrix {
-            transposed: transposed(data, out_dim, in_dim)?,
-            out_dim,
-        })
+        Ok(CpuParam::Matrix(PackedMatrix::pack(&data, out_dim, in_dim)?))
     }
 
     fn vector(&self, data: Vec<f32>) -> Result<CpuParam> {
@@ -100,12 +74,11 @@ impl Backend for CpuBackend {
     }
 
     fn table(&self, data: Vec<f32>, vocab: usize, hidden: usize) -> Result<CpuParam> {
-        let t = transposed(data.clone(), vocab, hidden)?;
+        let packed = PackedMatrix::pack(&data, vocab, hidden)?;
         Ok(CpuParam::Table {
             data,
-            transposed: t,
+            packed,
             hidden,
-            vocab,
         })
     }
 
@@ -170,14 +143,11 @@ impl Backend for CpuBackend {
     }
 
     fn linear(&self, x: &CpuTensor, w: &CpuParam, bias: Option<&CpuParam>) -> Result<CpuTensor> {
-        let CpuParam::Matrix {
-            transposed,
-            out_dim,
-        } = w
-        else {
+        let CpuParam::Matrix(w) = w else {
             return Err(BackendError::Gemm("linear needs a matrix parameter".into()));
         };
-        let mut y = matmul(x, transposed, *out_dim)?;
+        let out_dim = &w.out_dim();
+        let mut y = matmul(x, w)?;
         if let Some(b) = bias {
             let b = vector(b);
             if b.len() != *out_dim {
@@ -194,15 +164,12 @@ impl Backend for CpuBackend {
     }
 
     fn linear_tied(&self, x: &CpuTensor, table: &CpuParam) -> Result<CpuTensor> {
-        let CpuParam::Table {
-            transposed, vocab, ..
-        } = table
-        else {
+        let CpuParam::Table { packed, .. } = table else {
             return Err(BackendError::Gemm(
                 "tied head needs a table parameter".into(),
             ));
         };
-        matmul(x, transposed, *vocab)
+        matmul(x, packed)
     }
 
     fn lora(

@@ -1,7 +1,7 @@
 //! The backend contract: the small set of operations the model's forward pass is written
 //! against once (embedding, RMSNorm, linear, LoRA shrink/expand, RoPE, paged KV write, paged
-//! attention, SiLU·mul, add). The CPU backend implements it with candle-core GEMMs and the
-//! hand-written kernels of `loraplane-kernels`; the CUDA backend (feature `cuda`) implements the
+//! attention, SiLU·mul, add). The CPU backend implements it with the hand-written kernels of
+//! `loraplane-kernels` (the base GEMM on weights packed at load); the CUDA backend (feature `cuda`) implements the
 //! same contract with cuBLAS and NVRTC kernels. [`device`] picks one from `--device cpu|cuda:N`.
 //!
 //! Host-side metadata (positions, slots, block tables, LoRA row offsets) is passed as plain

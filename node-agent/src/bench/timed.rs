@@ -15,8 +15,7 @@ use crate::backend::{Backend, Result};
 /// Operation classes of a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Op {
-    /// Base-model linear layers and the LM head (candle GEMM, including its input/output
-    /// copies).
+    /// Base-model linear layers and the LM head (the backend's packed GEMM).
     Gemm,
     /// The heterogeneous LoRA path (shrink and expand).
     Lora,
@@ -122,8 +121,8 @@ impl TimedCpu {
 
 fn out_dim(p: &CpuParam) -> usize {
     match p {
-        CpuParam::Matrix { out_dim, .. } => *out_dim,
-        CpuParam::Table { vocab, .. } => *vocab,
+        CpuParam::Matrix(w) => w.out_dim(),
+        CpuParam::Table { packed, .. } => packed.out_dim(),
         CpuParam::Vector(_) => 0,
     }
 }

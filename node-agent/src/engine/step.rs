@@ -26,10 +26,17 @@ impl<B: Backend> Engine<B> {
     /// Errors: a backend failure. The requests of the failed batch end with an error and their
     /// pages are freed; the engine itself stays usable.
     pub fn step(&mut self) -> Result<usize, EngineError> {
-        let plan = self.schedule();
+        let mut plan = self.schedule();
         if plan.is_empty() {
             return Ok(0);
         }
+        // Rows of one adapter side by side: the LoRA kernels then read each adapter's factors
+        // once per step for all its sequences (S-LoRA's MBGMV), not once per sequence. Rows
+        // are independent, so their order changes no result.
+        plan.sort_by(|(a, _), (b, _)| {
+            let key = |id| self.seqs.get(id).map(|s| s.adapter.as_ref());
+            key(a).cmp(&key(b))
+        });
         let now = Instant::now();
         for (id, _) in &plan {
             if let Some(seq) = self.seqs.get_mut(id) {

@@ -81,6 +81,11 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// The tick of its last admission (larger is more recent).
+    pub fn last_used(&self) -> u64 {
+        self.last_used
+    }
+
     pub fn ready(&self) -> Option<&Arc<HostAdapter>> {
         match &self.host {
             HostState::Ready(a) => Some(a),

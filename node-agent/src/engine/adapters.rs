@@ -10,7 +10,7 @@ use crate::engine::core::{Engine, EngineError};
 use crate::engine::request::FinishReason;
 use crate::lora::host::{AdapterError, HostAdapter};
 use crate::lora::ids::{AdapterKey, Digest};
-use crate::lora::registry::{AdapterSummary, HostState};
+use crate::lora::registry::{AdapterSummary, Registration};
 use crate::scheduler::SeqId;
 
 impl<B: Backend> Engine<B> {
@@ -25,22 +25,18 @@ impl<B: Backend> Engine<B> {
         expected: Option<Digest>,
         pin: bool,
     ) -> Result<bool, EngineError> {
-        if let Some(e) = self.registry.get_mut(&key) {
-            if e.source == source
-                && !e.unloading
-                && (expected.is_none() || e.known.as_ref().map(|k| k.0) == expected)
-            {
-                e.pinned |= pin;
-                return Ok(matches!(e.host, HostState::Loading));
+        // `register` refuses only an adapter in use.
+        match self
+            .registry
+            .register(key.clone(), source.clone(), expected, pin)
+        {
+            Ok(Registration::Unchanged { loading }) => Ok(loading),
+            Ok(Registration::Load) => {
+                self.pending_loads.push((key, source));
+                Ok(true)
             }
-            if e.active > 0 {
-                return Err(EngineError::AdapterBusy(key.name));
-            }
+            Err(_) => Err(EngineError::AdapterBusy(key.name)),
         }
-        self.registry
-            .begin_load(key.clone(), source.clone(), expected, pin);
-        self.pending_loads.push((key, source));
-        Ok(true)
     }
 
     /// Asks for reloads of evicted adapters that queued requests near the front need.
@@ -52,12 +48,7 @@ impl<B: Backend> Engine<B> {
             .filter_map(|id| self.seqs.get(id)?.adapter_key().cloned())
             .collect();
         for key in front {
-            let Some(e) = self.registry.get(&key) else {
-                continue;
-            };
-            if matches!(e.host, HostState::Evicted) && e.device.is_none() {
-                let source = e.source.clone();
-                self.registry.begin_reload(&key);
+            if let Some(source) = self.registry.reload_if_evicted(&key) {
                 self.pending_loads.push((key, source));
             }
         }
@@ -75,7 +66,7 @@ impl<B: Backend> Engine<B> {
         key: &AdapterKey,
         result: Result<HostAdapter, AdapterError>,
     ) -> Result<AdapterSummary, EngineError> {
-        let expected = self.registry.get(key).and_then(|e| e.expected_digest);
+        let expected = self.registry.expected_digest(key);
         let result = result
             .map_err(|source| EngineError::AdapterLoad {
                 name: key.name.clone(),
@@ -108,7 +99,10 @@ impl<B: Backend> Engine<B> {
                 for id in waiting {
                     self.finish(id, FinishReason::Error, Some(e.to_string()));
                 }
-                self.registry.remove(key);
+                // Every request on it just ended, so nothing holds a lease.
+                if let Err(broken) = self.registry.forget(key) {
+                    tracing::error!(adapter = %key, error = %broken, "a failed adapter stays registered");
+                }
                 Err(e)
             }
         }
@@ -116,17 +110,7 @@ impl<B: Backend> Engine<B> {
 
     /// Unloads an adapter; requests already using it finish first. `false` if unknown.
     pub fn unload_adapter(&mut self, key: &AdapterKey) -> bool {
-        match self.registry.get_mut(key) {
-            None => false,
-            Some(e) if e.active > 0 => {
-                e.unloading = true;
-                true
-            }
-            Some(_) => {
-                self.registry.remove(key);
-                true
-            }
-        }
+        self.registry.unload(key)
     }
 
     pub fn adapters(&self) -> Vec<AdapterSummary> {
@@ -135,6 +119,6 @@ impl<B: Backend> Engine<B> {
 
     /// Evicts every resident adapter no running request uses (returns their pages).
     pub fn trim(&mut self) {
-        while self.registry.evict_idle_device() {}
+        while self.registry.evict_idle_lru().is_some() {}
     }
 }

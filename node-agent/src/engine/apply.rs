@@ -14,7 +14,7 @@ use crate::backend::Backend;
 use crate::engine::core::{Engine, EngineError};
 use crate::engine::request::FinishReason;
 use crate::lora::ids::AdapterKey;
-use crate::lora::registry::{DeviceAdapter, Entry, plan_placement};
+use crate::lora::registry::{DeviceAdapter, Entry, RegistryError, plan_placement};
 use crate::memory::kv::SeqKv;
 use crate::scheduler::{AdapterState, Decision, SeqId, Snapshot};
 
@@ -32,10 +32,8 @@ enum ApplyError {
     NotPlaceable(AdapterKey),
     #[error("the plan spends more than the step's token budget")]
     OverBudget,
-    #[error("adapter {0} is not registered")]
-    UnknownAdapter(AdapterKey),
-    #[error("adapter {0} is not resident or in use")]
-    NotEvictable(AdapterKey),
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
 }
 
 impl ApplyError {
@@ -44,10 +42,7 @@ impl ApplyError {
         match self {
             ApplyError::NotRunning(s) | ApplyError::NotWaiting(s) => Some(*s),
             ApplyError::NoPages { seq, .. } => Some(*seq),
-            ApplyError::NotPlaceable(_)
-            | ApplyError::OverBudget
-            | ApplyError::UnknownAdapter(_)
-            | ApplyError::NotEvictable(_) => None,
+            ApplyError::NotPlaceable(_) | ApplyError::OverBudget | ApplyError::Registry(_) => None,
         }
     }
 }
@@ -82,14 +77,13 @@ impl<B: Backend> Engine<B> {
     /// What the scheduler sees of the engine now.
     fn snapshot(&self) -> Snapshot<'_> {
         let state = |id: &SeqId| self.seqs.get(id).map(|s| s.sched_state(*id));
-        let page_elems = self.geometry.page_elems;
         Snapshot {
             running: self.running.iter().filter_map(state).collect(),
             waiting: self.waiting.iter().filter_map(state).collect(),
             adapters: self
                 .registry
-                .keys()
-                .filter_map(|k| Some((k, adapter_state(self.registry.get(k)?, page_elems))))
+                .iter()
+                .map(|e| (e.key(), adapter_state(e)))
                 .collect(),
             free_pages: self.pages.free_pages(),
         }
@@ -140,15 +134,7 @@ impl<B: Backend> Engine<B> {
 
     fn apply(&mut self, decision: Decision, batch: &mut Batch) -> Result<Outcome, ApplyError> {
         match decision {
-            Decision::Evict(key) => {
-                let e = self
-                    .registry
-                    .get_mut(&key)
-                    .filter(|e| e.running == 0 && e.device.is_some())
-                    .ok_or_else(|| ApplyError::NotEvictable(key.clone()))?;
-                e.device = None;
-                self.registry.device_evictions += 1;
-            }
+            Decision::Evict(key) => self.registry.evict_resident(&key)?,
             Decision::Preempt(id) => self.preempt(id)?,
             Decision::Run { seq: id, tokens } => {
                 let seq = self.seqs.get(&id).ok_or(ApplyError::NotRunning(id))?;
@@ -212,13 +198,9 @@ impl<B: Backend> Engine<B> {
         self.running.retain(|x| *x != id);
         if let Some(seq) = self.seqs.get_mut(&id) {
             seq.kv = None;
+            seq.resident = None;
             seq.computed = 0;
             seq.preemptions += 1;
-            if let Some(key) = &seq.adapter
-                && let Some(e) = self.registry.get_mut(key)
-            {
-                e.running = e.running.saturating_sub(1);
-            }
         }
         self.preemptions += 1;
         self.waiting.push_front(id);
@@ -240,23 +222,14 @@ impl<B: Backend> Engine<B> {
             .get_mut(&id)
             .filter(|_| self.waiting.contains(&id))
             .ok_or(ApplyError::NotWaiting(id))?;
-        let adapter = seq.adapter.clone();
-        let importing = seq.import.is_some();
-        if let Some(key) = &adapter {
-            let e = self
-                .registry
-                .get_mut(key)
-                .ok_or_else(|| ApplyError::UnknownAdapter(key.clone()))?;
-            e.running += 1;
-            self.registry.touch(key);
+        if let Some(lease) = &seq.adapter {
+            seq.resident = Some(self.registry.reserve_resident(lease)?);
+            self.registry.touch(lease.key());
         }
+        let importing = seq.import.is_some();
         if !self.reserve(id, reserve) {
-            if let Some(key) = &adapter
-                && let Some(e) = self.registry.get_mut(key)
-            {
-                e.running -= 1;
-            }
             if let Some(seq) = self.seqs.get_mut(&id) {
+                seq.resident = None;
                 seq.kv = None;
             }
             return Err(ApplyError::NoPages {
@@ -356,30 +329,23 @@ impl<B: Backend> Engine<B> {
                 }
             }
         }
-        let e = self
-            .registry
-            .get_mut(key)
-            .ok_or_else(|| ApplyError::UnknownAdapter(key.clone()))?;
-        e.device = Some(DeviceAdapter {
+        let device = DeviceAdapter {
             pages,
             rows,
             digest: host.digest,
-        });
-        self.registry.device_loads += 1;
+        };
+        self.registry.set_resident(key, device)?;
         self.registry.touch(key);
         Ok(true)
     }
 }
 
-fn adapter_state(e: &Entry, page_elems: usize) -> AdapterState {
+fn adapter_state(e: &Entry) -> AdapterState {
     AdapterState {
         host_ready: e.ready().is_some(),
-        resident: e.device.as_ref().map(|d| d.pages.len()),
-        placement: e
-            .ready()
-            .and_then(|host| plan_placement(host, page_elems).ok())
-            .map(|p| p.pages),
-        unloading: e.unloading,
+        resident: e.resident().map(|d| d.pages.len()),
+        placement: e.placement_pages(),
+        unloading: e.is_unloading(),
         last_used: e.last_used(),
     }
 }

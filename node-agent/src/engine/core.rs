@@ -15,7 +15,7 @@ use crate::engine::sampler::Sampler;
 use crate::engine::sequence::Sequence;
 use crate::lora::host::{AdapterError, AdapterLimits};
 use crate::lora::ids::AdapterKey;
-use crate::lora::registry::{HostState, Registry};
+use crate::lora::registry::{Entry, Registry};
 use crate::memory::kv::KvGeometry;
 use crate::memory::pool::{PageAllocator, PoolStats};
 use crate::model::ModelError;
@@ -231,7 +231,7 @@ impl<B: Backend> Engine<B> {
             pool,
             pages: PageAllocator::new(config.num_pages as u32),
             geometry,
-            registry: Registry::new(config.host_cache_bytes),
+            registry: Registry::new(config.host_cache_bytes, geometry.page_elems),
             config,
             scheduler,
             seqs: HashMap::new(),
@@ -274,10 +274,7 @@ impl<B: Backend> Engine<B> {
         };
         match seq.adapter_key() {
             None => true,
-            Some(key) => self
-                .registry
-                .get(key)
-                .is_some_and(|e| e.ready().is_some() || e.device.is_some()),
+            Some(key) => self.registry.get(key).is_some_and(Entry::usable),
         }
     }
 
@@ -386,20 +383,14 @@ impl<B: Backend> Engine<B> {
                     tenant: req.tenant.clone(),
                     name: name.clone(),
                 };
-                let entry = self
+                let lease = self
                     .registry
-                    .get_mut(&key)
-                    .filter(|e| !e.unloading)
+                    .lease(&key)
                     .ok_or_else(|| EngineError::AdapterNotFound(name.clone()))?;
-                entry.active += 1;
-                if matches!(entry.host, HostState::Evicted) && entry.device.is_none() {
-                    let source = entry.source.clone();
-                    self.registry.begin_reload(&key);
-                    self.pending_loads.push((key.clone(), source));
-                } else if entry.ready().is_some() || entry.device.is_some() {
-                    self.registry.host_hits += 1;
+                if let Some(source) = self.registry.reload_if_evicted(&key) {
+                    self.pending_loads.push((key, source));
                 }
-                Some(key)
+                Some(lease)
             }
         };
         self.scheduler
@@ -411,6 +402,7 @@ impl<B: Backend> Engine<B> {
             request_id: req.id.clone(),
             tenant: req.tenant,
             adapter,
+            resident: None,
             tokens: req.prompt,
             prompt_len,
             computed: 0,
@@ -465,30 +457,14 @@ impl<B: Backend> Engine<B> {
             return;
         };
         self.by_request.remove(&seq.request_id);
-        let was_running = self.running.contains(&id);
         self.running.retain(|x| *x != id);
         self.waiting.retain(|x| *x != id);
         seq.kv = None;
-        if let Some(key) = &seq.adapter {
-            self.release_adapter(key, was_running);
+        seq.resident = None;
+        if let Some(lease) = seq.adapter.take() {
+            self.registry.release(lease);
         }
         seq.finish(reason, error, &self.tokenizer);
-    }
-
-    fn release_adapter(&mut self, key: &AdapterKey, was_running: bool) {
-        let remove = match self.registry.get_mut(key) {
-            Some(e) => {
-                e.active = e.active.saturating_sub(1);
-                if was_running {
-                    e.running = e.running.saturating_sub(1);
-                }
-                e.unloading && e.active == 0
-            }
-            None => false,
-        };
-        if remove {
-            self.registry.remove(key);
-        }
     }
 
     pub fn stats(&self) -> EngineStats {
@@ -502,12 +478,12 @@ impl<B: Backend> Engine<B> {
         };
         let mut device_resident: Vec<AdapterKey> = self
             .registry
-            .keys()
-            .filter(|k| self.registry.get(k).is_some_and(|e| e.device.is_some()))
-            .cloned()
+            .iter()
+            .filter(|e| e.resident().is_some())
+            .map(|e| e.key().clone())
             .collect();
         device_resident.sort();
-        let registry = &self.registry;
+        let registry = self.registry.stats();
         EngineStats {
             pool: self.pages.stats(),
             page_bytes: self.geometry.page_elems * size_of::<f32>(),

@@ -10,6 +10,7 @@ use crate::engine::request::{
 };
 use crate::engine::sampler::Sampler;
 use crate::lora::ids::{AdapterKey, TenantId};
+use crate::lora::registry::{AdapterLease, ResidentReservation};
 use crate::memory::kv::SeqKv;
 use crate::model::tokenizer::{Detokenizer, TokenizerBundle};
 use crate::scheduler::{SeqId, SeqState};
@@ -24,7 +25,10 @@ pub(crate) enum StopKind {
 pub(crate) struct Sequence {
     pub request_id: String,
     pub tenant: TenantId,
-    pub adapter: Option<AdapterKey>,
+    /// Its use of its adapter, from submission to its end.
+    pub adapter: Option<AdapterLease>,
+    /// Keeps its adapter in the pool while it runs (admitted and not preempted).
+    pub resident: Option<ResidentReservation>,
     /// Prompt followed by the generated tokens.
     pub tokens: Vec<u32>,
     pub prompt_len: usize,
@@ -56,7 +60,7 @@ pub(crate) struct Sequence {
 
 impl Sequence {
     pub fn adapter_key(&self) -> Option<&AdapterKey> {
-        self.adapter.as_ref()
+        self.adapter.as_ref().map(AdapterLease::key)
     }
 
     /// What the scheduler sees of it.

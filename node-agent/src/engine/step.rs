@@ -115,9 +115,7 @@ impl<B: Backend> Engine<B> {
             if let Some(key) = seq.adapter_key() {
                 let rows = self
                     .registry
-                    .get(key)
-                    .and_then(|e| e.device.as_ref())
-                    .map(|d| &d.rows)
+                    .resident_rows(key)
                     .ok_or(EngineError::Stopped)?;
                 lora.runs.push((start..start + n, rows));
             }

@@ -97,3 +97,66 @@ impl Registry {
         Some(victim)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::lora::registry::tests::{PAGE, key, loaded, make_resident, residency};
+    use crate::lora::registry::{DeviceAdapter, Entry, RegistryError, Residency, plan_placement};
+
+    #[test]
+    fn device_eviction_goes_least_recently_used_first_and_spares_running_adapters() {
+        let pool = crate::memory::pool::PageAllocator::new(32);
+        let mut r = loaded(1 << 20, &["a", "b", "c"], 100);
+        for n in ["b", "a", "c"] {
+            make_resident(&mut r, &pool, n);
+        }
+        assert_eq!(pool.stats().adapter, 6);
+        // `b` is the least recently used, but a running request reserves it.
+        let lease = r.lease(&key("b")).unwrap();
+        let running = r.reserve_resident(&lease).unwrap();
+        assert_eq!(
+            r.evict_resident(&key("b")),
+            Err(RegistryError::Reserved {
+                key: key("b"),
+                running: 1
+            })
+        );
+        assert_eq!(r.evict_idle_lru(), Some(key("a")));
+        r.touch(&key("b"));
+        assert_eq!(r.evict_idle_lru(), Some(key("c")));
+        assert_eq!(r.evict_idle_lru(), None, "only the reserved one is left");
+        drop(running);
+        assert_eq!(r.evict_idle_lru(), Some(key("b")));
+        assert_eq!(pool.stats().adapter, 0, "evicted pages return to the pool");
+        assert_eq!(r.stats().device_evictions, 3);
+        assert_eq!(r.stats().device_loads, 3);
+        assert_eq!(residency(&r, "b"), Residency::HostCache);
+        assert_eq!(
+            r.evict_resident(&key("b")),
+            Err(RegistryError::NotResident(key("b")))
+        );
+        r.release(lease);
+    }
+
+    #[test]
+    fn device_eviction_ties_go_to_the_smaller_key() {
+        let pool = crate::memory::pool::PageAllocator::new(32);
+        let mut r = loaded(1 << 20, &["b", "a"], 100);
+        for n in ["b", "a"] {
+            let k = key(n);
+            let host = r.get(&k).and_then(Entry::ready).unwrap().clone();
+            let (pages, rows) = plan_placement(&host, PAGE)
+                .unwrap()
+                .allocate(&pool, PAGE, 1)
+                .unwrap();
+            let device = DeviceAdapter {
+                pages,
+                rows,
+                digest: host.digest,
+            };
+            r.set_resident(&k, device).unwrap(); // never touched: both at tick 0
+        }
+        assert_eq!(r.evict_idle_lru(), Some(key("a")));
+        assert_eq!(r.evict_idle_lru(), Some(key("b")));
+    }
+}

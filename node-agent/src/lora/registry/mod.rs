@@ -500,3 +500,212 @@ fn summary(e: &Entry) -> AdapterSummary {
         active_requests: e.uses(),
     }
 }
+
+#[cfg(test)]
+pub(super) mod tests {
+    use super::*;
+    use crate::lora::host::ModuleWeights;
+
+    /// Host weights that the cache counts as `bytes` bytes: one rank-1 module whose A and Bᵀ
+    /// rows are one [`PAGE`] each, so placing it takes two pages.
+    pub fn host(seed: u8, bytes: usize) -> Arc<HostAdapter> {
+        let config = serde_json::from_value(serde_json::json!({
+            "peft_type": "LORA", "r": 1, "lora_alpha": 1.0, "target_modules": ["q_proj"]
+        }))
+        .unwrap();
+        let mut layer: [Option<ModuleWeights>; 7] = Default::default();
+        layer[Module::Q.index()] = Some(ModuleWeights {
+            rank: 1,
+            scale: 1.0,
+            a: vec![0.5; PAGE],
+            bt: vec![0.25; PAGE],
+        });
+        Arc::new(HostAdapter {
+            digest: Digest([seed; 32]),
+            config,
+            layers: vec![layer],
+            bytes,
+            max_rank: 1,
+            target_modules: vec![Module::Q],
+        })
+    }
+
+    pub const PAGE: usize = 8;
+
+    pub fn key(name: &str) -> AdapterKey {
+        AdapterKey::new("t", name)
+    }
+
+    /// A registry with `names` loaded (each `bytes` bytes, two pages), in order.
+    pub fn loaded(capacity: usize, names: &[&str], bytes: usize) -> Registry {
+        let mut r = Registry::new(capacity, PAGE);
+        for (i, n) in names.iter().enumerate() {
+            let k = key(n);
+            assert_eq!(
+                r.register(k.clone(), PathBuf::from(n), None, false),
+                Ok(Registration::Load)
+            );
+            assert!(r.finish_load(&k, host(i as u8, bytes)));
+        }
+        r
+    }
+
+    /// Makes `name` resident the way the engine does: placement pages from `pool`.
+    pub fn make_resident(r: &mut Registry, pool: &crate::memory::pool::PageAllocator, name: &str) {
+        let k = key(name);
+        let host = r.get(&k).and_then(Entry::ready).unwrap().clone();
+        let placement = plan_placement(&host, PAGE).unwrap();
+        assert_eq!(Some(placement.pages), r.get(&k).unwrap().placement_pages());
+        let (pages, rows) = placement.allocate(pool, PAGE, 1).unwrap();
+        let device = DeviceAdapter {
+            pages,
+            rows,
+            digest: host.digest,
+        };
+        r.set_resident(&k, device).unwrap();
+        r.touch(&k);
+    }
+
+    pub fn residency(r: &Registry, name: &str) -> Residency {
+        r.summary(&key(name)).unwrap().residency
+    }
+
+    #[test]
+    fn the_host_cache_bound_holds_and_evicts_by_class_then_lru() {
+        let pool = crate::memory::pool::PageAllocator::new(32);
+        // Room for three adapters of 100 bytes.
+        let mut r = loaded(300, &["idle", "resident", "queued"], 100);
+        // `resident` runs (host copy also in the pool); `queued` only has a waiting request.
+        make_resident(&mut r, &pool, "resident");
+        let running = r.lease(&key("resident")).unwrap();
+        let queued = r.lease(&key("queued")).unwrap();
+        r.touch(&key("idle")); // the most recently used, but nobody uses it now
+        let mut loads = 3u8;
+        let mut load = |r: &mut Registry, name: &str| {
+            let k = key(name);
+            assert_eq!(
+                r.register(k.clone(), PathBuf::from(name), None, false),
+                Ok(Registration::Load)
+            );
+            loads += 1;
+            assert!(r.finish_load(&k, host(loads, 100)));
+            assert!(r.host_used() <= r.host_capacity());
+        };
+        load(&mut r, "d1");
+        assert_eq!(
+            residency(&r, "idle"),
+            Residency::Registered,
+            "class 0 first"
+        );
+        load(&mut r, "d2");
+        // d1 has no requests: class 0 again, before anything in use.
+        assert_eq!(residency(&r, "d1"), Residency::Registered);
+        let d2 = r.lease(&key("d2")).unwrap();
+        load(&mut r, "d3");
+        // Nothing idle but d3 itself: the one also resident goes before the queued one.
+        assert_eq!(residency(&r, "resident"), Residency::DevicePool);
+        assert!(r.get(&key("resident")).unwrap().ready().is_none());
+        assert!(r.get(&key("queued")).unwrap().ready().is_some());
+        assert_eq!(r.host_used(), 300);
+        assert_eq!(r.stats().host_evictions, 3);
+        // Too big for the cache even when empty of evictable copies: kept as `Registered`.
+        let k = key("huge");
+        r.register(k.clone(), PathBuf::from("huge"), None, true)
+            .unwrap();
+        assert!(r.finish_load(&k, host(9, 1000)));
+        assert_eq!(residency(&r, "huge"), Residency::Registered);
+        assert!(r.host_used() <= r.host_capacity());
+        for lease in [running, queued, d2] {
+            r.release(lease);
+        }
+    }
+
+    #[test]
+    fn pinned_adapters_stay_in_the_host_cache() {
+        let mut r = Registry::new(200, PAGE);
+        let (p, q) = (key("pinned"), key("other"));
+        r.register(p.clone(), "p".into(), None, true).unwrap();
+        assert!(r.finish_load(&p, host(1, 100)));
+        r.register(q.clone(), "q".into(), None, false).unwrap();
+        assert!(r.finish_load(&q, host(2, 100)));
+        let k = key("third");
+        r.register(k.clone(), "k".into(), None, false).unwrap();
+        assert!(r.finish_load(&k, host(3, 100)));
+        assert_eq!(residency(&r, "pinned"), Residency::HostCache);
+        assert_eq!(residency(&r, "other"), Residency::Registered);
+    }
+
+    #[test]
+    fn evicted_adapters_reload_on_demand() {
+        let mut r = loaded(100, &["a"], 100);
+        let b = key("b");
+        r.register(b.clone(), "b".into(), None, false).unwrap();
+        assert!(r.finish_load(&b, host(7, 100)));
+        let a = key("a");
+        assert_eq!(residency(&r, "a"), Residency::Registered);
+        assert!(!r.get(&a).unwrap().usable());
+        let hits = r.stats().host_hits;
+        let lease = r.lease(&a).unwrap();
+        assert_eq!(r.stats().host_hits, hits, "an evicted adapter is no hit");
+        assert_eq!(r.reload_if_evicted(&a), Some(PathBuf::from("a")));
+        assert_eq!(r.stats().host_misses, 1);
+        assert_eq!(residency(&r, "a"), Residency::Loading);
+        assert_eq!(r.reload_if_evicted(&a), None, "already loading");
+        assert!(r.finish_load(&a, host(0, 100)));
+        // `b` had no requests: it made room for `a`, whose request waits.
+        assert_eq!(residency(&r, "a"), Residency::HostCache);
+        assert_eq!(residency(&r, "b"), Residency::Registered);
+        assert!(r.get(&a).unwrap().usable());
+        assert_eq!(r.get(&a).unwrap().placement_pages(), Some(2));
+        assert_eq!(r.reload_if_evicted(&a), None);
+        let summary = r.summary(&a).unwrap();
+        assert_eq!(
+            (summary.digest, summary.bytes),
+            (Some(Digest([0; 32])), 100)
+        );
+        r.release(lease);
+    }
+
+    #[test]
+    fn register_is_idempotent_and_refuses_to_replace_an_adapter_in_use() {
+        let mut r = Registry::new(1000, PAGE);
+        let a = key("a");
+        assert_eq!(
+            r.register(a.clone(), "src".into(), None, false),
+            Ok(Registration::Load)
+        );
+        assert_eq!(
+            r.register(a.clone(), "src".into(), None, true),
+            Ok(Registration::Unchanged { loading: true })
+        );
+        assert!(r.get(&a).unwrap().is_pinned());
+        assert!(r.finish_load(&a, host(1, 10)));
+        assert_eq!(
+            r.register(a.clone(), "src".into(), Some(Digest([1; 32])), false),
+            Ok(Registration::Unchanged { loading: false })
+        );
+        let lease = r.lease(&a).unwrap();
+        assert_eq!(
+            r.register(a.clone(), "elsewhere".into(), None, false),
+            Err(RegistryError::InUse {
+                key: a.clone(),
+                uses: 1
+            })
+        );
+        assert_eq!(
+            r.register(a.clone(), "src".into(), Some(Digest([2; 32])), false),
+            Err(RegistryError::InUse {
+                key: a.clone(),
+                uses: 1
+            }),
+            "another digest is another adapter"
+        );
+        r.release(lease);
+        assert_eq!(
+            r.register(a.clone(), "elsewhere".into(), None, false),
+            Ok(Registration::Load)
+        );
+        assert_eq!(r.host_used(), 0, "the replaced weights left the cache");
+        assert!(!r.finish_load(&key("never-registered"), host(3, 10)));
+    }
+}

@@ -1,5 +1,6 @@
-//! The engine's state and its non-step operations: submitting, cancelling, adapter admin and
-//! statistics. The scheduling step is in `step.rs`.
+//! The engine's state and its non-step operations: submitting, cancelling and statistics.
+//! Adapter admin is in `adapters.rs`; the step in `step.rs` (the model pass) and `apply.rs`
+//! (carrying out the scheduler's plan).
 
 use std::collections::{HashMap, VecDeque};
 use std::path::{Path, PathBuf};
@@ -12,15 +13,15 @@ use crate::backend::{Backend, BackendError};
 use crate::engine::request::{Event, FinishReason, KvImport, KvLayer, Request};
 use crate::engine::sampler::Sampler;
 use crate::engine::sequence::Sequence;
-use crate::lora::host::{AdapterError, AdapterLimits, HostAdapter};
-use crate::lora::ids::{AdapterKey, Digest};
-use crate::lora::registry::{AdapterSummary, HostState, Registry};
+use crate::lora::host::{AdapterError, AdapterLimits};
+use crate::lora::ids::AdapterKey;
+use crate::lora::registry::{Entry, Registry};
 use crate::memory::kv::KvGeometry;
 use crate::memory::pool::{PageAllocator, PoolStats};
 use crate::model::ModelError;
 use crate::model::llama::Model;
 use crate::model::tokenizer::{Detokenizer, TokenizerBundle};
-use crate::scheduler::fairness::Vtc;
+use crate::scheduler::{Limits, Scheduler, SeqId};
 
 /// Engine sizing and limits.
 #[derive(Debug, Clone)]
@@ -168,28 +169,30 @@ pub fn page_bytes(dir: &Path, block_size: usize) -> Result<usize, ModelError> {
 
 /// The engine state machine.
 pub struct Engine<B: Backend> {
-    pub(crate) backend: B,
-    pub(crate) model: Model<B>,
-    pub(crate) tokenizer: Arc<TokenizerBundle>,
-    pub(crate) pool: B::Pool,
-    pub(crate) pages: PageAllocator,
-    pub(crate) geometry: KvGeometry,
-    pub(crate) config: EngineConfig,
-    pub(crate) registry: Registry,
-    pub(crate) vtc: Vtc,
-    pub(crate) seqs: HashMap<u64, Sequence>,
-    pub(crate) by_request: HashMap<String, u64>,
-    pub(crate) waiting: VecDeque<u64>,
-    pub(crate) running: Vec<u64>,
-    pub(crate) next_seq: u64,
-    pub(crate) next_admit: u64,
+    pub(super) backend: B,
+    pub(super) model: Model<B>,
+    pub(super) tokenizer: Arc<TokenizerBundle>,
+    pub(super) pool: B::Pool,
+    pub(super) pages: PageAllocator,
+    pub(super) geometry: KvGeometry,
+    pub(super) config: EngineConfig,
+    pub(super) registry: Registry,
+    /// The policy and the tenants' fairness counters; the queues below are its input.
+    pub(super) scheduler: Scheduler,
+    pub(super) seqs: HashMap<SeqId, Sequence>,
+    pub(super) by_request: HashMap<String, SeqId>,
+    pub(super) waiting: VecDeque<SeqId>,
+    /// In admission order (admissions append, removals keep the order).
+    pub(super) running: Vec<SeqId>,
+    pub(super) next_seq: u64,
+    pub(super) next_admit: u64,
     /// Adapter loads the actor should start (the core has no threads).
-    pub(crate) pending_loads: Vec<(AdapterKey, PathBuf)>,
-    pub(crate) steps: u64,
-    pub(crate) preemptions: u64,
-    pub(crate) utilisation_at_first_preemption: Option<f64>,
-    pub(crate) tokens_generated: u64,
-    pub(crate) last_batch_tokens: usize,
+    pub(super) pending_loads: Vec<(AdapterKey, PathBuf)>,
+    pub(super) steps: u64,
+    pub(super) preemptions: u64,
+    pub(super) utilisation_at_first_preemption: Option<f64>,
+    pub(super) tokens_generated: u64,
+    pub(super) last_batch_tokens: usize,
 }
 
 impl<B: Backend> std::fmt::Debug for Engine<B> {
@@ -213,6 +216,14 @@ impl<B: Backend> Engine<B> {
         }
         let geometry = kv_geometry(c, config.block_size);
         let pool = backend.pool(config.num_pages, geometry.page_elems)?;
+        let scheduler = Scheduler::new(Limits {
+            max_batch_tokens: config.max_batch_tokens,
+            max_prefill_chunk: config.max_prefill_chunk,
+            max_running: config.max_running,
+            pool_pages: config.num_pages,
+            block_size: geometry.block_size,
+            num_layers: geometry.num_layers,
+        });
         Ok(Engine {
             backend,
             model,
@@ -220,9 +231,9 @@ impl<B: Backend> Engine<B> {
             pool,
             pages: PageAllocator::new(config.num_pages as u32),
             geometry,
-            registry: Registry::new(config.host_cache_bytes),
+            registry: Registry::new(config.host_cache_bytes, geometry.page_elems),
             config,
-            vtc: Vtc::default(),
+            scheduler,
             seqs: HashMap::new(),
             by_request: HashMap::new(),
             waiting: VecDeque::new(),
@@ -255,16 +266,15 @@ impl<B: Backend> Engine<B> {
         !self.running.is_empty() || self.waiting.iter().any(|id| self.is_ready(*id))
     }
 
-    pub(crate) fn is_ready(&self, id: u64) -> bool {
+    /// Whether a waiting sequence could be admitted: base model, or its adapter's weights are
+    /// in host memory or the pool.
+    fn is_ready(&self, id: SeqId) -> bool {
         let Some(seq) = self.seqs.get(&id) else {
             return false;
         };
-        match &seq.adapter {
+        match seq.adapter_key() {
             None => true,
-            Some(key) => self
-                .registry
-                .get(key)
-                .is_some_and(|e| e.ready().is_some() || e.device.is_some()),
+            Some(key) => self.registry.get(key).is_some_and(Entry::usable),
         }
     }
 
@@ -373,41 +383,32 @@ impl<B: Backend> Engine<B> {
                     tenant: req.tenant.clone(),
                     name: name.clone(),
                 };
-                let entry = self
+                let lease = self
                     .registry
-                    .get_mut(&key)
-                    .filter(|e| !e.unloading)
+                    .lease(&key)
                     .ok_or_else(|| EngineError::AdapterNotFound(name.clone()))?;
-                entry.active += 1;
-                if matches!(entry.host, HostState::Evicted) && entry.device.is_none() {
-                    let source = entry.source.clone();
-                    self.registry.begin_reload(&key);
-                    self.pending_loads.push((key.clone(), source));
-                } else if entry.ready().is_some() || entry.device.is_some() {
-                    self.registry.host_hits += 1;
+                if let Some(source) = self.registry.reload_if_evicted(&key) {
+                    self.pending_loads.push((key, source));
                 }
-                Some(key)
+                Some(lease)
             }
         };
-        // VTC lifts only a tenant that was idle (no queued or running work): lifting a tenant
-        // that is already backlogged would erase the deficit fairness owes it.
-        let active: Vec<_> = self.seqs.values().map(|s| s.tenant.clone()).collect();
-        if !active.contains(&req.tenant) {
-            self.vtc.on_arrival(&req.tenant, active.iter());
-        }
-        let id = self.next_seq;
+        self.scheduler
+            .on_arrival(&req.tenant, self.seqs.values().map(|s| &s.tenant));
+        let id = SeqId(self.next_seq);
         self.next_seq += 1;
         let prompt_len = req.prompt.len();
         let seq = Sequence {
             request_id: req.id.clone(),
             tenant: req.tenant,
             adapter,
+            resident: None,
             tokens: req.prompt,
             prompt_len,
             computed: 0,
             charged: 0,
             kv: None,
-            sampler: Sampler::new(&req.params, id ^ 0x5eed),
+            sampler: Sampler::new(&req.params, id.0 ^ 0x5eed),
             params: req.params,
             detok: Detokenizer::default(),
             text: String::new(),
@@ -430,7 +431,7 @@ impl<B: Backend> Engine<B> {
 
     /// Ends every request whose client stopped listening, freeing its pages.
     pub fn drop_disconnected(&mut self) {
-        let gone: Vec<u64> = self
+        let gone: Vec<SeqId> = self
             .seqs
             .iter()
             .filter(|(_, s)| {
@@ -451,165 +452,25 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Ends a sequence: frees its pages, releases its adapter and sends the last event.
-    pub(crate) fn finish(&mut self, id: u64, reason: FinishReason, error: Option<String>) {
+    pub(super) fn finish(&mut self, id: SeqId, reason: FinishReason, error: Option<String>) {
         let Some(mut seq) = self.seqs.remove(&id) else {
             return;
         };
         self.by_request.remove(&seq.request_id);
-        let was_running = self.running.contains(&id);
         self.running.retain(|x| *x != id);
         self.waiting.retain(|x| *x != id);
         seq.kv = None;
-        if let Some(key) = &seq.adapter {
-            self.release_adapter(key, was_running);
+        seq.resident = None;
+        if let Some(lease) = seq.adapter.take() {
+            self.registry.release(lease);
         }
         seq.finish(reason, error, &self.tokenizer);
     }
 
-    fn release_adapter(&mut self, key: &AdapterKey, was_running: bool) {
-        let remove = match self.registry.get_mut(key) {
-            Some(e) => {
-                e.active = e.active.saturating_sub(1);
-                if was_running {
-                    e.running = e.running.saturating_sub(1);
-                }
-                e.unloading && e.active == 0
-            }
-            None => false,
-        };
-        if remove {
-            self.registry.remove(key);
-        }
-    }
-
-    /// Registers an adapter and asks for its load. Idempotent: the same source for an adapter
-    /// that is already known is a no-op (returns `false`: nothing to load).
-    ///
-    /// Errors: replacing an adapter that requests still use.
-    pub fn begin_adapter_load(
-        &mut self,
-        key: AdapterKey,
-        source: PathBuf,
-        expected: Option<Digest>,
-        pin: bool,
-    ) -> Result<bool, EngineError> {
-        if let Some(e) = self.registry.get_mut(&key) {
-            if e.source == source
-                && !e.unloading
-                && (expected.is_none() || e.known.as_ref().map(|k| k.0) == expected)
-            {
-                e.pinned |= pin;
-                return Ok(matches!(e.host, HostState::Loading));
-            }
-            if e.active > 0 {
-                return Err(EngineError::AdapterBusy(key.name));
-            }
-        }
-        self.registry
-            .begin_load(key.clone(), source.clone(), expected, pin);
-        self.pending_loads.push((key, source));
-        Ok(true)
-    }
-
-    /// Asks for reloads of evicted adapters that queued requests near the front need.
-    pub fn request_reloads(&mut self) {
-        let front: Vec<AdapterKey> = self
-            .waiting
-            .iter()
-            .take(self.config.max_running)
-            .filter_map(|id| self.seqs.get(id)?.adapter.clone())
-            .collect();
-        for key in front {
-            let Some(e) = self.registry.get(&key) else {
-                continue;
-            };
-            if matches!(e.host, HostState::Evicted) && e.device.is_none() {
-                let source = e.source.clone();
-                self.registry.begin_reload(&key);
-                self.pending_loads.push((key, source));
-            }
-        }
-    }
-
-    /// Takes the loads the actor should start.
-    pub fn take_pending_loads(&mut self) -> Vec<(AdapterKey, PathBuf)> {
-        std::mem::take(&mut self.pending_loads)
-    }
-
-    /// Completes a load started by [`Engine::begin_adapter_load`] or a reload. On failure the
-    /// adapter is forgotten and every request waiting on it ends with an error.
-    pub fn finish_adapter_load(
-        &mut self,
-        key: &AdapterKey,
-        result: Result<HostAdapter, AdapterError>,
-    ) -> Result<AdapterSummary, EngineError> {
-        let expected = self.registry.get(key).and_then(|e| e.expected_digest);
-        let result = result
-            .map_err(|source| EngineError::AdapterLoad {
-                name: key.name.clone(),
-                source,
-            })
-            .and_then(|a| match expected {
-                Some(d) if d != a.digest => Err(EngineError::DigestMismatch {
-                    name: key.name.clone(),
-                    expected: d.to_string(),
-                    actual: a.digest.to_string(),
-                }),
-                _ => Ok(a),
-            });
-        match result {
-            Ok(adapter) => {
-                if !self.registry.finish_load(key, Arc::new(adapter)) {
-                    return Err(EngineError::AdapterNotFound(key.name.clone()));
-                }
-                self.registry
-                    .summary(key)
-                    .ok_or_else(|| EngineError::AdapterNotFound(key.name.clone()))
-            }
-            Err(e) => {
-                let waiting: Vec<u64> = self
-                    .seqs
-                    .iter()
-                    .filter(|(_, s)| s.adapter.as_ref() == Some(key))
-                    .map(|(id, _)| *id)
-                    .collect();
-                for id in waiting {
-                    self.finish(id, FinishReason::Error, Some(e.to_string()));
-                }
-                self.registry.remove(key);
-                Err(e)
-            }
-        }
-    }
-
-    /// Unloads an adapter; requests already using it finish first. `false` if unknown.
-    pub fn unload_adapter(&mut self, key: &AdapterKey) -> bool {
-        match self.registry.get_mut(key) {
-            None => false,
-            Some(e) if e.active > 0 => {
-                e.unloading = true;
-                true
-            }
-            Some(_) => {
-                self.registry.remove(key);
-                true
-            }
-        }
-    }
-
-    pub fn adapters(&self) -> Vec<AdapterSummary> {
-        self.registry.summaries()
-    }
-
-    /// Evicts every resident adapter no running request uses (returns their pages).
-    pub fn trim(&mut self) {
-        while self.registry.evict_idle_device() {}
-    }
-
     pub fn stats(&self) -> EngineStats {
-        let adapters_of = |ids: &mut dyn Iterator<Item = &u64>| {
+        let adapters_of = |ids: &mut dyn Iterator<Item = &SeqId>| {
             let mut v: Vec<AdapterKey> = ids
-                .filter_map(|id| self.seqs.get(id)?.adapter.clone())
+                .filter_map(|id| self.seqs.get(id)?.adapter_key().cloned())
                 .collect();
             v.sort();
             v.dedup();
@@ -617,11 +478,12 @@ impl<B: Backend> Engine<B> {
         };
         let mut device_resident: Vec<AdapterKey> = self
             .registry
-            .keys()
-            .filter(|k| self.registry.get(k).is_some_and(|e| e.device.is_some()))
-            .cloned()
+            .iter()
+            .filter(|e| e.resident().is_some())
+            .map(|e| e.key().clone())
             .collect();
         device_resident.sort();
+        let registry = self.registry.stats();
         EngineStats {
             pool: self.pages.stats(),
             page_bytes: self.geometry.page_elems * size_of::<f32>(),
@@ -639,10 +501,10 @@ impl<B: Backend> Engine<B> {
             last_batch_tokens: self.last_batch_tokens,
             host_cache_used: self.registry.host_used(),
             host_cache_capacity: self.registry.host_capacity(),
-            adapter_host_hits: self.registry.host_hits,
-            adapter_host_misses: self.registry.host_misses,
-            adapter_device_loads: self.registry.device_loads,
-            adapter_device_evictions: self.registry.device_evictions,
+            adapter_host_hits: registry.host_hits,
+            adapter_host_misses: registry.host_misses,
+            adapter_device_loads: registry.device_loads,
+            adapter_device_evictions: registry.device_evictions,
             adapters: self.registry.len(),
             device_resident,
             running_adapters: adapters_of(&mut self.running.iter()),

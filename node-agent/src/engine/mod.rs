@@ -2,10 +2,13 @@
 //! the scheduler, and runs iteration-level continuous batching with chunked prefill.
 //!
 //! - [`core::Engine`] is the synchronous state machine (submit, step, cancel, admin), unit-tested
-//!   without a runtime.
+//!   without a runtime. Each step asks the scheduler (`crate::scheduler`, a pure policy) for a
+//!   plan and applies it (`apply.rs`), then runs the model (`step.rs`).
 //! - [`actor`] runs it on a dedicated thread and hands out an [`actor::EngineHandle`].
 
 pub mod actor;
+mod adapters;
+mod apply;
 pub mod core;
 pub mod request;
 pub mod sampler;

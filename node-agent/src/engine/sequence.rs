@@ -10,8 +10,10 @@ use crate::engine::request::{
 };
 use crate::engine::sampler::Sampler;
 use crate::lora::ids::{AdapterKey, TenantId};
+use crate::lora::registry::{AdapterLease, ResidentReservation};
 use crate::memory::kv::SeqKv;
 use crate::model::tokenizer::{Detokenizer, TokenizerBundle};
+use crate::scheduler::{SeqId, SeqState};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum StopKind {
@@ -23,7 +25,10 @@ pub(crate) enum StopKind {
 pub(crate) struct Sequence {
     pub request_id: String,
     pub tenant: TenantId,
-    pub adapter: Option<AdapterKey>,
+    /// Its use of its adapter, from submission to its end.
+    pub adapter: Option<AdapterLease>,
+    /// Keeps its adapter in the pool while it runs (admitted and not preempted).
+    pub resident: Option<ResidentReservation>,
     /// Prompt followed by the generated tokens.
     pub tokens: Vec<u32>,
     pub prompt_len: usize,
@@ -54,13 +59,28 @@ pub(crate) struct Sequence {
 }
 
 impl Sequence {
-    pub fn generated(&self) -> usize {
-        self.tokens.len() - self.prompt_len
+    pub fn adapter_key(&self) -> Option<&AdapterKey> {
+        self.adapter.as_ref().map(AdapterLease::key)
     }
 
-    /// Tokens still to compute before the next sample.
-    pub fn remaining(&self) -> usize {
-        self.tokens.len() - self.computed
+    /// What the scheduler sees of it.
+    pub fn sched_state(&self, id: SeqId) -> SeqState<'_> {
+        SeqState {
+            id,
+            tenant: &self.tenant,
+            adapter: self.adapter_key(),
+            tokens: self.tokens.len(),
+            prompt_len: self.prompt_len,
+            max_tokens: self.params.max_tokens,
+            computed: self.computed,
+            pages: self.kv.as_ref().map_or(0, SeqKv::pages),
+            admitted: self.admitted,
+            importing: self.import.is_some(),
+        }
+    }
+
+    pub fn generated(&self) -> usize {
+        self.tokens.len() - self.prompt_len
     }
 
     fn holdback(&self) -> usize {

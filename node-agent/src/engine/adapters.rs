@@ -1,0 +1,124 @@
+//! The engine's adapter admin: registering and loading adapters (the files are read on the
+//! actor's loader threads), reloading evicted ones that queued requests need, unloading, and
+//! trimming the pool.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use crate::backend::Backend;
+use crate::engine::core::{Engine, EngineError};
+use crate::engine::request::FinishReason;
+use crate::lora::host::{AdapterError, HostAdapter};
+use crate::lora::ids::{AdapterKey, Digest};
+use crate::lora::registry::{AdapterSummary, Registration};
+use crate::scheduler::SeqId;
+
+impl<B: Backend> Engine<B> {
+    /// Registers an adapter and asks for its load. Idempotent: the same source for an adapter
+    /// that is already known is a no-op (returns `false`: nothing to load).
+    ///
+    /// Errors: replacing an adapter that requests still use.
+    pub fn begin_adapter_load(
+        &mut self,
+        key: AdapterKey,
+        source: PathBuf,
+        expected: Option<Digest>,
+        pin: bool,
+    ) -> Result<bool, EngineError> {
+        // `register` refuses only an adapter in use.
+        match self
+            .registry
+            .register(key.clone(), source.clone(), expected, pin)
+        {
+            Ok(Registration::Unchanged { loading }) => Ok(loading),
+            Ok(Registration::Load) => {
+                self.pending_loads.push((key, source));
+                Ok(true)
+            }
+            Err(_) => Err(EngineError::AdapterBusy(key.name)),
+        }
+    }
+
+    /// Asks for reloads of evicted adapters that queued requests near the front need.
+    pub fn request_reloads(&mut self) {
+        let front: Vec<AdapterKey> = self
+            .waiting
+            .iter()
+            .take(self.config.max_running)
+            .filter_map(|id| self.seqs.get(id)?.adapter_key().cloned())
+            .collect();
+        for key in front {
+            if let Some(source) = self.registry.reload_if_evicted(&key) {
+                self.pending_loads.push((key, source));
+            }
+        }
+    }
+
+    /// Takes the loads the actor should start.
+    pub fn take_pending_loads(&mut self) -> Vec<(AdapterKey, PathBuf)> {
+        std::mem::take(&mut self.pending_loads)
+    }
+
+    /// Completes a load started by [`Engine::begin_adapter_load`] or a reload. On failure the
+    /// adapter is forgotten and every request waiting on it ends with an error.
+    pub fn finish_adapter_load(
+        &mut self,
+        key: &AdapterKey,
+        result: Result<HostAdapter, AdapterError>,
+    ) -> Result<AdapterSummary, EngineError> {
+        let expected = self.registry.expected_digest(key);
+        let result = result
+            .map_err(|source| EngineError::AdapterLoad {
+                name: key.name.clone(),
+                source,
+            })
+            .and_then(|a| match expected {
+                Some(d) if d != a.digest => Err(EngineError::DigestMismatch {
+                    name: key.name.clone(),
+                    expected: d.to_string(),
+                    actual: a.digest.to_string(),
+                }),
+                _ => Ok(a),
+            });
+        match result {
+            Ok(adapter) => {
+                if !self.registry.finish_load(key, Arc::new(adapter)) {
+                    return Err(EngineError::AdapterNotFound(key.name.clone()));
+                }
+                self.registry
+                    .summary(key)
+                    .ok_or_else(|| EngineError::AdapterNotFound(key.name.clone()))
+            }
+            Err(e) => {
+                let waiting: Vec<SeqId> = self
+                    .seqs
+                    .iter()
+                    .filter(|(_, s)| s.adapter_key() == Some(key))
+                    .map(|(id, _)| *id)
+                    .collect();
+                for id in waiting {
+                    self.finish(id, FinishReason::Error, Some(e.to_string()));
+                }
+                // Every request on it just ended, so nothing holds a lease.
+                if let Err(broken) = self.registry.forget(key) {
+                    tracing::error!(adapter = %key, error = %broken, "a failed adapter stays registered");
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Unloads an adapter; requests already using it finish first. `false` if unknown.
+    pub fn unload_adapter(&mut self, key: &AdapterKey) -> bool {
+        self.registry.unload(key)
+    }
+
+    pub fn adapters(&self) -> Vec<AdapterSummary> {
+        self.registry.summaries()
+    }
+
+    /// Evicts every resident adapter no running request uses (returns their pages).
+    pub fn trim(&mut self) {
+        while self.registry.evict_idle_lru().is_some() {}
+    }
+}

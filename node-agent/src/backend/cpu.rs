@@ -66,7 +66,9 @@ impl Backend for CpuBackend {
     }
 
     fn matrix(&self, data: Vec<f32>, out_dim: usize, in_dim: usize) -> Result<CpuParam> {
-        Ok(CpuParam::Matrix(PackedMatrix::pack(&data, out_dim, in_dim)?))
+        Ok(CpuParam::Matrix(PackedMatrix::pack(
+            &data, out_dim, in_dim,
+        )?))
     }
 
     fn vector(&self, data: Vec<f32>) -> Result<CpuParam> {

@@ -26,7 +26,11 @@ impl<B: Backend> Engine<B> {
         // once per step for all its sequences (S-LoRA's MBGMV), not once per sequence. Rows
         // are independent, so their order changes no result.
         plan.sort_by(|(a, _), (b, _)| {
-            let key = |id| self.seqs.get(id).map(|s| s.adapter.as_ref().map(|a| a.key()));
+            let key = |id| {
+                self.seqs
+                    .get(id)
+                    .map(|s| s.adapter.as_ref().map(|a| a.key()))
+            };
             key(a).cmp(&key(b))
         });
         let now = Instant::now();

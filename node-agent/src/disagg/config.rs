@@ -5,7 +5,9 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::config::{Role, parse_bytes, parse_duration};
+use loraplane_units::{parse_bytes, parse_duration};
+
+use crate::config::Role;
 
 /// Disaggregated serving (roles `prefill` and `decode`).
 #[derive(Debug, Clone, clap::Args)]

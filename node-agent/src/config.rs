@@ -17,30 +17,10 @@ use loraplane_units::{parse_bytes, parse_duration};
 use crate::api::auth::{self, AdminAuth, AuthError, TenantSpec};
 use crate::api::service::RequestBounds;
 use crate::backend::device::Device;
+use crate::disagg::config::{DisaggArgs, DisaggConfig, DisaggConfigError, Role};
 use crate::engine::EngineConfig;
 use crate::lora::host::AdapterLimits;
 use crate::sources::SourceOptions;
-
-/// The agent's role in a (possibly disaggregated) deployment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Role {
-    /// Prefill and decode in one agent.
-    Unified,
-    /// Computes prompts for decode agents.
-    Prefill,
-    /// Owns requests and decodes; prompts are prefilled remotely.
-    Decode,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Unified => "unified",
-            Role::Prefill => "prefill",
-            Role::Decode => "decode",
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -55,7 +35,7 @@ pub struct ServeArgs {
     #[arg(long, env = "LORAPLANE_CONFIG")]
     pub config: Option<PathBuf>,
     #[command(flatten)]
-    pub disagg: crate::disagg::config::DisaggArgs,
+    pub disagg: DisaggArgs,
     #[command(flatten)]
     pub server: ServerArgs,
     #[command(flatten)]
@@ -236,7 +216,7 @@ pub struct LogArgs {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error(transparent)]
-    Disagg(#[from] crate::disagg::config::DisaggConfigError),
+    Disagg(#[from] DisaggConfigError),
     #[error("--model is required")]
     MissingModel,
     #[error("--{flag}: {reason}")]
@@ -272,7 +252,7 @@ pub enum PoolSize {
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub role: Role,
-    pub disagg: crate::disagg::config::DisaggConfig,
+    pub disagg: DisaggConfig,
     pub model: String,
     pub served_model_name: Option<String>,
     pub grpc_addr: SocketAddr,

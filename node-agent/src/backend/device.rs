@@ -1,5 +1,5 @@
 //! Device selection: `--device cpu|cuda[:N]` and the compute dtype, parsed once, and running
-//! generic engine code on the backend they name ([`with_backend`], [`spawn_engine`]).
+//! generic code on the backend they name ([`with_backend`]).
 //!
 //! Builds without the `cuda` feature too: then `cuda:N` parses (so configs stay portable) and
 //! fails at start-up with [`DeviceError::NotBuilt`].
@@ -10,8 +10,6 @@ use std::str::FromStr;
 
 use super::cpu::CpuBackend;
 use super::{Backend, BackendError};
-use crate::engine::actor::EngineHandle;
-use crate::engine::{EngineConfig, EngineError};
 
 /// Where the model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -206,58 +204,6 @@ pub fn pages_for_fraction(
         )));
     }
     Ok(usize::try_from(pages.min(u64::from(u32::MAX))).unwrap_or(u32::MAX as usize))
-}
-
-/// Loads the model in `dir` on `device` and starts the engine thread. With `pool_fraction`,
-/// and a backend that reports its free memory, the pool gets that share of the device's free
-/// memory less the weights ([`pages_for_fraction`]) instead of `config.num_pages`.
-///
-/// # Errors
-/// As [`with_backend`] (wrapped in [`EngineError::Backend`]) and
-/// [`EngineHandle::spawn`].
-pub fn spawn_engine(
-    device: Device,
-    dtype: ComputeDtype,
-    dir: &Path,
-    config: EngineConfig,
-    pool_fraction: Option<f64>,
-) -> Result<EngineHandle, EngineError> {
-    struct Spawn<'a> {
-        dir: &'a Path,
-        config: EngineConfig,
-        dtype: ComputeDtype,
-        pool_fraction: Option<f64>,
-    }
-    impl WithBackend for Spawn<'_> {
-        type Output = Result<EngineHandle, EngineError>;
-        fn run<B: Backend>(self, backend: B) -> Self::Output {
-            let mut config = self.config;
-            if let (Some(fraction), Some(free)) = (self.pool_fraction, backend.free_memory()) {
-                let page_bytes = crate::engine::core::page_bytes(self.dir, config.block_size)?;
-                let weights = weight_bytes_estimate(self.dir, self.dtype)
-                    .map_err(|e| BackendError::Device(format!("reading the checkpoint: {e}")))?;
-                config.num_pages =
-                    pages_for_fraction(free as u64, fraction, weights, page_bytes as u64)?;
-                tracing::info!(
-                    free_bytes = free,
-                    weight_bytes = weights,
-                    pool_pages = config.num_pages,
-                    "pool sized from --device-pool-fraction"
-                );
-            }
-            EngineHandle::spawn(backend, self.dir, config)
-        }
-    }
-    with_backend(
-        device,
-        dtype,
-        Spawn {
-            dir,
-            config,
-            dtype,
-            pool_fraction,
-        },
-    )?
 }
 
 #[cfg(test)]

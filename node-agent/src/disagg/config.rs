@@ -1,5 +1,5 @@
-//! The `serve` flags of disaggregated serving (flattened into `ServeArgs`), validated into a
-//! [`DisaggConfig`].
+//! The agent's [`Role`] and the `serve` flags of disaggregated serving (flattened into
+//! `ServeArgs`), validated into a [`DisaggConfig`].
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -7,7 +7,28 @@ use std::time::Duration;
 
 use loraplane_units::{parse_bytes, parse_duration};
 
-use crate::config::Role;
+use crate::credential::ClusterCredential;
+
+/// The agent's role in a (possibly disaggregated) deployment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// Prefill and decode in one agent.
+    Unified,
+    /// Computes prompts for decode agents.
+    Prefill,
+    /// Owns requests and decodes; prompts are prefilled remotely.
+    Decode,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Unified => "unified",
+            Role::Prefill => "prefill",
+            Role::Decode => "decode",
+        }
+    }
+}
 
 /// Disaggregated serving (roles `prefill` and `decode`).
 #[derive(Debug, Clone, clap::Args)]
@@ -76,7 +97,7 @@ pub struct DisaggConfig {
     pub local_prefill_threshold: usize,
     pub local_fallback: bool,
     pub kv_addr: SocketAddr,
-    pub cluster_token: Option<String>,
+    pub cluster_token: Option<ClusterCredential>,
     pub timeout: Duration,
     pub connect_timeout: Duration,
     pub max_chunk_bytes: usize,
@@ -117,13 +138,11 @@ impl DisaggArgs {
     pub fn validate(self, role: Role) -> Result<DisaggConfig, DisaggConfigError> {
         let cluster_token = match &self.cluster_token_file {
             Some(path) => {
-                let token = read(path)?.trim().to_owned();
-                if token.is_empty() {
-                    return Err(DisaggConfigError::File {
+                let token =
+                    ClusterCredential::new(&read(path)?).map_err(|e| DisaggConfigError::File {
                         path: path.clone(),
-                        reason: "the cluster token is empty".into(),
-                    });
-                }
+                        reason: e.to_string(),
+                    })?;
                 Some(token)
             }
             None => None,

@@ -19,6 +19,7 @@ use loraplane_proto::v1::{
 };
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
+use crate::credential::ClusterCredential;
 use crate::disagg::stats::DisaggStats;
 use crate::disagg::transfer::{Assembler, TransferError, WireLayout};
 use crate::engine::actor::{EngineHandle, RequestStream};
@@ -40,7 +41,7 @@ pub struct DecodeOptions {
     pub timeout: Duration,
     pub max_chunk_bytes: usize,
     /// The cluster credential presented to prefill agents.
-    pub credential: Option<String>,
+    pub credential: Option<ClusterCredential>,
     pub tls: Option<ClientTlsConfig>,
 }
 
@@ -303,8 +304,9 @@ impl DecodeRouter {
             max_chunk_bytes: self.opts.max_chunk_bytes as u32,
         };
         let mut grpc = tonic::Request::new(wire);
-        if let Some(token) = &self.opts.credential {
-            let value = format!("Bearer {token}")
+        if let Some(credential) = &self.opts.credential {
+            let value = credential
+                .authorization()
                 .parse()
                 .map_err(|_| tonic::Status::internal("credential is not valid metadata"))?;
             grpc.metadata_mut().insert("authorization", value);

@@ -276,7 +276,7 @@ impl<B: Backend> Actor<B> {
                 .name("loraplane-adapter-load".into())
                 .spawn(move || {
                     tracing::info!(adapter = %key, source = %source.display(), "loading adapter");
-                    let result = host::load(&source, &model, &limits);
+                    let result = host::load(&source, &*model, &limits);
                     let _ = tx.send(Command::AdapterLoaded {
                         key,
                         result: Box::new(result),

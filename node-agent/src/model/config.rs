@@ -5,6 +5,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::lora::{BaseShapes, Module};
 use crate::model::ModelError;
 
 /// Architectures the engine implements. Each has one model file under `model/`.
@@ -300,8 +301,7 @@ impl ModelConfig {
     }
 
     /// `(in_features, out_features)` of a linear module, as PEFT sees it.
-    pub fn module_shape(&self, module: crate::lora::Module) -> (usize, usize) {
-        use crate::lora::Module;
+    pub fn module_shape(&self, module: Module) -> (usize, usize) {
         let (h, i) = (self.hidden_size, self.intermediate_size);
         match module {
             Module::Q => (h, self.q_dim()),
@@ -310,5 +310,15 @@ impl ModelConfig {
             Module::Gate | Module::Up => (h, i),
             Module::Down => (i, h),
         }
+    }
+}
+
+impl BaseShapes for ModelConfig {
+    fn num_layers(&self) -> usize {
+        self.num_layers
+    }
+
+    fn module_shape(&self, module: Module) -> (usize, usize) {
+        ModelConfig::module_shape(self, module)
     }
 }

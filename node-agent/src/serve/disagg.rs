@@ -13,8 +13,8 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
-use crate::api::auth::AdminAuth;
-use crate::config::{Role, ServeConfig};
+use crate::config::ServeConfig;
+use crate::disagg::config::Role;
 use crate::disagg::decode::{DecodeOptions, DecodeRouter};
 use crate::disagg::metrics::DisaggCollector;
 use crate::disagg::prefill::PrefillService;
@@ -84,7 +84,7 @@ pub(super) async fn start(
             let service = PrefillService::new(
                 handle.clone(),
                 layout,
-                AdminAuth::from_token(&token)?,
+                token.clone(),
                 Arc::new(config.sources.clone()),
                 stats,
             );

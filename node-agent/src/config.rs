@@ -239,12 +239,16 @@ impl ConfigError {
     }
 }
 
-/// How big the pool is: pages, or bytes to divide by the model's page size.
+/// How big the pool is, as configured: pages, bytes, or a share of the device's memory. It
+/// becomes a page count once, in `serve`, when the model's page size and the device's free
+/// memory are known; until then there is no page count at all.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum PoolSize {
+    /// `--pool-pages`, or 4096 on the CPU when nothing is given.
     Pages(usize),
+    /// `--pool-bytes`: divided by the model's page size.
     Bytes(u64),
-    /// This share of a GPU's free memory, less the weights (resolved when the device is open).
+    /// `--device-pool-fraction` of a GPU's free memory, less the weights.
     DeviceFraction(f64),
 }
 
@@ -261,8 +265,9 @@ pub struct ServeConfig {
     pub tenants: Vec<TenantSpec>,
     pub admin: AdminAuth,
     pub adapters_dir: Option<PathBuf>,
-    /// Engine sizing; `num_pages` is final once [`PoolSize`] is resolved against the model.
-    pub engine: EngineConfig,
+    /// The engine's settings but the pool's size, which [`ServeConfig::engine_config`] adds.
+    /// Private so that nothing reads a page count before the pool is resolved.
+    engine: EngineConfig,
     pub pool: PoolSize,
     pub device: Device,
     /// `--dtype` as given (`auto` resolves against the checkpoint at start-up).
@@ -287,6 +292,26 @@ fn read_secret(path: &Path) -> Result<String, ConfigError> {
             path: path.to_owned(),
             reason: e.to_string(),
         })
+}
+
+impl ServeConfig {
+    /// The engine's configuration for a pool of `num_pages` pages (the resolved [`PoolSize`]).
+    pub fn engine_config(&self, num_pages: usize) -> EngineConfig {
+        EngineConfig {
+            num_pages,
+            ..self.engine.clone()
+        }
+    }
+
+    /// Tokens per KV page (`--block-size`).
+    pub fn block_size(&self) -> usize {
+        self.engine.block_size
+    }
+
+    /// Sequences running at once (`--max-running`).
+    pub fn max_running(&self) -> usize {
+        self.engine.max_running
+    }
 }
 
 impl ServeArgs {
@@ -371,10 +396,8 @@ impl ServeArgs {
         let a = &self.adapters;
         let engine = EngineConfig {
             block_size: e.block_size,
-            num_pages: match pool {
-                PoolSize::Pages(p) => p,
-                PoolSize::Bytes(_) | PoolSize::DeviceFraction(_) => 0,
-            },
+            // Never read: `engine_config` sets it from the resolved pool.
+            num_pages: 0,
             max_batch_tokens: e.max_batch_tokens,
             max_prefill_chunk: e.max_prefill_chunk,
             max_running: e.max_running,

@@ -105,13 +105,6 @@ pub fn parse_dtype(s: &str, checkpoint: Option<&str>) -> Result<ComputeDtype, De
     }
 }
 
-/// The `torch_dtype` of the checkpoint in `dir`, if its `config.json` names one.
-pub fn checkpoint_dtype(dir: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
-    let config: serde_json::Value = serde_json::from_str(&text).ok()?;
-    config.get("torch_dtype")?.as_str().map(str::to_owned)
-}
-
 /// Generic code to run on whichever backend a [`Device`] names.
 pub trait WithBackend {
     type Output;
@@ -161,12 +154,17 @@ fn dtype_bytes(torch_dtype: Option<&str>) -> u64 {
 }
 
 /// An estimate of the device memory the weights of the checkpoint in `dir` take once loaded:
-/// the safetensors bytes rescaled from the checkpoint's dtype to the compute dtype (norms and
-/// biases, which stay f32, are a rounding error next to the matrices).
+/// the safetensors bytes rescaled from the checkpoint's dtype (`torch_dtype`, as its
+/// `config.json` says) to the compute dtype (norms and biases, which stay f32, are a rounding
+/// error next to the matrices).
 ///
 /// # Errors
 /// The checkpoint directory cannot be listed.
-pub fn weight_bytes_estimate(dir: &Path, dtype: ComputeDtype) -> std::io::Result<u64> {
+pub fn weight_bytes_estimate(
+    dir: &Path,
+    torch_dtype: Option<&str>,
+    dtype: ComputeDtype,
+) -> std::io::Result<u64> {
     let mut stored = 0u64;
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
@@ -174,7 +172,7 @@ pub fn weight_bytes_estimate(dir: &Path, dtype: ComputeDtype) -> std::io::Result
             stored += entry.metadata()?.len();
         }
     }
-    let source = dtype_bytes(checkpoint_dtype(dir).as_deref());
+    let source = dtype_bytes(torch_dtype);
     let target = match dtype {
         ComputeDtype::F32 => 4,
         ComputeDtype::Bf16 | ComputeDtype::F16 => 2,
@@ -226,17 +224,13 @@ mod tests {
     #[test]
     fn weight_estimate_rescales_to_the_compute_dtype() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("config.json"),
-            r#"{"torch_dtype": "bfloat16"}"#,
-        )
-        .unwrap();
         std::fs::write(dir.path().join("model.safetensors"), vec![0u8; 1000]).unwrap();
         std::fs::write(dir.path().join("tokenizer.json"), vec![0u8; 5000]).unwrap();
         // 1000 bf16 bytes = 500 elements: 2000 bytes in f32, 1000 in f16.
-        let got = weight_bytes_estimate(dir.path(), ComputeDtype::F32).unwrap();
+        let bf16 = Some("bfloat16");
+        let got = weight_bytes_estimate(dir.path(), bf16, ComputeDtype::F32).unwrap();
         assert_eq!(got, 2000);
-        let got = weight_bytes_estimate(dir.path(), ComputeDtype::F16).unwrap();
+        let got = weight_bytes_estimate(dir.path(), bf16, ComputeDtype::F16).unwrap();
         assert_eq!(got, 1000);
     }
 

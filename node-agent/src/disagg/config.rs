@@ -7,7 +7,10 @@ use std::time::Duration;
 
 use loraplane_units::{parse_bytes, parse_duration};
 
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+
 use crate::credential::ClusterCredential;
+use crate::disagg::decode::DecodeOptions;
 
 /// The agent's role in a (possibly disaggregated) deployment.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -89,19 +92,38 @@ pub struct KvTls {
     pub server_name: String,
 }
 
-/// Validated disaggregation settings.
+impl KvTls {
+    /// A prefill agent's side: its certificate, and the cluster CA its callers' certificates
+    /// must chain to.
+    pub fn server(&self) -> ServerTlsConfig {
+        ServerTlsConfig::new()
+            .identity(Identity::from_pem(&self.cert, &self.key))
+            .client_ca_root(Certificate::from_pem(&self.ca))
+    }
+
+    /// A decode agent's side: the cluster CA, its own certificate, and the name prefill agents'
+    /// certificates are issued for.
+    pub fn client(&self) -> ClientTlsConfig {
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca))
+            .identity(Identity::from_pem(&self.cert, &self.key))
+            .domain_name(self.server_name.clone())
+    }
+}
+
+/// Validated disaggregation settings: each flag of [`DisaggArgs`] lands in exactly one field.
 #[derive(Debug, Clone)]
 pub struct DisaggConfig {
-    pub peers: Vec<String>,
-    pub peer_refresh: Duration,
-    pub local_prefill_threshold: usize,
-    pub local_fallback: bool,
+    /// Prefill role: where `KvTransfer` listens.
     pub kv_addr: SocketAddr,
+    /// Both roles: the cluster credential (required unless the role is `unified`).
     pub cluster_token: Option<ClusterCredential>,
-    pub timeout: Duration,
-    pub connect_timeout: Duration,
-    pub max_chunk_bytes: usize,
+    /// Prefill role: mutual TLS of the `KvTransfer` server (the decode side's is in
+    /// [`DecodeOptions::tls`]).
     pub tls: Option<KvTls>,
+    /// Decode role: how prefill peers are reached, what is sent to them, and when to prefill
+    /// locally instead.
+    pub decode: DecodeOptions,
 }
 
 /// Why the disaggregation flags were refused.
@@ -163,15 +185,19 @@ impl DisaggArgs {
             _ => None,
         };
         Ok(DisaggConfig {
-            peers: self.prefill_peers,
-            peer_refresh: self.peer_refresh,
-            local_prefill_threshold: self.local_prefill_threshold,
-            local_fallback: !self.disable_local_prefill,
             kv_addr: self.kv_addr,
+            decode: DecodeOptions {
+                peers: self.prefill_peers,
+                refresh: self.peer_refresh,
+                local_prefill_threshold: self.local_prefill_threshold,
+                local_fallback: !self.disable_local_prefill,
+                connect_timeout: self.kv_connect_timeout,
+                timeout: self.kv_timeout,
+                max_chunk_bytes: self.kv_max_chunk_bytes as usize,
+                credential: cluster_token.clone(),
+                tls: tls.as_ref().map(KvTls::client),
+            },
             cluster_token,
-            timeout: self.kv_timeout,
-            connect_timeout: self.kv_connect_timeout,
-            max_chunk_bytes: self.kv_max_chunk_bytes as usize,
             tls,
         })
     }

@@ -90,9 +90,13 @@ impl EngineHandle {
         model_dir: &std::path::Path,
         config: EngineConfig,
     ) -> Result<Self, EngineError> {
-        let limits = config.adapter_limits;
-        let num_pages = config.num_pages;
-        let engine = Engine::new(backend, model_dir, config)?;
+        Self::start(Engine::new(backend, model_dir, config)?)
+    }
+
+    /// Starts the engine thread for a loaded engine.
+    pub fn start<B: Backend>(engine: Engine<B>) -> Result<Self, EngineError> {
+        let limits = engine.config.adapter_limits;
+        let num_pages = engine.config.num_pages;
         let tokenizer = engine.tokenizer().clone();
         let model = Arc::new(engine.model_config().clone());
         let (tx, rx) = unbounded_channel();

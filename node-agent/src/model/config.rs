@@ -152,6 +152,9 @@ pub struct ModelConfig {
     pub sliding_window: Option<usize>,
     pub eos_token_ids: Vec<u32>,
     pub bos_token_id: Option<u32>,
+    /// The dtype the checkpoint stores its weights in (`torch_dtype`: `bfloat16`, …), which
+    /// `--dtype auto` follows and device memory estimates start from.
+    pub torch_dtype: Option<String>,
 }
 
 impl HfConfig {
@@ -285,11 +288,23 @@ impl HfConfig {
                 .map(TokenIdOrList::to_vec)
                 .unwrap_or_default(),
             bos_token_id: self.bos_token_id,
+            torch_dtype: self.torch_dtype.clone(),
         })
     }
 }
 
 impl ModelConfig {
+    /// Reads, parses and validates the `config.json` of the checkpoint in `dir`: the one place
+    /// the agent reads that file; everything else is handed the result.
+    ///
+    /// # Errors
+    /// [`ModelError::Io`] when it cannot be read, [`ModelError::Config`] when it is not valid
+    /// JSON or not a model the engine computes exactly.
+    pub fn read(dir: &Path) -> Result<Self, ModelError> {
+        let path = dir.join("config.json");
+        HfConfig::read(&path)?.validate(&path)
+    }
+
     /// Width of the key (and value) projection: `num_kv_heads * head_dim`.
     pub fn kv_dim(&self) -> usize {
         self.num_kv_heads * self.head_dim

@@ -12,7 +12,7 @@ use crate::backend::{Backend, BackendError};
 use crate::lora::Module;
 use crate::lora::batch::LoraBatch;
 use crate::model::ModelError;
-use crate::model::config::{HfConfig, ModelConfig};
+use crate::model::config::ModelConfig;
 use crate::model::loader::Checkpoint;
 
 struct Linear<B: Backend> {
@@ -83,10 +83,9 @@ fn backend_err(e: BackendError) -> ModelError {
 }
 
 impl<B: Backend> Model<B> {
-    /// Loads `dir` (config.json + safetensors) onto `backend`.
-    pub fn load(backend: &B, dir: &Path) -> Result<Self, ModelError> {
-        let config_path = dir.join("config.json");
-        let config = HfConfig::read(&config_path)?.validate(&config_path)?;
+    /// Loads the weights of the checkpoint in `dir`, whose `config.json` is `config`
+    /// ([`ModelConfig::read`]), onto `backend`.
+    pub fn load(backend: &B, dir: &Path, config: ModelConfig) -> Result<Self, ModelError> {
         let ckpt = Checkpoint::open(dir)?;
         let (h, v) = (config.hidden_size, config.vocab_size);
 

@@ -167,7 +167,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     }
 
     let lifecycle = Lifecycle::new(config.drain_timeout);
-    let max_lora = config.engine.max_running;
+    let max_lora = config.max_running();
     let (stop_tx, stop_rx) = watch::channel(false);
     let role = disagg::start(&config, &handle, &metrics, stop_rx.clone()).await?;
     let service = AgentService::new(

@@ -195,7 +195,7 @@ fn steady_throughput(arrivals: &[(f64, usize)]) -> f64 {
 /// The wire codec alone on one prompt's KV: seconds to encode every layer (f32 → bytes, CRC)
 /// and to validate and reassemble every chunk (CRC, bytes → f32), best of `repeats`.
 fn codec_time(layout: &WireLayout, tokens: usize, repeats: usize) -> anyhow::Result<(f64, f64)> {
-    let n = layout.blocks_for(tokens) * layout.page_elems();
+    let n = layout.blocks_for(tokens) * layout.block_elems();
     let layers: Vec<KvLayer> = (0..layout.num_layers)
         .map(|l| KvLayer {
             layer: l,

@@ -24,12 +24,19 @@ pub enum Role {
 }
 
 impl Role {
+    /// The `--role` value and the `role` label of `loraplane_role_info`.
     pub fn as_str(self) -> &'static str {
         match self {
             Role::Unified => "unified",
             Role::Prefill => "prefill",
             Role::Decode => "decode",
         }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 
@@ -132,7 +139,7 @@ pub enum DisaggConfigError {
     #[error(
         "--cluster-token-file is required for --role {0}: the KV channel requires the cluster credential"
     )]
-    MissingClusterToken(&'static str),
+    MissingClusterToken(Role),
     #[error("{path}: {reason}")]
     File { path: PathBuf, reason: String },
     #[error("--kv-max-chunk-bytes must be between 64KiB and 4MiB")]
@@ -170,7 +177,7 @@ impl DisaggArgs {
             None => None,
         };
         if role != Role::Unified && cluster_token.is_none() {
-            return Err(DisaggConfigError::MissingClusterToken(role.as_str()));
+            return Err(DisaggConfigError::MissingClusterToken(role));
         }
         if !(64 << 10..=4 << 20).contains(&self.kv_max_chunk_bytes) {
             return Err(DisaggConfigError::ChunkSize);

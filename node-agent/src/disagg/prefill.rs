@@ -160,7 +160,7 @@ impl KvTransfer for PrefillService {
             .check(layout, tokens)
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
         let max_chunk = req.max_chunk_bytes as usize;
-        let page_bytes = self.layout.page_elems() * 4;
+        let page_bytes = self.layout.block_elems() * 4;
         if max_chunk < page_bytes {
             return Err(Status::invalid_argument(format!(
                 "max_chunk_bytes {max_chunk} is below one KV page ({page_bytes} bytes)"

@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 use crate::lora::{BaseShapes, Module};
 use crate::model::ModelError;
 
-/// Architectures the engine implements. Each has one model file under `model/`.
+/// Architectures the engine implements. All three are one decoder (`model/llama.rs`) whose
+/// layers differ only by flags ([`Arch::qkv_bias`], the sliding window); a genuinely different
+/// architecture would get its own file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Arch {

@@ -49,14 +49,14 @@ pub(super) async fn start(
         head_dim: c.head_dim,
     };
     anyhow::ensure!(
-        d.decode.max_chunk_bytes >= layout.page_elems() * 4,
+        d.decode.max_chunk_bytes >= layout.block_elems() * 4,
         "--kv-max-chunk-bytes {} is smaller than one KV page ({} bytes)",
         d.decode.max_chunk_bytes,
-        layout.page_elems() * 4
+        layout.block_elems() * 4
     );
     let stats = Arc::new(DisaggStats::default());
-    let collector = DisaggCollector::new(stats.clone(), config.role.as_str())
-        .context("disaggregation metrics")?;
+    let collector =
+        DisaggCollector::new(stats.clone(), config.role).context("disaggregation metrics")?;
     let queued = collector.queued_prefill_tokens.clone();
     metrics
         .register(Box::new(collector))

@@ -191,7 +191,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         config.admin.clone(),
         lifecycle.clone(),
         config.sources.clone(),
-        config.role.as_str(),
+        config.role,
         &served,
     ));
     let admin_grpc = AdminService::new(admin_state.clone()).into_server();

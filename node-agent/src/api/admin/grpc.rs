@@ -117,7 +117,7 @@ impl<E: AdminEngine> Admin for AdminService<E> {
         self.authorize(&request)?;
         let s = self.state.stats().await?;
         Ok(GrpcResponse::new(pb::GetStatsResponse {
-            role: self.state.role.clone(),
+            role: self.state.role.as_str().to_owned(),
             pool: Some(pb::PoolStats {
                 page_bytes: s.page_bytes as u64,
                 total_pages: s.pool.total,

@@ -73,8 +73,12 @@ pub enum EngineError {
     InvalidRequest(String),
     #[error("request too large: {0}")]
     TooLarge(String),
+    /// Shared (`Arc`) because every caller waiting on the same load gets this same answer.
     #[error("adapter {name:?} could not be loaded: {source}")]
-    AdapterLoad { name: String, source: AdapterError },
+    AdapterLoad {
+        name: String,
+        source: Arc<AdapterError>,
+    },
     #[error("adapter {0:?} is in use; unload it before replacing it")]
     AdapterBusy(String),
     #[error("adapter {name:?} digest mismatch: expected {expected}, got {actual}")]
@@ -89,6 +93,13 @@ pub enum EngineError {
     Backend(#[from] BackendError),
     #[error("the engine has stopped")]
     Stopped,
+    /// The engine thread (or one it needs) could not be started.
+    #[error("cannot start the engine thread: {0}")]
+    ThreadSpawn(#[source] std::io::Error),
+    /// The engine's own state broke one of its invariants: a bug, not the caller's fault, and
+    /// the engine keeps running.
+    #[error("internal engine error: {0}")]
+    Invariant(String),
     /// A dependency (a prefill peer) cannot serve the request now; retrying may succeed.
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -106,6 +117,8 @@ impl EngineError {
             EngineError::Model(_) => "model",
             EngineError::Backend(_) => "backend",
             EngineError::Stopped => "stopped",
+            EngineError::ThreadSpawn(_) => "thread_spawn",
+            EngineError::Invariant(_) => "invariant",
             EngineError::Unavailable(_) => "unavailable",
         }
     }
@@ -558,7 +571,7 @@ impl<B: Backend> Engine<B> {
         let result = result
             .map_err(|source| EngineError::AdapterLoad {
                 name: key.name.clone(),
-                source,
+                source: Arc::new(source),
             })
             .and_then(|a| match expected {
                 Some(d) if d != a.digest => Err(EngineError::DigestMismatch {

@@ -12,34 +12,15 @@ use std::time::Duration;
 
 use clap::parser::ValueSource;
 use clap::{ArgAction, CommandFactory, FromArgMatches};
+use loraplane_units::{parse_bytes, parse_duration};
 
 use crate::api::auth::{self, AdminAuth, AuthError, TenantSpec};
 use crate::api::service::RequestBounds;
 use crate::backend::device::Device;
+use crate::disagg::config::{DisaggArgs, DisaggConfig, DisaggConfigError, Role};
 use crate::engine::EngineConfig;
 use crate::lora::host::AdapterLimits;
 use crate::sources::SourceOptions;
-
-/// The agent's role in a (possibly disaggregated) deployment.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Role {
-    /// Prefill and decode in one agent.
-    Unified,
-    /// Computes prompts for decode agents.
-    Prefill,
-    /// Owns requests and decodes; prompts are prefilled remotely.
-    Decode,
-}
-
-impl Role {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Unified => "unified",
-            Role::Prefill => "prefill",
-            Role::Decode => "decode",
-        }
-    }
-}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -54,7 +35,7 @@ pub struct ServeArgs {
     #[arg(long, env = "LORAPLANE_CONFIG")]
     pub config: Option<PathBuf>,
     #[command(flatten)]
-    pub disagg: crate::disagg::config::DisaggArgs,
+    pub disagg: DisaggArgs,
     #[command(flatten)]
     pub server: ServerArgs,
     #[command(flatten)]
@@ -235,7 +216,7 @@ pub struct LogArgs {
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
     #[error(transparent)]
-    Disagg(#[from] crate::disagg::config::DisaggConfigError),
+    Disagg(#[from] DisaggConfigError),
     #[error("--model is required")]
     MissingModel,
     #[error("--{flag}: {reason}")]
@@ -258,12 +239,16 @@ impl ConfigError {
     }
 }
 
-/// How big the pool is: pages, or bytes to divide by the model's page size.
+/// How big the pool is, as configured: pages, bytes, or a share of the device's memory. It
+/// becomes a page count once, in `serve`, when the model's page size and the device's free
+/// memory are known; until then there is no page count at all.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum PoolSize {
+    /// `--pool-pages`, or 4096 on the CPU when nothing is given.
     Pages(usize),
+    /// `--pool-bytes`: divided by the model's page size.
     Bytes(u64),
-    /// This share of a GPU's free memory, less the weights (resolved when the device is open).
+    /// `--device-pool-fraction` of a GPU's free memory, less the weights.
     DeviceFraction(f64),
 }
 
@@ -271,7 +256,7 @@ pub enum PoolSize {
 #[derive(Debug, Clone)]
 pub struct ServeConfig {
     pub role: Role,
-    pub disagg: crate::disagg::config::DisaggConfig,
+    pub disagg: DisaggConfig,
     pub model: String,
     pub served_model_name: Option<String>,
     pub grpc_addr: SocketAddr,
@@ -280,8 +265,9 @@ pub struct ServeConfig {
     pub tenants: Vec<TenantSpec>,
     pub admin: AdminAuth,
     pub adapters_dir: Option<PathBuf>,
-    /// Engine sizing; `num_pages` is final once [`PoolSize`] is resolved against the model.
-    pub engine: EngineConfig,
+    /// The engine's settings but the pool's size, which [`ServeConfig::engine_config`] adds.
+    /// Private so that nothing reads a page count before the pool is resolved.
+    engine: EngineConfig,
     pub pool: PoolSize,
     pub device: Device,
     /// `--dtype` as given (`auto` resolves against the checkpoint at start-up).
@@ -306,6 +292,26 @@ fn read_secret(path: &Path) -> Result<String, ConfigError> {
             path: path.to_owned(),
             reason: e.to_string(),
         })
+}
+
+impl ServeConfig {
+    /// The engine's configuration for a pool of `num_pages` pages (the resolved [`PoolSize`]).
+    pub fn engine_config(&self, num_pages: usize) -> EngineConfig {
+        EngineConfig {
+            num_pages,
+            ..self.engine.clone()
+        }
+    }
+
+    /// Tokens per KV page (`--block-size`).
+    pub fn block_size(&self) -> usize {
+        self.engine.block_size
+    }
+
+    /// Sequences running at once (`--max-running`).
+    pub fn max_running(&self) -> usize {
+        self.engine.max_running
+    }
 }
 
 impl ServeArgs {
@@ -390,10 +396,8 @@ impl ServeArgs {
         let a = &self.adapters;
         let engine = EngineConfig {
             block_size: e.block_size,
-            num_pages: match pool {
-                PoolSize::Pages(p) => p,
-                PoolSize::Bytes(_) | PoolSize::DeviceFraction(_) => 0,
-            },
+            // Never read: `engine_config` sets it from the resolved pool.
+            num_pages: 0,
             max_batch_tokens: e.max_batch_tokens,
             max_prefill_chunk: e.max_prefill_chunk,
             max_running: e.max_running,
@@ -432,50 +436,6 @@ impl ServeArgs {
             log_level: self.logging.log_level,
         })
     }
-}
-
-/// `30s`, `2m`, `1h`, `500ms`, or plain seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 30s, 2m, 500ms"))?;
-    let secs = match unit.trim() {
-        "" | "s" => n,
-        "ms" => n / 1000.0,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        other => return Err(format!("invalid duration unit {other:?} in {s:?}")),
-    };
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration {s:?}: {e}"))
-}
-
-/// `512MiB`, `2G`, `4096` bytes. `K`/`M`/`G`/`T` are powers of 1000, `KiB`… powers of 1024.
-pub fn parse_bytes(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid size {s:?}: expected e.g. 512MiB, 2G, 4096"))?;
-    let mult: u64 = match unit.trim() {
-        "" | "B" => 1,
-        "K" | "KB" => 1_000,
-        "M" | "MB" => 1_000_000,
-        "G" | "GB" => 1_000_000_000,
-        "T" | "TB" => 1_000_000_000_000,
-        "Ki" | "KiB" => 1 << 10,
-        "Mi" | "MiB" => 1 << 20,
-        "Gi" | "GiB" => 1 << 30,
-        "Ti" | "TiB" => 1 << 40,
-        other => return Err(format!("invalid size unit {other:?} in {s:?}")),
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("size {s:?} is too large"))
 }
 
 fn file_error(path: &Path, reason: impl Into<String>) -> clap::Error {

@@ -15,8 +15,8 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use loraplane_agent::api::auth::AdminAuth;
 use loraplane_agent::backend::cpu::CpuBackend;
+use loraplane_agent::credential::ClusterCredential;
 use loraplane_agent::disagg::decode::{DecodeOptions, DecodeRouter};
 use loraplane_agent::disagg::prefill::PrefillService;
 use loraplane_agent::disagg::stats::DisaggStats;
@@ -189,7 +189,7 @@ async fn serve_prefill(w: &World, fault: Fault) -> (String, EngineHandle, Arc<Di
     let service = PrefillService::new(
         h.clone(),
         layout(&h),
-        AdminAuth::from_token(TOKEN).unwrap(),
+        ClusterCredential::new(TOKEN).unwrap(),
         sources(w),
         stats.clone(),
     );
@@ -216,7 +216,7 @@ fn options(peers: Vec<String>, local_fallback: bool) -> DecodeOptions {
         connect_timeout: Duration::from_secs(2),
         timeout: Duration::from_secs(20),
         max_chunk_bytes: 3 * 4096, // three pages of the tiny model per chunk
-        credential: Some(TOKEN.to_owned()),
+        credential: Some(ClusterCredential::new(TOKEN).unwrap()),
         tls: None,
     }
 }
@@ -435,7 +435,7 @@ async fn the_kv_channel_requires_the_cluster_credential() {
     let decode = engine(&w, true).await;
     let stats = Arc::new(DisaggStats::default());
     let mut opts = options(vec![addr], false);
-    opts.credential = Some("wrong".into());
+    opts.credential = Some(ClusterCredential::new("wrong").unwrap());
     let router = DecodeRouter::start(decode.clone(), layout(&decode), opts, stats.clone()).await;
     assert!(router.submit(request(2)).await.is_err());
     assert_eq!(stats.failures().get("status"), Some(&1));

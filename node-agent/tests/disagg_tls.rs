@@ -8,8 +8,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use loraplane_agent::api::auth::AdminAuth;
 use loraplane_agent::backend::cpu::CpuBackend;
+use loraplane_agent::credential::ClusterCredential;
 use loraplane_agent::disagg::decode::{DecodeOptions, DecodeRouter};
 use loraplane_agent::disagg::prefill::PrefillService;
 use loraplane_agent::disagg::stats::DisaggStats;
@@ -60,7 +60,7 @@ fn options(addr: String, tls: ClientTlsConfig) -> DecodeOptions {
         connect_timeout: Duration::from_secs(2),
         timeout: Duration::from_secs(20),
         max_chunk_bytes: 1 << 20,
-        credential: Some("token".into()),
+        credential: Some(ClusterCredential::new("token").unwrap()),
         tls: Some(tls),
     }
 }
@@ -98,7 +98,7 @@ async fn kv_streams_over_mutual_tls_and_refuses_clients_without_a_certificate() 
     let service = PrefillService::new(
         prefill.clone(),
         layout,
-        AdminAuth::from_token("token").unwrap(),
+        ClusterCredential::new("token").unwrap(),
         Arc::new(SourceOptions::new(dir.path().join("cache"))),
         Arc::new(DisaggStats::default()),
     );

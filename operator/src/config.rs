@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use loraplane_units::{parse_bytes, parse_duration};
 
 use crate::agent_client::Timeouts;
 use crate::controller::Settings;
@@ -230,36 +231,6 @@ impl RunArgs {
             load: self.agents.agent_load_timeout,
         }
     }
-}
-
-/// `30s`, `2m`, `1h`, `500ms`, or plain seconds.
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (num, unit) = s.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 30s, 2m, 500ms"))?;
-    let secs = match unit.trim() {
-        "" | "s" => n,
-        "ms" => n / 1000.0,
-        "m" => n * 60.0,
-        "h" => n * 3600.0,
-        other => return Err(format!("invalid duration unit {other:?} in {s:?}")),
-    };
-    Duration::try_from_secs_f64(secs).map_err(|e| format!("invalid duration {s:?}: {e}"))
-}
-
-/// `512MiB`, `2G`, `4096`: the Kubernetes quantity grammar, in bytes.
-pub fn parse_bytes(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let s = s
-        .strip_suffix("B")
-        .filter(|p| p.ends_with('i'))
-        .unwrap_or(s);
-    crate::quantity::to_bytes(s).map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

@@ -20,7 +20,6 @@ pub mod fake_agent;
 pub mod leader;
 pub mod metrics;
 pub mod placement;
-pub mod quantity;
 pub mod role;
 pub mod server;
 pub mod status;

@@ -35,6 +35,7 @@ use tonic::Status;
 use crate::api::auth::{AdminAuth, AuthError, TenantSpec, Tenants};
 use crate::api::error::{ApiError, ErrorReply};
 use crate::api::lifecycle::Lifecycle;
+use crate::disagg::config::Role;
 use crate::engine::actor::EngineHandle;
 use crate::engine::{EngineError, EngineStats};
 use crate::lora::ids::{AdapterKey, Digest};
@@ -283,7 +284,7 @@ pub struct AdminState<E> {
     auth: AdminAuth,
     lifecycle: Lifecycle,
     sources: SourceOptions,
-    role: String,
+    role: Role,
     model: String,
     /// The URI each adapter was loaded from (redacted), for `ListAdapters`.
     uris: Mutex<HashMap<AdapterKey, String>>,
@@ -300,15 +301,14 @@ impl<E> std::fmt::Debug for AdminState<E> {
 }
 
 impl<E: AdminEngine> AdminState<E> {
-    /// `role` ("unified", "prefill", "decode") and `model` (its served name) are reported by
-    /// `GetStats`.
+    /// `role` and `model` (its served name) are reported by `GetStats`.
     pub fn new(
         engine: E,
         tenants: Tenants,
         auth: AdminAuth,
         lifecycle: Lifecycle,
         sources: SourceOptions,
-        role: &str,
+        role: Role,
         model: &str,
     ) -> Self {
         AdminState {
@@ -317,7 +317,7 @@ impl<E: AdminEngine> AdminState<E> {
             auth,
             lifecycle,
             sources,
-            role: role.to_owned(),
+            role,
             model: model.to_owned(),
             uris: Mutex::new(HashMap::new()),
         }

@@ -20,10 +20,9 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use serde::Deserialize;
-use sha2::{Digest as _, Sha256};
-use subtle::ConstantTimeEq;
 
 use crate::api::error::ApiError;
+use crate::credential::{TokenHash, bearer_token, sha256};
 use crate::lora::ids::TenantId;
 
 /// Per-tenant limits; 0 means unlimited.
@@ -128,10 +127,6 @@ pub fn load_tenants_file(path: &Path) -> Result<Vec<TenantSpec>, AuthError> {
 fn parse_hash(hex_str: &str) -> Option<[u8; 32]> {
     let bytes = hex::decode(hex_str.trim()).ok()?;
     bytes.try_into().ok()
-}
-
-fn sha256(token: &str) -> [u8; 32] {
-    Sha256::digest(token.as_bytes()).into()
 }
 
 fn valid_tenant_id(id: &str) -> bool {
@@ -399,7 +394,7 @@ impl Drop for Admission {
 /// refused.
 #[derive(Debug, Clone, Default)]
 pub struct AdminAuth {
-    hash: Option<[u8; 32]>,
+    hash: Option<TokenHash>,
 }
 
 impl AdminAuth {
@@ -410,7 +405,7 @@ impl AdminAuth {
 
     /// From the hex SHA-256 of the token (`--admin-token-sha256`).
     pub fn from_sha256_hex(hex_str: &str) -> Result<Self, AuthError> {
-        let hash = parse_hash(hex_str).ok_or_else(|| {
+        let hash = TokenHash::from_hex(hex_str).ok_or_else(|| {
             AuthError::InvalidAdminCredential("expected 64 hex digits (a SHA-256)".into())
         })?;
         Ok(AdminAuth { hash: Some(hash) })
@@ -425,7 +420,7 @@ impl AdminAuth {
             ));
         }
         Ok(AdminAuth {
-            hash: Some(sha256(token)),
+            hash: Some(TokenHash::of(token)),
         })
     }
 
@@ -436,10 +431,7 @@ impl AdminAuth {
     /// Whether `presented_token` is the admin credential (constant-time on the hashes).
     /// Tenant API keys are never admin credentials.
     pub fn is_admin(&self, presented_token: &str) -> bool {
-        match &self.hash {
-            Some(h) => bool::from(sha256(presented_token).ct_eq(h)),
-            None => false,
-        }
+        self.hash.is_some_and(|h| h.matches(presented_token))
     }
 
     /// Checks the bearer token of an admin call.
@@ -455,25 +447,10 @@ impl AdminAuth {
     }
 }
 
-/// The token of an `Authorization: Bearer <token>` value.
-pub fn bearer_token(value: &str) -> Option<&str> {
-    let (scheme, token) = value.trim().split_once(' ')?;
-    let token = token.trim();
-    (scheme.eq_ignore_ascii_case("bearer") && !token.is_empty()).then_some(token)
-}
-
 /// The bearer token of an HTTP request.
 pub fn bearer_from_headers(headers: &axum::http::HeaderMap) -> Option<&str> {
     headers
         .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(bearer_token)
-}
-
-/// The bearer token of a gRPC call (`authorization` metadata).
-pub fn bearer_from_metadata(metadata: &tonic::metadata::MetadataMap) -> Option<&str> {
-    metadata
-        .get("authorization")
         .and_then(|v| v.to_str().ok())
         .and_then(bearer_token)
 }
@@ -588,7 +565,5 @@ mod tests {
         assert!(!AdminAuth::disabled().is_admin(""));
         let same = AdminAuth::from_sha256_hex(&hex::encode(sha256("s3cret"))).unwrap();
         assert!(same.is_admin("s3cret"));
-        assert_eq!(bearer_token("Bearer  abc "), Some("abc"));
-        assert_eq!(bearer_token("Basic abc"), None);
     }
 }

@@ -15,6 +15,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Serialize;
 
 use crate::engine::EngineError;
+use crate::model::ModelError;
 
 /// Why a request was refused or failed.
 #[derive(Debug, thiserror::Error)]
@@ -221,17 +222,38 @@ impl ApiError {
                     INVALID,
                     Some("digest_mismatch"),
                 ),
-                EngineError::Model(_) => r(
+                EngineError::Model(
+                    ModelError::Io { .. }
+                    | ModelError::Config { .. }
+                    | ModelError::Weights { .. }
+                    | ModelError::Tokenizer { .. },
+                ) => r(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     Code::Internal,
                     "model",
                     SERVER,
                     None,
                 ),
-                EngineError::Backend(_) => r(
+                // The device failed, not the model's files: reported as the backend errors of a
+                // step are.
+                EngineError::Model(ModelError::Backend(_)) | EngineError::Backend(_) => r(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     Code::Internal,
                     "backend",
+                    SERVER,
+                    None,
+                ),
+                EngineError::ThreadSpawn(_) => r(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    Code::Internal,
+                    "thread_spawn",
+                    SERVER,
+                    None,
+                ),
+                EngineError::Invariant(_) => r(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    Code::Internal,
+                    "engine_invariant",
                     SERVER,
                     None,
                 ),
@@ -347,6 +369,137 @@ mod tests {
             missing.openai_json(),
             r#"{"error":{"message":"The model `x` does not exist.","type":"invalid_request_error","param":"model","code":"model_not_found"}}"#
         );
+    }
+
+    /// Every engine error through the one mapping: status, gRPC code, metric kind and retry
+    /// hint, so a variant that starts answering as another (a failed thread spawn as the
+    /// caller's "invalid request", a bug as "the engine has stopped") fails here.
+    #[test]
+    fn every_engine_error_has_its_own_answer() {
+        use std::sync::Arc;
+
+        use tonic::Code;
+
+        use crate::backend::BackendError;
+        use crate::lora::host::AdapterError;
+
+        let adapter_error = AdapterError::Invalid {
+            path: "/a/adapter_config.json".into(),
+            reason: "bad".into(),
+        };
+        let cases: Vec<(EngineError, StatusCode, Code, &str, Option<u64>)> = vec![
+            (
+                EngineError::AdapterNotFound("x".into()),
+                StatusCode::NOT_FOUND,
+                Code::NotFound,
+                "model_not_found",
+                None,
+            ),
+            (
+                EngineError::InvalidRequest("empty prompt".into()),
+                StatusCode::BAD_REQUEST,
+                Code::InvalidArgument,
+                "invalid_argument",
+                None,
+            ),
+            (
+                EngineError::TooLarge("prompt".into()),
+                StatusCode::BAD_REQUEST,
+                Code::InvalidArgument,
+                "too_large",
+                None,
+            ),
+            (
+                EngineError::AdapterLoad {
+                    name: "x".into(),
+                    source: Arc::new(adapter_error),
+                },
+                StatusCode::BAD_REQUEST,
+                Code::InvalidArgument,
+                "adapter_load",
+                None,
+            ),
+            (
+                EngineError::AdapterBusy("x".into()),
+                StatusCode::CONFLICT,
+                Code::FailedPrecondition,
+                "adapter_busy",
+                None,
+            ),
+            (
+                EngineError::DigestMismatch {
+                    name: "x".into(),
+                    expected: "sha256:aa".into(),
+                    actual: "sha256:bb".into(),
+                },
+                StatusCode::BAD_REQUEST,
+                Code::InvalidArgument,
+                "digest_mismatch",
+                None,
+            ),
+            (
+                EngineError::Model(ModelError::Config {
+                    path: "/m/config.json".into(),
+                    reason: "bad".into(),
+                }),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Code::Internal,
+                "model",
+                None,
+            ),
+            (
+                EngineError::Model(ModelError::Backend(BackendError::Gemm("oom".into()))),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Code::Internal,
+                "backend",
+                None,
+            ),
+            (
+                EngineError::Backend(BackendError::Gemm("oom".into())),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Code::Internal,
+                "backend",
+                None,
+            ),
+            (
+                EngineError::Stopped,
+                StatusCode::SERVICE_UNAVAILABLE,
+                Code::Unavailable,
+                "engine_stopped",
+                Some(1),
+            ),
+            (
+                EngineError::ThreadSpawn(std::io::Error::other("out of threads")),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Code::Internal,
+                "thread_spawn",
+                None,
+            ),
+            (
+                EngineError::Invariant("a planned sequence is gone".into()),
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Code::Internal,
+                "engine_invariant",
+                None,
+            ),
+            (
+                EngineError::Unavailable("no prefill peer".into()),
+                StatusCode::SERVICE_UNAVAILABLE,
+                Code::Unavailable,
+                "unavailable",
+                Some(1),
+            ),
+        ];
+        let mut kinds = std::collections::BTreeSet::new();
+        for (error, http, grpc, kind, retry_after) in cases {
+            let name = format!("{error:?}");
+            let r = ApiError::Engine(error).reply();
+            assert_eq!((r.http, r.grpc, r.kind), (http, grpc, kind), "{name}");
+            assert_eq!(r.retry_after, retry_after, "{name}");
+            kinds.insert(kind);
+        }
+        // One kind per variant, except the two ways a device failure arrives.
+        assert_eq!(kinds.len(), 12);
     }
 
     #[test]

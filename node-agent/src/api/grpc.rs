@@ -17,9 +17,9 @@ use loraplane_proto::v1 as pb;
 use loraplane_proto::v1::inference_server::{self, InferenceServer};
 use tonic::{Request, Response, Status};
 
-use crate::api::auth::bearer_from_metadata;
 use crate::api::error::ApiError;
 use crate::api::service::{GenerateSpec, Generation, Inference, Prompt, Sampling};
+use crate::credential::bearer_from_metadata;
 use crate::engine::{Event, FinishReason};
 use crate::metrics::Surface;
 use crate::model::tokenizer::ChatMessage;

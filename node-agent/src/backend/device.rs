@@ -1,5 +1,5 @@
 //! Device selection: `--device cpu|cuda[:N]` and the compute dtype, parsed once, and running
-//! generic engine code on the backend they name ([`with_backend`], [`spawn_engine`]).
+//! generic code on the backend they name ([`with_backend`]).
 //!
 //! Builds without the `cuda` feature too: then `cuda:N` parses (so configs stay portable) and
 //! fails at start-up with [`DeviceError::NotBuilt`].
@@ -10,8 +10,6 @@ use std::str::FromStr;
 
 use super::cpu::CpuBackend;
 use super::{Backend, BackendError};
-use crate::engine::actor::EngineHandle;
-use crate::engine::{EngineConfig, EngineError};
 
 /// Where the model runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -107,13 +105,6 @@ pub fn parse_dtype(s: &str, checkpoint: Option<&str>) -> Result<ComputeDtype, De
     }
 }
 
-/// The `torch_dtype` of the checkpoint in `dir`, if its `config.json` names one.
-pub fn checkpoint_dtype(dir: &Path) -> Option<String> {
-    let text = std::fs::read_to_string(dir.join("config.json")).ok()?;
-    let config: serde_json::Value = serde_json::from_str(&text).ok()?;
-    config.get("torch_dtype")?.as_str().map(str::to_owned)
-}
-
 /// Generic code to run on whichever backend a [`Device`] names.
 pub trait WithBackend {
     type Output;
@@ -163,12 +154,17 @@ fn dtype_bytes(torch_dtype: Option<&str>) -> u64 {
 }
 
 /// An estimate of the device memory the weights of the checkpoint in `dir` take once loaded:
-/// the safetensors bytes rescaled from the checkpoint's dtype to the compute dtype (norms and
-/// biases, which stay f32, are a rounding error next to the matrices).
+/// the safetensors bytes rescaled from the checkpoint's dtype (`torch_dtype`, as its
+/// `config.json` says) to the compute dtype (norms and biases, which stay f32, are a rounding
+/// error next to the matrices).
 ///
 /// # Errors
 /// The checkpoint directory cannot be listed.
-pub fn weight_bytes_estimate(dir: &Path, dtype: ComputeDtype) -> std::io::Result<u64> {
+pub fn weight_bytes_estimate(
+    dir: &Path,
+    torch_dtype: Option<&str>,
+    dtype: ComputeDtype,
+) -> std::io::Result<u64> {
     let mut stored = 0u64;
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
@@ -176,7 +172,7 @@ pub fn weight_bytes_estimate(dir: &Path, dtype: ComputeDtype) -> std::io::Result
             stored += entry.metadata()?.len();
         }
     }
-    let source = dtype_bytes(checkpoint_dtype(dir).as_deref());
+    let source = dtype_bytes(torch_dtype);
     let target = match dtype {
         ComputeDtype::F32 => 4,
         ComputeDtype::Bf16 | ComputeDtype::F16 => 2,
@@ -208,58 +204,6 @@ pub fn pages_for_fraction(
     Ok(usize::try_from(pages.min(u64::from(u32::MAX))).unwrap_or(u32::MAX as usize))
 }
 
-/// Loads the model in `dir` on `device` and starts the engine thread. With `pool_fraction`,
-/// and a backend that reports its free memory, the pool gets that share of the device's free
-/// memory less the weights ([`pages_for_fraction`]) instead of `config.num_pages`.
-///
-/// # Errors
-/// As [`with_backend`] (wrapped in [`EngineError::Backend`]) and
-/// [`EngineHandle::spawn`].
-pub fn spawn_engine(
-    device: Device,
-    dtype: ComputeDtype,
-    dir: &Path,
-    config: EngineConfig,
-    pool_fraction: Option<f64>,
-) -> Result<EngineHandle, EngineError> {
-    struct Spawn<'a> {
-        dir: &'a Path,
-        config: EngineConfig,
-        dtype: ComputeDtype,
-        pool_fraction: Option<f64>,
-    }
-    impl WithBackend for Spawn<'_> {
-        type Output = Result<EngineHandle, EngineError>;
-        fn run<B: Backend>(self, backend: B) -> Self::Output {
-            let mut config = self.config;
-            if let (Some(fraction), Some(free)) = (self.pool_fraction, backend.free_memory()) {
-                let page_bytes = crate::engine::core::page_bytes(self.dir, config.block_size)?;
-                let weights = weight_bytes_estimate(self.dir, self.dtype)
-                    .map_err(|e| BackendError::Device(format!("reading the checkpoint: {e}")))?;
-                config.num_pages =
-                    pages_for_fraction(free as u64, fraction, weights, page_bytes as u64)?;
-                tracing::info!(
-                    free_bytes = free,
-                    weight_bytes = weights,
-                    pool_pages = config.num_pages,
-                    "pool sized from --device-pool-fraction"
-                );
-            }
-            EngineHandle::spawn(backend, self.dir, config)
-        }
-    }
-    with_backend(
-        device,
-        dtype,
-        Spawn {
-            dir,
-            config,
-            dtype,
-            pool_fraction,
-        },
-    )?
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -280,17 +224,13 @@ mod tests {
     #[test]
     fn weight_estimate_rescales_to_the_compute_dtype() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("config.json"),
-            r#"{"torch_dtype": "bfloat16"}"#,
-        )
-        .unwrap();
         std::fs::write(dir.path().join("model.safetensors"), vec![0u8; 1000]).unwrap();
         std::fs::write(dir.path().join("tokenizer.json"), vec![0u8; 5000]).unwrap();
         // 1000 bf16 bytes = 500 elements: 2000 bytes in f32, 1000 in f16.
-        let got = weight_bytes_estimate(dir.path(), ComputeDtype::F32).unwrap();
+        let bf16 = Some("bfloat16");
+        let got = weight_bytes_estimate(dir.path(), bf16, ComputeDtype::F32).unwrap();
         assert_eq!(got, 2000);
-        let got = weight_bytes_estimate(dir.path(), ComputeDtype::F16).unwrap();
+        let got = weight_bytes_estimate(dir.path(), bf16, ComputeDtype::F16).unwrap();
         assert_eq!(got, 1000);
     }
 

@@ -17,8 +17,8 @@ use crate::bench::stats::{Summary, median};
 use crate::bench::timed::{Op, OpSnapshot, OpTimes, TimedCpu};
 use crate::bench::{Ctx, sim};
 use crate::engine::{Engine, EngineConfig, Event};
-use crate::fixtures::rng::SplitMix64;
 use crate::lora::Module;
+use crate::rng::SplitMix64;
 
 const BATCH: usize = 64;
 

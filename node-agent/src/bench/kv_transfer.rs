@@ -21,18 +21,18 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::api::auth::AdminAuth;
 use crate::backend::cpu::CpuBackend;
 use crate::bench::report::{Bar, Plot, PlotKind, Report, Table, Target, format_num};
 use crate::bench::stats::Summary;
 use crate::bench::{Ctx, setup};
+use crate::credential::ClusterCredential;
 use crate::disagg::prefill::PrefillService;
 use crate::disagg::stats::DisaggStats;
 use crate::disagg::transfer::{Assembler, WireLayout, encode_layer};
 use crate::engine::actor::EngineHandle;
 use crate::engine::{EngineConfig, KvLayer, Request, SamplingParams};
-use crate::fixtures::rng::SplitMix64;
 use crate::lora::ids::TenantId;
+use crate::rng::SplitMix64;
 use crate::sources::SourceOptions;
 
 const TOKEN: &str = "bench-cluster-credential";
@@ -195,7 +195,7 @@ fn steady_throughput(arrivals: &[(f64, usize)]) -> f64 {
 /// The wire codec alone on one prompt's KV: seconds to encode every layer (f32 → bytes, CRC)
 /// and to validate and reassemble every chunk (CRC, bytes → f32), best of `repeats`.
 fn codec_time(layout: &WireLayout, tokens: usize, repeats: usize) -> anyhow::Result<(f64, f64)> {
-    let n = layout.blocks_for(tokens) * layout.page_elems();
+    let n = layout.blocks_for(tokens) * layout.block_elems();
     let layers: Vec<KvLayer> = (0..layout.num_layers)
         .map(|l| KvLayer {
             layer: l,
@@ -320,7 +320,7 @@ async fn run_async(ctx: &mut Ctx) -> anyhow::Result<Report> {
     let service = PrefillService::new(
         engine.clone(),
         layout,
-        AdminAuth::from_token(TOKEN)?,
+        ClusterCredential::new(TOKEN)?,
         Arc::new(SourceOptions::new(scratch.path())),
         Arc::new(DisaggStats::default()),
     );

@@ -18,9 +18,9 @@ use crate::bench::sim::{self, timed_step};
 use crate::bench::stats::Summary;
 use crate::bench::timed::{Op, TimedCpu};
 use crate::engine::{EngineConfig, Event};
-use crate::fixtures::rng::SplitMix64;
 use crate::lora::Module;
 use crate::model::config::ModelConfig;
+use crate::rng::SplitMix64;
 
 fn random(n: usize, seed: u64) -> Vec<f32> {
     let mut rng = SplitMix64::new(seed);

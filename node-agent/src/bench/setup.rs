@@ -18,7 +18,7 @@ use crate::lora::Module;
 use crate::lora::host::{self, AdapterLimits, HostAdapter};
 use crate::lora::ids::AdapterKey;
 use crate::lora::registry::plan_placement;
-use crate::model::config::{Arch, HfConfig, ModelConfig};
+use crate::model::config::{Arch, ModelConfig};
 
 /// The tenant every benchmark adapter belongs to.
 pub const TENANT: &str = "default";
@@ -178,8 +178,7 @@ pub(crate) fn adapter_defs(
 
 /// The model's configuration, read from its checkpoint.
 pub(crate) fn model_config(dir: &Path) -> anyhow::Result<ModelConfig> {
-    let path = dir.join("config.json");
-    Ok(HfConfig::read(&path)?.validate(&path)?)
+    Ok(ModelConfig::read(dir)?)
 }
 
 /// Pool pages for the adapters (each fully resident) plus `kv_tokens` tokens of KV, plus 10 %.

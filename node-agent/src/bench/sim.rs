@@ -22,9 +22,9 @@ use crate::backend::Backend;
 use crate::bench::setup::TENANT;
 use crate::bench::stats::percentile;
 use crate::engine::{Engine, Event, FinishReason, Request, SamplingParams};
-use crate::fixtures::rng::SplitMix64;
 use crate::lora::host;
 use crate::lora::ids::TenantId;
+use crate::rng::SplitMix64;
 
 /// What a serving run offers the engine.
 #[derive(Debug, Clone)]

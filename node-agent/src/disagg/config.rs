@@ -1,11 +1,44 @@
-//! The `serve` flags of disaggregated serving (flattened into `ServeArgs`), validated into a
-//! [`DisaggConfig`].
+//! The agent's [`Role`] and the `serve` flags of disaggregated serving (flattened into
+//! `ServeArgs`), validated into a [`DisaggConfig`].
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::config::{Role, parse_bytes, parse_duration};
+use loraplane_units::{parse_bytes, parse_duration};
+
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+
+use crate::credential::ClusterCredential;
+use crate::disagg::decode::DecodeOptions;
+
+/// The agent's role in a (possibly disaggregated) deployment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Role {
+    /// Prefill and decode in one agent.
+    Unified,
+    /// Computes prompts for decode agents.
+    Prefill,
+    /// Owns requests and decodes; prompts are prefilled remotely.
+    Decode,
+}
+
+impl Role {
+    /// The `--role` value and the `role` label of `loraplane_role_info`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Unified => "unified",
+            Role::Prefill => "prefill",
+            Role::Decode => "decode",
+        }
+    }
+}
+
+impl std::fmt::Display for Role {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
 
 /// Disaggregated serving (roles `prefill` and `decode`).
 #[derive(Debug, Clone, clap::Args)]
@@ -66,19 +99,38 @@ pub struct KvTls {
     pub server_name: String,
 }
 
-/// Validated disaggregation settings.
+impl KvTls {
+    /// A prefill agent's side: its certificate, and the cluster CA its callers' certificates
+    /// must chain to.
+    pub fn server(&self) -> ServerTlsConfig {
+        ServerTlsConfig::new()
+            .identity(Identity::from_pem(&self.cert, &self.key))
+            .client_ca_root(Certificate::from_pem(&self.ca))
+    }
+
+    /// A decode agent's side: the cluster CA, its own certificate, and the name prefill agents'
+    /// certificates are issued for.
+    pub fn client(&self) -> ClientTlsConfig {
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.ca))
+            .identity(Identity::from_pem(&self.cert, &self.key))
+            .domain_name(self.server_name.clone())
+    }
+}
+
+/// Validated disaggregation settings: each flag of [`DisaggArgs`] lands in exactly one field.
 #[derive(Debug, Clone)]
 pub struct DisaggConfig {
-    pub peers: Vec<String>,
-    pub peer_refresh: Duration,
-    pub local_prefill_threshold: usize,
-    pub local_fallback: bool,
+    /// Prefill role: where `KvTransfer` listens.
     pub kv_addr: SocketAddr,
-    pub cluster_token: Option<String>,
-    pub timeout: Duration,
-    pub connect_timeout: Duration,
-    pub max_chunk_bytes: usize,
+    /// Both roles: the cluster credential (required unless the role is `unified`).
+    pub cluster_token: Option<ClusterCredential>,
+    /// Prefill role: mutual TLS of the `KvTransfer` server (the decode side's is in
+    /// [`DecodeOptions::tls`]).
     pub tls: Option<KvTls>,
+    /// Decode role: how prefill peers are reached, what is sent to them, and when to prefill
+    /// locally instead.
+    pub decode: DecodeOptions,
 }
 
 /// Why the disaggregation flags were refused.
@@ -87,7 +139,7 @@ pub enum DisaggConfigError {
     #[error(
         "--cluster-token-file is required for --role {0}: the KV channel requires the cluster credential"
     )]
-    MissingClusterToken(&'static str),
+    MissingClusterToken(Role),
     #[error("{path}: {reason}")]
     File { path: PathBuf, reason: String },
     #[error("--kv-max-chunk-bytes must be between 64KiB and 4MiB")]
@@ -115,19 +167,17 @@ impl DisaggArgs {
     pub fn validate(self, role: Role) -> Result<DisaggConfig, DisaggConfigError> {
         let cluster_token = match &self.cluster_token_file {
             Some(path) => {
-                let token = read(path)?.trim().to_owned();
-                if token.is_empty() {
-                    return Err(DisaggConfigError::File {
+                let token =
+                    ClusterCredential::new(&read(path)?).map_err(|e| DisaggConfigError::File {
                         path: path.clone(),
-                        reason: "the cluster token is empty".into(),
-                    });
-                }
+                        reason: e.to_string(),
+                    })?;
                 Some(token)
             }
             None => None,
         };
         if role != Role::Unified && cluster_token.is_none() {
-            return Err(DisaggConfigError::MissingClusterToken(role.as_str()));
+            return Err(DisaggConfigError::MissingClusterToken(role));
         }
         if !(64 << 10..=4 << 20).contains(&self.kv_max_chunk_bytes) {
             return Err(DisaggConfigError::ChunkSize);
@@ -142,15 +192,19 @@ impl DisaggArgs {
             _ => None,
         };
         Ok(DisaggConfig {
-            peers: self.prefill_peers,
-            peer_refresh: self.peer_refresh,
-            local_prefill_threshold: self.local_prefill_threshold,
-            local_fallback: !self.disable_local_prefill,
             kv_addr: self.kv_addr,
+            decode: DecodeOptions {
+                peers: self.prefill_peers,
+                refresh: self.peer_refresh,
+                local_prefill_threshold: self.local_prefill_threshold,
+                local_fallback: !self.disable_local_prefill,
+                connect_timeout: self.kv_connect_timeout,
+                timeout: self.kv_timeout,
+                max_chunk_bytes: self.kv_max_chunk_bytes as usize,
+                credential: cluster_token.clone(),
+                tls: tls.as_ref().map(KvTls::client),
+            },
             cluster_token,
-            timeout: self.kv_timeout,
-            connect_timeout: self.kv_connect_timeout,
-            max_chunk_bytes: self.kv_max_chunk_bytes as usize,
             tls,
         })
     }

@@ -19,11 +19,12 @@ use loraplane_proto::v1::{
 };
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
+use crate::credential::ClusterCredential;
 use crate::disagg::stats::DisaggStats;
 use crate::disagg::transfer::{Assembler, TransferError, WireLayout};
 use crate::engine::actor::{EngineHandle, RequestStream};
 use crate::engine::{EngineError, KvImport, Request};
-use crate::lora::ids::AdapterKey;
+use crate::lora::ids::{AdapterId, AdapterKey};
 
 /// How a decode agent reaches its prefill peers.
 #[derive(Debug, Clone)]
@@ -40,7 +41,7 @@ pub struct DecodeOptions {
     pub timeout: Duration,
     pub max_chunk_bytes: usize,
     /// The cluster credential presented to prefill agents.
-    pub credential: Option<String>,
+    pub credential: Option<ClusterCredential>,
     pub tls: Option<ClientTlsConfig>,
 }
 
@@ -49,7 +50,9 @@ struct Peer {
     addr: SocketAddr,
     channel: Channel,
     in_flight_tokens: AtomicUsize,
-    adapters: Mutex<HashSet<String>>,
+    /// What this peer has prefilled for this agent: adapters by identity, `None` for the base
+    /// model.
+    adapters: Mutex<HashSet<Option<AdapterId>>>,
 }
 
 /// The current prefill peers.
@@ -107,7 +110,7 @@ impl PeerSet {
 
     /// Peers in the order to try for an adapter: those known to hold it, then the fewest
     /// prompt tokens in flight, then the configured order.
-    fn ranked(&self, adapter: &str) -> Vec<Arc<Peer>> {
+    fn ranked(&self, adapter: &Option<AdapterId>) -> Vec<Arc<Peer>> {
         let mut keyed: Vec<_> = self
             .snapshot()
             .into_iter()
@@ -202,12 +205,11 @@ impl DecodeRouter {
             self.stats.local_prefills.fetch_add(1, Ordering::Relaxed);
             return self.engine.submit(request).await;
         }
-        let identity = self.identity(&request).await?;
-        let adapter_label = identity
-            .as_ref()
-            .map(|i| format!("{}/{}@{}", i.tenant, i.name, i.digest))
-            .unwrap_or_default();
-        let peers = self.peers.ranked(&adapter_label);
+        let (adapter_id, identity) = match self.identity(&request).await? {
+            Some((id, wire)) => (Some(id), Some(wire)),
+            None => (None, None),
+        };
+        let peers = self.peers.ranked(&adapter_id);
         for peer in &peers {
             let tokens = request.prompt.len();
             peer.in_flight_tokens.fetch_add(tokens, Ordering::Relaxed);
@@ -225,7 +227,7 @@ impl DecodeRouter {
                         .received(bytes, started.elapsed().as_micros() as u64);
                     self.stats.remote_prefills.fetch_add(1, Ordering::Relaxed);
                     if let Ok(mut a) = peer.adapters.lock() {
-                        a.insert(adapter_label.clone());
+                        a.insert(adapter_id.clone());
                     }
                     return self.engine.submit_prefilled(request, import).await;
                 }
@@ -249,8 +251,12 @@ impl DecodeRouter {
         self.engine.submit(request).await
     }
 
-    /// The adapter's full identity (tenant, name, digest, source), or `None` for the base model.
-    async fn identity(&self, request: &Request) -> Result<Option<AdapterIdentity>, EngineError> {
+    /// The adapter's identity, and as the prefill agent is told it (with its source), or `None`
+    /// for the base model.
+    async fn identity(
+        &self,
+        request: &Request,
+    ) -> Result<Option<(AdapterId, AdapterIdentity)>, EngineError> {
         let Some(name) = &request.adapter else {
             return Ok(None);
         };
@@ -265,12 +271,17 @@ impl DecodeRouter {
             .into_iter()
             .find(|a| a.key == key);
         let summary = summary.ok_or_else(|| EngineError::AdapterNotFound(name.clone()))?;
-        Ok(Some(AdapterIdentity {
-            tenant: key.tenant.0,
-            name: key.name,
+        let wire = AdapterIdentity {
+            tenant: key.tenant.0.clone(),
+            name: key.name.clone(),
             digest: summary.digest.map(|d| d.to_string()).unwrap_or_default(),
             source_uri: summary.source.display().to_string(),
-        }))
+        };
+        let id = AdapterId {
+            key,
+            digest: summary.digest,
+        };
+        Ok(Some((id, wire)))
     }
 
     async fn attempt(
@@ -303,8 +314,9 @@ impl DecodeRouter {
             max_chunk_bytes: self.opts.max_chunk_bytes as u32,
         };
         let mut grpc = tonic::Request::new(wire);
-        if let Some(token) = &self.opts.credential {
-            let value = format!("Bearer {token}")
+        if let Some(credential) = &self.opts.credential {
+            let value = credential
+                .authorization()
                 .parse()
                 .map_err(|_| tonic::Status::internal("credential is not valid metadata"))?;
             grpc.metadata_mut().insert("authorization", value);

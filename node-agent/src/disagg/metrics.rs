@@ -9,6 +9,7 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{Counter, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts};
 
+use crate::disagg::config::Role;
 use crate::disagg::stats::DisaggStats;
 use crate::metrics::names;
 
@@ -16,7 +17,7 @@ use crate::metrics::names;
 #[derive(Debug)]
 pub struct DisaggCollector {
     stats: Arc<DisaggStats>,
-    role: &'static str,
+    role: Role,
     pub queued_prefill_tokens: Arc<AtomicU64>,
     descs: Vec<Desc>,
 }
@@ -65,7 +66,7 @@ fn role_info() -> prometheus::Result<IntGaugeVec> {
 }
 
 impl DisaggCollector {
-    pub fn new(stats: Arc<DisaggStats>, role: &'static str) -> prometheus::Result<Self> {
+    pub fn new(stats: Arc<DisaggStats>, role: Role) -> prometheus::Result<Self> {
         let mut descs = Vec::new();
         descs.extend(bytes_vec()?.desc().into_iter().cloned());
         descs.extend(seconds()?.desc().into_iter().cloned());
@@ -128,7 +129,7 @@ impl DisaggCollector {
         );
         out.extend(q.collect());
         let r = role_info()?;
-        r.with_label_values(&[self.role]).set(1);
+        r.with_label_values(&[self.role.as_str()]).set(1);
         out.extend(r.collect());
         Ok(out)
     }

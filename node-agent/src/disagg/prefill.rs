@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request as GrpcRequest, Response, Status};
 
-use crate::api::auth::{AdminAuth, bearer_token};
+use crate::credential::{ClusterCredential, bearer_from_metadata};
 use crate::disagg::stats::DisaggStats;
 use crate::disagg::transfer::{WireLayout, encode_layer};
 use crate::engine::actor::EngineHandle;
@@ -35,7 +35,7 @@ const STREAM_BUFFER: usize = 4;
 pub struct PrefillService {
     engine: EngineHandle,
     layout: WireLayout,
-    credential: AdminAuth,
+    credential: ClusterCredential,
     sources: Arc<SourceOptions>,
     stats: Arc<DisaggStats>,
 }
@@ -53,7 +53,7 @@ impl PrefillService {
     pub fn new(
         engine: EngineHandle,
         layout: WireLayout,
-        credential: AdminAuth,
+        credential: ClusterCredential,
         sources: Arc<SourceOptions>,
         stats: Arc<DisaggStats>,
     ) -> Self {
@@ -72,16 +72,11 @@ impl PrefillService {
     }
 
     fn authorize<T>(&self, req: &GrpcRequest<T>) -> Result<(), Status> {
-        let token = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(bearer_token);
-        match token {
+        match bearer_from_metadata(req.metadata()) {
             None => Err(Status::unauthenticated(
                 "the KV channel requires the cluster credential",
             )),
-            Some(t) if self.credential.is_admin(t) => Ok(()),
+            Some(t) if self.credential.verify(t) => Ok(()),
             Some(_) => Err(Status::permission_denied("wrong cluster credential")),
         }
     }
@@ -165,7 +160,7 @@ impl KvTransfer for PrefillService {
             .check(layout, tokens)
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
         let max_chunk = req.max_chunk_bytes as usize;
-        let page_bytes = self.layout.page_elems() * 4;
+        let page_bytes = self.layout.block_elems() * 4;
         if max_chunk < page_bytes {
             return Err(Status::invalid_argument(format!(
                 "max_chunk_bytes {max_chunk} is below one KV page ({page_bytes} bytes)"

@@ -1,5 +1,6 @@
-//! Counters of disaggregated serving, kept with atomics so the transfer paths stay lock-free;
-//! the metrics module reads them on scrape.
+//! Counters of disaggregated serving. The transfer paths bump atomics and never wait for a lock
+//! (the failure counts alone sit behind a mutex, taken only when a transfer fails);
+//! `disagg::metrics::DisaggCollector` reads them at scrape time.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -7,16 +8,21 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 #[derive(Debug, Default)]
 pub struct DisaggStats {
-    /// KV bytes sent (prefill side) or received (decode side).
+    /// KV bytes streamed to decode agents (prefill side).
     pub bytes_sent: AtomicU64,
+    /// KV bytes received from prefill agents (decode side).
     pub bytes_received: AtomicU64,
-    /// Total seconds spent receiving KV streams, in microseconds.
+    /// Time spent receiving complete KV streams, in microseconds (decode side).
     pub transfer_us: AtomicU64,
+    /// Complete KV streams received (decode side).
     pub transfers: AtomicU64,
+    /// Prefills this agent started for decode agents (prefill side).
     pub prefills_served: AtomicU64,
+    /// Requests prefilled by a peer / here (decode side).
     pub remote_prefills: AtomicU64,
     pub local_prefills: AtomicU64,
-    /// Failures by kind (bounded set of labels from `TransferError::kind` and transport kinds).
+    /// Failed remote prefills by kind (a bounded set: `TransferError::kind` and the transport's
+    /// kinds).
     failures: Mutex<BTreeMap<&'static str, u64>>,
 }
 

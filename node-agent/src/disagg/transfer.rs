@@ -45,8 +45,10 @@ pub struct WireLayout {
 }
 
 impl WireLayout {
-    /// f32 values of one page's keys and values.
-    pub fn page_elems(&self) -> usize {
+    /// f32 values of one block of one layer as it travels: the block's keys, then its values.
+    /// Not the pool's page size (`KvGeometry::page_elems`), which can be larger, since a pool
+    /// page must also hold an adapter row; only the KV part of a page is sent.
+    pub fn block_elems(&self) -> usize {
         2 * self.block_size * self.num_kv_heads * self.head_dim
     }
 
@@ -84,8 +86,8 @@ pub fn encode_layer(
     layer: &KvLayer,
     max_chunk_bytes: usize,
 ) -> Result<Vec<KvChunk>, TransferError> {
-    let page_elems = layout.page_elems();
-    let page_bytes = page_elems * 4;
+    let block_elems = layout.block_elems();
+    let page_bytes = block_elems * 4;
     if page_bytes > max_chunk_bytes {
         return Err(TransferError::ChunkLimit {
             page_bytes,
@@ -93,23 +95,23 @@ pub fn encode_layer(
         });
     }
     let pages_per_chunk = max_chunk_bytes / page_bytes;
-    if !layer.data.len().is_multiple_of(page_elems) {
+    if !layer.data.len().is_multiple_of(block_elems) {
         return Err(TransferError::Layout(format!(
-            "layer {} has {} values, not a whole number of {page_elems}-value pages",
+            "layer {} has {} values, not a whole number of {block_elems}-value pages",
             layer.layer,
             layer.data.len()
         )));
     }
     Ok(layer
         .data
-        .chunks(pages_per_chunk * page_elems)
+        .chunks(pages_per_chunk * block_elems)
         .enumerate()
         .map(|(i, values)| {
             let data: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
             KvChunk {
                 layer: layer.layer as u32,
                 first_block: (i * pages_per_chunk) as u32,
-                num_blocks: (values.len() / page_elems) as u32,
+                num_blocks: (values.len() / block_elems) as u32,
                 num_tokens: layer.num_tokens as u32,
                 dtype: Dtype::F32 as i32,
                 byte_length: data.len() as u64,
@@ -140,7 +142,7 @@ impl Assembler {
             layout,
             tokens,
             blocks,
-            layers: vec![vec![0.0; blocks * layout.page_elems()]; layout.num_layers],
+            layers: vec![vec![0.0; blocks * layout.block_elems()]; layout.num_layers],
             received: vec![vec![false; blocks]; layout.num_layers],
             chunks: 0,
             bytes: 0,
@@ -183,7 +185,7 @@ impl Assembler {
                 chunk.num_tokens, self.tokens
             )));
         }
-        let expected = n * self.layout.page_elems() * 4;
+        let expected = n * self.layout.block_elems() * 4;
         if chunk.byte_length != chunk.data.len() as u64 || chunk.data.len() != expected {
             return Err(corrupt(format!(
                 "{} bytes (declared {}), the layout needs {expected}",
@@ -197,7 +199,7 @@ impl Assembler {
         if self.received[layer][first..first + n].iter().any(|r| *r) {
             return Err(corrupt("blocks received twice".to_owned()));
         }
-        let page = self.layout.page_elems();
+        let page = self.layout.block_elems();
         let dst = &mut self.layers[layer][first * page..(first + n) * page];
         for (d, b) in dst.iter_mut().zip(chunk.data.chunks_exact(4)) {
             *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
@@ -264,7 +266,7 @@ mod tests {
     }
 
     fn layer(l: usize, tokens: usize) -> KvLayer {
-        let n = layout().blocks_for(tokens) * layout().page_elems();
+        let n = layout().blocks_for(tokens) * layout().block_elems();
         KvLayer {
             layer: l,
             num_tokens: tokens,

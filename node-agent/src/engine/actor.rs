@@ -90,9 +90,13 @@ impl EngineHandle {
         model_dir: &std::path::Path,
         config: EngineConfig,
     ) -> Result<Self, EngineError> {
-        let limits = config.adapter_limits;
-        let num_pages = config.num_pages;
-        let engine = Engine::new(backend, model_dir, config)?;
+        Self::start(Engine::new(backend, model_dir, config)?)
+    }
+
+    /// Starts the engine thread for a loaded engine.
+    pub fn start<B: Backend>(engine: Engine<B>) -> Result<Self, EngineError> {
+        let limits = engine.config.adapter_limits;
+        let num_pages = engine.config.num_pages;
         let tokenizer = engine.tokenizer().clone();
         let model = Arc::new(engine.model_config().clone());
         let (tx, rx) = unbounded_channel();
@@ -107,9 +111,7 @@ impl EngineHandle {
         std::thread::Builder::new()
             .name("loraplane-engine".into())
             .spawn(move || actor.run())
-            .map_err(|e| {
-                EngineError::InvalidRequest(format!("cannot start the engine thread: {e}"))
-            })?;
+            .map_err(EngineError::ThreadSpawn)?;
         Ok(EngineHandle {
             tx,
             tokenizer,
@@ -276,7 +278,7 @@ impl<B: Backend> Actor<B> {
                 .name("loraplane-adapter-load".into())
                 .spawn(move || {
                     tracing::info!(adapter = %key, source = %source.display(), "loading adapter");
-                    let result = host::load(&source, &model, &limits);
+                    let result = host::load(&source, &*model, &limits);
                     let _ = tx.send(Command::AdapterLoaded {
                         key,
                         result: Box::new(result),
@@ -340,26 +342,12 @@ impl<B: Backend> Actor<B> {
                 if let Err(e) = &outcome {
                     tracing::warn!(adapter = %key, error = %e, "adapter load failed");
                 }
-                let message = outcome.as_ref().err().map(ToString::to_string);
-                let mut outcome = Some(outcome);
                 let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiters)
                     .into_iter()
                     .partition(|(k, _)| *k == key);
                 self.waiters = rest;
                 for (_, reply) in mine {
-                    let result = match outcome.take() {
-                        Some(r) => r,
-                        None => match &message {
-                            None => self
-                                .engine
-                                .adapters()
-                                .into_iter()
-                                .find(|a| a.key == key)
-                                .ok_or(EngineError::AdapterNotFound(key.name.clone())),
-                            Some(m) => Err(EngineError::InvalidRequest(m.clone())),
-                        },
-                    };
-                    let _ = reply.send(result);
+                    let _ = reply.send(shared_load_outcome(&outcome));
                 }
             }
             Command::UnloadAdapter { key, reply } => {
@@ -376,5 +364,33 @@ impl<B: Backend> Actor<B> {
                 let _ = reply.send(());
             }
         }
+    }
+}
+
+/// The answer for one of the callers waiting on a load: the same for all of them (variant,
+/// hence status and metric kind, and message), whoever asked first. A load ends in a summary
+/// or one of three errors; anything else is the engine's bug.
+fn shared_load_outcome(
+    outcome: &Result<AdapterSummary, EngineError>,
+) -> Result<AdapterSummary, EngineError> {
+    match outcome {
+        Ok(summary) => Ok(summary.clone()),
+        Err(EngineError::AdapterLoad { name, source }) => Err(EngineError::AdapterLoad {
+            name: name.clone(),
+            source: source.clone(),
+        }),
+        Err(EngineError::DigestMismatch {
+            name,
+            expected,
+            actual,
+        }) => Err(EngineError::DigestMismatch {
+            name: name.clone(),
+            expected: expected.clone(),
+            actual: actual.clone(),
+        }),
+        Err(EngineError::AdapterNotFound(name)) => Err(EngineError::AdapterNotFound(name.clone())),
+        Err(other) => Err(EngineError::Invariant(format!(
+            "an adapter load ended with {other}"
+        ))),
     }
 }

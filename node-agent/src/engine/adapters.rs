@@ -70,7 +70,7 @@ impl<B: Backend> Engine<B> {
         let result = result
             .map_err(|source| EngineError::AdapterLoad {
                 name: key.name.clone(),
-                source,
+                source: Arc::new(source),
             })
             .and_then(|a| match expected {
                 Some(d) if d != a.digest => Err(EngineError::DigestMismatch {

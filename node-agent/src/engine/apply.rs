@@ -109,7 +109,9 @@ impl<B: Backend> Engine<B> {
         for id in batch.seqs.iter().map(|(id, _)| *id).chain(e.seq()) {
             self.finish(id, FinishReason::Error, Some(message.clone()));
         }
-        Err(EngineError::Stopped)
+        Err(EngineError::Invariant(format!(
+            "the step plan disagreed with the engine: {e}"
+        )))
     }
 
     fn apply_plan(&mut self, batch: &mut Batch) -> Result<(), ApplyError> {

@@ -74,8 +74,12 @@ pub enum EngineError {
     InvalidRequest(String),
     #[error("request too large: {0}")]
     TooLarge(String),
+    /// Shared (`Arc`) because every caller waiting on the same load gets this same answer.
     #[error("adapter {name:?} could not be loaded: {source}")]
-    AdapterLoad { name: String, source: AdapterError },
+    AdapterLoad {
+        name: String,
+        source: Arc<AdapterError>,
+    },
     #[error("adapter {0:?} is in use; unload it before replacing it")]
     AdapterBusy(String),
     #[error("adapter {name:?} digest mismatch: expected {expected}, got {actual}")]
@@ -90,6 +94,13 @@ pub enum EngineError {
     Backend(#[from] BackendError),
     #[error("the engine has stopped")]
     Stopped,
+    /// The engine thread (or one it needs) could not be started.
+    #[error("cannot start the engine thread: {0}")]
+    ThreadSpawn(#[source] std::io::Error),
+    /// The engine's own state broke one of its invariants: a bug, not the caller's fault, and
+    /// the engine keeps running.
+    #[error("internal engine error: {0}")]
+    Invariant(String),
     /// A dependency (a prefill peer) cannot serve the request now; retrying may succeed.
     #[error("unavailable: {0}")]
     Unavailable(String),
@@ -107,6 +118,8 @@ impl EngineError {
             EngineError::Model(_) => "model",
             EngineError::Backend(_) => "backend",
             EngineError::Stopped => "stopped",
+            EngineError::ThreadSpawn(_) => "thread_spawn",
+            EngineError::Invariant(_) => "invariant",
             EngineError::Unavailable(_) => "unavailable",
         }
     }
@@ -156,15 +169,10 @@ pub fn kv_geometry(c: &crate::model::config::ModelConfig, block_size: usize) -> 
     }
 }
 
-/// Bytes of one pool page (f32 elements, [`kv_geometry`]) for the checkpoint in `dir`: what
-/// `--pool-bytes` and `--device-pool-fraction` budgets are divided by.
-///
-/// # Errors
-/// The checkpoint's `config.json` cannot be read or is not a supported model.
-pub fn page_bytes(dir: &Path, block_size: usize) -> Result<usize, ModelError> {
-    let path = dir.join("config.json");
-    let model = crate::model::config::HfConfig::read(&path)?.validate(&path)?;
-    Ok(kv_geometry(&model, block_size).page_elems * size_of::<f32>())
+/// Bytes of one pool page (f32 elements, [`kv_geometry`]) for a model: what `--pool-bytes`
+/// and `--device-pool-fraction` budgets are divided by.
+pub fn page_bytes(model: &crate::model::config::ModelConfig, block_size: usize) -> usize {
+    kv_geometry(model, block_size).page_elems * size_of::<f32>()
 }
 
 /// The engine state machine.
@@ -206,7 +214,23 @@ impl<B: Backend> std::fmt::Debug for Engine<B> {
 impl<B: Backend> Engine<B> {
     /// Loads the model in `dir` and sizes the pool.
     pub fn new(backend: B, dir: &Path, config: EngineConfig) -> Result<Self, EngineError> {
-        let model = Model::load(&backend, dir)?;
+        Self::with_model(
+            backend,
+            dir,
+            crate::model::config::ModelConfig::read(dir)?,
+            config,
+        )
+    }
+
+    /// As [`Engine::new`], for a caller that has read the checkpoint's `config.json` already
+    /// (`serve` sizes the pool from it first).
+    pub fn with_model(
+        backend: B,
+        dir: &Path,
+        model: crate::model::config::ModelConfig,
+        config: EngineConfig,
+    ) -> Result<Self, EngineError> {
+        let model = Model::load(&backend, dir, model)?;
         let c = &model.config;
         let tokenizer = Arc::new(TokenizerBundle::load(dir, &c.eos_token_ids)?);
         if config.block_size == 0 || config.num_pages == 0 || config.max_batch_tokens == 0 {

@@ -4,7 +4,7 @@
 use loraplane_kernels::cpu::{SamplingSpec, sample};
 
 use crate::engine::request::SamplingParams;
-use crate::fixtures::rng::SplitMix64;
+use crate::rng::SplitMix64;
 
 #[derive(Debug, Clone)]
 pub struct Sampler {

@@ -105,8 +105,14 @@ impl<B: Backend> Engine<B> {
         let mut samplers = Vec::new();
         let mut lora = LoraBatch::default();
         for &(id, n) in plan {
-            let seq = self.seqs.get(&id).ok_or(EngineError::Stopped)?;
-            let kv = seq.kv.as_ref().ok_or(EngineError::Stopped)?;
+            let seq = self
+                .seqs
+                .get(&id)
+                .ok_or_else(|| broken("a planned sequence is gone"))?;
+            let kv = seq
+                .kv
+                .as_ref()
+                .ok_or_else(|| broken("a planned sequence has no KV"))?;
             let start = input.tokens.len();
             input
                 .tokens
@@ -114,7 +120,10 @@ impl<B: Backend> Engine<B> {
             input.positions.extend(seq.computed..seq.computed + n);
             for (l, slots) in input.slots.iter_mut().enumerate() {
                 for pos in seq.computed..seq.computed + n {
-                    slots.push(kv.slot(l, pos).ok_or(EngineError::Stopped)?);
+                    slots.push(
+                        kv.slot(l, pos)
+                            .ok_or_else(|| broken("a KV slot is missing"))?,
+                    );
                 }
             }
             input.seqs.push(SeqRows {
@@ -127,7 +136,7 @@ impl<B: Backend> Engine<B> {
                 let rows = self
                     .registry
                     .resident_rows(key)
-                    .ok_or(EngineError::Stopped)?;
+                    .ok_or_else(|| broken("a planned adapter is not resident"))?;
                 lora.runs.push((start..start + n, rows));
             }
             if seq.computed + n == seq.tokens.len() {
@@ -182,4 +191,9 @@ impl<B: Backend> Engine<B> {
         )?;
         Ok((logits, samplers))
     }
+}
+
+/// A broken invariant of the step: the engine's bug, reported as such (never as "stopped").
+fn broken(what: &str) -> EngineError {
+    EngineError::Invariant(what.to_owned())
 }

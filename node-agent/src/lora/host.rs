@@ -9,11 +9,11 @@ use std::path::{Path, PathBuf};
 
 use safetensors::SafeTensors;
 
+use crate::dtype::to_f32;
+use crate::lora::BaseShapes;
 use crate::lora::Module;
 use crate::lora::ids::Digest;
 use crate::lora::peft::{self, AdapterConfig};
-use crate::model::config::ModelConfig;
-use crate::model::loader::to_f32;
 
 /// Why an adapter was refused. Every variant names the file it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -111,10 +111,10 @@ fn unsupported(path: &Path, reason: impl Into<String>) -> AdapterError {
     }
 }
 
-/// Reads and validates the adapter in `dir` for `model`.
+/// Reads and validates the adapter in `dir` for the base model whose shapes `model` gives.
 pub fn load(
     dir: &Path,
-    model: &ModelConfig,
+    model: &impl BaseShapes,
     limits: &AdapterLimits,
 ) -> Result<HostAdapter, AdapterError> {
     let config_path = dir.join(peft::CONFIG_FILE);
@@ -141,15 +141,15 @@ pub fn load(
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| invalid(&weights_path, format!("invalid safetensors: {e}")))?;
 
-    let mut layers: Vec<[Option<ModuleWeights>; 7]> = vec![Default::default(); model.num_layers];
-    let mut a_seen = vec![[false; 7]; model.num_layers];
+    let mut layers: Vec<[Option<ModuleWeights>; 7]> = vec![Default::default(); model.num_layers()];
+    let mut a_seen = vec![[false; 7]; model.num_layers()];
     let mut total = 0usize;
     let mut names: Vec<&str> = st.names();
     names.sort_unstable();
     // Pair each lora_A with its lora_B.
     for name in names {
         let (layer, module, matrix) = parse_key(name)
-            .filter(|(l, _, _)| *l < model.num_layers)
+            .filter(|(l, _, _)| *l < model.num_layers())
             .ok_or_else(|| {
                 invalid(
                     &weights_path,

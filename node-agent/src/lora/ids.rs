@@ -68,3 +68,11 @@ impl fmt::Debug for Digest {
         write!(f, "sha256:{}…", &self.hex()[..12])
     }
 }
+
+/// An adapter's full identity: who, which name, which weights. The digest is `None` while the
+/// adapter is registered but its weights have not been read yet.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct AdapterId {
+    pub key: AdapterKey,
+    pub digest: Option<Digest>,
+}

@@ -81,3 +81,21 @@ impl std::fmt::Display for Module {
         f.write_str(self.name())
     }
 }
+
+/// What LoRA needs to know of the base model: its depth and the `(in_features, out_features)`
+/// of each linear module, as PEFT sees them. The model implements it (`model::config`), so
+/// adapters are validated against a model without this module depending on the model's.
+pub trait BaseShapes {
+    fn num_layers(&self) -> usize;
+    fn module_shape(&self, module: Module) -> (usize, usize);
+}
+
+impl<T: BaseShapes + ?Sized> BaseShapes for &T {
+    fn num_layers(&self) -> usize {
+        (**self).num_layers()
+    }
+
+    fn module_shape(&self, module: Module) -> (usize, usize) {
+        (**self).module_shape(module)
+    }
+}

@@ -5,9 +5,12 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::lora::{BaseShapes, Module};
 use crate::model::ModelError;
 
-/// Architectures the engine implements. Each has one model file under `model/`.
+/// Architectures the engine implements. All three are one decoder (`model/llama.rs`) whose
+/// layers differ only by flags ([`Arch::qkv_bias`], the sliding window); a genuinely different
+/// architecture would get its own file.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Arch {
@@ -151,6 +154,9 @@ pub struct ModelConfig {
     pub sliding_window: Option<usize>,
     pub eos_token_ids: Vec<u32>,
     pub bos_token_id: Option<u32>,
+    /// The dtype the checkpoint stores its weights in (`torch_dtype`: `bfloat16`, …), which
+    /// `--dtype auto` follows and device memory estimates start from.
+    pub torch_dtype: Option<String>,
 }
 
 impl HfConfig {
@@ -284,11 +290,23 @@ impl HfConfig {
                 .map(TokenIdOrList::to_vec)
                 .unwrap_or_default(),
             bos_token_id: self.bos_token_id,
+            torch_dtype: self.torch_dtype.clone(),
         })
     }
 }
 
 impl ModelConfig {
+    /// Reads, parses and validates the `config.json` of the checkpoint in `dir`: the one place
+    /// the agent reads that file; everything else is handed the result.
+    ///
+    /// # Errors
+    /// [`ModelError::Io`] when it cannot be read, [`ModelError::Config`] when it is not valid
+    /// JSON or not a model the engine computes exactly.
+    pub fn read(dir: &Path) -> Result<Self, ModelError> {
+        let path = dir.join("config.json");
+        HfConfig::read(&path)?.validate(&path)
+    }
+
     /// Width of the key (and value) projection: `num_kv_heads * head_dim`.
     pub fn kv_dim(&self) -> usize {
         self.num_kv_heads * self.head_dim
@@ -300,8 +318,7 @@ impl ModelConfig {
     }
 
     /// `(in_features, out_features)` of a linear module, as PEFT sees it.
-    pub fn module_shape(&self, module: crate::lora::Module) -> (usize, usize) {
-        use crate::lora::Module;
+    pub fn module_shape(&self, module: Module) -> (usize, usize) {
         let (h, i) = (self.hidden_size, self.intermediate_size);
         match module {
             Module::Q => (h, self.q_dim()),
@@ -310,5 +327,15 @@ impl ModelConfig {
             Module::Gate | Module::Up => (h, i),
             Module::Down => (i, h),
         }
+    }
+}
+
+impl BaseShapes for ModelConfig {
+    fn num_layers(&self) -> usize {
+        self.num_layers
+    }
+
+    fn module_shape(&self, module: Module) -> (usize, usize) {
+        ModelConfig::module_shape(self, module)
     }
 }

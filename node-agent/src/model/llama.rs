@@ -12,7 +12,7 @@ use crate::backend::{Backend, BackendError};
 use crate::lora::Module;
 use crate::lora::batch::LoraBatch;
 use crate::model::ModelError;
-use crate::model::config::{HfConfig, ModelConfig};
+use crate::model::config::ModelConfig;
 use crate::model::loader::Checkpoint;
 
 struct Linear<B: Backend> {
@@ -75,42 +75,28 @@ pub struct StepInput<'a> {
     pub logits_rows: Vec<usize>,
 }
 
-fn backend_err(e: BackendError) -> ModelError {
-    ModelError::Weights {
-        path: "<backend>".into(),
-        reason: e.to_string(),
-    }
-}
-
 impl<B: Backend> Model<B> {
-    /// Loads `dir` (config.json + safetensors) onto `backend`.
-    pub fn load(backend: &B, dir: &Path) -> Result<Self, ModelError> {
-        let config_path = dir.join("config.json");
-        let config = HfConfig::read(&config_path)?.validate(&config_path)?;
+    /// Loads the weights of the checkpoint in `dir`, whose `config.json` is `config`
+    /// ([`ModelConfig::read`]), onto `backend`.
+    pub fn load(backend: &B, dir: &Path, config: ModelConfig) -> Result<Self, ModelError> {
         let ckpt = Checkpoint::open(dir)?;
         let (h, v) = (config.hidden_size, config.vocab_size);
 
         let vector = |name: &str, n: usize| -> Result<B::Param, ModelError> {
-            backend
-                .vector(ckpt.tensor(name, &[n])?)
-                .map_err(backend_err)
+            Ok(backend.vector(ckpt.tensor(name, &[n])?)?)
         };
-        let embed = backend
-            .table(ckpt.tensor("model.embed_tokens.weight", &[v, h])?, v, h)
-            .map_err(backend_err)?;
+        let embed = backend.table(ckpt.tensor("model.embed_tokens.weight", &[v, h])?, v, h)?;
         let mut layers = Vec::with_capacity(config.num_layers);
         for l in 0..config.num_layers {
             let mut proj = Vec::with_capacity(7);
             for module in Module::ALL {
                 let (fan_in, fan_out) = config.module_shape(module);
                 let path = module.path(l);
-                let weight = backend
-                    .matrix(
-                        ckpt.tensor(&format!("{path}.weight"), &[fan_out, fan_in])?,
-                        fan_out,
-                        fan_in,
-                    )
-                    .map_err(backend_err)?;
+                let weight = backend.matrix(
+                    ckpt.tensor(&format!("{path}.weight"), &[fan_out, fan_in])?,
+                    fan_out,
+                    fan_in,
+                )?;
                 let bias_name = format!("{path}.bias");
                 let bias = match module {
                     Module::Q | Module::K | Module::V if config.arch.qkv_bias() => {
@@ -139,11 +125,7 @@ impl<B: Backend> Model<B> {
         let lm_head = if config.tie_word_embeddings && !ckpt.contains("lm_head.weight") {
             None
         } else {
-            Some(
-                backend
-                    .matrix(ckpt.tensor("lm_head.weight", &[v, h])?, v, h)
-                    .map_err(backend_err)?,
-            )
+            Some(backend.matrix(ckpt.tensor("lm_head.weight", &[v, h])?, v, h)?)
         };
         let scaling = config.rope_llama3.map(|s| Llama3RopeScaling {
             factor: s.factor,

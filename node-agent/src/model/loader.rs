@@ -5,8 +5,9 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 
-use safetensors::{Dtype, SafeTensors};
+use safetensors::SafeTensors;
 
+use crate::dtype::to_f32;
 use crate::model::ModelError;
 
 /// The raw weight files of a checkpoint, read into memory.
@@ -142,30 +143,5 @@ impl Checkpoint {
             ));
         }
         Ok(values)
-    }
-}
-
-/// Decodes little-endian f32/f16/bf16 bytes; `None` for other dtypes.
-pub fn to_f32(dtype: Dtype, bytes: &[u8]) -> Option<Vec<f32>> {
-    match dtype {
-        Dtype::F32 => Some(
-            bytes
-                .chunks_exact(4)
-                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
-                .collect(),
-        ),
-        Dtype::F16 => Some(
-            bytes
-                .chunks_exact(2)
-                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-        ),
-        Dtype::BF16 => Some(
-            bytes
-                .chunks_exact(2)
-                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
-                .collect(),
-        ),
-        _ => None,
     }
 }

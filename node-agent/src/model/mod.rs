@@ -7,6 +7,8 @@ pub mod tokenizer;
 
 use std::path::PathBuf;
 
+use crate::backend::BackendError;
+
 /// Why a base model could not be loaded.
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -21,6 +23,10 @@ pub enum ModelError {
     Weights { path: PathBuf, reason: String },
     #[error("{path}: {reason}")]
     Tokenizer { path: PathBuf, reason: String },
+    /// The backend refused or failed an upload (no device memory, a kernel error): not a fault
+    /// of the checkpoint's files.
+    #[error("backend: {0}")]
+    Backend(#[from] BackendError),
 }
 
 impl ModelError {
@@ -31,6 +37,7 @@ impl ModelError {
             ModelError::Config { .. } => "config",
             ModelError::Weights { .. } => "weights",
             ModelError::Tokenizer { .. } => "tokenizer",
+            ModelError::Backend(_) => "backend",
         }
     }
 }

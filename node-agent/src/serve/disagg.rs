@@ -11,11 +11,10 @@ use anyhow::Context as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
-use crate::api::auth::AdminAuth;
-use crate::config::{Role, ServeConfig};
-use crate::disagg::decode::{DecodeOptions, DecodeRouter};
+use crate::config::ServeConfig;
+use crate::disagg::config::Role;
+use crate::disagg::decode::DecodeRouter;
 use crate::disagg::metrics::DisaggCollector;
 use crate::disagg::prefill::PrefillService;
 use crate::disagg::stats::DisaggStats;
@@ -45,19 +44,19 @@ pub(super) async fn start(
     let c = handle.model_config();
     let layout = WireLayout {
         num_layers: c.num_layers,
-        block_size: config.engine.block_size,
+        block_size: config.block_size(),
         num_kv_heads: c.num_kv_heads,
         head_dim: c.head_dim,
     };
     anyhow::ensure!(
-        d.max_chunk_bytes >= layout.page_elems() * 4,
+        d.decode.max_chunk_bytes >= layout.block_elems() * 4,
         "--kv-max-chunk-bytes {} is smaller than one KV page ({} bytes)",
-        d.max_chunk_bytes,
-        layout.page_elems() * 4
+        d.decode.max_chunk_bytes,
+        layout.block_elems() * 4
     );
     let stats = Arc::new(DisaggStats::default());
-    let collector = DisaggCollector::new(stats.clone(), config.role.as_str())
-        .context("disaggregation metrics")?;
+    let collector =
+        DisaggCollector::new(stats.clone(), config.role).context("disaggregation metrics")?;
     let queued = collector.queued_prefill_tokens.clone();
     metrics
         .register(Box::new(collector))
@@ -84,7 +83,7 @@ pub(super) async fn start(
             let service = PrefillService::new(
                 handle.clone(),
                 layout,
-                AdminAuth::from_token(&token)?,
+                token,
                 Arc::new(config.sources.clone()),
                 stats,
             );
@@ -94,13 +93,7 @@ pub(super) async fn start(
             let kv_addr = listener.local_addr()?;
             let mut builder = tonic::transport::Server::builder();
             if let Some(tls) = &d.tls {
-                builder = builder
-                    .tls_config(
-                        ServerTlsConfig::new()
-                            .identity(Identity::from_pem(&tls.cert, &tls.key))
-                            .client_ca_root(Certificate::from_pem(&tls.ca)),
-                    )
-                    .context("KV channel TLS")?;
+                builder = builder.tls_config(tls.server()).context("KV channel TLS")?;
             }
             let mut stop = stop;
             let server = builder
@@ -116,24 +109,7 @@ pub(super) async fn start(
             })
         }
         Role::Decode => {
-            let tls = d.tls.as_ref().map(|t| {
-                ClientTlsConfig::new()
-                    .ca_certificate(Certificate::from_pem(&t.ca))
-                    .identity(Identity::from_pem(&t.cert, &t.key))
-                    .domain_name(t.server_name.clone())
-            });
-            let opts = DecodeOptions {
-                peers: d.peers.clone(),
-                refresh: d.peer_refresh,
-                local_prefill_threshold: d.local_prefill_threshold,
-                local_fallback: d.local_fallback,
-                connect_timeout: d.connect_timeout,
-                timeout: d.timeout,
-                max_chunk_bytes: d.max_chunk_bytes,
-                credential: Some(token),
-                tls,
-            };
-            let router = DecodeRouter::start(handle.clone(), layout, opts, stats).await;
+            let router = DecodeRouter::start(handle.clone(), layout, d.decode.clone(), stats).await;
             tracing::info!(peers = ?router.peers().addresses(), "decode role: prefilling on remote peers");
             Ok(RoleParts {
                 router: Some(router),

@@ -14,6 +14,7 @@
 //! second signal stops waiting. `Admin/Drain` starts the same drain without exiting.
 
 mod disagg;
+mod engine;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -33,11 +34,10 @@ use crate::api::grpc;
 use crate::api::http;
 use crate::api::lifecycle::Lifecycle;
 use crate::api::service::AgentService;
-use crate::backend::device::{checkpoint_dtype, parse_dtype, spawn_engine};
-use crate::config::{LogFormat, PoolSize, ServeConfig};
+use crate::config::{LogFormat, ServeConfig};
 use crate::engine::actor::EngineHandle;
 use crate::lora::ids::AdapterKey;
-use crate::metrics::{Metrics, StepMetrics};
+use crate::metrics::Metrics;
 
 /// How long the servers get to close their connections after the drain.
 const SERVER_STOP_GRACE: Duration = Duration::from_secs(3);
@@ -92,48 +92,6 @@ fn served_name(config: &ServeConfig, dir: &Path) -> String {
         .map(str::to_owned)
         .or_else(|| dir.file_name().map(|n| n.to_string_lossy().into_owned()))
         .unwrap_or_else(|| "base".to_owned())
-}
-
-/// Starts the engine thread (loading the model off the async runtime).
-async fn start_engine(
-    config: &ServeConfig,
-    dir: &Path,
-    metrics: &Arc<Metrics>,
-) -> anyhow::Result<EngineHandle> {
-    let mut engine = config.engine.clone();
-    if let PoolSize::Bytes(bytes) = config.pool {
-        let page_bytes = crate::engine::core::page_bytes(dir, engine.block_size)?;
-        let pages = bytes / page_bytes as u64;
-        anyhow::ensure!(
-            pages >= 1,
-            "--pool-bytes {bytes} is smaller than one page ({page_bytes} bytes)"
-        );
-        engine.num_pages = usize::try_from(pages.min(u64::from(u32::MAX)))?;
-    }
-    engine.observer = Some(Arc::new(StepMetrics(metrics.clone())));
-    let dtype = parse_dtype(&config.dtype, checkpoint_dtype(dir).as_deref())?;
-    let device = config.device;
-    let fraction = match config.pool {
-        PoolSize::DeviceFraction(f) => Some(f),
-        PoolSize::Pages(_) | PoolSize::Bytes(_) => None,
-    };
-    tracing::info!(%device, ?dtype, "loading the model");
-    let dir = dir.to_owned();
-    let handle =
-        tokio::task::spawn_blocking(move || spawn_engine(device, dtype, &dir, engine, fraction))
-            .await
-            .context("the model loader panicked")?
-            .with_context(|| format!("loading the model on {device}"))?;
-    let c = handle.model_config();
-    tracing::info!(
-        layers = c.num_layers,
-        hidden = c.hidden_size,
-        vocab = c.vocab_size,
-        context = c.max_position_embeddings,
-        pool_pages = handle.num_pages(),
-        "engine started"
-    );
-    Ok(handle)
 }
 
 /// Loads every PEFT adapter directory in `dir` for tenant `default`. A bad adapter is logged
@@ -191,7 +149,7 @@ async fn signal() -> anyhow::Result<&'static str> {
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let metrics = Metrics::new().context("building the metrics registry")?;
     let dir = model_dir(&config).await?;
-    let handle = start_engine(&config, &dir, &metrics).await?;
+    let handle = engine::start(&config, &dir, &metrics).await?;
     let served = served_name(&config, &dir);
 
     let tenants = Tenants::new(config.tenants.clone())?;
@@ -209,7 +167,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     }
 
     let lifecycle = Lifecycle::new(config.drain_timeout);
-    let max_lora = config.engine.max_running;
+    let max_lora = config.max_running();
     let (stop_tx, stop_rx) = watch::channel(false);
     let role = disagg::start(&config, &handle, &metrics, stop_rx.clone()).await?;
     let service = AgentService::new(
@@ -233,7 +191,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         config.admin.clone(),
         lifecycle.clone(),
         config.sources.clone(),
-        config.role.as_str(),
+        config.role,
         &served,
     ));
     let admin_grpc = AdminService::new(admin_state.clone()).into_server();

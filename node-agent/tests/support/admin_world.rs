@@ -12,6 +12,7 @@ use loraplane_agent::api::admin::AdminState;
 use loraplane_agent::api::auth::{AdminAuth, TenantLimits, TenantSpec, Tenants};
 use loraplane_agent::api::lifecycle::Lifecycle;
 use loraplane_agent::backend::cpu::CpuBackend;
+use loraplane_agent::disagg::config::Role;
 use loraplane_agent::engine::EngineConfig;
 use loraplane_agent::engine::actor::EngineHandle;
 use loraplane_agent::fixtures::adapter::{self, AdapterSpec};
@@ -101,7 +102,7 @@ pub fn world() -> World {
         AdminAuth::from_token(ADMIN_TOKEN).unwrap(),
         lifecycle.clone(),
         sources,
-        "unified",
+        Role::Unified,
         "tiny-llama",
     ));
     World {

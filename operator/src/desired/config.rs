@@ -5,11 +5,11 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::ConfigMap;
+use loraplane_units::quantity::{self, QuantityError};
 use toml::Value;
 
 use super::{AgentParams, GRPC_PORT, HTTP_PORT, KV_PORT, child_meta, common_labels, config_name};
 use crate::crd::{BaseModel, ModelSource};
-use crate::quantity::{self, QuantityError};
 
 /// The ConfigMap key of the agent configuration file.
 pub const CONFIG_KEY: &str = "agent.toml";

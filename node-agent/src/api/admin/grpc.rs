@@ -9,7 +9,8 @@ use loraplane_proto::v1::admin_server::{Admin, AdminServer};
 use tonic::{Request, Response as GrpcResponse, Status};
 
 use super::{AdminEngine, AdminError, AdminState, invalid};
-use crate::api::auth::{self, TenantSpec};
+use crate::api::auth::TenantSpec;
+use crate::credential::bearer_from_metadata;
 use crate::lora::ids::AdapterKey;
 use crate::lora::registry::{AdapterSummary, Residency};
 
@@ -32,7 +33,7 @@ impl<E: AdminEngine> AdminService<E> {
     fn authorize<T>(&self, request: &Request<T>) -> Result<(), Status> {
         Ok(self
             .state
-            .authorize(auth::bearer_from_metadata(request.metadata()))?)
+            .authorize(bearer_from_metadata(request.metadata()))?)
     }
 }
 
@@ -116,7 +117,7 @@ impl<E: AdminEngine> Admin for AdminService<E> {
         self.authorize(&request)?;
         let s = self.state.stats().await?;
         Ok(GrpcResponse::new(pb::GetStatsResponse {
-            role: self.state.role.clone(),
+            role: self.state.role.as_str().to_owned(),
             pool: Some(pb::PoolStats {
                 page_bytes: s.page_bytes as u64,
                 total_pages: s.pool.total,

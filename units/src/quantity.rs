@@ -1,5 +1,5 @@
-//! Kubernetes quantities (`64Gi`, `1.5G`, `500M`, `1e9`) as whole bytes, for agent flags that
-//! take byte counts. Fractions of a byte round up; negative, overflowing and malformed values
+//! Kubernetes quantities (`64Gi`, `1.5G`, `500M`, `1e9`) as whole bytes: `BaseModel` sizes,
+//! and underneath [`crate::parse_bytes`], every flag that takes a byte count. Fractions of a byte round up; negative, overflowing and malformed values
 //! are errors (the API server's own grammar, minus the milli suffix that bytes cannot use).
 
 /// Why a quantity is not a byte count.

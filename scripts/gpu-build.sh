@@ -33,23 +33,25 @@ case $profile in
   *) echo "gpu-build: GPU_BUILD_PROFILE must be fast or release, not '$profile'" >&2; exit 2 ;;
 esac
 
-# The executables cargo reports building (compiler-artifact messages with an "executable").
-executables() {
-  grep -o '"executable":"[^"]*"' | sed 's/^"executable":"//; s/"$//'
+# The executable of target NAME among cargo's JSON messages (one compiler-artifact line per
+# target; `cargo test --test X` also builds the package's binaries, so the name must match).
+executable() {
+  grep -F "\"name\":\"$1\"" | grep -o '"executable":"[^"]*"' | sed 's/^"executable":"//; s/"$//' \
+    | tail -1
 }
 
 started=$SECONDS
 echo "gpu-build: test binaries (test profile, --features cuda)" >&2
 parity=$(cargo test --locked -p loraplane-kernels --features cuda --test cuda_parity --no-run \
-  --message-format=json-render-diagnostics | executables | tail -1)
+  --message-format=json-render-diagnostics | executable cuda_parity)
 oracle=$(cargo test --locked -p loraplane-agent --features cuda --test cuda_oracle --no-run \
-  --message-format=json-render-diagnostics | executables | tail -1)
+  --message-format=json-render-diagnostics | executable cuda_oracle)
 tests_s=$((SECONDS - started))
 
 echo "gpu-build: loraplane-agent ($profile, --features cuda)" >&2
 t=$SECONDS
 agent=$(cargo build --locked -p loraplane-agent --features cuda --bin loraplane-agent \
-  "${agent_flags[@]}" --message-format=json-render-diagnostics | executables | tail -1)
+  "${agent_flags[@]}" --message-format=json-render-diagnostics | executable loraplane-agent)
 agent_s=$((SECONDS - t))
 
 for f in "$parity" "$oracle" "$agent"; do

@@ -60,6 +60,17 @@ record() {
   printf '[gpu-check %4ss] %-13s %-8s %s\n' "$(elapsed)" "$1" "$2" "$note"
 }
 
+# cause LOG: the line of a failed step's log that says why: a test's panic, the innermost
+# `Caused by:` of an error, or else the last line.
+cause() {
+  awk '
+    /panicked at/ { getline msg; if (!panic) panic = msg; next }
+    /^Caused by:/ { getline c; sub(/^ +/, "", c); caused = c; next }
+    /^Error: / && !error { error = substr($0, 8) }
+    NF { last = $0 }
+    END { print (panic ? panic : caused ? caused : error ? error : last) }' "$1" | cut -c1-200
+}
+
 # run_step NAME LIMIT_S NEEDS COMMAND...: runs COMMAND (a program, or a function of this
 # script) with its output in $work/NAME.log under `timeout` (at most LIMIT_S, and never past the
 # budget). NEEDS is `gpu` (refused without a device or the binaries), `bin` (refused without
@@ -101,9 +112,7 @@ run_step() {
   if [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then
     record "$name" timeout "$secs" "killed after its ${limit} s limit"
   elif [ "$rc" -ne 0 ]; then
-    local last
-    last=$(grep -v '^[[:space:]]*$' "$log" | tail -1 | cut -c1-200)
-    record "$name" fail "$secs" "exit status $rc${last:+: $last}"
+    record "$name" fail "$secs" "exit status $rc: $(cause "$log")"
   elif grep -q "SKIPPED: no CUDA device" "$log"; then
     # The test binaries pass by skipping without a device: on a GPU machine that is a failure.
     record "$name" fail "$secs" "the tests skipped: the binary found no CUDA device"
@@ -188,12 +197,14 @@ run_step cuda-oracle 180 gpu "$carry/cuda_oracle"
 hetero_run() {
   echo "fixture cache: $cache (free space below)"
   mkdir -p "$cache" && df -h "$cache"
-  "$carry/loraplane-agent" bench hetero --device cuda:0 --dtype bf16 --preset bench \
+  # anyhow's error chain says what failed; a backtrace of the agent's main would bury it.
+  RUST_BACKTRACE=0 "$carry/loraplane-agent" bench hetero --device cuda:0 --dtype bf16 --preset bench \
     --layers "$layers" --cache-dir "$cache" --out "$work/hetero"
 }
 run_step hetero 420 gpu hetero_run
 
 # --- summary ------------------------------------------------------------------------------
+failed=$(grep -cv $'\tpass\t' "$results")
 for f in hetero.md hetero.json; do
   [ -f "$work/hetero/$f" ] && cp "$work/hetero/$f" "$out/$f"
 done
@@ -312,7 +323,8 @@ else
     END { print "]}" }' "$results" >"$out/summary.json"
 fi
 tar -czf "$out/logs.tar.gz" -C "$work" . 2>/dev/null
+rm -rf "$work"
 
 echo
 cat "$out/summary.md"
-! grep -qv $'\tpass\t' "$results"
+[ "$failed" -eq 0 ]

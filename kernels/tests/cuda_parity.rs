@@ -43,9 +43,10 @@ fn device() -> Option<&'static CudaDevice> {
     }
 }
 
-/// A `parity: <what>: <detail>` line on stderr, past the harness's capture.
+/// A `parity: <what>: <detail>` line on stderr, past the harness's capture, in one write so
+/// that the harness's own output, in the same log, cannot split it.
 fn report(what: &str, detail: &str) {
-    let _ = writeln!(std::io::stderr(), "parity: {what}: {detail}");
+    let _ = std::io::stderr().write_all(format!("parity: {what}: {detail}\n").as_bytes());
 }
 
 /// [`assert_close`], reporting the largest error and its share of the tolerance.

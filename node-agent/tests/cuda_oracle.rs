@@ -186,13 +186,17 @@ fn check_exact(want: &Outputs, got: &Outputs, tol: f32, label: &str) {
             largest = largest.max(worst);
         }
     }
-    // Straight to fd 2, as `device()` does.
-    let _ = writeln!(
-        std::io::stderr(),
-        "oracle: {label}: {} token streams equal to the CPU's, logits within {largest:.2e} \
-         (tolerance {tol:.0e})",
+    report(&format!(
+        "{label}: {} token streams equal to the CPU's, logits within {largest:.2e} (tolerance \
+         {tol:.0e})",
         want.len()
-    );
+    ));
+}
+
+/// An `oracle: …` line straight to fd 2 (as `device()` writes), in one write so that the
+/// harness's own output, in the same log, cannot split it.
+fn report(line: &str) {
+    let _ = std::io::stderr().write_all(format!("oracle: {line}\n").as_bytes());
 }
 
 fn config(chunk: usize, pages: usize) -> EngineConfig {
@@ -321,12 +325,11 @@ fn bf16_weights_agree_within_tolerance() {
             largest = largest.max(worst);
         }
     }
-    let _ = writeln!(
-        std::io::stderr(),
-        "oracle: bf16: {identical}/{} token streams identical to the f32 CPU engine, logits \
-         within {largest:.2e} (tolerance {LOGIT_TOL_BF16})",
+    report(&format!(
+        "bf16: {identical}/{} token streams identical to the f32 CPU engine, logits within \
+         {largest:.2e} (tolerance {LOGIT_TOL_BF16})",
         want.len()
-    );
+    ));
     assert!(
         identical * 4 >= want.len() * 3,
         "bf16: only {identical}/{} token streams match the f32 CPU engine",

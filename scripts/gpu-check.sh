@@ -166,7 +166,7 @@ cuda_libs() {
   done
   [ "$ok" -eq 1 ]
 }
-run_step cuda-libs 60 - cuda_libs
+run_step cuda-libs 90 - cuda_libs
 libpath=$(grep '^LD_LIBRARY_PATH=' "$work/cuda-libs.log" | tail -1)
 [ -n "$libpath" ] && export LD_LIBRARY_PATH=${libpath#LD_LIBRARY_PATH=}
 
@@ -180,10 +180,20 @@ binaries_check() {
     fi
   done
   [ "$ok" -eq 1 ] || return 1
-  "$carry/cuda_parity" --list | tail -1 || ok=0
-  "$carry/cuda_oracle" --list | tail -1 || ok=0
-  "$carry/loraplane-agent" --version || ok=0
-  [ "$ok" -eq 1 ]
+  local listed bad=""
+  for b in cuda_parity cuda_oracle; do
+    if listed=$("$carry/$b" --list 2>&1); then
+      echo "$b: $(grep -c ': test$' <<<"$listed") tests"
+    else
+      bad+="$b does not start: $(head -1 <<<"$listed"); "
+    fi
+  done
+  if ! listed=$("$carry/loraplane-agent" --version 2>&1); then
+    bad+="loraplane-agent does not start: $(head -1 <<<"$listed"); "
+  fi
+  echo "$listed"
+  # The reason last: the summary's note is a failed step's last line.
+  [ -z "$bad" ] || { echo "$bad"; return 1; }
 }
 run_step binaries 20 - binaries_check
 if [ "$(tail -1 "$results" | cut -f2)" != pass ]; then

@@ -181,6 +181,7 @@ binaries_check() {
   done
   [ "$ok" -eq 1 ] || return 1
   local listed bad=""
+  sed 's/^/build: /' "$carry/BUILD-INFO" 2>/dev/null
   for b in cuda_parity cuda_oracle; do
     if listed=$("$carry/$b" --list 2>&1); then
       echo "$b: $(grep -c ': test$' <<<"$listed") tests"
@@ -248,6 +249,7 @@ def figures(name, log):
         f["libraries"] = [l.split(" -> ")[-1] for l in log.splitlines() if " -> " in l]
     elif name == "binaries":
         f["versions"] = [l for l in log.splitlines() if l.startswith("loraplane-agent")]
+        f["build"] = [l[len("build: "):] for l in log.splitlines() if l.startswith("build: ")]
     elif name == "kernel-parity":
         f["parity"] = re.findall(r"^parity: (.*)$", log, re.M)
     elif name == "cuda-oracle":

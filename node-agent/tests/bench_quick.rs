@@ -131,3 +131,47 @@ fn bench_refuses_devices_it_cannot_use() {
         assert!(err.contains("built without the `cuda` feature"), "{err}");
     }
 }
+
+/// `--layers` shortens the fixture model (scripts/gpu-check.sh runs the `bench` preset with 8 of
+/// its 32 layers): the checkpoint has that many layers, in its own cache directory, and the
+/// report says so.
+#[test]
+fn bench_layers_shorten_the_fixture_model() {
+    let (out, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let bench = |layers: &str| {
+        Command::new(env!("CARGO_BIN_EXE_loraplane-agent"))
+            .args([
+                "bench",
+                "hetero",
+                "--quick",
+                "--preset",
+                "tiny",
+                "--repeats",
+                "1",
+            ])
+            .args(["--layers", layers, "--out"])
+            .arg(out.path())
+            .arg("--cache-dir")
+            .arg(cache.path())
+            .output()
+            .unwrap()
+    };
+    let run = bench("1");
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "bench failed:\n{stderr}");
+    let config: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(cache.path().join("model-tiny-1layers-0/config.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(config["num_hidden_layers"], 1);
+    let json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.path().join("hetero.json")).unwrap())
+            .unwrap();
+    assert_eq!(json["environment"]["preset"], "tiny (1 layers)");
+    assert!(json["method"][0].as_str().unwrap().contains("1 layers"));
+
+    let run = bench("0");
+    assert!(!run.status.success());
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(stderr.contains("expected a number of layers"), "{stderr}");
+}

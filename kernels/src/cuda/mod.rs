@@ -1,5 +1,7 @@
 //! CUDA side of the kernels (feature `cuda`): the one NVRTC cache, pure launch plans, the
-//! `.cu` sources embedded with `include_str!`, and safe launch wrappers over device buffers.
+//! `.cu` sources embedded with `include_str!`, and safe launch wrappers over device buffers;
+//! plus the device's measured copy bandwidth ([`copy_bandwidth`]), the ceiling the benchmarks
+//! read memory-bound steps against.
 //!
 //! Builds with no CUDA toolkit or driver: cudarc loads `libcuda`/`libnvrtc`/`libcublas` at run
 //! time, and a missing library is a [`KernelError::CudaUnavailable`](crate::KernelError), not a
@@ -11,12 +13,14 @@
 //! `unsafe`): the launch wrappers validate shapes, ids and offsets on the host exactly as the
 //! CPU reference does, so a kernel never indexes outside the buffers it is given.
 
+mod bandwidth;
 mod cache;
 mod device;
 mod gemm;
 pub mod ops;
 pub mod plan;
 
+pub use bandwidth::{CopyBandwidth, copy_bandwidth};
 pub use cache::{CompileKey, KernelCache, KernelSource, NvrtcCache, arch_for, source_hash};
 pub use cudarc::driver::CudaSlice;
 pub use device::{CudaDevice, DeviceBuffer, driver_device_count};

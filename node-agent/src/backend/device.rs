@@ -145,6 +145,55 @@ pub fn with_backend<W: WithBackend>(
     }
 }
 
+/// A device's measured copy bandwidth ([`copy_bandwidth`]), bytes per second counting bytes
+/// read plus bytes written.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize)]
+pub struct CopyRate {
+    /// Size of each of the two buffers copied between.
+    pub buffer_bytes: usize,
+    /// The fastest timed round: the ceiling steps are read against.
+    pub best_bps: f64,
+    pub median_bps: f64,
+}
+
+/// The device-to-device copy bandwidth of `cuda:N`, between two buffers of `bytes` over
+/// `rounds` timed rounds (loraplane_kernels' `copy_bandwidth`, on a device opened for the
+/// measurement and closed after it): the memory ceiling `bench hetero` reads GPU decode steps
+/// against.
+///
+/// # Errors
+/// [`BackendError::Device`] for `cpu` (the CPU suites measure their own bandwidth) and, as
+/// [`DeviceError::NotBuilt`], for `cuda:N` in a binary without the `cuda` feature; the GPU's
+/// own errors (no driver, no such device, out of memory, arguments too small to time).
+pub fn copy_bandwidth(
+    device: Device,
+    bytes: usize,
+    rounds: usize,
+) -> Result<CopyRate, BackendError> {
+    match device {
+        Device::Cpu => Err(BackendError::Device(
+            "copy bandwidth: only measured on a CUDA device".to_owned(),
+        )),
+        #[cfg(feature = "cuda")]
+        Device::Cuda(ordinal) => {
+            let dev = loraplane_kernels::cuda::CudaDevice::open(ordinal)?;
+            let b = loraplane_kernels::cuda::copy_bandwidth(&dev, bytes, rounds)?;
+            Ok(CopyRate {
+                buffer_bytes: b.buffer_bytes,
+                best_bps: b.best(),
+                median_bps: b.median(),
+            })
+        }
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda(_) => {
+            let _ = (bytes, rounds);
+            Err(BackendError::Device(
+                DeviceError::NotBuilt(device).to_string(),
+            ))
+        }
+    }
+}
+
 /// Bytes per element of a `torch_dtype` spelling (4 for unknown spellings).
 fn dtype_bytes(torch_dtype: Option<&str>) -> u64 {
     match torch_dtype {
@@ -276,6 +325,20 @@ mod tests {
             parse_dtype("int8", None).unwrap_err().kind(),
             "invalid_dtype"
         );
+    }
+
+    #[test]
+    fn copy_bandwidth_is_a_gpu_measurement_that_fails_cleanly_elsewhere() {
+        let err = copy_bandwidth(Device::Cpu, 1 << 20, 1).unwrap_err();
+        assert_eq!(err.kind(), "device");
+        // As for `with_backend` below: NotBuilt, no driver, or a measurement on a GPU machine.
+        match copy_bandwidth(Device::Cuda(0), 1 << 20, 2) {
+            Ok(rate) => assert!(rate.best_bps >= rate.median_bps && rate.median_bps > 0.0),
+            Err(e) => assert!(
+                matches!(e.kind(), "device" | "cuda_unavailable" | "cuda"),
+                "{e}"
+            ),
+        }
     }
 
     #[test]

@@ -3,13 +3,16 @@
 //! the base model: a prefill step (all 64 prompts in one step) and decode steps (64 tokens
 //! each), timed separately, repeated with the two modes interleaved. Target
 //! (docs/performance-targets.md §2.2): the adapter batch keeps ≥ 80 % of the no-adapter
-//! tokens/s.
+//! tokens/s. On a GPU, the decode steps are also read against the device's measured copy
+//! bandwidth ([`device_roofline`]).
+
+mod device_roofline;
 
 use serde_json::json;
 use tokio::sync::mpsc::UnboundedReceiver;
 
 use crate::backend::Backend;
-use crate::backend::device::{Device, WithBackend, with_backend};
+use crate::backend::device::{Device, WithBackend, copy_bandwidth, with_backend};
 use crate::bench::report::{Bar, GroupSeries, Plot, PlotKind, Report, Table, Target, format_num};
 use crate::bench::setup::{self, AdapterDef};
 use crate::bench::sim::timed_step;
@@ -21,6 +24,10 @@ use crate::lora::Module;
 use crate::rng::SplitMix64;
 
 const BATCH: usize = 64;
+/// Each of the two buffers of the GPU copy-bandwidth measurement: large enough that a copy
+/// takes far longer than its launch.
+const COPY_BYTES: usize = 1 << 30;
+const COPY_ROUNDS: usize = 10;
 
 /// One repetition of one mode.
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -182,6 +189,7 @@ pub(crate) fn run(ctx: &mut Ctx) -> anyhow::Result<Report> {
     };
     // On the CPU: a timing wrapper of the backend (per-operation profile) and the machine's read
     // bandwidth, to bound what a bandwidth-bound LoRA path could reach. On a GPU: step times.
+    let mut copy = None;
     let (measured, bandwidth) = if ctx.device == Device::Cpu {
         ctx.progress.update("memory bandwidth (read stream)");
         let probe = vec![1.0f32; ctx.pick(32usize, 64) << 18];
@@ -227,6 +235,11 @@ pub(crate) fn run(ctx: &mut Ctx) -> anyhow::Result<Report> {
                 )
             }
         }
+        ctx.progress
+            .update(format!("{}: device-to-device copy bandwidth", ctx.device));
+        // Measured before the model is loaded, on a device opened for it alone; a failure
+        // here is reported and the ratios are still measured.
+        copy = Some(copy_bandwidth(ctx.device, COPY_BYTES, COPY_ROUNDS));
         ctx.progress.update(format!("opening {}", ctx.device));
         let (device, dtype) = (ctx.device, ctx.dtype);
         let job = OnDevice {
@@ -443,6 +456,38 @@ pub(crate) fn run(ctx: &mut Ctx) -> anyhow::Result<Report> {
         "adapter_bytes_per_decode_step": adapter_bytes,
         "samples": {"base": base, "adapters": lora, "cold_adapters": cold},
     });
+    match copy {
+        None => {}
+        Some(Ok(copy)) => {
+            let base = device_roofline::decode_step_bytes(
+                &config,
+                ctx.dtype,
+                BATCH,
+                prompt_len,
+                decode_steps,
+                0,
+            );
+            let roofline = device_roofline::DecodeRoofline {
+                base,
+                with_adapters: device_roofline::StepBytes {
+                    adapters: adapter_bytes,
+                    ..base
+                },
+                base_step: bd.median,
+                adapter_step: ld.median,
+                copy,
+            };
+            let value = device_roofline::add(&mut report, &ctx.device.to_string(), &roofline);
+            if let Some(data) = report.data.as_object_mut() {
+                data.insert("decode_roofline".to_owned(), value);
+            }
+        }
+        Some(Err(e)) => report.findings.push(format!(
+            "The device-to-device copy bandwidth of {} could not be measured ({e}), so the \
+             decode step is not read against it.",
+            ctx.device
+        )),
+    }
     Ok(report)
 }
 

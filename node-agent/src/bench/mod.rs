@@ -90,6 +90,12 @@ pub struct BenchArgs {
         default_value = "small"
     )]
     pub preset: Preset,
+    /// Decoder layers of the fixture model instead of the preset's; each keeps the preset's
+    /// shape, so per-layer costs and ratios are the full model's (scripts/gpu-check.sh runs
+    /// `--preset bench --layers 8`: generating and loading all 32 layers of the Llama-3-8B
+    /// shape takes minutes).
+    #[arg(long, env = "LORAPLANE_BENCH_LAYERS", value_parser = parse_layers)]
+    pub layers: Option<usize>,
     /// Where fixture checkpoints and adapters are written and reused across runs; a temporary
     /// directory (removed afterwards) when unset.
     #[arg(long, env = "LORAPLANE_BENCH_CACHE_DIR")]
@@ -142,6 +148,13 @@ pub struct WorkloadArgs {
     pub repeats: Option<usize>,
 }
 
+fn parse_layers(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(n) if (1..=1024).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?}: expected a number of layers from 1 to 1024")),
+    }
+}
+
 fn parse_range(s: &str) -> Result<(usize, usize), String> {
     let (lo, hi) = s
         .split_once('-')
@@ -166,6 +179,8 @@ pub(crate) struct Ctx {
     pub device: Device,
     pub dtype: ComputeDtype,
     pub preset: Preset,
+    /// `--layers`: the fixture model's decoder layers when not the preset's.
+    pub layers: Option<usize>,
     pub seed: u64,
     pub workload: WorkloadArgs,
     pub out: PathBuf,
@@ -205,12 +220,14 @@ impl BenchArgs {
         std::fs::create_dir_all(&self.out)
             .with_context(|| format!("creating {}", self.out.display()))?;
         report::register_font()?;
-        let fixtures = setup::Fixtures::new(self.cache_dir.clone(), self.preset, self.seed)?;
+        let fixtures =
+            setup::Fixtures::new(self.cache_dir.clone(), self.preset, self.layers, self.seed)?;
         let mut ctx = Ctx {
             quick: self.quick,
             device: self.device,
             dtype: self.dtype,
             preset: self.preset,
+            layers: self.layers,
             seed: self.seed,
             workload: self.workload.clone(),
             out: self.out.clone(),
@@ -304,6 +321,20 @@ impl Progress {
         if self.drawn {
             let _ = writeln!(std::io::stderr());
             self.drawn = false;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_counts_parse_within_bounds() {
+        assert_eq!(parse_layers("8"), Ok(8));
+        assert_eq!(parse_layers(" 32 "), Ok(32));
+        for bad in ["0", "-1", "x", "", "1025"] {
+            assert!(parse_layers(bad).is_err(), "{bad:?}");
         }
     }
 }

@@ -168,7 +168,10 @@ impl Environment {
             } else {
                 "release"
             },
-            preset: format!("{:?}", ctx.preset).to_lowercase(),
+            preset: match ctx.layers {
+                None => format!("{:?}", ctx.preset).to_lowercase(),
+                Some(l) => format!("{:?} ({l} layers)", ctx.preset).to_lowercase(),
+            },
             quick: ctx.quick,
             seed: ctx.seed,
             version: env!("CARGO_PKG_VERSION"),

@@ -29,6 +29,8 @@ pub(crate) struct Fixtures {
     root: PathBuf,
     _temp: Option<tempfile::TempDir>,
     preset: Preset,
+    /// Decoder layers instead of the preset's (`--layers`).
+    layers: Option<usize>,
     seed: u64,
     /// Adapters loaded into host memory once per directory; engines get clones.
     hosts: HashMap<PathBuf, Arc<HostAdapter>>,
@@ -52,7 +54,12 @@ fn mark_complete(dir: &Path) -> anyhow::Result<()> {
 }
 
 impl Fixtures {
-    pub fn new(cache_dir: Option<PathBuf>, preset: Preset, seed: u64) -> anyhow::Result<Self> {
+    pub fn new(
+        cache_dir: Option<PathBuf>,
+        preset: Preset,
+        layers: Option<usize>,
+        seed: u64,
+    ) -> anyhow::Result<Self> {
         let (root, temp) = match cache_dir {
             Some(dir) => (dir, None),
             None => {
@@ -68,18 +75,28 @@ impl Fixtures {
             root,
             _temp: temp,
             preset,
+            layers,
             seed,
             hosts: HashMap::new(),
         })
+    }
+
+    /// The preset's name in directory names, with the layer count when `--layers` changes it
+    /// (adapters depend on it too).
+    fn model_name(&self) -> String {
+        match self.layers {
+            None => preset_name(self.preset).to_owned(),
+            Some(l) => format!("{}-{l}layers", preset_name(self.preset)),
+        }
     }
 
     /// The fixture checkpoint's directory (Llama 3 architecture, f32).
     pub fn model(&self) -> anyhow::Result<PathBuf> {
         let dir = self
             .root
-            .join(format!("model-{}-{}", preset_name(self.preset), self.seed));
+            .join(format!("model-{}-{}", self.model_name(), self.seed));
         if !complete(&dir) {
-            model::write(
+            model::write_with_layers(
                 &ModelSpec {
                     arch: Arch::Llama,
                     preset: self.preset,
@@ -87,6 +104,7 @@ impl Fixtures {
                     seed: self.seed,
                     shards: 1,
                 },
+                self.layers,
                 &dir,
             )?;
             mark_complete(&dir)?;
@@ -105,7 +123,7 @@ impl Fixtures {
         let names: Vec<&str> = targets.iter().map(|m| m.name()).collect();
         let dir = self.root.join(format!(
             "adapters-{}-{}/r{rank}-{}-v{variant}",
-            preset_name(self.preset),
+            self.model_name(),
             self.seed,
             names.join("+")
         ));

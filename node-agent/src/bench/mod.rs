@@ -10,7 +10,9 @@
 //!
 //! Layout: `setup` (fixture model and adapters, engines), `timed` (a backend wrapper that
 //! times every operation: the in-run profile), `sim` (workloads and the virtual-clock serving
-//! driver), `stats`, `report` (Markdown, JSON, PNG), and one module per suite.
+//! driver), `stats`, `report` (Markdown, JSON, PNG), and one module per suite. `serving` is the
+//! one suite that drives a server over HTTP (ours or any OpenAI-compatible one) from a workload
+//! file; it is not part of `all`.
 
 mod adapters;
 mod hetero;
@@ -18,6 +20,7 @@ mod kv_transfer;
 mod pd;
 mod report;
 mod roofline;
+mod serving;
 mod setup;
 mod sim;
 mod stats;
@@ -47,7 +50,9 @@ pub enum Suite {
     KvTransfer,
     /// Unified against disaggregated prefill/decode under long and short prompts.
     Pd,
-    /// Every suite, in the order above.
+    /// A workload file against an OpenAI-compatible server (`--url`, or `--serve` for ours).
+    Serving,
+    /// Every suite above but `serving`, in that order.
     All,
 }
 
@@ -59,6 +64,7 @@ impl Suite {
             Suite::Roofline => "roofline",
             Suite::KvTransfer => "kv-transfer",
             Suite::Pd => "pd",
+            Suite::Serving => "serving",
             Suite::All => "all",
         }
     }
@@ -105,6 +111,8 @@ pub struct BenchArgs {
     pub seed: u64,
     #[command(flatten)]
     pub workload: WorkloadArgs,
+    #[command(flatten)]
+    pub serving: serving::ServingArgs,
 }
 
 /// Workload knobs of the serving suites (`adapters`, `pd`); unset values take per-suite
@@ -183,6 +191,7 @@ pub(crate) struct Ctx {
     pub layers: Option<usize>,
     pub seed: u64,
     pub workload: WorkloadArgs,
+    pub serving: serving::ServingArgs,
     pub out: PathBuf,
     pub fixtures: setup::Fixtures,
     pub progress: Progress,
@@ -230,10 +239,18 @@ impl BenchArgs {
             layers: self.layers,
             seed: self.seed,
             workload: self.workload.clone(),
+            serving: self.serving.clone(),
             out: self.out.clone(),
             fixtures,
             progress: Progress::new(),
         };
+        if self.suite == Suite::Serving && self.serving.prepare_only {
+            anyhow::ensure!(
+                self.cache_dir.is_some(),
+                "--prepare-only needs --cache-dir: the fixtures are otherwise removed on exit"
+            );
+            return serving::prepare_only(&ctx);
+        }
         let suites = match self.suite {
             Suite::All => vec![
                 Suite::Hetero,
@@ -255,6 +272,7 @@ impl BenchArgs {
                 Suite::Roofline => roofline::run(&mut ctx),
                 Suite::KvTransfer => kv_transfer::run(&mut ctx),
                 Suite::Pd => pd::run(&mut ctx),
+                Suite::Serving => serving::run(&mut ctx),
                 Suite::All => continue,
             }
             .with_context(|| format!("bench {}", suite.name()))?;

@@ -106,7 +106,7 @@ fn copy_bandwidth(src: &[f32], dst: &mut [f32], repeats: usize) -> Summary {
 }
 
 /// Bytes of weights a forward step reads: every linear layer, the norms, and the LM head.
-fn weight_bytes(c: &ModelConfig) -> usize {
+pub(crate) fn weight_bytes(c: &ModelConfig) -> usize {
     let per_layer: usize = Module::ALL
         .iter()
         .map(|m| {
@@ -123,6 +123,63 @@ fn decode_flops(c: &ModelConfig, batch: usize, context: usize) -> f64 {
     let gemm = (weight_bytes(c) / 4) as f64 * 2.0 * batch as f64;
     let attn = 4.0 * (c.num_layers * c.num_heads * c.head_dim * context * batch) as f64;
     gemm + attn
+}
+
+/// The machine's peaks as other suites' rooflines use them: the best GEMM run and the best
+/// read-stream run, measured the way this suite measures them.
+#[derive(Debug, Clone, serde::Serialize)]
+pub(crate) struct MachinePeaks {
+    pub gemm_gflops: f64,
+    pub gemm_shape: String,
+    pub read_gbps: f64,
+    pub gemm_runs: Summary,
+    pub read_runs: Summary,
+}
+
+/// Measures [`MachinePeaks`] (square f32 matmuls in both layouts; a read stream over every
+/// core), a few seconds.
+pub(crate) fn measure_machine(ctx: &mut Ctx) -> anyhow::Result<MachinePeaks> {
+    let repeats = ctx.repeats(3, 5);
+    // `--quick --preset tiny` is the tests' smoke run: small sizes, a peak that means little.
+    let smoke = ctx.quick && ctx.tiny();
+    let sizes: &[usize] = match (smoke, ctx.quick) {
+        (true, _) => &[256, 512],
+        (false, true) => &[1024, 2048],
+        (false, false) => &[1024, 2048, 4096],
+    };
+    let mut best: Option<(String, Summary)> = None;
+    for &n in sizes {
+        ctx.progress
+            .update(format!("roofline: GEMM peak, {n}×{n} f32 matmul"));
+        let (a, b) = (tensor(n, n, 1)?, tensor(n, n, 2)?);
+        for (shape, s) in [
+            (format!("{n}×{n}·{n}×{n}"), matmul_gflops(&a, &b, repeats)?),
+            (
+                format!("{n}×{n}·({n}×{n})ᵀ"),
+                matmul_gflops(&a, &b.t()?, repeats)?,
+            ),
+        ] {
+            if best.as_ref().is_none_or(|(_, b)| s.max > b.max) {
+                best = Some((shape, s));
+            }
+        }
+    }
+    let (gemm_shape, gemm_runs) = best.ok_or_else(|| anyhow::anyhow!("no GEMM measured"))?;
+    let mib = match (smoke, ctx.tiny()) {
+        (true, _) => 16,
+        (false, true) => 64,
+        (false, false) => ctx.pick(128, 512),
+    };
+    ctx.progress
+        .update(format!("roofline: memory bandwidth, {mib} MiB read stream"));
+    let read_runs = read_bandwidth(&random(mib << 18, 3), repeats);
+    Ok(MachinePeaks {
+        gemm_gflops: gemm_runs.max,
+        gemm_shape,
+        read_gbps: read_runs.max,
+        gemm_runs,
+        read_runs,
+    })
 }
 
 struct DecodePoint {

@@ -90,6 +90,19 @@ impl Fixtures {
         }
     }
 
+    /// The directory fixtures are written under.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn preset_name(&self) -> &'static str {
+        preset_name(self.preset)
+    }
+
+    pub fn seed(&self) -> u64 {
+        self.seed
+    }
+
     /// The fixture checkpoint's directory (Llama 3 architecture, f32).
     pub fn model(&self) -> anyhow::Result<PathBuf> {
         let dir = self

@@ -214,6 +214,7 @@ mod tests {
             sliding_window: None,
             eos_token_ids: vec![],
             bos_token_id: None,
+            torch_dtype: None,
         }
     }
 

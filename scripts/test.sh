@@ -40,4 +40,8 @@ cargo test --locked --workspace --no-fail-fast
 step "CUDA launch plans and parameter layouts (CPU-only; GPU parity tests skip without a device)"
 cargo test --locked -p loraplane-kernels --features cuda --lib --test cuda_parity
 
+step "CUDA kernels' .cu sources emulated on the CPU against the reference (scripts/cuda-emu)"
+# Its own cargo project (g++ >= 12): fails naming any construct it cannot emulate.
+scripts/cuda-emu/run.sh
+
 step "done"

@@ -35,6 +35,9 @@ inline void __syncthreads() { emu_block->block->arrive_and_wait(); }
 
 template <class T>
 inline T __shfl_xor_sync(unsigned, T v, int offset) {
+    static_assert(sizeof(T) == 4,
+                  "cuda-emu: __shfl_xor_sync is emulated for 4-byte values only; an 8-byte "
+                  "shuffle (double, long long) would lose its upper half");
     unsigned lane = threadIdx.x % 32, warp = threadIdx.x / 32;
     uint32_t bits; std::memcpy(&bits, &v, 4);
     auto& b = *emu_block->warps[warp];
@@ -59,13 +62,21 @@ inline unsigned max(unsigned a, unsigned b) { return a > b ? a : b; }
 #define __forceinline__ inline
 #define __restrict__
 #define __shared__
-#define asm(...) (void)0
+// No `asm`: inline PTX cannot run on the CPU. build.rs refuses sources that use it (src/scan.rs).
 
 // Dynamic shared memory: one buffer per name the kernels use (blocks run one at a time).
 extern float tile[], x_stage[], v_stage[], smem[], scratch[], warp_sums[];
 
 template <class... A>
 void emu_launch(void (*k)(A...), dim3 grid, dim3 block, A... args) {
+    // Threads are numbered along x only (threadIdx.y and .z would read 0): refuse, loudly.
+    if (block.y != 1 || block.z != 1) {
+        std::fprintf(stderr,
+                     "cuda-emu: a %ux%ux%u thread block is not emulated: only 1-D blocks are "
+                     "(2-D and 3-D blocks need threadIdx.y/z and warps across rows)\n",
+                     block.x, block.y, block.z);
+        std::abort();
+    }
     for (unsigned bz = 0; bz < grid.z; ++bz)
     for (unsigned by = 0; by < grid.y; ++by)
     for (unsigned bx = 0; bx < grid.x; ++bx) {

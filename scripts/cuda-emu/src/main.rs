@@ -1,6 +1,10 @@
 //! Emulated launches of every CUDA kernel against the CPU reference (see run.sh).
 
 #![allow(clippy::all)]
+
+// The source checks build.rs runs, compiled here too so `cargo test` exercises them.
+#[cfg(test)]
+mod scan;
 use loraplane_kernels::cpu::{self, AttnSeq, KvLayout, LoraSegment, RopeTable};
 use loraplane_kernels::cuda::LaunchPlan;
 use loraplane_kernels::cuda::plan::*;

@@ -37,7 +37,9 @@ agent="${root}/target/release/loraplane-agent"
 echo "== the PEFT baseline's Python environment" >&2
 python="$("${root}/scripts/peft-baseline/setup-venv.sh")"
 
-bench=("${agent}" bench serving --workload "${workload}" --preset "${preset}" --cache-dir "${cache}")
+# --repeats: of the GEMM-peak and bandwidth measurements behind each run's roofline.
+bench=("${agent}" bench serving --workload "${workload}" --preset "${preset}" --cache-dir "${cache}"
+    --repeats 3)
 echo "== fixtures: ${preset} model and the adapters of ${name}" >&2
 prepared="$("${bench[@]}" --prepare-only --out "${out}/prepare")"
 field() { python3 -c 'import json,sys; print(json.loads(sys.argv[1])[sys.argv[2]])' "${prepared}" "$1"; }
@@ -90,7 +92,7 @@ for i in $(seq "${rounds}"); do
     "${bench[@]}" --url "${peft_url}" --out "${out}/round${i}-peft" >"${out}/round${i}-peft.txt"
     stop_peft
     python3 -c 'import json,sys
-a, b = (json.load(open(p))["data"]["output_tok_s"] for p in sys.argv[1:])
+a, b = (json.load(open(p))["data"]["output_tok_s"] for p in sys.argv[1:3])
 print(f"round {sys.argv[3]}: loraplane {a:.1f} tok/s, PEFT {b:.1f} tok/s, ratio {a / b:.2f}")' \
         "${out}/round${i}-loraplane/serving.json" "${out}/round${i}-peft/serving.json" "${i}" >&2
 done

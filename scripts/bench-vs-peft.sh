@@ -13,7 +13,8 @@
 #
 # Environment: ROUNDS (default 3, at least 3), PRESET (small), OUT (bench-results/vs-peft-NAME),
 # LORAPLANE_BENCH_CACHE_DIR (fixtures, default ~/.cache/loraplane/bench-fixtures),
-# LORAPLANE_PEFT_VENV (the Python environment), SERVE_ARGS (extra `serve` flags for loraplane,
+# LORAPLANE_PEFT_VENV (the Python environment), AGENT (an agent binary to use instead of
+# building the release one), SERVE_ARGS (extra `serve` flags for loraplane,
 # space-separated), PEFT_ARGS (extra flags for server.py, e.g. "--max-batch 32").
 set -euo pipefail
 
@@ -31,9 +32,14 @@ if (( rounds < 3 )); then
 fi
 mkdir -p "${out}" "${cache}"
 
-echo "== building the release agent" >&2
-(cd "${root}" && cargo build --release --locked -p loraplane-agent)
-agent="${root}/target/release/loraplane-agent"
+if [[ -n "${AGENT:-}" ]]; then
+    agent="$(realpath "${AGENT}")"
+    echo "== using the agent binary ${agent}" >&2
+else
+    echo "== building the release agent" >&2
+    (cd "${root}" && cargo build --release --locked -p loraplane-agent)
+    agent="${root}/target/release/loraplane-agent"
+fi
 echo "== the PEFT baseline's Python environment" >&2
 python="$("${root}/scripts/peft-baseline/setup-venv.sh")"
 

@@ -157,7 +157,7 @@ fi
 # --- cuda-libs: NVRTC and cuBLAS under the names cudarc loads. gpu-env.sh searches the disk,
 # so it runs under the step's timeout in a child; its LD_LIBRARY_PATH is taken over from there.
 cuda_libs() {
-  # shellcheck source=scripts/gpu-env.sh
+  # shellcheck source=scripts/gpu-env.sh disable=SC1091 # (checked on its own)
   . scripts/gpu-env.sh
   echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
   local ok=1 name

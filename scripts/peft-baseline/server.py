@@ -5,7 +5,8 @@ drives it exactly as it drives loraplane.
 It loads a checkpoint directory with transformers (eager PyTorch, float32), every PEFT adapter
 directory under --adapters (named after the directory, as `loraplane-agent serve --adapters`
 names them), and serves `POST /v1/completions` (streaming SSE or not) and `GET /v1/models`.
-Requests wait in one queue; a single worker takes up to --max-batch of them at a time and runs
+Requests wait in one queue; a single worker takes up to --max-batch of them at a time (while
+they keep arriving) and runs
 PEFT's mixed-adapter batched generation, `model.generate(..., adapter_names=[...])`, greedy,
 streaming each row's tokens as they are produced. This is static batching: a batch runs to the
 longest `max_tokens` in it before the next one starts, as `generate` does.
@@ -166,11 +167,13 @@ class Engine:
 
     def run(self):
         while True:
+            # Collect while requests keep coming (each within --batch-wait-ms of the previous
+            # one), up to --max-batch: a burst forms full batches even when a loaded machine
+            # takes longer than any fixed window to accept it.
             batch = [self.queue.get()]
-            deadline = time.monotonic() + self.batch_wait
             while len(batch) < self.max_batch:
                 try:
-                    batch.append(self.queue.get(timeout=max(0.0, deadline - time.monotonic())))
+                    batch.append(self.queue.get(timeout=self.batch_wait))
                 except queue.Empty:
                     break
             try:
@@ -377,11 +380,10 @@ def main():
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=0, help="0: a free port (printed on stdout)")
     p.add_argument("--max-batch", type=int, default=16, help="most requests per generate call")
-    # 50 ms: long enough for a burst of requests to form full batches on a loaded 2-core
-    # machine (5 ms left the 16th request of a 64-request burst to a fifth batch), short
-    # against a batch's seconds of generation.
+    # A fixed window from the first request (5 ms, then 50 ms) split a 64-request burst into
+    # five batches on a loaded 2-core machine; a gap bound keeps collecting while it arrives.
     p.add_argument("--batch-wait-ms", type=float, default=50.0,
-                   help="how long the worker waits to fill a batch after its first request")
+                   help="longest gap between two requests of one batch while it fills")
     args = p.parse_args()
     engine = Engine(args.model, args.adapters, args.served_model_name, args.max_batch,
                     args.batch_wait_ms / 1e3)

@@ -372,6 +372,13 @@ def make_handler(engine):
     return Handler
 
 
+class Server(ThreadingHTTPServer):
+    # socketserver's default listen backlog (5) drops connections of a burst of 64 requests:
+    # they time out, or arrive late and miss their batch.
+    request_queue_size = 1024
+    daemon_threads = True
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, help="checkpoint directory (config.json, safetensors, tokenizer)")
@@ -387,8 +394,7 @@ def main():
     args = p.parse_args()
     engine = Engine(args.model, args.adapters, args.served_model_name, args.max_batch,
                     args.batch_wait_ms / 1e3)
-    server = ThreadingHTTPServer((args.host, args.port), make_handler(engine))
-    server.daemon_threads = True
+    server = Server((args.host, args.port), make_handler(engine))
     host, port = server.server_address[:2]
     print(json.dumps({"event": "listening", "http": f"{host}:{port}"}), flush=True)
     try:

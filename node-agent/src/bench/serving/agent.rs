@@ -34,11 +34,6 @@ pub fn prepare(fixtures: &Fixtures, w: &Workload) -> anyhow::Result<Prepared> {
         fixtures.seed(),
         w.name
     ));
-    // Rebuilt each time: a workload edited since the last run must not keep stale links.
-    if adapters.exists() {
-        std::fs::remove_dir_all(&adapters)
-            .with_context(|| format!("removing {}", adapters.display()))?;
-    }
     std::fs::create_dir_all(&adapters)
         .with_context(|| format!("creating {}", adapters.display()))?;
     let per_rank = w.adapters.ranks.len().max(1);
@@ -51,8 +46,25 @@ pub fn prepare(fixtures: &Fixtures, w: &Workload) -> anyhow::Result<Prepared> {
         let dir = dir
             .canonicalize()
             .with_context(|| format!("resolving {}", dir.display()))?;
-        std::os::unix::fs::symlink(&dir, adapters.join(name))
+        // A link already right is left alone: a server started from an earlier run may be
+        // reading this directory.
+        let link = adapters.join(name);
+        if std::fs::read_link(&link).is_ok_and(|t| t == dir) {
+            continue;
+        }
+        if link.symlink_metadata().is_ok() {
+            std::fs::remove_file(&link).with_context(|| format!("replacing {}", link.display()))?;
+        }
+        std::os::unix::fs::symlink(&dir, &link)
             .with_context(|| format!("linking adapter {name}"))?;
+    }
+    // Entries of an earlier version of the workload would be served as adapters too.
+    for entry in std::fs::read_dir(&adapters)? {
+        let entry = entry?;
+        if !names.iter().any(|n| entry.file_name() == n.as_str()) {
+            std::fs::remove_file(entry.path())
+                .with_context(|| format!("removing {}", entry.path().display()))?;
+        }
     }
     Ok(Prepared { model, adapters })
 }

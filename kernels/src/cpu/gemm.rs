@@ -95,11 +95,6 @@ impl PackedMatrix {
     pub fn in_dim(&self) -> usize {
         self.in_dim
     }
-
-    /// Bytes held (for memory accounting and the roofline's bytes per step).
-    pub fn bytes(&self) -> usize {
-        self.data.len() * size_of::<f32>()
-    }
 }
 
 /// `y = x · Wᵀ`: `x` is `[T, in_dim]`, `y` is `[T, out_dim]` (overwritten), both row-major.

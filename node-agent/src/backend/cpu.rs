@@ -148,17 +148,17 @@ impl Backend for CpuBackend {
         let CpuParam::Matrix(w) = w else {
             return Err(BackendError::Gemm("linear needs a matrix parameter".into()));
         };
-        let out_dim = &w.out_dim();
+        let out_dim = w.out_dim();
         let mut y = matmul(x, w)?;
         if let Some(b) = bias {
             let b = vector(b);
-            if b.len() != *out_dim {
+            if b.len() != out_dim {
                 return Err(BackendError::Gemm(format!(
                     "bias has {} elements, layer has {out_dim} outputs",
                     b.len()
                 )));
             }
-            for row in y.data.chunks_exact_mut(*out_dim) {
+            for row in y.data.chunks_exact_mut(out_dim) {
                 k::add_inplace(row, b)?;
             }
         }

@@ -292,21 +292,11 @@ mod tests {
         s
     }
 
-    fn resident(pages: usize, last_used: u64) -> AdapterState {
-        AdapterState {
-            host_ready: true,
-            resident: Some(pages),
-            placement: Some(pages),
-            unloading: false,
-            last_used,
-        }
-    }
-
     fn host_only(placement: usize) -> AdapterState {
         AdapterState {
             resident: None,
             placement: Some(placement),
-            ..resident(0, 0)
+            ..AdapterState::resident(0, 0)
         }
     }
 
@@ -424,7 +414,10 @@ mod tests {
         // Two idle resident adapters of one page: evicted least recently used first, then the
         // newest sequence, being the one that needs a page, preempts itself.
         let mut snap = snapshot(r(), vec![], 0);
-        snap.adapters = HashMap::from([(&w.keys[0], resident(1, 5)), (&w.keys[1], resident(1, 3))]);
+        snap.adapters = HashMap::from([
+            (&w.keys[0], AdapterState::resident(1, 5)),
+            (&w.keys[1], AdapterState::resident(1, 3)),
+        ]);
         assert_eq!(
             plan(&s, snap),
             [
@@ -443,7 +436,7 @@ mod tests {
         let s = Scheduler::new(limits());
         let r = vec![on(running(&w, 1, 0, 9, 8), &w, 0), running(&w, 2, 1, 9, 8)];
         let mut snap = snapshot(r, vec![], 0);
-        snap.adapters = HashMap::from([(&w.keys[0], resident(4, 1))]);
+        snap.adapters = HashMap::from([(&w.keys[0], AdapterState::resident(4, 1))]);
         assert_eq!(
             plan(&s, snap),
             [Decision::Preempt(SeqId(2)), run(1, 1)],
@@ -559,8 +552,8 @@ mod tests {
         let mut snap = snapshot(vec![], vec![on(waiting(&w, 1, 0, 8), &w, 0)], 3);
         snap.adapters = HashMap::from([
             (&w.keys[0], host_only(3)),
-            (&w.keys[1], resident(2, 1)),
-            (&w.keys[2], resident(2, 2)),
+            (&w.keys[1], AdapterState::resident(2, 1)),
+            (&w.keys[2], AdapterState::resident(2, 2)),
         ]);
         assert_eq!(
             plan(&s, snap),
@@ -572,7 +565,7 @@ mod tests {
         );
         // Its own idle pages are no room for it: it will use them.
         let mut snap = snapshot(vec![], vec![on(waiting(&w, 1, 0, 8), &w, 1)], 2);
-        snap.adapters = HashMap::from([(&w.keys[1], resident(2, 1))]);
+        snap.adapters = HashMap::from([(&w.keys[1], AdapterState::resident(2, 1))]);
         assert_eq!(plan(&s, snap), []);
     }
 
@@ -599,7 +592,7 @@ mod tests {
                 &w.keys[0],
                 AdapterState {
                     unloading,
-                    ..resident(3, 1)
+                    ..AdapterState::resident(3, 1)
                 },
             )])
         };

@@ -222,16 +222,6 @@ mod tests {
         }
     }
 
-    fn resident(pages: usize, last_used: u64) -> AdapterState {
-        AdapterState {
-            host_ready: true,
-            resident: Some(pages),
-            placement: Some(pages),
-            unloading: false,
-            last_used,
-        }
-    }
-
     #[test]
     fn pages_match_the_kv_geometry() {
         let g = crate::memory::kv::KvGeometry {
@@ -274,9 +264,9 @@ mod tests {
             running: vec![runner],
             waiting: Vec::new(),
             adapters: HashMap::from([
-                (&a, resident(5, 1)),
-                (&b, resident(3, 7)),
-                (&c, resident(4, 2)),
+                (&a, AdapterState::resident(5, 1)),
+                (&b, AdapterState::resident(3, 7)),
+                (&c, AdapterState::resident(4, 2)),
             ]),
             free_pages: 10,
         };

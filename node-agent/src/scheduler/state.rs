@@ -60,6 +60,18 @@ pub struct AdapterState {
 }
 
 impl AdapterState {
+    /// Test fixture: loaded and resident, holding `pages` pages.
+    #[cfg(test)]
+    pub(crate) fn resident(pages: usize, last_used: u64) -> AdapterState {
+        AdapterState {
+            host_ready: true,
+            resident: Some(pages),
+            placement: Some(pages),
+            unloading: false,
+            last_used,
+        }
+    }
+
     /// Whether a sequence on it can be admitted at all: its weights are somewhere.
     pub fn usable(&self) -> bool {
         self.host_ready || self.resident.is_some()

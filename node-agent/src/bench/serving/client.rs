@@ -116,7 +116,19 @@ struct StreamState<'a> {
     finished: bool,
 }
 
-impl StreamState<'_> {
+impl<'a> StreamState<'a> {
+    /// A stream that started at `start`, recorded into `rec`.
+    fn new(rec: &'a mut Record, start: Instant) -> Self {
+        StreamState {
+            rec,
+            start,
+            counted: 0,
+            last_token_at: None,
+            usage_tokens: None,
+            finished: false,
+        }
+    }
+
     /// One `data:` payload. Returns false at `[DONE]`.
     fn event(&mut self, data: &str) -> anyhow::Result<bool> {
         if data == "[DONE]" {
@@ -212,14 +224,7 @@ async fn exchange(
         let text = resp.text().await.unwrap_or_default();
         anyhow::bail!("HTTP {status}: {text:.300}");
     }
-    let mut state = StreamState {
-        rec,
-        start,
-        counted: 0,
-        last_token_at: None,
-        usage_tokens: None,
-        finished: false,
-    };
+    let mut state = StreamState::new(rec, start);
     let mut buf: Vec<u8> = Vec::new();
     let mut stream = resp.bytes_stream();
     'read: while let Some(chunk) = stream.next().await {
@@ -331,14 +336,7 @@ mod tests {
     #[test]
     fn events_count_tokens_gaps_and_usage() {
         let mut rec = Record::default();
-        let mut s = StreamState {
-            rec: &mut rec,
-            start: Instant::now(),
-            counted: 0,
-            last_token_at: None,
-            usage_tokens: None,
-            finished: false,
-        };
+        let mut s = StreamState::new(&mut rec, Instant::now());
         let chunk = |text: &str, tokens: &[&str]| {
             json!({"choices": [{"index": 0, "text": text, "finish_reason": null,
                 "logprobs": {"tokens": tokens, "token_logprobs": vec![-0.5; tokens.len()]}}]})
@@ -367,14 +365,7 @@ mod tests {
     #[test]
     fn server_errors_and_garbage_are_errors() {
         let mut rec = Record::default();
-        let mut s = StreamState {
-            rec: &mut rec,
-            start: Instant::now(),
-            counted: 0,
-            last_token_at: None,
-            usage_tokens: None,
-            finished: false,
-        };
+        let mut s = StreamState::new(&mut rec, Instant::now());
         let e = s
             .event(r#"{"error":{"message":"adapter unknown","type":"x"}}"#)
             .unwrap_err();

@@ -164,8 +164,8 @@ fn unified_model_with_memory_budgets_and_a_private_hub_source() {
     assert_eq!(engine.adapter_limits.max_rank, 128);
     assert_eq!(c.sources.hf_token.as_deref(), Some("hf_secret"));
     assert!(c.admin.is_admin("admin-token-value"));
-    // On the (default) CPU device the fraction does not apply; the pool defaults to pages.
-    assert_eq!(c.pool, PoolSize::Pages(4096));
+    // On the (default) CPU device the fraction does not apply; the pool defaults to bytes.
+    assert_eq!(c.pool, PoolSize::Bytes(2 << 30));
 }
 
 #[test]

@@ -126,11 +126,11 @@ pub struct EngineArgs {
     pub dtype: String,
     /// Share of the device's free memory (less the weights) for the unified pool on GPU
     /// backends, (0, 1]; used when neither `--pool-pages` nor `--pool-bytes` is given. On the
-    /// CPU the pool defaults to 4096 pages.
+    /// CPU the pool defaults to 2 GiB.
     #[arg(long, env = "LORAPLANE_DEVICE_POOL_FRACTION", default_value_t = 0.9)]
     pub device_pool_fraction: f64,
-    /// Pages in the unified pool (KV blocks and adapter weights). Default: 4096 on the CPU,
-    /// `--device-pool-fraction` of the GPU.
+    /// Pages in the unified pool (KV blocks and adapter weights). Default: 2 GiB of pages on
+    /// the CPU, `--device-pool-fraction` of the GPU.
     #[arg(long, env = "LORAPLANE_POOL_PAGES", conflicts_with = "pool_bytes")]
     pub pool_pages: Option<usize>,
     /// Size the pool in bytes instead (divided by the model's page size).
@@ -239,14 +239,22 @@ impl ConfigError {
     }
 }
 
+/// The CPU pool when no size is given. A byte budget, not a page count: a page's size depends
+/// on the model, and the pool must hold many adapters beside the KV cache — S-LoRA's point. A
+/// fixed 4096 pages was 128 MiB for the `small` fixture, room for about six of its adapters,
+/// which capped a 16-adapter batch at a handful of sequences. The memory is reserved, not
+/// touched: pages are committed by the OS as the pool uses them.
+pub const DEFAULT_CPU_POOL_BYTES: u64 = 2 << 30;
+
 /// How big the pool is, as configured: pages, bytes, or a share of the device's memory. It
 /// becomes a page count once, in `serve`, when the model's page size and the device's free
 /// memory are known; until then there is no page count at all.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub enum PoolSize {
-    /// `--pool-pages`, or 4096 on the CPU when nothing is given.
+    /// `--pool-pages`.
     Pages(usize),
-    /// `--pool-bytes`: divided by the model's page size.
+    /// `--pool-bytes` (or [`DEFAULT_CPU_POOL_BYTES`] on the CPU when nothing is given): divided
+    /// by the model's page size.
     Bytes(u64),
     /// `--device-pool-fraction` of a GPU's free memory, less the weights.
     DeviceFraction(f64),
@@ -347,7 +355,7 @@ impl ServeArgs {
             (None, None) if e.device != Device::Cpu => {
                 PoolSize::DeviceFraction(e.device_pool_fraction)
             }
-            (None, None) => PoolSize::Pages(4096),
+            (None, None) => PoolSize::Bytes(DEFAULT_CPU_POOL_BYTES),
         };
         if e.pool_pages.is_some_and(|p| p > u32::MAX as usize) {
             return Err(invalid("pool-pages", "must fit in 32 bits"));

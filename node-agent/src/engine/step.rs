@@ -56,9 +56,17 @@ impl<B: Backend> Engine<B> {
         self.steps += 1;
         let computed: usize = plan.iter().map(|(_, n)| n).sum();
         self.last_batch_tokens = computed;
+        let elapsed = now.elapsed();
         if let Some(observer) = &self.config.observer {
-            observer.on_step(computed, now.elapsed());
+            observer.on_step(computed, elapsed);
         }
+        tracing::debug!(
+            tokens = computed,
+            seqs = plan.len(),
+            sampled = sample_rows.len(),
+            ms = elapsed.as_secs_f64() * 1e3,
+            "step"
+        );
 
         let vocab = self.model.config.vocab_size;
         let max_context = self.model.config.max_position_embeddings;

@@ -136,8 +136,8 @@ pub(crate) struct MachinePeaks {
     pub read_runs: Summary,
 }
 
-/// Measures [`MachinePeaks`] (square f32 matmuls in both layouts; a read stream over every
-/// core), a few seconds.
+/// Measures [`MachinePeaks`] (square f32 matmuls in both layouts, candle's and the backend's packed
+/// GEMM, the best of them; a read stream over every core), a few seconds.
 pub(crate) fn measure_machine(ctx: &mut Ctx) -> anyhow::Result<MachinePeaks> {
     let repeats = ctx.repeats(3, 5);
     // `--quick --preset tiny` is the tests' smoke run: small sizes, a peak that means little.
@@ -157,6 +157,11 @@ pub(crate) fn measure_machine(ctx: &mut Ctx) -> anyhow::Result<MachinePeaks> {
             (
                 format!("{n}×{n}·({n}×{n})ᵀ"),
                 matmul_gflops(&a, &b.t()?, repeats)?,
+            ),
+            // The backend's own GEMM: where it beats the library, the machine can do that much.
+            (
+                format!("{n}×{n}·({n}×{n})ᵀ packed"),
+                packed_gflops(n, n, n, repeats)?,
             ),
         ] {
             if best.as_ref().is_none_or(|(_, b)| s.max > b.max) {

@@ -41,6 +41,7 @@ fn preset_name(p: Preset) -> &'static str {
         Preset::Tiny => "tiny",
         Preset::Small => "small",
         Preset::Bench => "bench",
+        Preset::Slora => "slora",
     }
 }
 

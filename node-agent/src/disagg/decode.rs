@@ -20,6 +20,7 @@ use loraplane_proto::v1::{
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::credential::ClusterCredential;
+use crate::disagg::channel;
 use crate::disagg::stats::DisaggStats;
 use crate::disagg::transfer::{Assembler, TransferError, WireLayout};
 use crate::engine::actor::{EngineHandle, RequestStream};
@@ -90,10 +91,9 @@ impl PeerSet {
                     return Some(p.clone());
                 }
                 let scheme = if opts.tls.is_some() { "https" } else { "http" };
-                let mut ep = Endpoint::from_shared(format!("{scheme}://{addr}"))
-                    .ok()?
-                    .connect_timeout(opts.connect_timeout)
-                    .tcp_nodelay(true);
+                let mut ep =
+                    channel::endpoint(Endpoint::from_shared(format!("{scheme}://{addr}")).ok()?)
+                        .connect_timeout(opts.connect_timeout);
                 if let Some(tls) = &opts.tls {
                     ep = ep.tls_config(tls.clone()).ok()?;
                 }

@@ -155,7 +155,7 @@ impl<B: Backend> Engine<B> {
         input.lora = lora;
         let layout = self.geometry.kernel_layout();
         // Prefill-role sequences whose prompt completes this step stream every layer's KV as
-        // soon as the layer is computed.
+        // soon as the layer's K/V are written.
         let exports: Vec<(
             Vec<Vec<u32>>,
             usize,

@@ -46,8 +46,8 @@ impl<B: Backend> std::fmt::Debug for Model<B> {
     }
 }
 
-/// Called after each layer of a step with the pool, whose pages then hold that layer's K/V
-/// of every row.
+/// Called once per layer of a step, as soon as that layer's K/V of every row are written to
+/// the pool (before its attention and MLP).
 pub type LayerHook<'a, P> = dyn FnMut(usize, &P) -> Result<(), BackendError> + 'a;
 
 /// One sequence's rows in a step.
@@ -192,6 +192,10 @@ impl<B: Backend> Model<B> {
                 &self.rope,
             )?;
             backend.write_kv(kv, &k, &v, &input.slots[l], pool)?;
+            // This layer's K/V of every row are final in the pool now (attention and the MLP
+            // only read them): disaggregated prefill streams them from here, so even the last
+            // layer's transfer overlaps that layer's attention, MLP and the LM head.
+            after_layer(l, pool)?;
             let attn = backend.attention(
                 kv,
                 &q,
@@ -210,9 +214,6 @@ impl<B: Backend> Model<B> {
             let act = backend.silu_mul(&gate, &up)?;
             let down = self.linear(backend, pool, &act, layer, l, Module::Down, &input.lora)?;
             backend.add(&mut h, &down)?;
-            // This layer's K/V of every row are in the pool now: disaggregated prefill streams
-            // them from here while the next layers compute.
-            after_layer(l, pool)?;
         }
         if input.logits_rows.is_empty() {
             return Ok(Vec::new());

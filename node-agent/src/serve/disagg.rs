@@ -91,7 +91,7 @@ pub(super) async fn start(
                 .await
                 .with_context(|| format!("binding --kv-addr {}", d.kv_addr))?;
             let kv_addr = listener.local_addr()?;
-            let mut builder = tonic::transport::Server::builder();
+            let mut builder = crate::disagg::channel::server();
             if let Some(tls) = &d.tls {
                 builder = builder.tls_config(tls.server()).context("KV channel TLS")?;
             }

@@ -1,4 +1,4 @@
-//! `loraplane-agent demo`: the main job out of the box. On a machine with no network it writes
+//! `loraplane-bench demo`: the main job out of the box. On a machine with no network it writes
 //! (once, into a cache directory) a fixture model and 32 adapters of mixed ranks, starts a
 //! disaggregated stack — a prefill agent and a decode agent as separate processes talking real
 //! gRPC — runs a short mixed workload across the adapters with a progress bar, prints the
@@ -16,13 +16,13 @@ use anyhow::Context as _;
 use loraplane_proto::v1 as pb;
 use loraplane_proto::v1::inference_client::InferenceClient;
 
-use crate::fixtures::adapter::{self, AdapterSpec};
-use crate::fixtures::model::{self, ModelSpec, Preset};
-use crate::fixtures::tensor::FixtureDtype;
-use crate::lora::Module;
-use crate::model::config::Arch;
+use loraplane_agent::fixtures::adapter::{self, AdapterSpec};
+use loraplane_agent::fixtures::model::{self, ModelSpec, Preset};
+use loraplane_agent::fixtures::tensor::FixtureDtype;
+use loraplane_agent::lora::Module;
+use loraplane_agent::model::config::Arch;
 
-/// `loraplane-agent demo`
+/// `loraplane-bench demo`
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
     /// Model size: `small` (about 100M parameters, the default) or `tiny` (seconds).
@@ -159,7 +159,8 @@ fn start(
     args: &[String],
     log: &Path,
 ) -> anyhow::Result<(AgentProcess, serde_json::Value)> {
-    let exe = std::env::current_exe().context("locating the loraplane-agent binary")?;
+    let exe = std::env::current_exe()
+        .context("locating loraplane-bench, which runs the agents (its `serve`)")?;
     let mut child = Command::new(exe)
         .arg("serve")
         .args(args)

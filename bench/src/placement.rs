@@ -1,9 +1,11 @@
-//! `loraplane-operator bench-placement`: the scale check. N LoraAdapters are placed and loaded
-//! on M fake agents served over real loopback gRPC (by default in a child process, so the peak
-//! memory reported is the operator's alone), through the same code the LoraAdapter reconciler
-//! runs ([`crate::controller::converge::converge`] with the real
-//! [`crate::agent_client::GrpcAgents`], then [`crate::status::adapter_status`]). Kubernetes is
-//! not involved: the figures are the operator's placement and Admin-API work.
+//! `loraplane-bench placement`: the operator's scale check. N LoraAdapters are placed and
+//! loaded on M fake agents served over real loopback gRPC (by default in a child process, the
+//! hidden `loraplane-bench fake-agents`, so the peak memory reported is the operator's alone),
+//! through the same code the LoraAdapter reconciler runs
+//! ([`loraplane_operator::controller::converge::converge`] with the real
+//! [`loraplane_operator::agent_client::GrpcAgents`], then
+//! [`loraplane_operator::status::adapter_status`]). Kubernetes is not involved: the figures are
+//! the operator's placement and Admin-API work.
 //!
 //! Three passes: a cold one (every adapter loaded), an unchanged one (must load nothing), and
 //! one after an agent "restarts" (its registry is emptied and its pod shows a new restart
@@ -18,66 +20,61 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, bail};
 use futures::StreamExt;
-use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, ContainerStatus, Pod, PodCondition, PodSpec, PodStatus,
-};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
+use k8s_openapi::api::core::v1::Pod;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use loraplane_units::parse_bytes;
 
-use crate::agent_client::{GrpcAgents, Timeouts};
-use crate::config::{BenchArgs, FakeAgentsArgs};
-use crate::controller::converge::{AdapterWant, Work, converge};
-use crate::controller::fleet::Fleet;
-use crate::crd::{AdapterSource, BaseModelRef, LoraAdapter, LoraAdapterSpec, Phase};
-use crate::desired::labels;
-use crate::discovery::{self, Agent};
-use crate::fake_agent::{FakeAgent, serve};
-use crate::metrics::Metrics;
-use crate::role::Role;
-use crate::status::{self, AdapterOutcome};
+use loraplane_operator::agent_client::{GrpcAgents, Timeouts};
+use loraplane_operator::controller::converge::{AdapterWant, Work, converge};
+use loraplane_operator::controller::fleet::Fleet;
+use loraplane_operator::crd::{AdapterSource, BaseModelRef, LoraAdapter, LoraAdapterSpec, Phase};
+use loraplane_operator::discovery::{self, Agent};
+use loraplane_operator::fake_agent::{FakeAgent, agent_pod, serve};
+use loraplane_operator::metrics::Metrics;
+use loraplane_operator::role::Role;
+use loraplane_operator::status::{self, AdapterOutcome};
 
 const TOKEN: &str = "bench-admin-token";
 
-/// A pod of a fake agent, as the API server would show it.
-pub fn agent_pod(i: usize, addr: SocketAddr, role: Role, restarts: i32) -> Pod {
-    Pod {
-        metadata: ObjectMeta {
-            name: Some(format!("bench-{}-{i}", role.as_str())),
-            namespace: Some("bench".into()),
-            uid: Some(format!("uid-{i}")),
-            labels: Some(BTreeMap::from([
-                (labels::BASE_MODEL.to_owned(), "bench".to_owned()),
-                (labels::ROLE.to_owned(), role.as_str().to_owned()),
-            ])),
-            ..ObjectMeta::default()
-        },
-        spec: Some(PodSpec {
-            node_name: Some(format!("node-{}", i / 2)),
-            containers: vec![Container {
-                name: "agent".into(),
-                ports: Some(vec![ContainerPort {
-                    name: Some("grpc".into()),
-                    container_port: i32::from(addr.port()),
-                    ..ContainerPort::default()
-                }]),
-                ..Container::default()
-            }],
-            ..PodSpec::default()
-        }),
-        status: Some(PodStatus {
-            pod_ip: Some(addr.ip().to_string()),
-            conditions: Some(vec![PodCondition {
-                type_: "Ready".into(),
-                status: "True".into(),
-                ..PodCondition::default()
-            }]),
-            container_statuses: Some(vec![ContainerStatus {
-                name: "agent".into(),
-                restart_count: restarts,
-                ..ContainerStatus::default()
-            }]),
-            ..PodStatus::default()
-        }),
-    }
+/// `loraplane-bench placement`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PlacementArgs {
+    #[arg(long, default_value_t = 20)]
+    pub agents: usize,
+    #[arg(long, default_value_t = 2000)]
+    pub adapters: usize,
+    /// Pinned replicas per adapter (per role); 0 = on demand (every agent).
+    #[arg(long, default_value_t = 2)]
+    pub replicas: u32,
+    /// Adapters reconciled at once.
+    #[arg(long, default_value_t = 64)]
+    pub concurrency: usize,
+    /// Each agent's host adapter cache.
+    #[arg(long, default_value = "16GiB", value_parser = parse_bytes)]
+    pub capacity: u64,
+    /// Each adapter's size.
+    #[arg(long, default_value = "32MiB", value_parser = parse_bytes)]
+    pub adapter_bytes: u64,
+    /// Half the agents prefill, half decode.
+    #[arg(long)]
+    pub disaggregated: bool,
+    /// Run the fake agents in this process (the peak memory then includes them).
+    #[arg(long)]
+    pub in_process: bool,
+}
+
+/// `loraplane-bench fake-agents` (hidden: the placement check's child process).
+#[derive(Debug, Clone, clap::Args)]
+pub struct FakeAgentsArgs {
+    #[arg(long)]
+    pub count: usize,
+    #[arg(long, value_parser = parse_bytes)]
+    pub capacity: u64,
+    #[arg(long)]
+    pub token: String,
+    /// Roles, cycled over the agents (`unified`, or `prefill,decode`).
+    #[arg(long, value_delimiter = ',', default_value = "unified")]
+    pub roles: Vec<String>,
 }
 
 /// `fake-agents`: binds `count` agents on loopback, prints `addr role` per agent, then serves
@@ -169,7 +166,7 @@ impl Drop for Agents {
 }
 
 async fn start_agents(
-    args: &BenchArgs,
+    args: &PlacementArgs,
     roles: &[Role],
 ) -> anyhow::Result<(Agents, Vec<(SocketAddr, Role)>)> {
     let role_names: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
@@ -231,7 +228,7 @@ async fn start_agents(
     ))
 }
 
-fn adapters(args: &BenchArgs) -> Vec<LoraAdapter> {
+fn adapters(args: &PlacementArgs) -> Vec<LoraAdapter> {
     (0..args.adapters)
         .map(|i| {
             let ns = format!("tenant-{}", i % 20);
@@ -273,7 +270,7 @@ async fn pass(
 ) -> (Duration, Work, BTreeMap<Phase, usize>) {
     let started = Instant::now();
     let now = Time(k8s_openapi::jiff::Timestamp::now());
-    let results: Vec<(usize, crate::crd::LoraAdapterStatus, Work)> =
+    let results: Vec<(usize, loraplane_operator::crd::LoraAdapterStatus, Work)> =
         futures::stream::iter(adapters.iter().enumerate())
             .map(|(i, a)| {
                 let now = now.clone();
@@ -311,7 +308,7 @@ fn mib(b: u64) -> f64 {
 /// Runs the benchmark and prints its figures.
 ///
 /// Errors: the fake agents could not be started, or a pass did not converge.
-pub async fn run(args: BenchArgs) -> anyhow::Result<()> {
+pub async fn run(args: PlacementArgs) -> anyhow::Result<()> {
     let roles: Vec<Role> = if args.disaggregated {
         vec![Role::Prefill, Role::Decode]
     } else {

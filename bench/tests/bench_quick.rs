@@ -1,4 +1,4 @@
-//! `loraplane-agent bench all --quick` on the tiny fixture, as CI runs it: every suite must
+//! `loraplane-bench all --quick` on the tiny fixture, as CI runs it: every suite must
 //! produce its Markdown (with each target of docs/performance-targets.md marked), its JSON and
 //! its PNG plots, and they must parse. The figures themselves are reported, never asserted: on
 //! a shared 2-core CI machine they say nothing reliable.
@@ -40,8 +40,8 @@ fn bench_all_quick_writes_markdown_json_and_plots() {
     let out = tempfile::tempdir().unwrap();
     let cache = tempfile::tempdir().unwrap();
     let started = std::time::Instant::now();
-    let run = Command::new(env!("CARGO_BIN_EXE_loraplane-agent"))
-        .args(["bench", "all", "--quick", "--preset", "tiny", "--out"])
+    let run = Command::new(env!("CARGO_BIN_EXE_loraplane-bench"))
+        .args(["all", "--quick", "--preset", "tiny", "--out"])
         .arg(out.path())
         .arg("--cache-dir")
         .arg(cache.path())
@@ -108,8 +108,7 @@ fn bench_all_quick_writes_markdown_json_and_plots() {
 fn bench_refuses_devices_it_cannot_use() {
     let out = tempfile::tempdir().unwrap();
     let bench = |args: &[&str]| {
-        let run = Command::new(env!("CARGO_BIN_EXE_loraplane-agent"))
-            .arg("bench")
+        let run = Command::new(env!("CARGO_BIN_EXE_loraplane-bench"))
             .args(args)
             .args(["--quick", "--preset", "tiny", "--out"])
             .arg(out.path().join("results"))
@@ -139,16 +138,8 @@ fn bench_refuses_devices_it_cannot_use() {
 fn bench_layers_shorten_the_fixture_model() {
     let (out, cache) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let bench = |layers: &str| {
-        Command::new(env!("CARGO_BIN_EXE_loraplane-agent"))
-            .args([
-                "bench",
-                "hetero",
-                "--quick",
-                "--preset",
-                "tiny",
-                "--repeats",
-                "1",
-            ])
+        Command::new(env!("CARGO_BIN_EXE_loraplane-bench"))
+            .args(["hetero", "--quick", "--preset", "tiny", "--repeats", "1"])
             .args(["--layers", layers, "--out"])
             .arg(out.path())
             .arg("--cache-dir")

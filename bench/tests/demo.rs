@@ -1,4 +1,4 @@
-//! `loraplane-agent demo --no-serve` on a fresh cache directory: it writes its fixtures, starts
+//! `loraplane-bench demo --no-serve` on a fresh cache directory: it writes its fixtures, starts
 //! a prefill and a decode agent as separate processes, runs the workload through them and
 //! prints the results table; every prompt is prefilled remotely. (The README runs the same
 //! command with the `small` preset.)
@@ -11,7 +11,7 @@ use std::process::Command;
 #[test]
 fn the_demo_runs_a_disaggregated_workload_and_reports_it() {
     let cache = tempfile::tempdir().unwrap();
-    let out = Command::new(loraplane_e2e::agent_binary())
+    let out = Command::new(env!("CARGO_BIN_EXE_loraplane-bench"))
         .args([
             "demo",
             "--preset",
@@ -50,7 +50,7 @@ fn the_demo_runs_a_disaggregated_workload_and_reports_it() {
         "the progress bar reached the end:\n{stderr}"
     );
     // A second run reuses the fixtures.
-    let again = Command::new(loraplane_e2e::agent_binary())
+    let again = Command::new(env!("CARGO_BIN_EXE_loraplane-bench"))
         .args([
             "demo",
             "--preset",

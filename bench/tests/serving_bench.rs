@@ -1,6 +1,7 @@
-//! `loraplane-agent bench serving` end to end over loopback: the suite starts a real
-//! `loraplane-agent serve` on the tiny fixture (`--serve`), drives it with streaming
-//! completions from a workload file, and writes its report and the per-request outputs. Counts
+//! `loraplane-bench serving` end to end over loopback: the suite starts a real agent (the
+//! agent library's `serve`, run by `loraplane-bench`) on the tiny fixture (`--serve`), drives
+//! it with streaming completions from a workload file, and writes its report and the
+//! per-request outputs. Counts
 //! are checked (requests, tokens, prompt lengths as the server counted them, the report's
 //! files); timings are reported, never asserted.
 
@@ -13,15 +14,8 @@ use std::process::{Command, Output};
 fn bench(args: &[&str], workload: &str, dir: &Path) -> Output {
     let path = dir.join("workload.toml");
     std::fs::write(&path, workload).unwrap();
-    Command::new(env!("CARGO_BIN_EXE_loraplane-agent"))
-        .args([
-            "bench",
-            "serving",
-            "--quick",
-            "--preset",
-            "tiny",
-            "--workload",
-        ])
+    Command::new(env!("CARGO_BIN_EXE_loraplane-bench"))
+        .args(["serving", "--quick", "--preset", "tiny", "--workload"])
         .arg(&path)
         .arg("--out")
         .arg(dir.join("out"))

@@ -15,13 +15,14 @@ mod merged;
 
 use serde_json::json;
 
-use crate::bench::Ctx;
-use crate::bench::report::{Plot, PlotKind, Report, Series, Table, Target, format_num};
-use crate::bench::setup::{self, AdapterDef};
-use crate::bench::sim::{self, AllNow, Outcome, RunOptions, RunStats, Slo, WorkloadSpec};
-use crate::bench::timed::{Op, OpSnapshot, TimedCpu};
-use crate::engine::{Engine, EngineConfig};
-use crate::lora::Module;
+use loraplane_agent::engine::{Engine, EngineConfig};
+use loraplane_agent::lora::Module;
+
+use crate::suites::Ctx;
+use crate::suites::report::{Plot, PlotKind, Report, Series, Table, Target, format_num};
+use crate::suites::setup::{self, AdapterDef};
+use crate::suites::sim::{self, AllNow, Outcome, RunOptions, RunStats, Slo, WorkloadSpec};
+use crate::suites::timed::{Op, OpSnapshot, TimedCpu};
 
 /// One system's run at one adapter count.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -36,12 +37,12 @@ struct Run {
 
 fn run_one(
     engine: &mut Engine<TimedCpu>,
-    times: &crate::bench::timed::OpTimes,
+    times: &crate::suites::timed::OpTimes,
     jobs: &[sim::Job],
     policy: &mut dyn sim::Policy,
     slo: Slo,
     horizon: Option<f64>,
-    progress: &mut crate::bench::Progress,
+    progress: &mut crate::suites::Progress,
     label: &str,
 ) -> anyhow::Result<Run> {
     let s0 = times.snapshot();
@@ -567,8 +568,8 @@ pub(crate) fn run(ctx: &mut Ctx) -> anyhow::Result<Report> {
 /// A pool with room for a quarter of the workload's KV and eight of its largest adapters: a
 /// closed batch must then pre-empt.
 fn engine_config_for_pressure(
-    config: &crate::model::config::ModelConfig,
-    largest: &[std::sync::Arc<crate::lora::host::HostAdapter>],
+    config: &loraplane_agent::model::config::ModelConfig,
+    largest: &[std::sync::Arc<loraplane_agent::lora::host::HostAdapter>],
     max_running: usize,
     prompt: (usize, usize),
     output: (usize, usize),

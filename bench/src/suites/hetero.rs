@@ -11,17 +11,18 @@ mod device_roofline;
 use serde_json::json;
 use tokio::sync::mpsc::UnboundedReceiver;
 
-use crate::backend::Backend;
-use crate::backend::device::{Device, WithBackend, copy_bandwidth, with_backend};
-use crate::bench::report::{Bar, GroupSeries, Plot, PlotKind, Report, Table, Target, format_num};
-use crate::bench::setup::{self, AdapterDef};
-use crate::bench::sim::timed_step;
-use crate::bench::stats::{Summary, median};
-use crate::bench::timed::{Op, OpSnapshot, OpTimes, TimedCpu};
-use crate::bench::{Ctx, sim};
-use crate::engine::{Engine, EngineConfig, Event};
-use crate::lora::Module;
-use crate::rng::SplitMix64;
+use loraplane_agent::backend::Backend;
+use loraplane_agent::backend::device::{Device, WithBackend, copy_bandwidth, with_backend};
+use loraplane_agent::engine::{Engine, EngineConfig, Event};
+use loraplane_agent::lora::Module;
+use loraplane_agent::rng::SplitMix64;
+
+use crate::suites::report::{Bar, GroupSeries, Plot, PlotKind, Report, Table, Target, format_num};
+use crate::suites::setup::{self, AdapterDef};
+use crate::suites::sim::timed_step;
+use crate::suites::stats::{Summary, median};
+use crate::suites::timed::{Op, OpSnapshot, OpTimes, TimedCpu};
+use crate::suites::{Ctx, sim};
 
 const BATCH: usize = 64;
 /// Each of the two buffers of the GPU copy-bandwidth measurement: large enough that a copy

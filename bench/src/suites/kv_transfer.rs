@@ -21,19 +21,20 @@ use serde_json::json;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::transport::{Channel, Endpoint};
 
-use crate::backend::cpu::CpuBackend;
-use crate::bench::report::{Bar, Plot, PlotKind, Report, Table, Target, format_num};
-use crate::bench::stats::Summary;
-use crate::bench::{Ctx, setup};
-use crate::credential::ClusterCredential;
-use crate::disagg::prefill::PrefillService;
-use crate::disagg::stats::DisaggStats;
-use crate::disagg::transfer::{Assembler, WireLayout, encode_layer};
-use crate::engine::actor::EngineHandle;
-use crate::engine::{EngineConfig, KvLayer, Request, SamplingParams};
-use crate::lora::ids::TenantId;
-use crate::rng::SplitMix64;
-use crate::sources::SourceOptions;
+use loraplane_agent::backend::cpu::CpuBackend;
+use loraplane_agent::credential::ClusterCredential;
+use loraplane_agent::disagg::prefill::PrefillService;
+use loraplane_agent::disagg::stats::DisaggStats;
+use loraplane_agent::disagg::transfer::{Assembler, WireLayout, encode_layer};
+use loraplane_agent::engine::actor::EngineHandle;
+use loraplane_agent::engine::{EngineConfig, KvLayer, Request, SamplingParams};
+use loraplane_agent::lora::ids::TenantId;
+use loraplane_agent::rng::SplitMix64;
+use loraplane_agent::sources::SourceOptions;
+
+use crate::suites::report::{Bar, Plot, PlotKind, Report, Table, Target, format_num};
+use crate::suites::stats::Summary;
+use crate::suites::{Ctx, setup};
 
 const TOKEN: &str = "bench-cluster-credential";
 const CHUNK: usize = 1 << 20;
@@ -233,7 +234,7 @@ async fn serve_kv(
     let server = tokio::spawn(async move {
         let _ = if nodelay {
             router
-                .serve_with_incoming(crate::serve::nodelay_incoming(listener))
+                .serve_with_incoming(loraplane_agent::serve::nodelay_incoming(listener))
                 .await
         } else {
             router

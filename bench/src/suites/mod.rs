@@ -1,12 +1,12 @@
-//! `loraplane-agent bench <suite>`: the benchmark suite that measures the engine against the
+//! `loraplane-bench <suite>`: the benchmark suites that measure the engine against the
 //! performance targets of docs/performance-targets.md and the experiments of the papers behind it
 //! (S-LoRA's adapter sweep, Splitwise's phase split, the roofline of the decode step).
 //!
 //! Every suite writes `<out>/<suite>.md`, `<out>/<suite>.json` and PNG plots, prints a short
 //! summary table, and marks each target it covers as met or missed. Figures are ratios taken
 //! within one run on one machine, so they compare like with like; they are reported, never
-//! asserted. `--quick` shrinks every suite so `bench all --quick` fits in a few minutes of a
-//! debug build (CI runs it with `--preset tiny`).
+//! asserted. `--quick` shrinks every suite so `loraplane-bench all --quick` fits in a few
+//! minutes of a debug build (CI runs it with `--preset tiny`).
 //!
 //! Layout: `setup` (fixture model and adapters, engines), `timed` (a backend wrapper that
 //! times every operation: the in-run profile), `sim` (workloads and the virtual-clock serving
@@ -32,13 +32,13 @@ use std::time::Instant;
 
 use anyhow::Context;
 
-use crate::backend::device::{ComputeDtype, Device, parse_device, parse_dtype};
-use crate::fixtures::model::Preset;
+use loraplane_agent::backend::device::{ComputeDtype, Device, parse_device, parse_dtype};
+use loraplane_agent::fixtures::model::Preset;
 
 pub use report::Report;
 
-/// Which suite to run.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+/// Which suite to run (one subcommand of `loraplane-bench` each).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Suite {
     /// 64 requests on 64 adapters of ranks 8–64 against the same batch without adapters.
     Hetero,
@@ -70,12 +70,10 @@ impl Suite {
     }
 }
 
-/// `loraplane-agent bench …`
+/// The flags every suite takes: `loraplane-bench <suite> …`.
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
-    #[arg(value_enum)]
-    pub suite: Suite,
-    /// A short run of each suite (CI runs `bench all --quick --preset tiny`).
+    /// A short run of each suite (CI runs `loraplane-bench all --quick --preset tiny`).
     #[arg(long, env = "LORAPLANE_BENCH_QUICK")]
     pub quick: bool,
     /// Directory for the Markdown, JSON and PNG results (created if missing).
@@ -216,13 +214,13 @@ impl Ctx {
 }
 
 impl BenchArgs {
-    /// Runs the chosen suite(s) and writes their results.
-    pub fn run(self) -> anyhow::Result<()> {
-        if self.device != Device::Cpu && self.suite != Suite::Hetero {
+    /// Runs the chosen suite (all of them for [`Suite::All`]) and writes their results.
+    pub fn run(self, suite: Suite) -> anyhow::Result<()> {
+        if self.device != Device::Cpu && suite != Suite::Hetero {
             anyhow::bail!(
                 "bench {}: only the `hetero` suite runs on --device {}; the other suites measure \
                  the CPU backend",
-                self.suite.name(),
+                suite.name(),
                 self.device
             );
         }
@@ -244,14 +242,14 @@ impl BenchArgs {
             fixtures,
             progress: Progress::new(),
         };
-        if self.suite == Suite::Serving && self.serving.prepare_only {
+        if suite == Suite::Serving && self.serving.prepare_only {
             anyhow::ensure!(
                 self.cache_dir.is_some(),
                 "--prepare-only needs --cache-dir: the fixtures are otherwise removed on exit"
             );
             return serving::prepare_only(&ctx);
         }
-        let suites = match self.suite {
+        let suites = match suite {
             Suite::All => vec![
                 Suite::Hetero,
                 Suite::Adapters,
@@ -282,7 +280,7 @@ impl BenchArgs {
             report.print_summary();
             reports.push(report);
         }
-        if self.suite == Suite::All {
+        if suite == Suite::All {
             report::write_index(&ctx.out, &reports, started.elapsed())?;
         }
         eprintln!(

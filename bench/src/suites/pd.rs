@@ -17,13 +17,14 @@ use std::collections::VecDeque;
 use serde_json::json;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 
-use crate::backend::cpu::CpuBackend;
-use crate::bench::report::{GroupSeries, Plot, PlotKind, Report, Series, Table, format_num};
-use crate::bench::sim::{
+use loraplane_agent::backend::cpu::CpuBackend;
+use loraplane_agent::engine::{Engine, EngineConfig, Event, KvImport, KvLayer};
+
+use crate::suites::report::{GroupSeries, Plot, PlotKind, Report, Series, Table, format_num};
+use crate::suites::sim::{
     self, AllNow, Job, Outcome, RunOptions, Slo, Tracker, WorkloadSpec, service_loads, timed_step,
 };
-use crate::bench::{Ctx, setup};
-use crate::engine::{Engine, EngineConfig, Event, KvImport, KvLayer};
+use crate::suites::{Ctx, setup};
 
 /// A prefill in flight on the prefill engine.
 struct InPrefill {
@@ -248,7 +249,7 @@ pub(crate) fn run(ctx: &mut Ctx) -> anyhow::Result<Report> {
     )?;
 
     // The same jobs on real agents: separate processes, real time, KV over gRPC.
-    let page_bytes = crate::engine::core::kv_geometry(&config, 16).page_elems as u64 * 4;
+    let page_bytes = loraplane_agent::engine::core::kv_geometry(&config, 16).page_elems as u64 * 4;
     let scratch = tempfile::tempdir()?;
     let agent_config = processes::AgentConfig {
         model: dir.clone(),

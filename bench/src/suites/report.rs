@@ -12,7 +12,7 @@ use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde::Serialize;
 
-use crate::bench::Ctx;
+use crate::suites::Ctx;
 
 /// DejaVu Sans, reduced to the characters the plots use (see `assets/fonts/README.md`).
 static FONT: &[u8] = include_bytes!("../../assets/fonts/DejaVuSans-subset.ttf");
@@ -234,7 +234,7 @@ impl Report {
         let e = &self.environment;
         let mut md = format!("# {}\n\n", self.title);
         md += &format!(
-            "`loraplane-agent bench {}`{} · preset `{}` · {} build · {} ({} cores) · seed {} · \
+            "`loraplane-bench {}`{} · preset `{}` · {} build · {} ({} cores) · seed {} · \
              {:.0} s\n\n",
             self.suite,
             if e.quick { " --quick" } else { "" },

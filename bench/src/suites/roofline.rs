@@ -11,16 +11,17 @@ use loraplane_kernels::cpu::{PackedMatrix, gemm_packed};
 use rayon::prelude::*;
 use serde_json::json;
 
-use crate::bench::Ctx;
-use crate::bench::report::{Bar, Plot, PlotKind, Report, Series, Table, Target, format_num};
-use crate::bench::setup;
-use crate::bench::sim::{self, timed_step};
-use crate::bench::stats::Summary;
-use crate::bench::timed::{Op, TimedCpu};
-use crate::engine::{EngineConfig, Event};
-use crate::lora::Module;
-use crate::model::config::ModelConfig;
-use crate::rng::SplitMix64;
+use loraplane_agent::engine::{EngineConfig, Event};
+use loraplane_agent::lora::Module;
+use loraplane_agent::model::config::ModelConfig;
+use loraplane_agent::rng::SplitMix64;
+
+use crate::suites::Ctx;
+use crate::suites::report::{Bar, Plot, PlotKind, Report, Series, Table, Target, format_num};
+use crate::suites::setup;
+use crate::suites::sim::{self, timed_step};
+use crate::suites::stats::Summary;
+use crate::suites::timed::{Op, TimedCpu};
 
 fn random(n: usize, seed: u64) -> Vec<f32> {
     let mut rng = SplitMix64::new(seed);
@@ -255,7 +256,7 @@ pub(crate) fn run(ctx: &mut Ctx) -> anyhow::Result<Report> {
     ctx.progress.update("loading the model");
     let mut engine = setup::engine(backend, &mut ctx.fixtures, &dir, engine_config, &[])?;
     let vocab = config.vocab_size;
-    let submit = |engine: &mut crate::engine::Engine<TimedCpu>,
+    let submit = |engine: &mut loraplane_agent::engine::Engine<TimedCpu>,
                   count: usize,
                   len: usize,
                   max_tokens: usize,

@@ -19,11 +19,11 @@ use std::path::PathBuf;
 use anyhow::Context;
 use serde_json::json;
 
-use crate::bench::Ctx;
-use crate::bench::report::{Bar, Plot, PlotKind, Report, Series, Table, Target, format_num};
-use crate::bench::roofline::measure_machine;
-use crate::bench::setup;
-use crate::bench::sim::Pcts;
+use crate::suites::Ctx;
+use crate::suites::report::{Bar, Plot, PlotKind, Report, Series, Table, Target, format_num};
+use crate::suites::roofline::measure_machine;
+use crate::suites::setup;
+use crate::suites::sim::Pcts;
 use client::{Outgoing, Record, Sampling};
 use workload::{Arrival, Popularity, PromptFormat, Workload};
 
@@ -263,7 +263,7 @@ fn report(
     url: &str,
     records: &[Record],
     f: &Figures,
-    machine: &crate::bench::roofline::MachinePeaks,
+    machine: &crate::suites::roofline::MachinePeaks,
     bound: &roofline::Bound,
 ) -> Report {
     let target = if ctx.serving.serve {

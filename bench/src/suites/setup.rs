@@ -8,17 +8,17 @@ use std::sync::Arc;
 
 use anyhow::Context;
 
-use crate::backend::Backend;
-use crate::engine::core::kv_geometry;
-use crate::engine::{Engine, EngineConfig};
-use crate::fixtures::adapter::{self, AdapterSpec};
-use crate::fixtures::model::{self, ModelSpec, Preset};
-use crate::fixtures::tensor::FixtureDtype;
-use crate::lora::Module;
-use crate::lora::host::{self, AdapterLimits, HostAdapter};
-use crate::lora::ids::AdapterKey;
-use crate::lora::registry::plan_placement;
-use crate::model::config::{Arch, ModelConfig};
+use loraplane_agent::backend::Backend;
+use loraplane_agent::engine::core::kv_geometry;
+use loraplane_agent::engine::{Engine, EngineConfig};
+use loraplane_agent::fixtures::adapter::{self, AdapterSpec};
+use loraplane_agent::fixtures::model::{self, ModelSpec, Preset};
+use loraplane_agent::fixtures::tensor::FixtureDtype;
+use loraplane_agent::lora::Module;
+use loraplane_agent::lora::host::{self, AdapterLimits, HostAdapter};
+use loraplane_agent::lora::ids::AdapterKey;
+use loraplane_agent::lora::registry::plan_placement;
+use loraplane_agent::model::config::{Arch, ModelConfig};
 
 /// The tenant every benchmark adapter belongs to.
 pub const TENANT: &str = "default";

@@ -18,13 +18,14 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
-use crate::backend::Backend;
-use crate::bench::setup::TENANT;
-use crate::bench::stats::percentile;
-use crate::engine::{Engine, Event, FinishReason, Request, SamplingParams};
-use crate::lora::host;
-use crate::lora::ids::TenantId;
-use crate::rng::SplitMix64;
+use loraplane_agent::backend::Backend;
+use loraplane_agent::engine::{Engine, Event, FinishReason, Request, SamplingParams};
+use loraplane_agent::lora::host;
+use loraplane_agent::lora::ids::TenantId;
+use loraplane_agent::rng::SplitMix64;
+
+use crate::suites::setup::TENANT;
+use crate::suites::stats::percentile;
 
 /// What a serving run offers the engine.
 #[derive(Debug, Clone)]

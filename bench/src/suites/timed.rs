@@ -9,8 +9,8 @@ use std::time::Instant;
 
 use loraplane_kernels::cpu::{AttnSeq, KvLayout, LoraSegment, RopeTable};
 
-use crate::backend::cpu::{CpuBackend, CpuParam, CpuTensor};
-use crate::backend::{Backend, Result};
+use loraplane_agent::backend::cpu::{CpuBackend, CpuParam, CpuTensor};
+use loraplane_agent::backend::{Backend, Result};
 
 /// Operation classes of a step.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -9,11 +9,12 @@ use std::time::Instant;
 
 use candle_core::{Device, Tensor};
 
-use crate::bench::sim::{Admitted, Job, Policy};
-use crate::lora::Module;
-use crate::lora::host::HostAdapter;
-use crate::model::config::ModelConfig;
-use crate::model::loader::Checkpoint;
+use loraplane_agent::lora::Module;
+use loraplane_agent::lora::host::HostAdapter;
+use loraplane_agent::model::config::ModelConfig;
+use loraplane_agent::model::loader::Checkpoint;
+
+use crate::suites::sim::{Admitted, Job, Policy};
 
 /// The base weights of the modules adapters target, `[out, in]`, as the merge reads them.
 pub(super) struct BaseWeights {

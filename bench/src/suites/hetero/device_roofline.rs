@@ -11,10 +11,11 @@
 
 use serde_json::{Value, json};
 
-use crate::backend::device::{ComputeDtype, CopyRate};
-use crate::bench::report::{Report, Table, Target, format_num};
-use crate::lora::Module;
-use crate::model::config::ModelConfig;
+use loraplane_agent::backend::device::{ComputeDtype, CopyRate};
+use loraplane_agent::lora::Module;
+use loraplane_agent::model::config::ModelConfig;
+
+use crate::suites::report::{Report, Table, Target, format_num};
 
 /// Bytes one decode step reads from device memory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -193,7 +194,7 @@ pub(super) fn add(report: &mut Report, device: &str, r: &DecodeRoofline) -> Valu
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::config::Arch;
+    use loraplane_agent::model::config::Arch;
 
     /// Llama-3-8B's shapes with `layers` layers.
     fn llama(layers: usize) -> ModelConfig {

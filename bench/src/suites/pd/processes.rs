@@ -17,9 +17,10 @@ use loraplane_proto::v1::inference_client::InferenceClient;
 use tokio::sync::mpsc::{self, UnboundedSender};
 use tonic::transport::Endpoint;
 
-use crate::bench::Progress;
-use crate::bench::sim::{Job, Tracker};
-use crate::engine::{Event, FinishReason};
+use loraplane_agent::engine::{Event, FinishReason};
+
+use crate::suites::Progress;
+use crate::suites::sim::{Job, Tracker};
 
 /// A child agent, killed through its own handle when dropped.
 struct Agent {
@@ -66,7 +67,8 @@ fn start(
     extra: &[String],
     cfg: &AgentConfig,
 ) -> anyhow::Result<(Agent, serde_json::Value)> {
-    let exe = std::env::current_exe().context("locating the loraplane-agent binary")?;
+    let exe = std::env::current_exe()
+        .context("locating loraplane-bench, which runs the agents (its `serve`)")?;
     let mut cmd = match core {
         Some(c) => {
             let mut t = Command::new("taskset");

@@ -12,9 +12,10 @@ use std::process::{Child, ChildStdout, Command, Stdio};
 use anyhow::Context;
 use tokenizers::Tokenizer;
 
-use crate::bench::serving::workload::Workload;
-use crate::bench::setup::Fixtures;
-use crate::rng::SplitMix64;
+use loraplane_agent::rng::SplitMix64;
+
+use crate::suites::serving::workload::Workload;
+use crate::suites::setup::Fixtures;
 
 /// The fixture checkpoint and the adapters directory of a workload.
 #[derive(Debug, Clone, serde::Serialize)]
@@ -84,10 +85,11 @@ impl Drop for Agent {
     }
 }
 
-/// Starts `loraplane-agent serve` (this executable) on `p`, on loopback ports the OS picks,
-/// with `extra` flags appended; its log goes to `log`.
+/// Starts an agent (`serve` of this executable: the agent library's own) on `p`, on loopback
+/// ports the OS picks, with `extra` flags appended; its log goes to `log`.
 pub fn start(p: &Prepared, w: &Workload, extra: &[String], log: &Path) -> anyhow::Result<Agent> {
-    let exe = std::env::current_exe().context("locating the loraplane-agent binary")?;
+    let exe = std::env::current_exe()
+        .context("locating loraplane-bench, which runs the agents (its `serve`)")?;
     let root = p
         .adapters
         .parent()

@@ -12,10 +12,11 @@
 //! roofline tokens/s = output tokens / roofline time. Norms, RoPE and sampling are left out,
 //! so the bound is optimistic, as a roofline should be.
 
-use crate::bench::roofline::weight_bytes;
-use crate::bench::serving::workload::{Planned, Workload};
-use crate::lora::Module;
-use crate::model::config::ModelConfig;
+use loraplane_agent::lora::Module;
+use loraplane_agent::model::config::ModelConfig;
+
+use crate::suites::roofline::weight_bytes;
+use crate::suites::serving::workload::{Planned, Workload};
 
 /// The workload's bound and how it was reached.
 #[derive(Debug, Clone, Copy, Default, serde::Serialize)]
@@ -129,18 +130,18 @@ pub fn bound(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bench::serving::workload::{Adapters, Arrival, Length, Popularity, PromptFormat};
-    use crate::model::config::HfConfig;
+    use crate::suites::serving::workload::{Adapters, Arrival, Length, Popularity, PromptFormat};
+    use loraplane_agent::model::config::HfConfig;
 
     fn small() -> ModelConfig {
-        let spec = crate::fixtures::model::ModelSpec {
-            arch: crate::model::config::Arch::Llama,
-            preset: crate::fixtures::model::Preset::Small,
-            dtype: crate::fixtures::tensor::FixtureDtype::F32,
+        let spec = loraplane_agent::fixtures::model::ModelSpec {
+            arch: loraplane_agent::model::config::Arch::Llama,
+            preset: loraplane_agent::fixtures::model::Preset::Small,
+            dtype: loraplane_agent::fixtures::tensor::FixtureDtype::F32,
             seed: 0,
             shards: 1,
         };
-        let hf: HfConfig = crate::fixtures::model::hf_config(&spec);
+        let hf: HfConfig = loraplane_agent::fixtures::model::hf_config(&spec);
         hf.validate(std::path::Path::new("config.json")).unwrap()
     }
 

@@ -13,8 +13,9 @@ use std::path::Path;
 use anyhow::Context;
 use serde::{Deserialize, Serialize};
 
-use crate::bench::sim::{self, WorkloadSpec};
-use crate::lora::Module;
+use loraplane_agent::lora::Module;
+
+use crate::suites::sim::{self, WorkloadSpec};
 
 /// A length: one value, or `[min, max]` drawn uniformly.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -3,9 +3,9 @@
 #
 #   scripts/bench-vs-peft.sh [WORKLOAD]     # default bench/workloads/canonical.toml
 #
-# Builds the release agent, creates the PEFT baseline's Python environment
+# Builds the release benchmarks (loraplane-bench), creates the PEFT baseline's Python environment
 # (scripts/peft-baseline/setup-venv.sh), writes the fixture model (`small` preset) and the
-# workload's adapters, then runs `loraplane-agent bench serving` in interleaved rounds —
+# workload's adapters, then runs `loraplane-bench serving` in interleaved rounds —
 # loraplane (`--serve`), then the PEFT server (scripts/peft-baseline/server.py), started in
 # turn, one at a time — and prints each round's output tok/s ratio and their median. A last
 # pass asks both for log-probabilities and checks that their greedy outputs are identical token
@@ -13,8 +13,8 @@
 #
 # Environment: ROUNDS (default 3, at least 3), PRESET (small), OUT (bench-results/vs-peft-NAME),
 # LORAPLANE_BENCH_CACHE_DIR (fixtures, default ~/.cache/loraplane/bench-fixtures),
-# LORAPLANE_PEFT_VENV (the Python environment), AGENT (an agent binary to use instead of
-# building the release one), SERVE_ARGS (extra `serve` flags for loraplane,
+# LORAPLANE_PEFT_VENV (the Python environment), BENCH (a loraplane-bench binary to use instead
+# of building the release one), SERVE_ARGS (extra `serve` flags for loraplane,
 # space-separated), PEFT_ARGS (extra flags for server.py, e.g. "--max-batch 32").
 set -euo pipefail
 
@@ -32,19 +32,19 @@ if (( rounds < 3 )); then
 fi
 mkdir -p "${out}" "${cache}"
 
-if [[ -n "${AGENT:-}" ]]; then
-    agent="$(realpath "${AGENT}")"
-    echo "== using the agent binary ${agent}" >&2
+if [[ -n "${BENCH:-}" ]]; then
+    bench_bin="$(realpath "${BENCH}")"
+    echo "== using the bench binary ${bench_bin}" >&2
 else
-    echo "== building the release agent" >&2
-    (cd "${root}" && cargo build --release --locked -p loraplane-agent)
-    agent="${root}/target/release/loraplane-agent"
+    echo "== building the release benchmarks" >&2
+    (cd "${root}" && cargo build --release --locked -p loraplane-bench)
+    bench_bin="${root}/target/release/loraplane-bench"
 fi
 echo "== the PEFT baseline's Python environment" >&2
 python="$("${root}/scripts/peft-baseline/setup-venv.sh")"
 
 # --repeats: of the GEMM-peak and bandwidth measurements behind each run's roofline.
-bench=("${agent}" bench serving --workload "${workload}" --preset "${preset}" --cache-dir "${cache}"
+bench=("${bench_bin}" serving --workload "${workload}" --preset "${preset}" --cache-dir "${cache}"
     --repeats 3)
 echo "== fixtures: ${preset} model and the adapters of ${name}" >&2
 prepared="$("${bench[@]}" --prepare-only --out "${out}/prepare")"

@@ -5,16 +5,18 @@
 #
 #   target/gpu-carry/cuda_parity      the kernels' parity tests (loraplane-kernels)
 #   target/gpu-carry/cuda_oracle      the engine's CUDA oracle suite (loraplane-agent)
-#   target/gpu-carry/loraplane-agent  the agent, for `bench hetero`
+#   target/gpu-carry/loraplane-bench  the benchmarks (the agent library inside), for
+#                                     `loraplane-bench hetero`
 #
 #   scripts/gpu-build.sh            # then: carry ["target/gpu-carry"], run scripts/gpu-check.sh
 #
-# The test binaries use the test profile, as `cargo test` does. The agent must be optimised
-# (it generates the fixture model and drives every step), but a release build recompiles every
-# dependency with thin LTO; by default (GPU_BUILD_PROFILE=fast) it is built in the dev profile
-# with the agent crate at opt-level 3, reusing the optimised dependencies of the ordinary debug
-# build (the workspace already optimises every dependency and the kernels in dev). Set
-# GPU_BUILD_PROFILE=release for a release agent (README.md "GPUs" gives both build times).
+# The test binaries use the test profile, as `cargo test` does. The bench binary must be
+# optimised (it generates the fixture model and drives every step), but a release build
+# recompiles every dependency with thin LTO; by default (GPU_BUILD_PROFILE=fast) it is built in
+# the dev profile with the agent and bench crates at opt-level 3, reusing the optimised
+# dependencies of the ordinary debug build (the workspace already optimises every dependency
+# and the kernels in dev). Set GPU_BUILD_PROFILE=release for a release build (README.md "GPUs"
+# gives both build times).
 #
 # The device tool carries the working tree plus at most 8 ignored paths, 64 MiB in all: the
 # script fails if the carried folder exceeds GPU_CARRY_MAX_MIB (48) or the tree plus the folder
@@ -28,8 +30,9 @@ max_mib=${GPU_CARRY_MAX_MIB:-48}
 export CARGO_TERM_COLOR=never
 
 case $profile in
-  fast) agent_flags=(--config 'profile.dev.package.loraplane-agent.opt-level=3') ;;
-  release) agent_flags=(--release) ;;
+  fast) bench_flags=(--config 'profile.dev.package.loraplane-agent.opt-level=3'
+    --config 'profile.dev.package.loraplane-bench.opt-level=3') ;;
+  release) bench_flags=(--release) ;;
   *) echo "gpu-build: GPU_BUILD_PROFILE must be fast or release, not '$profile'" >&2; exit 2 ;;
 esac
 
@@ -48,13 +51,13 @@ oracle=$(cargo test --locked -p loraplane-agent --features cuda --test cuda_orac
   --message-format=json-render-diagnostics | executable cuda_oracle)
 tests_s=$((SECONDS - started))
 
-echo "gpu-build: loraplane-agent ($profile, --features cuda)" >&2
+echo "gpu-build: loraplane-bench ($profile, --features cuda)" >&2
 t=$SECONDS
-agent=$(cargo build --locked -p loraplane-agent --features cuda --bin loraplane-agent \
-  "${agent_flags[@]}" --message-format=json-render-diagnostics | executable loraplane-agent)
-agent_s=$((SECONDS - t))
+bench=$(cargo build --locked -p loraplane-bench --features cuda --bin loraplane-bench \
+  "${bench_flags[@]}" --message-format=json-render-diagnostics | executable loraplane-bench)
+bench_s=$((SECONDS - t))
 
-for f in "$parity" "$oracle" "$agent"; do
+for f in "$parity" "$oracle" "$bench"; do
   if [ -z "$f" ] || [ ! -x "$f" ]; then
     echo "gpu-build: cargo reported no executable (got '$f')" >&2
     exit 1
@@ -66,11 +69,11 @@ mkdir -p "$dest"
 # Stripped copies: debug info is most of a binary's size, and the GPU run needs none of it.
 strip -o "$dest/cuda_parity" "$parity"
 strip -o "$dest/cuda_oracle" "$oracle"
-strip -o "$dest/loraplane-agent" "$agent"
+strip -o "$dest/loraplane-bench" "$bench"
 cat >"$dest/BUILD-INFO" <<EOF
 built $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(uname -n) from $(git rev-parse --short HEAD)$(git diff --quiet HEAD -- . 2>/dev/null || echo ' (with uncommitted changes)')
-agent profile: $profile; test binaries: test profile; features: cuda
-build seconds: tests $tests_s, agent $agent_s
+bench profile: $profile; test binaries: test profile; features: cuda
+build seconds: tests $tests_s, bench $bench_s
 $(ldd --version | head -1)
 EOF
 
@@ -88,7 +91,7 @@ glibc=$(objdump -T "$dest"/* 2>/dev/null | grep -o 'GLIBC_[0-9.]*' | sort -uV | 
 
 echo
 ls -l "$dest"
-echo "gpu-build: built in $((SECONDS - started)) s (test binaries ${tests_s} s, agent ${agent_s} s)"
+echo "gpu-build: built in $((SECONDS - started)) s (test binaries ${tests_s} s, bench ${bench_s} s)"
 echo "gpu-build: carried $(mib "$carried") MiB; working tree $(mib "$tree") MiB, shared/ $(mib "$shared") MiB"
 echo "gpu-build: needs ${glibc:-an unknown glibc} or newer on the GPU machine"
 if [ "$carried" -gt $((max_mib * 1048576)) ]; then

@@ -12,7 +12,8 @@
 #   binaries       the carried binaries are there and start (a glibc mismatch shows here)
 #   kernel-parity  every CUDA kernel against its CPU reference (cuda_parity)
 #   cuda-oracle    the engine's oracle workload on CUDA against the CPU engine (cuda_oracle)
-#   hetero         `bench hetero --device cuda:0 --dtype bf16 --preset bench --layers 8`, which
+#   hetero         `loraplane-bench hetero --device cuda:0 --dtype bf16 --preset bench
+#                  --layers 8`, which
 #                  also reads the decode step against the device-to-device copy bandwidth
 # Without a device the GPU steps are refused, saying why; the summary is written either way.
 #
@@ -173,7 +174,7 @@ libpath=$(grep '^LD_LIBRARY_PATH=' "$work/cuda-libs.log" | tail -1)
 # --- binaries: carried and runnable here ----------------------------------------------------
 binaries_check() {
   local ok=1 b
-  for b in cuda_parity cuda_oracle loraplane-agent; do
+  for b in cuda_parity cuda_oracle loraplane-bench; do
     if [ ! -x "$carry/$b" ]; then
       echo "$carry/$b not found: run scripts/gpu-build.sh on the build machine and carry $carry"
       ok=0
@@ -189,8 +190,8 @@ binaries_check() {
       bad+="$b does not start: $(head -1 <<<"$listed"); "
     fi
   done
-  if ! listed=$("$carry/loraplane-agent" --version 2>&1); then
-    bad+="loraplane-agent does not start: $(head -1 <<<"$listed"); "
+  if ! listed=$("$carry/loraplane-bench" --version 2>&1); then
+    bad+="loraplane-bench does not start: $(head -1 <<<"$listed"); "
   fi
   echo "$listed"
   # The reason last: the summary's note is a failed step's last line.
@@ -208,8 +209,8 @@ run_step cuda-oracle 180 gpu "$carry/cuda_oracle"
 hetero_run() {
   echo "fixture cache: $cache (free space below)"
   mkdir -p "$cache" && df -h "$cache"
-  # anyhow's error chain says what failed; a backtrace of the agent's main would bury it.
-  RUST_BACKTRACE=0 "$carry/loraplane-agent" bench hetero --device cuda:0 --dtype bf16 --preset bench \
+  # anyhow's error chain says what failed; a backtrace of the bench's main would bury it.
+  RUST_BACKTRACE=0 "$carry/loraplane-bench" hetero --device cuda:0 --dtype bf16 --preset bench \
     --layers "$layers" --cache-dir "$cache" --out "$work/hetero"
 }
 run_step hetero 420 gpu hetero_run
@@ -248,7 +249,7 @@ def figures(name, log):
     elif name == "cuda-libs":
         f["libraries"] = [l.split(" -> ")[-1] for l in log.splitlines() if " -> " in l]
     elif name == "binaries":
-        f["versions"] = [l for l in log.splitlines() if l.startswith("loraplane-agent")]
+        f["versions"] = [l for l in log.splitlines() if l.startswith("loraplane-bench")]
         f["build"] = [l[len("build: "):] for l in log.splitlines() if l.startswith("build: ")]
     elif name == "kernel-parity":
         f["parity"] = re.findall(r"^parity: (.*)$", log, re.M)

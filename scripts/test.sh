@@ -25,8 +25,9 @@ step "clippy (workspace lints, warnings are errors)"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 
 step "cuda feature builds without a CUDA toolkit"
-cargo check --locked -p loraplane-kernels -p loraplane-agent --features cuda
-cargo clippy --locked -p loraplane-kernels -p loraplane-agent --features cuda --all-targets -- -D warnings
+cargo check --locked -p loraplane-kernels -p loraplane-agent -p loraplane-bench --features cuda
+cargo clippy --locked -p loraplane-kernels -p loraplane-agent -p loraplane-bench --features cuda \
+  --all-targets -- -D warnings
 
 step "binaries the e2e tests start (same profile as the tests)"
 cargo build --locked -p loraplane-agent -p loraplane-operator --bins

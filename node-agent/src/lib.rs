@@ -5,10 +5,8 @@
 
 pub mod api;
 pub mod backend;
-pub mod bench;
 pub mod config;
 pub mod credential;
-pub mod demo;
 pub mod disagg;
 pub mod dtype;
 pub mod engine;

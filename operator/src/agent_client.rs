@@ -1,7 +1,7 @@
 //! The operator's side of the agents' Admin API (`loraplane.v1.Admin`), behind the
 //! [`AgentApi`] trait so the reconcilers are tested against an in-memory double
-//! ([`crate::fake_agent::FakeAgents`]) and the real client ([`GrpcAgents`]) is tested against
-//! real agents and a loopback fake.
+//! (`fake_agent::FakeAgents`, compiled for tests and the `testing` feature only) and the real
+//! client ([`GrpcAgents`]) is tested against real agents and a loopback fake.
 //!
 //! Every call carries the model's admin credential (`authorization: Bearer <token>`), has a
 //! deadline (connect timeout; a short request timeout for reads and small writes; a long one

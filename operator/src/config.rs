@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use loraplane_units::{parse_bytes, parse_duration};
+use loraplane_units::parse_duration;
 
 use crate::agent_client::Timeouts;
 use crate::controller::Settings;
@@ -32,12 +32,6 @@ pub enum Command {
     Crds(CrdsArgs),
     /// Print the ClusterRole with every permission the operator uses.
     Rbac,
-    /// Place and load adapters on fake agents over loopback gRPC; print convergence time and
-    /// peak memory.
-    BenchPlacement(BenchArgs),
-    /// Serve fake agents' Admin API (the benchmark's other process).
-    #[command(hide = true)]
-    FakeAgents(FakeAgentsArgs),
 }
 
 #[derive(Debug, Args)]
@@ -162,47 +156,6 @@ pub struct LogArgs {
     pub log_level: String,
 }
 
-/// `loraplane-operator bench-placement`.
-#[derive(Debug, Clone, Args)]
-pub struct BenchArgs {
-    #[arg(long, default_value_t = 20)]
-    pub agents: usize,
-    #[arg(long, default_value_t = 2000)]
-    pub adapters: usize,
-    /// Pinned replicas per adapter (per role); 0 = on demand (every agent).
-    #[arg(long, default_value_t = 2)]
-    pub replicas: u32,
-    /// Adapters reconciled at once.
-    #[arg(long, default_value_t = 64)]
-    pub concurrency: usize,
-    /// Each agent's host adapter cache.
-    #[arg(long, default_value = "16GiB", value_parser = parse_bytes)]
-    pub capacity: u64,
-    /// Each adapter's size.
-    #[arg(long, default_value = "32MiB", value_parser = parse_bytes)]
-    pub adapter_bytes: u64,
-    /// Half the agents prefill, half decode.
-    #[arg(long)]
-    pub disaggregated: bool,
-    /// Run the fake agents in this process (the peak memory then includes them).
-    #[arg(long)]
-    pub in_process: bool,
-}
-
-/// `loraplane-operator fake-agents` (internal).
-#[derive(Debug, Clone, Args)]
-pub struct FakeAgentsArgs {
-    #[arg(long)]
-    pub count: usize,
-    #[arg(long, value_parser = parse_bytes)]
-    pub capacity: u64,
-    #[arg(long)]
-    pub token: String,
-    /// Roles, cycled over the agents (`unified`, or `prefill,decode`).
-    #[arg(long, value_delimiter = ',', default_value = "unified")]
-    pub roles: Vec<String>,
-}
-
 impl RunArgs {
     /// The settings the controllers take.
     pub fn settings(&self) -> Settings {
@@ -238,6 +191,7 @@ mod tests {
     #![allow(clippy::unwrap_used)] // test code
 
     use clap::CommandFactory;
+    use loraplane_units::parse_bytes;
 
     use super::*;
 

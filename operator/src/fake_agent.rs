@@ -14,12 +14,18 @@ use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use futures::FutureExt;
+use k8s_openapi::api::core::v1::{
+    Container, ContainerPort, ContainerStatus, Pod, PodCondition, PodSpec, PodStatus,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use loraplane_proto::v1 as pb;
 use loraplane_proto::v1::admin_server::{Admin, AdminServer};
 use sha2::{Digest, Sha256};
 use tonic::{Request, Response, Status};
 
 use crate::agent_client::{AgentApi, AgentError, AgentFuture, Target, tenants_to_proto};
+use crate::desired::labels;
+use crate::role::Role;
 use crate::tenancy::Tenant;
 
 /// Bytes a fake adapter takes unless the source says otherwise (`…?size=N`).
@@ -384,4 +390,48 @@ pub async fn serve(
         .add_service(AdminServer::new(FakeAdmin(agent)))
         .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
         .await
+}
+
+/// The pod of agent `i` (fake or real) listening on `addr`, as the API server would show it:
+/// model `bench`, namespace `bench`, two agents per node, ready, restarted `restarts` times.
+pub fn agent_pod(i: usize, addr: SocketAddr, role: Role, restarts: i32) -> Pod {
+    Pod {
+        metadata: ObjectMeta {
+            name: Some(format!("bench-{}-{i}", role.as_str())),
+            namespace: Some("bench".into()),
+            uid: Some(format!("uid-{i}")),
+            labels: Some(BTreeMap::from([
+                (labels::BASE_MODEL.to_owned(), "bench".to_owned()),
+                (labels::ROLE.to_owned(), role.as_str().to_owned()),
+            ])),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PodSpec {
+            node_name: Some(format!("node-{}", i / 2)),
+            containers: vec![Container {
+                name: "agent".into(),
+                ports: Some(vec![ContainerPort {
+                    name: Some("grpc".into()),
+                    container_port: i32::from(addr.port()),
+                    ..ContainerPort::default()
+                }]),
+                ..Container::default()
+            }],
+            ..PodSpec::default()
+        }),
+        status: Some(PodStatus {
+            pod_ip: Some(addr.ip().to_string()),
+            conditions: Some(vec![PodCondition {
+                type_: "Ready".into(),
+                status: "True".into(),
+                ..PodCondition::default()
+            }]),
+            container_statuses: Some(vec![ContainerStatus {
+                name: "agent".into(),
+                restart_count: restarts,
+                ..ContainerStatus::default()
+            }]),
+            ..PodStatus::default()
+        }),
+    }
 }

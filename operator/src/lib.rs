@@ -10,13 +10,11 @@
 #![forbid(unsafe_code)]
 
 pub mod agent_client;
-pub mod bench;
 pub mod config;
 pub mod controller;
 pub mod crd;
 pub mod desired;
 pub mod discovery;
-pub mod fake_agent;
 pub mod leader;
 pub mod metrics;
 pub mod placement;
@@ -25,5 +23,10 @@ pub mod server;
 pub mod status;
 pub mod tenancy;
 
+/// A stand-in for the agents' Admin API: a test double for the operator's own tests and, behind
+/// the `testing` feature that only tooling and tests enable, for `loraplane-bench placement`.
+/// The `loraplane-operator` binary is built without it.
+#[cfg(any(test, feature = "testing"))]
+pub mod fake_agent;
 #[cfg(test)]
 pub mod fixtures;

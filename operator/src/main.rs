@@ -1,5 +1,5 @@
 //! `loraplane-operator`: `run` (the controllers), `crds` (the CRDs as YAML), `rbac` (the
-//! ClusterRole it needs), `bench-placement` (the scale check).
+//! ClusterRole it needs). The placement scale check is `loraplane-bench placement`.
 
 #![forbid(unsafe_code)]
 
@@ -14,7 +14,7 @@ use loraplane_operator::config::{Cli, Command, CrdsArgs, LogArgs, LogFormat, Run
 use loraplane_operator::leader::{self, LeaderConfig};
 use loraplane_operator::metrics::Metrics;
 use loraplane_operator::server::{self, Health};
-use loraplane_operator::{bench, controller, crd, desired};
+use loraplane_operator::{controller, crd, desired};
 
 fn init_logging(args: &LogArgs) {
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
@@ -155,7 +155,5 @@ async fn main() -> anyhow::Result<()> {
             print!("{}", serde_yaml::to_string(&desired::rbac::cluster_role())?);
             Ok(())
         }
-        Command::BenchPlacement(args) => bench::run(args).await,
-        Command::FakeAgents(args) => bench::fake_agents(args).await,
     }
 }

@@ -20,11 +20,11 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use loraplane_operator::agent_client::{AgentApi, GrpcAgents, Target, Timeouts};
-use loraplane_operator::bench::agent_pod;
 use loraplane_operator::controller::converge::{AdapterWant, converge, remove_everywhere};
 use loraplane_operator::controller::fleet::Fleet;
 use loraplane_operator::crd::{LoraAdapter, Phase};
 use loraplane_operator::discovery;
+use loraplane_operator::fake_agent::agent_pod;
 use loraplane_operator::metrics::Metrics;
 use loraplane_operator::role::Role;
 use loraplane_operator::status::{self, AdapterOutcome};

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Figures for scripts/bench-vs-peft.sh, from `bench serving`'s outputs (stdlib only).
+"""Figures for scripts/bench-vs-peft.sh, from `loraplane-bench serving`'s outputs (stdlib only).
 
   report.py rounds OUT N       per-round output tok/s and p99 TTFT of loraplane and PEFT, their
                                ratios and medians (OUT/round{i}-{loraplane,peft}/serving.json);
                                also written to OUT/summary.md and OUT/summary.json
-  report.py compare A B        greedy outputs (`bench serving --save-outputs`, JSON lines) equal
+  report.py compare A B        greedy outputs (`loraplane-bench serving --save-outputs`, JSON
+                               lines) equal
                                token for token; exit status 1 when they are not
 """
 

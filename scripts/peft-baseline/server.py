@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The HF PEFT baseline as an OpenAI-compatible server, so `loraplane-agent bench serving`
+"""The HF PEFT baseline as an OpenAI-compatible server, so `loraplane-bench serving`
 drives it exactly as it drives loraplane.
 
 It loads a checkpoint directory with transformers (eager PyTorch, float32), every PEFT adapter

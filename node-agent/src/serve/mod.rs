@@ -15,6 +15,9 @@
 
 mod disagg;
 mod engine;
+mod process;
+
+pub use process::run_process;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -73,7 +76,7 @@ async fn model_dir(config: &ServeConfig) -> anyhow::Result<PathBuf> {
 
 /// Accepted gRPC connections with TCP_NODELAY: tokens and KV chunks are written as they are
 /// produced, and Nagle's algorithm would otherwise delay each small write by an ACK round trip.
-pub(crate) fn nodelay_incoming(listener: TcpListener) -> TcpIncoming {
+pub fn nodelay_incoming(listener: TcpListener) -> TcpIncoming {
     TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 

@@ -196,7 +196,7 @@ pub(crate) fn run(ctx: &mut Ctx) -> anyhow::Result<Report> {
     let (measured, peaks) = if ctx.device == Device::Cpu {
         // The LoRA path's own roofline: decode reads adapter bytes at the machine's stream
         // bandwidth, prefill does LoRA FLOPs at its GEMM peak (the serving suite's figures).
-        let peaks = crate::bench::roofline::measure_machine(ctx)?;
+        let peaks = crate::suites::roofline::measure_machine(ctx)?;
         let backend = TimedCpu::new();
         let times = backend.times.clone();
         let m = measure(

@@ -230,7 +230,7 @@ async fn serve_kv(
 ) -> anyhow::Result<(std::net::SocketAddr, tokio::task::JoinHandle<()>)> {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let addr = listener.local_addr()?;
-    let router = crate::disagg::channel::server().add_service(service.into_server());
+    let router = loraplane_agent::disagg::channel::server().add_service(service.into_server());
     let server = tokio::spawn(async move {
         let _ = if nodelay {
             router
@@ -246,10 +246,11 @@ async fn serve_kv(
 }
 
 async fn kv_client(addr: std::net::SocketAddr) -> anyhow::Result<KvTransferClient<Channel>> {
-    let channel =
-        crate::disagg::channel::endpoint(Endpoint::from_shared(format!("http://{addr}"))?)
-            .connect()
-            .await?;
+    let channel = loraplane_agent::disagg::channel::endpoint(Endpoint::from_shared(format!(
+        "http://{addr}"
+    ))?)
+    .connect()
+    .await?;
     Ok(KvTransferClient::new(channel).max_decoding_message_size(CHUNK + (1 << 16)))
 }
 

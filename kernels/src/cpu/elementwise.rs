@@ -1,6 +1,6 @@
 //! Pointwise kernels and the embedding lookup: SwiGLU's `silu(gate) · up`, residual add,
 //! gathering token rows of the embedding table, and a streaming sum (the memory-bandwidth probe
-//! of `loraplane-agent bench roofline`).
+//! of `loraplane-bench roofline`).
 
 use rayon::prelude::*;
 

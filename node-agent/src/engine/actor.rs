@@ -274,9 +274,11 @@ impl<B: Backend> Actor<B> {
     fn start_loads(&mut self) {
         for (key, source) in self.engine.take_pending_loads() {
             let (tx, model, limits) = (self.tx.clone(), self.model.clone(), self.limits);
+            let (job_key, job_source) = (key.clone(), source.clone());
             let spawned = std::thread::Builder::new()
                 .name("loraplane-adapter-load".into())
                 .spawn(move || {
+                    let (key, source) = (job_key, job_source);
                     tracing::info!(adapter = %key, source = %source.display(), "loading adapter");
                     let result = host::load(&source, &*model, &limits);
                     let _ = tx.send(Command::AdapterLoaded {
@@ -285,7 +287,20 @@ impl<B: Backend> Actor<B> {
                     });
                 });
             if let Err(e) = spawned {
-                tracing::error!(error = %e, "cannot start an adapter loader thread");
+                // The load ends here, failed: its callers and queued requests get the error
+                // now instead of waiting for a result no thread will send.
+                tracing::error!(adapter = %key, error = %e, "cannot start an adapter loader thread");
+                let failure = AdapterError::Io {
+                    path: source,
+                    source: std::io::Error::new(
+                        e.kind(),
+                        format!("cannot start an adapter loader thread: {e}"),
+                    ),
+                };
+                self.handle(Command::AdapterLoaded {
+                    key,
+                    result: Box::new(Err(failure)),
+                });
             }
         }
     }

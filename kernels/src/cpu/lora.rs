@@ -261,6 +261,11 @@ fn gemm_rows(
 
 /// `y += scale · v · Bᵀ` for a prefill segment: tiles of [`MR`] rows × [`NR`] columns with Bᵀ's
 /// rows read in place from their pages; columns past the last whole panel one by one.
+///
+/// Column panels are the outer loop: one panel of Bᵀ (rank × 16 floats, at most 4 KiB) stays in
+/// L1 while every row tile of the segment uses it, so Bᵀ is read from memory once per segment.
+/// Row tiles outside would stream all of Bᵀ once per tile — from DRAM when it outgrows L2 (rank
+/// 64 × 2048 outputs is 512 KiB), with `rank` scattered rows too many for the prefetchers.
 fn expand_tiles(
     isa: Isa,
     v: &[f32],
@@ -273,16 +278,19 @@ fn expand_tiles(
     let rank = seg.b_rows.len();
     let full = out_dim / NR * NR;
     let b = Gathered::new(pool, seg.b_rows, out_dim);
-    for (v_tile, y_tile) in v.chunks(MR * max_rank).zip(y.chunks_mut(MR * out_dim)) {
-        let m = y_tile.len() / out_dim;
-        for col in (0..full).step_by(NR) {
-            let acc = micro(isa, m, v_tile, max_rank, rank, b.at(col));
+    for col in (0..full).step_by(NR) {
+        let panel = b.at(col);
+        for (v_tile, y_tile) in v.chunks(MR * max_rank).zip(y.chunks_mut(MR * out_dim)) {
+            let m = y_tile.len() / out_dim;
+            let acc = micro(isa, m, v_tile, max_rank, rank, panel);
             for (y_row, acc) in y_tile.chunks_mut(out_dim).zip(&acc) {
                 for (y, a) in y_row[col..col + NR].iter_mut().zip(acc) {
                     *y += seg.scale * a;
                 }
             }
         }
+    }
+    for (v_tile, y_tile) in v.chunks(MR * max_rank).zip(y.chunks_mut(MR * out_dim)) {
         for o in full..out_dim {
             for (v_row, y_row) in v_tile.chunks(max_rank).zip(y_tile.chunks_mut(out_dim)) {
                 let sum: f32 = v_row[..rank]

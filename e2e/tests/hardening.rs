@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use loraplane_e2e::{Agent, World, key_hash};
+use loraplane_e2e::{Agent, HttpResponse, World, http, key_hash};
 use loraplane_proto::v1 as pb;
 use prost::Message as _;
 use prost::bytes::{Buf as _, BufMut as _};
@@ -116,4 +116,102 @@ async fn malformed_grpc_messages_are_invalid_argument() {
         .unwrap()
         .into_inner();
     while stream.message().await.unwrap().is_some() {}
+}
+
+/// Asserts an OpenAI error JSON body with `status`.
+fn assert_openai_error(r: &HttpResponse, status: u16, what: &str) {
+    assert_eq!(r.status, status, "{what}: {}", r.text());
+    assert_eq!(
+        r.header("content-type"),
+        Some("application/json"),
+        "{what}: {}",
+        r.text()
+    );
+    let v = r.json();
+    let e = &v["error"];
+    assert!(
+        e["message"].as_str().is_some_and(|m| !m.is_empty()),
+        "{what}: {v}"
+    );
+    assert!(e["type"].is_string(), "{what}: {v}");
+    assert!(
+        e.get("param").is_some() && e.get("code").is_some(),
+        "{what}: {v}"
+    );
+}
+
+/// Point 5: the admin routes honour `--max-request-bytes` like every other route, after the
+/// credential, and answer in OpenAI error JSON.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_routes_share_the_body_limit() {
+    let world = World::tiny();
+    let agent = Agent::start(
+        &world,
+        &[
+            "--max-request-bytes",
+            "64KiB",
+            "--admin-token-sha256",
+            &key_hash(ADMIN),
+        ],
+    );
+    let auth = format!("Bearer {ADMIN}");
+    // Valid JSON (unknown fields are ignored), 200 KiB: over the limit, within socket buffers.
+    let body = serde_json::json!({
+        "lora_name": "x",
+        "lora_path": "/nowhere",
+        "padding": "p".repeat(200 << 10),
+    })
+    .to_string();
+    for route in ["/v1/load_lora_adapter", "/v1/unload_lora_adapter"] {
+        let post = |headers: Vec<(&'static str, String)>| {
+            let body = body.clone();
+            async move {
+                let h: Vec<(&str, &str)> = headers.iter().map(|(k, v)| (*k, v.as_str())).collect();
+                http(agent.http, "POST", route, &h, body.as_bytes())
+                    .await
+                    .unwrap()
+            }
+        };
+        let r = post(vec![("Content-Type", "application/json".into())]).await;
+        assert_openai_error(&r, 401, &format!("{route} without a credential"));
+        let r = post(vec![
+            ("Content-Type", "application/json".into()),
+            ("Authorization", auth.clone()),
+        ])
+        .await;
+        assert_openai_error(&r, 413, &format!("{route} over the limit"));
+        assert!(r.text().contains("65536"), "{}", r.text());
+    }
+}
+
+/// Point 6: wrong methods (405) and oversized headers (431) answer OpenAI error JSON, like
+/// every other error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_error_status_answers_openai_json() {
+    let world = World::tiny();
+    let agent = Agent::start(&world, &["--admin-token-sha256", &key_hash(ADMIN)]);
+    let a = agent.http;
+    for (method, path) in [
+        ("GET", "/v1/completions"),
+        ("GET", "/v1/chat/completions"),
+        ("POST", "/v1/models"),
+        ("GET", "/v1/load_lora_adapter"),
+        ("DELETE", "/v1/unload_lora_adapter"),
+        ("POST", "/healthz"),
+    ] {
+        let r = http(a, method, path, &[], b"").await.unwrap();
+        assert_openai_error(&r, 405, &format!("{method} {path}"));
+    }
+    // One header beyond hyper's own default buffer (400 KiB), and many small ones.
+    let huge = "h".repeat(500 << 10);
+    let r = http(a, "GET", "/v1/models", &[("X-Huge", huge.as_str())], b"")
+        .await
+        .unwrap();
+    assert_openai_error(&r, 431, "a 500 KiB header");
+    let names: Vec<String> = (0..150).map(|i| format!("X-H{i}")).collect();
+    let many: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+    let r = http(a, "GET", "/v1/models", &many, b"").await.unwrap();
+    assert_openai_error(&r, 431, "150 headers");
+    let r = http(a, "GET", "/v1/models", &[], b"").await.unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
 }

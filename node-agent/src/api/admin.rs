@@ -50,6 +50,9 @@ pub use vllm::admin_routes;
 
 /// Longest accepted source URI, bytes.
 pub const MAX_SOURCE_URI_BYTES: usize = 4096;
+/// The HTTP admin routes' body limit unless [`AdminState::with_max_request_bytes`] sets one
+/// (the agent sets `--max-request-bytes`, the limit of every route).
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 4 << 20;
 /// Longest accepted drain timeout.
 pub const MAX_DRAIN_TIMEOUT: Duration = Duration::from_secs(3600);
 /// How often a drain re-reads the engine's queue.
@@ -288,6 +291,8 @@ pub struct AdminState<E> {
     model: String,
     /// The URI each adapter was loaded from (redacted), for `ListAdapters`.
     uris: Mutex<HashMap<AdapterKey, String>>,
+    /// The body limit of the HTTP admin routes (the agent's `--max-request-bytes`).
+    max_request_bytes: usize,
 }
 
 impl<E> std::fmt::Debug for AdminState<E> {
@@ -320,7 +325,19 @@ impl<E: AdminEngine> AdminState<E> {
             role,
             model: model.to_owned(),
             uris: Mutex::new(HashMap::new()),
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
         }
+    }
+
+    /// Sets the body limit of the HTTP admin routes (default [`DEFAULT_MAX_REQUEST_BYTES`]).
+    pub fn with_max_request_bytes(mut self, limit: usize) -> Self {
+        self.max_request_bytes = limit;
+        self
+    }
+
+    /// The body limit of the HTTP admin routes.
+    pub fn max_request_bytes(&self) -> usize {
+        self.max_request_bytes
     }
 
     /// Checks an admin call's bearer token (see the module docs for the exact answers).

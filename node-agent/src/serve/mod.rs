@@ -22,7 +22,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
@@ -185,15 +184,18 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     };
 
     // ---- Admin surfaces (api/admin.rs): gRPC `loraplane.v1.Admin` and the vLLM routes. ----
-    let admin_state = Arc::new(AdminState::new(
-        handle.clone(),
-        tenants.clone(),
-        config.admin.clone(),
-        lifecycle.clone(),
-        config.sources.clone(),
-        config.role,
-        &served,
-    ));
+    let admin_state = Arc::new(
+        AdminState::new(
+            handle.clone(),
+            tenants.clone(),
+            config.admin.clone(),
+            lifecycle.clone(),
+            config.sources.clone(),
+            config.role,
+            &served,
+        )
+        .with_max_request_bytes(config.bounds.max_request_bytes),
+    );
     let admin_grpc = AdminService::new(admin_state.clone()).into_server();
     let admin_http = admin::admin_routes(admin_state);
 
@@ -222,18 +224,11 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         .add_service(grpc::inference_server(service.clone()))
         .add_service(admin_grpc)
         .serve_with_incoming_shutdown(nodelay_incoming(grpc_listener), stopped(stop_rx.clone()));
-    let router = http::router(service.clone()).merge(admin_http);
-    // Streamed tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds each one
-    // back until the previous is acknowledged (tens of milliseconds on delayed-ACK peers).
-    let http_listener = http_listener.tap_io(|tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::debug!(%error, "setting TCP_NODELAY on an HTTP connection");
-        }
-    });
-    let http_server = axum::serve(http_listener, router).with_graceful_shutdown(stopped(stop_rx));
+    let app = http::app(service.clone(), admin_http);
+    let http_server = crate::api::listener::serve(http_listener, app, stop_rx);
 
     let grpc_task = tokio::spawn(grpc_server);
-    let http_task = tokio::spawn(async move { http_server.await });
+    let http_task = tokio::spawn(http_server);
 
     // Readiness follows the lifecycle, whoever starts the drain (a signal or Admin/Drain).
     {
@@ -299,8 +294,8 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         if let Ok(Err(e)) = g {
             tracing::error!(error = %e, "gRPC server error");
         }
-        if let Ok(Err(e)) = h {
-            tracing::error!(error = %e, "HTTP server error");
+        if let Err(e) = h {
+            tracing::error!(error = %e, "HTTP server task failed");
         }
     };
     if tokio::time::timeout(SERVER_STOP_GRACE, servers)

@@ -186,7 +186,8 @@ impl AdminError {
                 | AuthError::InvalidKeyHash { .. }
                 | AuthError::DuplicateTenant(_)
                 | AuthError::DuplicateKey(..)
-                | AuthError::InvalidAdminCredential(_) => {
+                | AuthError::InvalidAdminCredential(_)
+                | AuthError::AdminKeyReuse(_) => {
                     r(BAD, Code::InvalidArgument, "invalid_tenants", INVALID)
                 }
             },
@@ -225,14 +226,10 @@ fn invalid(param: &'static str, message: impl Into<String>) -> AdminError {
     AdminError::Api(ApiError::invalid(param, message))
 }
 
-/// Tenant ids and adapter names: 1–63 of `[A-Za-z0-9._-]`, first and last a letter or digit.
+/// Tenant ids and adapter names: 1–63 of `[A-Za-z0-9._-]`, first and last a letter or digit
+/// (the one rule of [`crate::api::auth::valid_name`], which the tenant table uses too).
 pub fn is_valid_name(s: &str) -> bool {
-    let b = s.as_bytes();
-    (1..=63).contains(&b.len())
-        && b.iter()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
-        && b.first().is_some_and(u8::is_ascii_alphanumeric)
-        && b.last().is_some_and(u8::is_ascii_alphanumeric)
+    crate::api::auth::valid_name(s)
 }
 
 fn check_name(param: &'static str, what: &str, s: &str) -> Result<(), AdminError> {
@@ -457,8 +454,11 @@ impl<E: AdminEngine> AdminState<E> {
         Ok(adapters)
     }
 
-    /// Replaces the tenant table (all or nothing). Returns the number of tenants.
+    /// Replaces the tenant table (all or nothing), validated as the keys file is: tenant ids by
+    /// the adapter-name rule, and no tenant key equal to the admin token. Returns the number of
+    /// tenants.
     pub fn set_tenants(&self, specs: Vec<TenantSpec>) -> Result<usize, AdminError> {
+        crate::api::auth::check_no_admin_key(&specs, &self.auth)?;
         let n = self.tenants.replace(specs)?;
         tracing::info!(tenants = n, "tenant table replaced");
         Ok(n)

@@ -1,6 +1,7 @@
 //! HTTP surface (axum): the OpenAI-compatible `/v1/completions`, `/v1/chat/completions`
-//! (JSON or SSE streaming ending in `data: [DONE]`) and `/v1/models`, plus `/healthz`,
-//! `/readyz` and `/metrics`. Generic over the [`Inference`] domain trait.
+//! (JSON or SSE streaming ending in `data: [DONE]`) and `/v1/models`, plus `/healthz` and
+//! `/readyz` ([`app`]); `/metrics` on its own listener ([`metrics_router`]). Generic over the
+//! [`Inference`] domain trait.
 //!
 //! Bodies are read as bytes under the configured size limit and decoded by hand, so every
 //! refusal — oversized, not JSON, invalid UTF-8, a wrong type, an unknown route, a wrong
@@ -48,12 +49,24 @@ pub fn app<S: Inference>(service: S, extra: Router) -> Router {
         .route("/v1/models", get(models::<S>))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz::<S>))
-        .route("/metrics", get(metrics::<S>))
         .with_state(service)
         .merge(extra)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn(header_limit))
+}
+
+/// The metrics listener's routes: `/metrics` (Prometheus text), `/healthz`; anything else is a
+/// 404 in OpenAI error JSON. Served apart from [`app`] (`--metrics-addr`), because the series
+/// name tenants and their adapters.
+pub fn metrics_router<S: Inference>(service: S) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics::<S>))
+        .route("/healthz", get(healthz))
+        .with_state(service)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(header_limit))
 }
 

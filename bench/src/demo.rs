@@ -315,8 +315,8 @@ async fn workload(grpc: String, args: &DemoArgs) -> (Outcome, Duration) {
     (all, elapsed)
 }
 
-async fn remote_prefills(http: &str) -> Option<f64> {
-    let text = reqwest::get(format!("http://{http}/metrics"))
+async fn remote_prefills(metrics: &str) -> Option<f64> {
+    let text = reqwest::get(format!("http://{metrics}/metrics"))
         .await
         .ok()?
         .text()
@@ -327,7 +327,7 @@ async fn remote_prefills(http: &str) -> Option<f64> {
         .and_then(|l| l.rsplit(' ').next()?.parse().ok())
 }
 
-fn print_examples(http: &str, grpc: &str, adapters: usize) {
+fn print_examples(http: &str, grpc: &str, metrics: &str, adapters: usize) {
     let model = if adapters > 0 { "lora-00" } else { "model" };
     println!(
         r#"
@@ -345,7 +345,7 @@ Serving until Ctrl-C. Try it:
   python3 -c 'from openai import OpenAI; c = OpenAI(base_url="http://{http}/v1", api_key="none"); print(c.completions.create(model="{model}", prompt="Once upon a time", max_tokens=16).choices[0].text)'
 
   curl -s http://{http}/v1/models       # the base model and every adapter
-  curl -s http://{http}/metrics         # Prometheus metrics
+  curl -s http://{metrics}/metrics      # Prometheus metrics (their own loopback listener)
 "#
     );
 }
@@ -426,9 +426,10 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         args.http_addr.to_string(),
     ]);
     let (decode, listening) = start("decode", &decode_args, &dir.join("decode.log"))?;
-    let (grpc, http) = (
+    let (grpc, http, metrics) = (
         listening["grpc"].as_str().unwrap_or_default().to_owned(),
         listening["http"].as_str().unwrap_or_default().to_owned(),
+        listening["metrics"].as_str().unwrap_or_default().to_owned(),
     );
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -439,7 +440,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         args.requests, args.adapters, args.concurrency, args.max_tokens
     );
     let (mut out, elapsed) = runtime.block_on(workload(format!("http://{grpc}"), &args));
-    let remote = runtime.block_on(remote_prefills(&http)).unwrap_or(0.0);
+    let remote = runtime.block_on(remote_prefills(&metrics)).unwrap_or(0.0);
     let secs = elapsed.as_secs_f64();
     let ms = |v: f64| v * 1e3;
     println!();
@@ -475,7 +476,7 @@ pub fn run(args: DemoArgs) -> anyhow::Result<()> {
         drop(prefill);
         return Ok(());
     }
-    print_examples(&http, &grpc, args.adapters);
+    print_examples(&http, &grpc, &metrics, args.adapters);
     runtime.block_on(tokio::signal::ctrl_c())?;
     eprintln!("\nStopping…");
     drop(decode);

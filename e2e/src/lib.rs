@@ -121,6 +121,8 @@ pub struct Agent {
     child: Child,
     pub grpc: SocketAddr,
     pub http: SocketAddr,
+    /// The Prometheus `/metrics` listener (`--metrics-addr`, loopback).
+    pub metrics: SocketAddr,
     /// The `KvTransfer` address of a `--role prefill` agent.
     pub kv: Option<SocketAddr>,
     pub stderr_log: PathBuf,
@@ -172,6 +174,7 @@ impl Agent {
         Agent {
             grpc: addr("grpc"),
             http: addr("http"),
+            metrics: addr("metrics"),
             kv: v["kv"].as_str().map(|a| a.parse().unwrap()),
             child,
             stderr_log,
@@ -374,6 +377,7 @@ pub fn metric(text: &str, series: &str) -> Option<f64> {
     })
 }
 
+/// The Prometheus text of an agent's metrics listener ([`Agent::metrics`]).
 pub async fn scrape(addr: SocketAddr) -> String {
     http(addr, "GET", "/metrics", &[], b"")
         .await

@@ -101,6 +101,8 @@ fn assert_common(a: &ServeArgs, served: &str, params: &AgentParams) {
     assert_eq!(a.server.served_model_name.as_deref(), Some(served));
     assert_eq!(a.server.grpc_addr, addr("0.0.0.0:50051"));
     assert_eq!(a.server.http_addr, addr("0.0.0.0:8000"));
+    // Metrics on their own port, for the chart's PodMonitor; never on the API port.
+    assert_eq!(a.server.metrics_addr, addr("0.0.0.0:9400"));
     assert_eq!(a.server.drain_timeout, params.drain_timeout);
     assert_eq!(a.disagg.kv_addr, addr("0.0.0.0:50052"));
     assert_eq!(

@@ -77,7 +77,7 @@ async fn generate(agent: &Agent, i: usize) -> Vec<u32> {
 
 async fn free_pages_return(agent: &Agent) {
     for _ in 0..200 {
-        let text = scrape(agent.http).await;
+        let text = scrape(agent.metrics).await;
         let (free, total) = (
             metric(&text, "loraplane_pool_free_pages"),
             metric(&text, "loraplane_pool_capacity_pages"),
@@ -156,7 +156,7 @@ async fn disaggregated_agents_match_a_unified_agent_and_survive_a_dead_prefill_a
     let expected = futures::future::join_all((0..n).map(|i| generate(&unified, i))).await;
     let got = futures::future::join_all((0..n).map(|i| generate(&decode, i))).await;
     assert_eq!(got, expected, "disaggregated output differs from unified");
-    let d = scrape(decode.http).await;
+    let d = scrape(decode.metrics).await;
     assert_eq!(
         metric(&d, "loraplane_prefills_total{where=\"remote\"}"),
         Some(n as f64),
@@ -172,7 +172,7 @@ async fn disaggregated_agents_match_a_unified_agent_and_survive_a_dead_prefill_a
     );
     let sent: f64 = [&p1, &p2]
         .iter()
-        .map(|p| futures::executor::block_on(scrape(p.http)))
+        .map(|p| futures::executor::block_on(scrape(p.metrics)))
         .map(|t| metric(&t, "loraplane_kv_transfer_bytes_total{direction=\"sent\"}").unwrap())
         .sum();
     assert_eq!(
@@ -192,7 +192,7 @@ async fn disaggregated_agents_match_a_unified_agent_and_survive_a_dead_prefill_a
     p1.wait(Duration::from_secs(10));
     let again = futures::future::join_all((0..6).map(|i| generate(&decode, i))).await;
     assert_eq!(again, expected[..6]);
-    let d = scrape(decode.http).await;
+    let d = scrape(decode.metrics).await;
     assert_eq!(
         metric(&d, "loraplane_prefills_total{where=\"local\"}"),
         Some(0.0),

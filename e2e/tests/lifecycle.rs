@@ -83,7 +83,7 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
         queued.push(s);
     }
     eventually(Duration::from_secs(10), || async {
-        let m = scrape(agent.http).await;
+        let m = scrape(agent.metrics).await;
         Ok((metric(&m, names::REQUESTS_IN_FLIGHT) == Some(20.0)).then_some(()))
     })
     .await
@@ -148,7 +148,7 @@ async fn sigterm_drains_in_flight_requests_and_exits_zero() {
 async fn disconnecting_clients_cancel_and_free_their_pages() {
     let world = World::tiny();
     let agent = Agent::start(&world, &["--pool-pages", "2048"]);
-    let start = scrape(agent.http).await;
+    let start = scrape(agent.metrics).await;
     let free_at_start = metric(&start, names::POOL_FREE).unwrap();
     assert_eq!(free_at_start, 2048.0);
 
@@ -160,7 +160,7 @@ async fn disconnecting_clients_cancel_and_free_their_pages() {
     for s in open {
         streams.push(s.await.unwrap());
     }
-    let busy = scrape(agent.http).await;
+    let busy = scrape(agent.metrics).await;
     assert!(
         metric(&busy, names::POOL_FREE).unwrap() < free_at_start,
         "requests hold pages"
@@ -168,7 +168,7 @@ async fn disconnecting_clients_cancel_and_free_their_pages() {
     // Fifty clients walk away mid-stream.
     drop(streams);
     let m = eventually(Duration::from_secs(20), || async {
-        let m = scrape(agent.http).await;
+        let m = scrape(agent.metrics).await;
         let idle = metric(&m, names::POOL_FREE) == Some(free_at_start)
             && metric(&m, names::REQUESTS_RUNNING) == Some(0.0)
             && metric(&m, names::REQUESTS_WAITING) == Some(0.0)
@@ -232,7 +232,7 @@ async fn every_metric_appears_after_a_workload() {
     .await;
     assert_eq!(r.status, 404);
 
-    let m = scrape(agent.http).await;
+    let m = scrape(agent.metrics).await;
     for name in names::ALL {
         assert!(m.contains(name), "{name} missing from /metrics:\n{m}");
     }

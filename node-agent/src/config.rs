@@ -20,6 +20,7 @@ use crate::backend::device::Device;
 use crate::disagg::config::{DisaggArgs, DisaggConfig, DisaggConfigError, Role};
 use crate::engine::EngineConfig;
 use crate::lora::host::AdapterLimits;
+use crate::metrics::AdapterIdentity;
 use crate::sources::SourceOptions;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -69,9 +70,22 @@ pub struct ServerArgs {
     /// gRPC listen address (`Inference`, `Admin`, health, reflection). Port 0 picks one.
     #[arg(long, env = "LORAPLANE_GRPC_ADDR", default_value = "0.0.0.0:50051")]
     pub grpc_addr: SocketAddr,
-    /// HTTP listen address (OpenAI API, admin routes, health, metrics). Port 0 picks one.
+    /// HTTP listen address (OpenAI API, admin routes, health). Port 0 picks one.
     #[arg(long, env = "LORAPLANE_HTTP_ADDR", default_value = "0.0.0.0:8000")]
     pub http_addr: SocketAddr,
+    /// Prometheus `/metrics` listen address, apart from the API so tenants cannot read other
+    /// tenants' names in it. Loopback by default (port 0 picks one, printed in the listening
+    /// line); in Kubernetes the operator sets `0.0.0.0:9400` for the PodMonitor.
+    #[arg(long, env = "LORAPLANE_METRICS_ADDR", default_value = "127.0.0.1:0")]
+    pub metrics_addr: SocketAddr,
+    /// What identifies an adapter in `vllm:lora_requests_info`: its `name`, or an opaque `id`.
+    #[arg(
+        long,
+        env = "LORAPLANE_METRICS_ADAPTER_IDENTITY",
+        value_enum,
+        default_value = "name"
+    )]
+    pub metrics_adapter_identity: AdapterIdentity,
     /// How long a drain (SIGTERM) waits for in-flight requests: `30s`, `2m`, `500ms`.
     #[arg(long, env = "LORAPLANE_DRAIN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub drain_timeout: Duration,
@@ -269,6 +283,8 @@ pub struct ServeConfig {
     pub served_model_name: Option<String>,
     pub grpc_addr: SocketAddr,
     pub http_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub metrics_adapter_identity: AdapterIdentity,
     pub drain_timeout: Duration,
     pub tenants: Vec<TenantSpec>,
     pub admin: AdminAuth,
@@ -383,6 +399,7 @@ impl ServeArgs {
             (None, Some(path)) => AdminAuth::from_token(&read_secret(path)?)?,
             (None, None) => AdminAuth::disabled(),
         };
+        auth::check_no_admin_key(&tenants, &admin)?;
         let s = self.sources;
         let mut sources = SourceOptions::new(
             s.source_cache_dir
@@ -423,6 +440,8 @@ impl ServeArgs {
             served_model_name: self.server.served_model_name,
             grpc_addr: self.server.grpc_addr,
             http_addr: self.server.http_addr,
+            metrics_addr: self.server.metrics_addr,
+            metrics_adapter_identity: self.server.metrics_adapter_identity,
             drain_timeout: self.server.drain_timeout,
             tenants,
             admin,

@@ -38,6 +38,11 @@ impl TokenHash {
     pub fn matches(&self, presented: &str) -> bool {
         bool::from(sha256(presented).ct_eq(&self.0))
     }
+
+    /// Whether two hashes are of the same secret (constant-time).
+    pub fn same_as(&self, other: &TokenHash) -> bool {
+        bool::from(self.0.ct_eq(&other.0))
+    }
 }
 
 /// The token of an `Authorization: Bearer <token>` value.

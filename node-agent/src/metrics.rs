@@ -14,6 +14,11 @@
 //! utilisation, 0..1) and the `vllm:lora_requests_info` gauge, whose value is the update time
 //! and whose labels `running_lora_adapters` / `waiting_lora_adapters` (comma-separated adapter
 //! names) and `max_lora` describe adapter residency. They are exported alongside ours.
+//!
+//! Adapter names are tenants' data: the agent serves metrics on their own listener
+//! (`--metrics-addr`, loopback by default), never on the API port, and
+//! `--metrics-adapter-identity id` replaces the names in `vllm:lora_requests_info` with opaque
+//! per-adapter ids ([`AdapterIdentity`]).
 
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -171,6 +176,7 @@ pub struct Metrics {
     vllm_kv_usage: Gauge,
     vllm_lora_info: GaugeVec,
     seen: Mutex<Seen>,
+    adapter_identity: AdapterIdentity,
 }
 
 /// Latency buckets from 1 ms to 60 s.
@@ -184,12 +190,47 @@ const BATCH_BUCKETS: &[f64] = &[
     1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 512.0, 1024.0, 2048.0, 4096.0, 8192.0,
 ];
 
+/// What identifies an adapter in the router series (`vllm:lora_requests_info`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum AdapterIdentity {
+    /// The adapter's name, as clients send it in `model` (what the Gateway API Inference
+    /// Extension's endpoint picker matches).
+    #[default]
+    Name,
+    /// An opaque id per (tenant, adapter): `lora-` and the first 16 hex digits of
+    /// SHA-256(`tenant/name`). Stable across agents, so a router can be configured with it;
+    /// not a secret (a guessed name can be checked against it).
+    Id,
+}
+
+impl AdapterIdentity {
+    /// The label value for `key`.
+    pub fn label(self, key: &crate::lora::ids::AdapterKey) -> String {
+        match self {
+            AdapterIdentity::Name => key.name.clone(),
+            AdapterIdentity::Id => {
+                use sha2::Digest as _;
+                let digest = sha2::Sha256::digest(format!("{}/{}", key.tenant.0, key.name));
+                format!("lora-{}", &hex::encode(digest)[..16])
+            }
+        }
+    }
+}
+
 /// Why the registry could not be built (a duplicate or malformed name: a programming error
 /// caught by the unit test below).
 pub type MetricsError = prometheus::Error;
 
 impl Metrics {
+    /// The registry, naming adapters by name in the router series.
     pub fn new() -> Result<Arc<Self>, MetricsError> {
+        Self::with_adapter_identity(AdapterIdentity::Name)
+    }
+
+    /// The registry, identifying adapters in the router series as `identity` says.
+    pub fn with_adapter_identity(
+        adapter_identity: AdapterIdentity,
+    ) -> Result<Arc<Self>, MetricsError> {
         use names::*;
         let r = Registry::new();
         fn reg<C: prometheus::core::Collector + Clone + 'static>(
@@ -390,6 +431,7 @@ impl Metrics {
             )?,
             registry: r,
             seen: Mutex::new(Seen::default()),
+            adapter_identity,
         };
         Ok(Arc::new(m))
     }
@@ -470,7 +512,10 @@ impl Metrics {
 
         // One series only: the label values change with residency, so drop the old one.
         let names = |keys: &[crate::lora::ids::AdapterKey]| {
-            let mut v: Vec<&str> = keys.iter().map(|k| k.name.as_str()).collect();
+            let mut v: Vec<String> = keys
+                .iter()
+                .map(|k| self.adapter_identity.label(k))
+                .collect();
             v.sort_unstable();
             v.dedup();
             v.join(",")
@@ -571,5 +616,17 @@ mod tests {
             text.contains(r#"running_lora_adapters="b""#) && text.contains(r#"max_lora="8""#),
             "{text}"
         );
+    }
+
+    #[test]
+    fn opaque_adapter_ids_hide_names() {
+        let key = crate::lora::ids::AdapterKey::new("team-a", "secret-sauce");
+        let id = AdapterIdentity::Id.label(&key);
+        assert_eq!(id.len(), "lora-".len() + 16);
+        assert!(!id.contains("secret") && !id.contains("team"), "{id}");
+        assert_eq!(id, AdapterIdentity::Id.label(&key.clone()));
+        let other = crate::lora::ids::AdapterKey::new("team-b", "secret-sauce");
+        assert_ne!(id, AdapterIdentity::Id.label(&other));
+        assert_eq!(AdapterIdentity::Name.label(&key), "secret-sauce");
     }
 }

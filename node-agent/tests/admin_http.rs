@@ -222,3 +222,48 @@ async fn hostile_bodies_and_sources_get_clear_400s() {
         .await;
     assert_eq!(status, 200);
 }
+
+/// Every path problem is a 4xx whose message reveals nothing about the file system outside the
+/// roots: a path through an existing file outside (`/etc/passwd/x`), a missing path outside, and
+/// a symlink out of a root answer alike, and nothing carries an OS error text.
+#[tokio::test]
+async fn path_problems_are_4xx_and_reveal_nothing_outside_the_roots() {
+    let w = world();
+    let h = serve(&w).await;
+    let outside = w.dir.path().join("outside");
+    std::fs::create_dir_all(outside.join("secret")).unwrap();
+    std::os::unix::fs::symlink(&outside, w.root.join("out")).unwrap();
+    let load = |path: String| {
+        let h = &h;
+        async move {
+            let (status, text) = h.load(json!({"lora_name": "sql", "lora_path": path})).await;
+            let message = error_of(&text)["message"].as_str().unwrap().to_owned();
+            assert!(
+                !message.contains("os error") && !message.contains("Not a directory"),
+                "{message}"
+            );
+            // The message names the path as given, then a reason: compare the reasons.
+            let reason = message.replace(&path, "<path>");
+            (status, reason)
+        }
+    };
+    let through_file = load("/etc/passwd/x".into()).await;
+    assert_eq!(through_file.0, 400, "{through_file:?}");
+    for path in [
+        "/nonexistent/x".to_owned(),
+        "/etc".to_owned(),
+        format!("file://{}", outside.join("secret").display()),
+        outside.join("missing/x").display().to_string(),
+        w.root.join("out/secret").display().to_string(),
+        w.root.join("out/missing").display().to_string(),
+        w.root.join("out/missing/x").display().to_string(),
+    ] {
+        assert_eq!(load(path.clone()).await, through_file, "{path}");
+    }
+    // Inside the roots, a path through a file is simply not found.
+    let (status, _) = load(w.root.join("a/adapter_config.json/x").display().to_string()).await;
+    assert_eq!(status, 404);
+    let (status, _) = load(w.root.join("a/adapter_config.json").display().to_string()).await;
+    assert_eq!(status, 404);
+    assert!(adapters(&w).await.is_empty());
+}

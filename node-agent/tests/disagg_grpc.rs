@@ -414,7 +414,13 @@ async fn no_reachable_peer_prefills_locally_or_fails_clearly() {
         tokens(unified.submit(r.clone()).await).await
     );
     assert_eq!(stats.local_prefills.load(Ordering::Relaxed), 1);
-    assert_eq!(stats.failures().get("unavailable"), Some(&1));
+    // Named by its cause: nothing listens there.
+    assert_eq!(
+        stats.failures().get("connect"),
+        Some(&1),
+        "{:?}",
+        stats.failures()
+    );
 
     let strict = DecodeRouter::start(
         decode.clone(),

@@ -4,8 +4,12 @@
 //! - [`v1::inference_server`] / [`v1::inference_client`]: the public `Inference` API.
 //! - [`v1::admin_server`] / [`v1::admin_client`]: operator → agent `Admin` API.
 //! - [`v1::kv_transfer_server`] / [`v1::kv_transfer_client`]: agent → agent `KvTransfer`.
+//!
+//! Every service uses [`codec::ProtoCodec`]: a malformed message is `INVALID_ARGUMENT`.
 
 #![forbid(unsafe_code)]
+
+pub mod codec;
 
 /// Generated messages and services of the `loraplane.v1` package.
 #[allow(missing_docs, unused_qualifications, clippy::all)]

@@ -172,7 +172,8 @@ def seed(models_dir: Path, adapters_dir: Path, agents: dict[str, dict]) -> list[
             "apiVersion": "v1", "kind": "Pod",
             "metadata": {"name": pod, "namespace": NAMESPACE, "labels": pod_labels(a["model"], a["role"])},
             "spec": {"nodeName": "node-a", "containers": [{"name": "agent", "image": "loraplane-agent", "ports": [
-                {"name": "grpc", "containerPort": a["grpc_port"]}, {"name": "http", "containerPort": a["http_port"]}]}]},
+                {"name": "grpc", "containerPort": a["grpc_port"]}, {"name": "http", "containerPort": a["http_port"]},
+                {"name": "metrics", "containerPort": a["metrics_port"]}]}]},
             "status": {"phase": "Running", "podIP": "127.0.0.1", "conditions": [{"type": "Ready", "status": "True"}],
                        "containerStatuses": [{"name": "agent", "ready": True, "restartCount": 0, "image": "x", "imageID": "x", "started": True}]},
         })
@@ -203,8 +204,8 @@ def scrape_configs(docs: list[dict], agents: dict[str, dict], operator_addr: str
         for pod, a in agents.items():
             labels = {f"__meta_kubernetes_pod_label_{sanitize(k)}": v for k, v in a["labels"].items()}
             labels |= {"__meta_kubernetes_namespace": NAMESPACE, "__meta_kubernetes_pod_name": pod,
-                       "__meta_kubernetes_pod_container_name": "agent", "__meta_kubernetes_pod_container_port_name": "http"}
-            targets.append({"targets": [f"127.0.0.1:{a['http_port']}"], "labels": labels})
+                       "__meta_kubernetes_pod_container_name": "agent", "__meta_kubernetes_pod_container_port_name": "metrics"}
+            targets.append({"targets": [f"127.0.0.1:{a['metrics_port']}"], "labels": labels})
         jobs.append({
             "job_name": f"podMonitor/{NAMESPACE}/{pm['metadata']['name']}/{i}",
             "scrape_interval": "1s", "scrape_timeout": "1s", "metrics_path": ep.get("path", "/metrics"),
@@ -373,6 +374,9 @@ def check_statefulsets(rep: Report, kube: str, env: dict, agents: dict):
         model = s["spec"]["template"]["metadata"]["labels"].get("loraplane.dev/base-model")
         rep.check(s["spec"]["template"]["metadata"]["labels"] == pod_labels(model, role),
                   f"StatefulSet {s['metadata']['name']}: its pods carry the labels the PodMonitor and this test expect")
+        ports = {p["name"]: p["containerPort"] for c in spec["containers"] for p in c.get("ports", [])}
+        rep.check(ports.get("metrics") == 9400 and ports.get("http") != ports.get("metrics"),
+                  f"StatefulSet {s['metadata']['name']}: its agents serve /metrics on the `metrics` port the PodMonitor scrapes, apart from the API", f"{ports}")
 
 
 def run(agent_bin: str, operator_bin: str) -> int:
@@ -403,6 +407,7 @@ def run(agent_bin: str, operator_bin: str) -> int:
         listening = wait_for(f"{pod} listening", lambda: first_json_line(logs / f"{pod}.out"), 30)
         agents[pod] = {"model": model, "role": role, "labels": pod_labels(model, role), "listening": listening,
                        "grpc_port": int(listening["grpc"].rsplit(":", 1)[1]), "http_port": int(listening["http"].rsplit(":", 1)[1]),
+                       "metrics_port": int(listening["metrics"].rsplit(":", 1)[1]),
                        "http": f"http://{listening['http']}"}
 
     agent("tiny-prefill-0", "tiny", "prefill", ["--kv-addr", "127.0.0.1:0"])

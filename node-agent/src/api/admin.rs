@@ -50,6 +50,9 @@ pub use vllm::admin_routes;
 
 /// Longest accepted source URI, bytes.
 pub const MAX_SOURCE_URI_BYTES: usize = 4096;
+/// The HTTP admin routes' body limit unless [`AdminState::with_max_request_bytes`] sets one
+/// (the agent sets `--max-request-bytes`, the limit of every route).
+pub const DEFAULT_MAX_REQUEST_BYTES: usize = 4 << 20;
 /// Longest accepted drain timeout.
 pub const MAX_DRAIN_TIMEOUT: Duration = Duration::from_secs(3600);
 /// How often a drain re-reads the engine's queue.
@@ -183,7 +186,8 @@ impl AdminError {
                 | AuthError::InvalidKeyHash { .. }
                 | AuthError::DuplicateTenant(_)
                 | AuthError::DuplicateKey(..)
-                | AuthError::InvalidAdminCredential(_) => {
+                | AuthError::InvalidAdminCredential(_)
+                | AuthError::AdminKeyReuse(_) => {
                     r(BAD, Code::InvalidArgument, "invalid_tenants", INVALID)
                 }
             },
@@ -222,14 +226,10 @@ fn invalid(param: &'static str, message: impl Into<String>) -> AdminError {
     AdminError::Api(ApiError::invalid(param, message))
 }
 
-/// Tenant ids and adapter names: 1–63 of `[A-Za-z0-9._-]`, first and last a letter or digit.
+/// Tenant ids and adapter names: 1–63 of `[A-Za-z0-9._-]`, first and last a letter or digit
+/// (the one rule of [`crate::api::auth::valid_name`], which the tenant table uses too).
 pub fn is_valid_name(s: &str) -> bool {
-    let b = s.as_bytes();
-    (1..=63).contains(&b.len())
-        && b.iter()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
-        && b.first().is_some_and(u8::is_ascii_alphanumeric)
-        && b.last().is_some_and(u8::is_ascii_alphanumeric)
+    crate::api::auth::valid_name(s)
 }
 
 fn check_name(param: &'static str, what: &str, s: &str) -> Result<(), AdminError> {
@@ -288,6 +288,8 @@ pub struct AdminState<E> {
     model: String,
     /// The URI each adapter was loaded from (redacted), for `ListAdapters`.
     uris: Mutex<HashMap<AdapterKey, String>>,
+    /// The body limit of the HTTP admin routes (the agent's `--max-request-bytes`).
+    max_request_bytes: usize,
 }
 
 impl<E> std::fmt::Debug for AdminState<E> {
@@ -320,7 +322,19 @@ impl<E: AdminEngine> AdminState<E> {
             role,
             model: model.to_owned(),
             uris: Mutex::new(HashMap::new()),
+            max_request_bytes: DEFAULT_MAX_REQUEST_BYTES,
         }
+    }
+
+    /// Sets the body limit of the HTTP admin routes (default [`DEFAULT_MAX_REQUEST_BYTES`]).
+    pub fn with_max_request_bytes(mut self, limit: usize) -> Self {
+        self.max_request_bytes = limit;
+        self
+    }
+
+    /// The body limit of the HTTP admin routes.
+    pub fn max_request_bytes(&self) -> usize {
+        self.max_request_bytes
     }
 
     /// Checks an admin call's bearer token (see the module docs for the exact answers).
@@ -440,8 +454,11 @@ impl<E: AdminEngine> AdminState<E> {
         Ok(adapters)
     }
 
-    /// Replaces the tenant table (all or nothing). Returns the number of tenants.
+    /// Replaces the tenant table (all or nothing), validated as the keys file is: tenant ids by
+    /// the adapter-name rule, and no tenant key equal to the admin token. Returns the number of
+    /// tenants.
     pub fn set_tenants(&self, specs: Vec<TenantSpec>) -> Result<usize, AdminError> {
+        crate::api::auth::check_no_admin_key(&specs, &self.auth)?;
         let n = self.tenants.replace(specs)?;
         tracing::info!(tenants = n, "tenant table replaced");
         Ok(n)

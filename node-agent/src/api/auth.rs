@@ -90,6 +90,8 @@ pub enum AuthError {
     DuplicateKey(String, String),
     #[error("the admin credential is invalid: {0}")]
     InvalidAdminCredential(String),
+    #[error("tenant {0:?} has the admin token as an API key: one key per role")]
+    AdminKeyReuse(String),
 }
 
 impl AuthError {
@@ -102,6 +104,7 @@ impl AuthError {
             AuthError::DuplicateTenant(_) => "duplicate_tenant",
             AuthError::DuplicateKey(..) => "duplicate_key",
             AuthError::InvalidAdminCredential(_) => "invalid_admin_credential",
+            AuthError::AdminKeyReuse(_) => "admin_key_reuse",
         }
     }
 }
@@ -129,11 +132,40 @@ fn parse_hash(hex_str: &str) -> Option<[u8; 32]> {
     bytes.try_into().ok()
 }
 
+/// Tenant ids and adapter names, one rule for every surface (the keys file, `SetTenants`,
+/// `LoadAdapter`): 1–63 of `[A-Za-z0-9._-]`, first and last a letter or digit.
+pub fn valid_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    (1..=63).contains(&b.len())
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+        && b.first().is_some_and(u8::is_ascii_alphanumeric)
+        && b.last().is_some_and(u8::is_ascii_alphanumeric)
+}
+
 fn valid_tenant_id(id: &str) -> bool {
-    (1..=63).contains(&id.len())
-        && id
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    valid_name(id)
+}
+
+/// Refuses a tenant table that gives the admin credential to a tenant: one key per role, or the
+/// admin token would also authenticate as that tenant (and a tenant key would be an admin's).
+///
+/// Errors: [`AuthError::AdminKeyReuse`] naming the tenant.
+pub fn check_no_admin_key(specs: &[TenantSpec], admin: &AdminAuth) -> Result<(), AuthError> {
+    let Some(admin_hash) = admin.hash else {
+        return Ok(());
+    };
+    for spec in specs {
+        if spec
+            .api_key_sha256
+            .iter()
+            .filter_map(|h| TokenHash::from_hex(h))
+            .any(|h| h.same_as(&admin_hash))
+        {
+            return Err(AuthError::AdminKeyReuse(spec.id.clone()));
+        }
+    }
+    Ok(())
 }
 
 /// A tokens-per-minute bucket.

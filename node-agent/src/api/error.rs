@@ -45,6 +45,13 @@ pub enum ApiError {
     GenerationFailed(String),
     #[error("not found")]
     RouteNotFound,
+    #[error("this route does not accept the {method} method")]
+    MethodNotAllowed { method: String },
+    #[error("request headers exceed the limit of {limit_bytes} bytes or {limit_count} fields")]
+    HeadersTooLarge {
+        limit_bytes: usize,
+        limit_count: usize,
+    },
     #[error(transparent)]
     Engine(#[from] EngineError),
 }
@@ -174,6 +181,20 @@ impl ApiError {
                 StatusCode::NOT_FOUND,
                 Code::Unimplemented,
                 "route_not_found",
+                INVALID,
+                None,
+            ),
+            ApiError::MethodNotAllowed { .. } => r(
+                StatusCode::METHOD_NOT_ALLOWED,
+                Code::Unimplemented,
+                "method_not_allowed",
+                INVALID,
+                Some("method_not_allowed"),
+            ),
+            ApiError::HeadersTooLarge { .. } => r(
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                Code::InvalidArgument,
+                "headers_too_large",
                 INVALID,
                 None,
             ),

@@ -1,10 +1,12 @@
 //! HTTP surface (axum): the OpenAI-compatible `/v1/completions`, `/v1/chat/completions`
-//! (JSON or SSE streaming ending in `data: [DONE]`) and `/v1/models`, plus `/healthz`,
-//! `/readyz` and `/metrics`. Generic over the [`Inference`] domain trait.
+//! (JSON or SSE streaming ending in `data: [DONE]`) and `/v1/models`, plus `/healthz` and
+//! `/readyz` ([`app`]); `/metrics` on its own listener ([`metrics_router`]). Generic over the
+//! [`Inference`] domain trait.
 //!
 //! Bodies are read as bytes under the configured size limit and decoded by hand, so every
-//! refusal — oversized, not JSON, invalid UTF-8, a wrong type — is an OpenAI error JSON with
-//! the right status rather than a framework default. The API key is `Authorization: Bearer`.
+//! refusal — oversized, not JSON, invalid UTF-8, a wrong type, an unknown route, a wrong
+//! method, oversized headers — is an OpenAI error JSON with the right status rather than a
+//! framework default. The API key is `Authorization: Bearer`.
 //!
 //! `model` names an adapter of the caller's tenant, or the base model by its served name,
 //! `base`, or an empty string.
@@ -15,7 +17,7 @@ use axum::Router;
 use axum::body::Bytes;
 use axum::extract::rejection::BytesRejection;
 use axum::extract::{DefaultBodyLimit, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode, header};
 use axum::response::sse::{Event as SseEvent, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -29,8 +31,17 @@ use crate::api::service::{GenerateSpec, Generation, Inference};
 use crate::engine::{Event, FinishReason, Usage};
 use crate::metrics::Surface;
 
-/// The router of every HTTP route, over `service`. The admin routes are merged in by `serve`.
+/// The OpenAI routes, health and metrics over `service`, with the limits and error answers of
+/// [`app`] (no extra routes).
 pub fn router<S: Inference>(service: S) -> Router {
+    app(service, Router::new())
+}
+
+/// Every HTTP route of the agent: the OpenAI routes, health and metrics over `service`, plus
+/// `extra` (the admin routes). One body limit (`max_request_bytes`) covers every route, and
+/// whatever goes wrong — an unknown route, a wrong method, oversized headers, an oversized body —
+/// is answered with OpenAI error JSON, never a framework default.
+pub fn app<S: Inference>(service: S, extra: Router) -> Router {
     let limit = service.bounds().max_request_bytes;
     Router::new()
         .route("/v1/completions", post(completions::<S>))
@@ -38,14 +49,61 @@ pub fn router<S: Inference>(service: S) -> Router {
         .route("/v1/models", get(models::<S>))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz::<S>))
-        .route("/metrics", get(metrics::<S>))
-        .fallback(not_found)
-        .layer(DefaultBodyLimit::max(limit))
         .with_state(service)
+        .merge(extra)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn(header_limit))
+}
+
+/// The metrics listener's routes: `/metrics` (Prometheus text), `/healthz`; anything else is a
+/// 404 in OpenAI error JSON. Served apart from [`app`] (`--metrics-addr`), because the series
+/// name tenants and their adapters.
+pub fn metrics_router<S: Inference>(service: S) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics::<S>))
+        .route("/healthz", get(healthz))
+        .with_state(service)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(header_limit))
 }
 
 async fn not_found() -> Response {
     ApiError::RouteNotFound.into_response()
+}
+
+async fn method_not_allowed(method: Method) -> Response {
+    ApiError::MethodNotAllowed {
+        method: method.to_string(),
+    }
+    .into_response()
+}
+
+/// Most bytes of request headers (names, values and the request target) the agent reads.
+pub const MAX_HEADER_BYTES: usize = 64 << 10;
+/// Most header fields in one request.
+pub const MAX_HEADER_COUNT: usize = 100;
+
+/// Refuses requests whose headers exceed [`MAX_HEADER_BYTES`] or [`MAX_HEADER_COUNT`] with a 431
+/// in OpenAI error JSON. (The listener lets hyper parse well beyond these limits, so that this
+/// check, not hyper's bare 431, answers; see `api/listener.rs`.)
+async fn header_limit(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let headers = req.headers();
+    let bytes = req.uri().to_string().len()
+        + headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum::<usize>();
+    if bytes > MAX_HEADER_BYTES || headers.len() > MAX_HEADER_COUNT {
+        return ApiError::HeadersTooLarge {
+            limit_bytes: MAX_HEADER_BYTES,
+            limit_count: MAX_HEADER_COUNT,
+        }
+        .into_response();
+    }
+    next.run(req).await
 }
 
 async fn healthz() -> &'static str {
@@ -56,12 +114,10 @@ async fn readyz<S: Inference>(State(s): State<S>) -> Response {
     if s.ready() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            [(header::RETRY_AFTER, HeaderValue::from_static("1"))],
-            "draining\n",
-        )
-            .into_response()
+        ApiError::Draining {
+            retry_after: std::time::Duration::from_secs(1),
+        }
+        .into_response()
     }
 }
 

@@ -6,7 +6,13 @@
 //! last one ends or the timeout passes. Each accepted request holds an [`InFlight`] guard for
 //! as long as its response is being produced, so a client that disconnects stops counting the
 //! moment its stream is dropped.
+//!
+//! When the drain timeout passes with requests still in flight, [`Lifecycle::end_in_flight`]
+//! ends each of them explicitly: its event stream yields a last `Finished` event with an error
+//! (so HTTP streams get an error event and `[DONE]`, gRPC streams a last message with finish
+//! reason `ERROR` and the message), instead of the connection being cut at exit.
 
+use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::Duration;
@@ -22,6 +28,9 @@ struct Inner {
     idle: Notify,
     drain: Notify,
     drain_timeout: Duration,
+    /// Set once in-flight requests must end (the drain timeout passed).
+    ended: AtomicBool,
+    end: Notify,
 }
 
 /// Shared lifecycle state; cheap to clone.
@@ -34,6 +43,24 @@ pub struct Lifecycle {
 #[derive(Debug)]
 pub struct InFlight {
     inner: Arc<Inner>,
+}
+
+impl InFlight {
+    /// Resolves once [`Lifecycle::end_in_flight`] was called: the request must end now.
+    pub fn ended(&self) -> impl Future<Output = ()> + Send + 'static {
+        let inner = self.inner.clone();
+        async move {
+            loop {
+                let notified = inner.end.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                if inner.ended.load(Ordering::Acquire) {
+                    return;
+                }
+                notified.await;
+            }
+        }
+    }
 }
 
 impl Drop for InFlight {
@@ -54,6 +81,8 @@ impl Lifecycle {
                 idle: Notify::new(),
                 drain: Notify::new(),
                 drain_timeout,
+                ended: AtomicBool::new(false),
+                end: Notify::new(),
             }),
         }
     }
@@ -113,6 +142,13 @@ impl Lifecycle {
         Ok(guard)
     }
 
+    /// Ends every request in flight (and any accepted later) with an explicit error event: the
+    /// drain timeout has passed and the agent is about to stop.
+    pub fn end_in_flight(&self) {
+        self.inner.ended.store(true, Ordering::Release);
+        self.inner.end.notify_waiters();
+    }
+
     /// Waits until no request is in flight or `timeout` passes; returns how many remain.
     pub async fn wait_idle(&self, timeout: Duration) -> usize {
         let idle = async {
@@ -152,6 +188,19 @@ mod tests {
         drop(a);
         assert_eq!(waiter.await.unwrap(), 0);
         l.drain_started().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ending_in_flight_requests_wakes_them() {
+        let l = Lifecycle::new(Duration::from_secs(5));
+        let a = l.track().unwrap();
+        let ended = tokio::spawn(a.ended());
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(!ended.is_finished());
+        l.end_in_flight();
+        ended.await.unwrap();
+        // A request that looks after the fact ends at once too.
+        a.ended().await;
     }
 
     #[tokio::test(start_paused = true)]

@@ -11,5 +11,6 @@ pub mod error;
 pub mod grpc;
 pub mod http;
 pub mod lifecycle;
+pub mod listener;
 pub mod openai;
 pub mod service;

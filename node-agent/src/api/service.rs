@@ -23,7 +23,7 @@ use crate::api::auth::{Admission, Caller, Tenants};
 use crate::api::error::ApiError;
 use crate::api::lifecycle::{InFlight, Lifecycle};
 use crate::engine::actor::{EngineHandle, RequestStream};
-use crate::engine::{Event, FinishReason, Request, SamplingParams};
+use crate::engine::{Event, FinishReason, Request, SamplingParams, Timings, Usage};
 use crate::metrics::{Metrics, Surface};
 use crate::model::tokenizer::ChatMessage;
 
@@ -464,9 +464,12 @@ impl AgentService {
             surface,
             tenant: caller.tenant.0.clone(),
             admission,
+            ended: Box::pin(in_flight.ended()),
             _in_flight: in_flight,
             arrival,
             last_token: None,
+            prompt_tokens,
+            generated: 0,
             done: false,
         };
         Ok(Generation {
@@ -559,11 +562,19 @@ struct Tracked {
     surface: Surface,
     tenant: String,
     admission: Admission,
+    /// Resolves when the agent ends in-flight requests (the drain timeout passed).
+    ended: Pin<Box<dyn Future<Output = ()> + Send>>,
     _in_flight: InFlight,
     arrival: Instant,
     last_token: Option<Instant>,
+    prompt_tokens: usize,
+    generated: usize,
     done: bool,
 }
+
+/// The error a request still running at the end of a drain finishes with.
+pub const SHUTDOWN_MESSAGE: &str =
+    "the agent is shutting down: the drain timeout passed before the request finished";
 
 impl Stream for Tracked {
     type Item = Event;
@@ -571,6 +582,25 @@ impl Stream for Tracked {
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Event>> {
         if self.done {
             return Poll::Ready(None);
+        }
+        if self.ended.as_mut().poll(cx).is_ready() {
+            // End it explicitly rather than have the connection cut at exit; dropping `self`
+            // then cancels the request in the engine.
+            self.done = true;
+            self.metrics.error(self.surface, "shutdown");
+            return Poll::Ready(Some(Event::Finished {
+                reason: FinishReason::Error,
+                text: String::new(),
+                usage: Usage {
+                    prompt_tokens: self.prompt_tokens,
+                    completion_tokens: self.generated,
+                },
+                timings: Timings {
+                    total: self.arrival.elapsed(),
+                    ..Timings::default()
+                },
+                error: Some(SHUTDOWN_MESSAGE.to_owned()),
+            }));
         }
         let event = match self.stream.poll_recv(cx) {
             Poll::Pending => return Poll::Pending,
@@ -587,6 +617,7 @@ impl Stream for Tracked {
                     Some(t) => self.metrics.inter_token.observe((now - t).as_secs_f64()),
                 }
                 self.last_token = Some(now);
+                self.generated += 1;
                 self.admission.charge(1, now);
                 self.metrics.generated_tokens(&self.tenant, 1);
             }

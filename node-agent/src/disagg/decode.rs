@@ -5,6 +5,12 @@
 //! Peers come from `--prefill-peers`: addresses or DNS names (a Kubernetes headless Service
 //! resolves to every prefill pod), re-resolved periodically. Choice: peers already known to hold
 //! the request's adapter first, then the fewest prompt tokens this agent has in flight to them.
+//!
+//! A failing peer is backed off (a circuit breaker per peer): after a failed attempt it is not
+//! tried again for [`BREAKER_BASE`], doubling with each further consecutive failure up to
+//! [`BREAKER_MAX`]; once that time has passed, ONE request probes it (half-open) while the
+//! others keep skipping it, and a success closes the breaker. So a dead peer costs one failed
+//! attempt per back-off period, not one per request.
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -46,6 +52,11 @@ pub struct DecodeOptions {
     pub tls: Option<ClientTlsConfig>,
 }
 
+/// The first back-off after a peer fails.
+pub const BREAKER_BASE: Duration = Duration::from_secs(1);
+/// The longest back-off.
+pub const BREAKER_MAX: Duration = Duration::from_secs(30);
+
 #[derive(Debug)]
 struct Peer {
     addr: SocketAddr,
@@ -54,6 +65,51 @@ struct Peer {
     /// What this peer has prefilled for this agent: adapters by identity, `None` for the base
     /// model.
     adapters: Mutex<HashSet<Option<AdapterId>>>,
+    breaker: Mutex<Breaker>,
+}
+
+/// A peer's circuit breaker: closed (no failures), open until a time, or half-open with one
+/// probe in flight.
+#[derive(Debug, Default)]
+struct Breaker {
+    consecutive_failures: u32,
+    /// While set and in the future, the peer is skipped.
+    open_until: Option<Instant>,
+    /// A request is probing the peer after its back-off (half-open).
+    probing: bool,
+}
+
+impl Breaker {
+    /// Whether a request may try the peer now; claims the probe when the back-off has passed.
+    fn admit(&mut self, now: Instant) -> bool {
+        match self.open_until {
+            None => true,
+            Some(until) if now < until => false,
+            Some(_) if self.probing => false,
+            Some(_) => {
+                self.probing = true;
+                true
+            }
+        }
+    }
+
+    fn success(&mut self) {
+        *self = Breaker::default();
+    }
+
+    fn failure(&mut self, now: Instant) {
+        self.consecutive_failures = self.consecutive_failures.saturating_add(1);
+        let doublings = self.consecutive_failures.saturating_sub(1).min(16);
+        let backoff = BREAKER_BASE.saturating_mul(1 << doublings).min(BREAKER_MAX);
+        self.open_until = Some(now + backoff);
+        self.probing = false;
+    }
+
+    /// A probe that ended without an answer either way (the caller went away): let another
+    /// request probe.
+    fn release_probe(&mut self) {
+        self.probing = false;
+    }
 }
 
 /// The current prefill peers.
@@ -102,6 +158,7 @@ impl PeerSet {
                     channel: ep.connect_lazy(),
                     in_flight_tokens: AtomicUsize::new(0),
                     adapters: Mutex::new(HashSet::new()),
+                    breaker: Mutex::new(Breaker::default()),
                 }))
             })
             .collect();
@@ -151,12 +208,91 @@ enum AttemptError {
 }
 
 impl AttemptError {
+    /// A bounded metric label. A status that carries a transport error is named by its cause:
+    /// `tls` (a handshake or certificate failure, e.g. a rejected mTLS certificate), `connect`
+    /// (nothing listening, unreachable), rather than tonic's generic wrapping.
     fn kind(&self) -> &'static str {
         match self {
             AttemptError::Transfer(e) => e.kind(),
-            AttemptError::Status(s) if s.code() == tonic::Code::Unavailable => "unavailable",
-            AttemptError::Status(_) => "status",
+            AttemptError::Status(s) => match transport_cause(s) {
+                Some(cause) => cause,
+                None if s.code() == tonic::Code::Unavailable => "unavailable",
+                None => "status",
+            },
             AttemptError::Timeout => "timeout",
+        }
+    }
+
+    /// The error with its whole source chain (tonic's message alone hides the cause).
+    fn detail(&self) -> String {
+        let mut out = self.to_string();
+        let mut source = std::error::Error::source(self);
+        while let Some(e) = source {
+            out.push_str(": ");
+            out.push_str(&e.to_string());
+            source = e.source();
+        }
+        out
+    }
+}
+
+/// Names the transport failure under a status, if any, from its source chain.
+fn transport_cause(status: &tonic::Status) -> Option<&'static str> {
+    let mut chain = String::new();
+    let mut source = std::error::Error::source(status);
+    while let Some(e) = source {
+        chain.push_str(&e.to_string().to_ascii_lowercase());
+        chain.push('\n');
+        source = e.source();
+    }
+    if ["certificate", "tls", "handshake", "alert"]
+        .iter()
+        .any(|w| chain.contains(w))
+    {
+        Some("tls")
+    } else if [
+        "connection refused",
+        "tcp connect",
+        "(connect)",
+        "unreachable",
+        "dns error",
+    ]
+    .iter()
+    .any(|w| chain.contains(w))
+    {
+        Some("connect")
+    } else {
+        None
+    }
+}
+
+/// A claimed attempt on a peer: records its outcome in the breaker, or releases a half-open
+/// probe if the attempt is abandoned (the request's caller went away).
+struct ProbeGuard<'a> {
+    peer: &'a Peer,
+    done: bool,
+}
+
+impl ProbeGuard<'_> {
+    fn finish(mut self, ok: bool) {
+        self.done = true;
+        let mut b = self.peer.breaker.lock().unwrap_or_else(|e| e.into_inner());
+        if ok {
+            b.success();
+        } else {
+            b.failure(Instant::now());
+        }
+    }
+}
+
+impl Drop for ProbeGuard<'_> {
+    fn drop(&mut self) {
+        if !self.done {
+            self.peer
+                .breaker
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .release_probe();
         }
     }
 }
@@ -210,7 +346,19 @@ impl DecodeRouter {
             None => (None, None),
         };
         let peers = self.peers.ranked(&adapter_id);
+        let mut backed_off = 0;
         for peer in &peers {
+            let admitted = peer
+                .breaker
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .admit(Instant::now());
+            if !admitted {
+                backed_off += 1;
+                continue;
+            }
+            // Releases a claimed probe if this future is dropped mid-attempt.
+            let probe = ProbeGuard { peer, done: false };
             let tokens = request.prompt.len();
             peer.in_flight_tokens.fetch_add(tokens, Ordering::Relaxed);
             let started = Instant::now();
@@ -221,6 +369,7 @@ impl DecodeRouter {
             .await;
             peer.in_flight_tokens.fetch_sub(tokens, Ordering::Relaxed);
             let outcome = result.unwrap_or(Err(AttemptError::Timeout));
+            probe.finish(outcome.is_ok());
             match outcome {
                 Ok((import, bytes)) => {
                     self.stats
@@ -233,13 +382,16 @@ impl DecodeRouter {
                 }
                 Err(e) => {
                     self.stats.failure(e.kind());
-                    tracing::warn!(peer = %peer.addr, error = %e, request = %request.id, "remote prefill failed; trying the next peer");
+                    tracing::warn!(peer = %peer.addr, kind = e.kind(), error = %e.detail(), request = %request.id, "remote prefill failed; backing off from the peer and trying the next");
                 }
             }
         }
         if !self.opts.local_fallback {
             return Err(EngineError::Unavailable(if peers.is_empty() {
                 "no prefill peer is reachable and local prefill is disabled".into()
+            } else if backed_off == peers.len() {
+                "every prefill peer is backed off after failures and local prefill is disabled"
+                    .into()
             } else {
                 "every prefill peer failed and local prefill is disabled".into()
             }));
@@ -340,5 +492,34 @@ impl DecodeRouter {
             self.layout.num_layers
         ))
         .into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_breaker_backs_off_exponentially_and_probes_once() {
+        let t0 = Instant::now();
+        let mut b = Breaker::default();
+        assert!(b.admit(t0));
+        b.failure(t0);
+        assert!(!b.admit(t0 + Duration::from_millis(999)));
+        // Half-open: one probe, the others keep skipping.
+        assert!(b.admit(t0 + BREAKER_BASE));
+        assert!(!b.admit(t0 + BREAKER_BASE));
+        b.failure(t0 + BREAKER_BASE);
+        assert!(!b.admit(t0 + BREAKER_BASE * 2));
+        assert!(b.admit(t0 + BREAKER_BASE * 3));
+        b.release_probe();
+        assert!(b.admit(t0 + BREAKER_BASE * 3));
+        for _ in 0..40 {
+            b.failure(t0);
+        }
+        assert!(!b.admit(t0 + BREAKER_MAX - Duration::from_millis(1)));
+        assert!(b.admit(t0 + BREAKER_MAX));
+        b.success();
+        assert!(b.admit(t0) && b.admit(t0));
     }
 }

@@ -108,6 +108,8 @@ impl DisaggCollector {
             "unavailable",
             "status",
             "timeout",
+            "tls",
+            "connect",
         ] {
             f.with_label_values(&[kind]);
         }

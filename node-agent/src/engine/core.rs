@@ -407,6 +407,20 @@ impl<B: Backend> Engine<B> {
                     tenant: req.tenant.clone(),
                     name: name.clone(),
                 };
+                // Refused up front, as the scheduler would refuse it once queued: alone in the
+                // pool, its KV and its adapter's rows still could not fit. (Only the caller's
+                // own adapter has an entry under its key, so this reveals nothing of others'.)
+                let adapter_pages = self.registry.get(&key).and_then(|e| e.placement_pages());
+                let kv_pages = self.geometry.pages_for(total);
+                if let Some(adapter_pages) = adapter_pages
+                    && kv_pages + adapter_pages > self.config.num_pages
+                {
+                    return Err(EngineError::TooLarge(format!(
+                        "prompt plus max_tokens ({total} tokens) needs {kv_pages} KV pages plus \
+                         {adapter_pages} pages for adapter {name}; the pool holds {}",
+                        self.config.num_pages
+                    )));
+                }
                 let lease = self
                     .registry
                     .lease(&key)

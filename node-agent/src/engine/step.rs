@@ -93,7 +93,15 @@ impl<B: Backend> Engine<B> {
                     seq.push_token(token, logprob, logits, &self.tokenizer, max_context)
                         .map(|r| (r, None))
                 }
-                Err(e) => Some((FinishReason::Error, Some(format!("sampling failed: {e}")))),
+                // Only this request fails (rows are independent); name its adapter, the
+                // likely cause of non-finite logits.
+                Err(e) => Some((
+                    FinishReason::Error,
+                    Some(match seq.adapter_key() {
+                        Some(key) => format!("sampling failed with adapter {key}: {e}"),
+                        None => format!("sampling failed: {e}"),
+                    }),
+                )),
             };
             if let Some((reason, error)) = finish {
                 self.finish(id, reason, error);

@@ -1,7 +1,8 @@
 //! Loading a PEFT LoRA adapter from disk into host memory, refusing — with the reason and the
 //! file named — everything the engine cannot serve exactly: DoRA, `modules_to_save`, pickle
 //! weights, keys that match no base module, shapes that disagree with the base model, ranks
-//! above the configured maximum, non-finite values, oversized files. A refused adapter touches
+//! above the configured maximum, non-finite values, values or scales beyond
+//! [`MAX_WEIGHT_MAGNITUDE`] / [`MAX_SCALE_MAGNITUDE`], oversized files. A refused adapter touches
 //! nothing else.
 
 use std::io::Read;
@@ -14,6 +15,16 @@ use crate::lora::BaseShapes;
 use crate::lora::Module;
 use crate::lora::ids::Digest;
 use crate::lora::peft::{self, AdapterConfig};
+
+/// Largest magnitude of a `lora_A` or `lora_B` value. Trained LoRA factors are small (PEFT
+/// initialises A at about `1/sqrt(fan_in)` and B at zero; trained values stay well below 1);
+/// an adapter with values in the thousands is broken or hostile, and huge finite values (1e30)
+/// overflow the forward pass to NaN. Bounding the factors and the scale keeps an adapter's
+/// contribution far from the f32 range for the supported model sizes, so a loaded adapter
+/// cannot turn its requests' logits into NaN.
+pub const MAX_WEIGHT_MAGNITUDE: f32 = 1e3;
+/// Largest magnitude of a module's scale (`lora_alpha / r`, or `/ sqrt(r)` with rsLoRA).
+pub const MAX_SCALE_MAGNITUDE: f32 = 1e3;
 
 /// Why an adapter was refused. Every variant names the file it concerns.
 #[derive(Debug, thiserror::Error)]
@@ -181,12 +192,17 @@ pub fn load(
             }
         }
         total += (a.len() + bt.len()) * size_of::<f32>();
-        layers[layer][module.index()] = Some(ModuleWeights {
-            rank,
-            scale: config.scale_for(module, layer),
-            a,
-            bt,
-        });
+        let scale = config.scale_for(module, layer);
+        if !scale.is_finite() || scale.abs() > MAX_SCALE_MAGNITUDE {
+            return Err(invalid(
+                &config_path,
+                format!(
+                    "{name}: the scale (lora_alpha / r) is {scale}, beyond the limit of \
+                     {MAX_SCALE_MAGNITUDE}"
+                ),
+            ));
+        }
+        layers[layer][module.index()] = Some(ModuleWeights { rank, scale, a, bt });
     }
     // A lora_B without its lora_A.
     for name in st.names() {
@@ -322,6 +338,16 @@ fn read_tensor(
         return Err(invalid(
             path,
             format!("{name} has a non-finite value at index {i}"),
+        ));
+    }
+    if let Some(i) = values.iter().position(|v| v.abs() > MAX_WEIGHT_MAGNITUDE) {
+        return Err(invalid(
+            path,
+            format!(
+                "{name} has a value of magnitude {} at index {i}, beyond the limit of \
+                 {MAX_WEIGHT_MAGNITUDE}",
+                values[i].abs()
+            ),
         ));
     }
     Ok(values)

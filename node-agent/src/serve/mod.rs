@@ -1,17 +1,19 @@
 //! `loraplane-agent serve`: starts the engine, preloads adapters, wires every surface (gRPC
-//! `Inference` + `Admin` + health + reflection on one port; the OpenAI API, admin routes,
-//! health and metrics on the other), and runs until a signal, then drains.
+//! `Inference` + `Admin` + health + reflection on one port; the OpenAI API, admin routes and
+//! health on the second; Prometheus `/metrics` on a third, loopback by default, so tenants
+//! cannot read it), and runs until a signal, then drains.
 //!
 //! Start-up order: logging → model (a directory, or a source URI fetched through `sources`)
 //! → engine → tenants → adapter preload → listeners. When both listeners are bound the agent
 //! prints ONE machine-readable line on stdout —
-//! `{"event":"listening","grpc":"ADDR","http":"ADDR"}` — so a supervisor or a test that asked
+//! `{"event":"listening","grpc":"ADDR","http":"ADDR","metrics":"ADDR"}` — so a supervisor or a test that asked
 //! for port 0 learns the real ports; everything else is logged to stderr.
 //!
 //! Shutdown: the first SIGTERM or SIGINT starts a drain (readiness and gRPC health fail at
 //! once, new requests get HTTP 503 + `Retry-After` / gRPC `UNAVAILABLE`), waits up to
-//! `--drain-timeout` for in-flight requests, then stops the servers and returns (exit 0). A
-//! second signal stops waiting. `Admin/Drain` starts the same drain without exiting.
+//! `--drain-timeout` for in-flight requests, ends those still running with an explicit error
+//! event, then stops the servers and returns (exit 0) — at most [`EXIT_BOUND`] (1 s) after
+//! the drain timeout. A second signal stops waiting. `Admin/Drain` starts the same drain without exiting.
 
 mod disagg;
 mod engine;
@@ -25,7 +27,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
-use axum::serve::ListenerExt as _;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tonic::transport::server::TcpIncoming;
@@ -42,8 +43,16 @@ use crate::engine::actor::EngineHandle;
 use crate::lora::ids::AdapterKey;
 use crate::metrics::Metrics;
 
-/// How long the servers get to close their connections after the drain.
-const SERVER_STOP_GRACE: Duration = Duration::from_secs(3);
+/// How long requests still running at the drain timeout get to write their last (error)
+/// event after they are ended.
+const END_FLUSH: Duration = Duration::from_millis(250);
+/// How long the servers then get to close their connections. With [`END_FLUSH`], the agent
+/// exits at most [`EXIT_BOUND`] after `--drain-timeout`.
+const SERVER_STOP_GRACE: Duration = Duration::from_millis(750);
+/// `END_FLUSH + SERVER_STOP_GRACE`: a signalled agent exits within `--drain-timeout` plus this.
+pub const EXIT_BOUND: Duration = Duration::from_secs(1);
+const _: () =
+    assert!(END_FLUSH.as_millis() + SERVER_STOP_GRACE.as_millis() == EXIT_BOUND.as_millis());
 /// The gRPC service name health is reported for (besides the overall "").
 const INFERENCE_SERVICE: &str = "loraplane.v1.Inference";
 
@@ -150,7 +159,8 @@ async fn signal() -> anyhow::Result<&'static str> {
 
 /// Runs the agent until it has drained after a signal.
 pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
-    let metrics = Metrics::new().context("building the metrics registry")?;
+    let metrics = Metrics::with_adapter_identity(config.metrics_adapter_identity)
+        .context("building the metrics registry")?;
     let dir = model_dir(&config).await?;
     let handle = engine::start(&config, &dir, &metrics).await?;
     let served = served_name(&config, &dir);
@@ -188,15 +198,18 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     };
 
     // ---- Admin surfaces (api/admin.rs): gRPC `loraplane.v1.Admin` and the vLLM routes. ----
-    let admin_state = Arc::new(AdminState::new(
-        handle.clone(),
-        tenants.clone(),
-        config.admin.clone(),
-        lifecycle.clone(),
-        config.sources.clone(),
-        config.role,
-        &served,
-    ));
+    let admin_state = Arc::new(
+        AdminState::new(
+            handle.clone(),
+            tenants.clone(),
+            config.admin.clone(),
+            lifecycle.clone(),
+            config.sources.clone(),
+            config.role,
+            &served,
+        )
+        .with_max_request_bytes(config.bounds.max_request_bytes),
+    );
     let admin_grpc = AdminService::new(admin_state.clone()).into_server();
     let admin_http = admin::admin_routes(admin_state);
 
@@ -212,8 +225,14 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let http_listener = TcpListener::bind(config.http_addr)
         .await
         .with_context(|| format!("binding --http-addr {}", config.http_addr))?;
-    let (grpc_addr, http_addr): (SocketAddr, SocketAddr) =
-        (grpc_listener.local_addr()?, http_listener.local_addr()?);
+    let metrics_listener = TcpListener::bind(config.metrics_addr)
+        .await
+        .with_context(|| format!("binding --metrics-addr {}", config.metrics_addr))?;
+    let (grpc_addr, http_addr, metrics_addr): (SocketAddr, SocketAddr, SocketAddr) = (
+        grpc_listener.local_addr()?,
+        http_listener.local_addr()?,
+        metrics_listener.local_addr()?,
+    );
 
     let stopped = |mut rx: watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
@@ -225,18 +244,18 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         .add_service(grpc::inference_server(service.clone()))
         .add_service(admin_grpc)
         .serve_with_incoming_shutdown(nodelay_incoming(grpc_listener), stopped(stop_rx.clone()));
-    let router = http::router(service.clone()).merge(admin_http);
-    // Streamed tokens are small writes: without TCP_NODELAY, Nagle's algorithm holds each one
-    // back until the previous is acknowledged (tens of milliseconds on delayed-ACK peers).
-    let http_listener = http_listener.tap_io(|tcp| {
-        if let Err(error) = tcp.set_nodelay(true) {
-            tracing::debug!(%error, "setting TCP_NODELAY on an HTTP connection");
-        }
-    });
-    let http_server = axum::serve(http_listener, router).with_graceful_shutdown(stopped(stop_rx));
+    let app = http::app(service.clone(), admin_http);
+    let http_server = crate::api::listener::serve(http_listener, app, stop_rx.clone());
+    // Prometheus scrapes during the drain too: this listener stops with the others.
+    let metrics_server = crate::api::listener::serve(
+        metrics_listener,
+        http::metrics_router(service.clone()),
+        stop_rx,
+    );
 
     let grpc_task = tokio::spawn(grpc_server);
-    let http_task = tokio::spawn(async move { http_server.await });
+    let http_task = tokio::spawn(http_server);
+    let metrics_task = tokio::spawn(metrics_server);
 
     // Readiness follows the lifecycle, whoever starts the drain (a signal or Admin/Drain).
     {
@@ -253,8 +272,13 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         });
     }
 
-    tracing::info!(%grpc_addr, %http_addr, role = config.role.as_str(), model = %served, "serving");
-    let mut listening = serde_json::json!({"event": "listening", "grpc": grpc_addr.to_string(), "http": http_addr.to_string()});
+    tracing::info!(%grpc_addr, %http_addr, %metrics_addr, role = config.role.as_str(), model = %served, "serving");
+    let mut listening = serde_json::json!({
+        "event": "listening",
+        "grpc": grpc_addr.to_string(),
+        "http": http_addr.to_string(),
+        "metrics": metrics_addr.to_string(),
+    });
     if let Some(kv) = role.kv_addr {
         listening["kv"] = serde_json::Value::String(kv.to_string());
     }
@@ -285,15 +309,25 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     if remaining > 0 {
         tracing::warn!(
             in_flight = remaining,
-            "drain timeout reached with requests still in flight"
+            "drain timeout reached with requests still in flight: ending them with an error"
         );
+        // Each gets a last event (HTTP: an error event and `[DONE]`; gRPC: finish reason
+        // ERROR and the message) rather than a connection cut at exit.
+        lifecycle.end_in_flight();
+        let left = lifecycle.wait_idle(END_FLUSH).await;
+        if left > 0 {
+            tracing::warn!(
+                in_flight = left,
+                "requests still writing their last event at exit"
+            );
+        }
     } else {
         tracing::info!("drained: no request in flight");
     }
     let _ = stop_tx.send(true);
     let kv_task = role.kv_task;
     let servers = async {
-        let (g, h) = tokio::join!(grpc_task, http_task);
+        let (g, h, m) = tokio::join!(grpc_task, http_task, metrics_task);
         if let Some(kv) = kv_task
             && let Ok(Err(e)) = kv.await
         {
@@ -302,8 +336,8 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         if let Ok(Err(e)) = g {
             tracing::error!(error = %e, "gRPC server error");
         }
-        if let Ok(Err(e)) = h {
-            tracing::error!(error = %e, "HTTP server error");
+        if let Err(e) = h.and(m) {
+            tracing::error!(error = %e, "HTTP server task failed");
         }
     };
     if tokio::time::timeout(SERVER_STOP_GRACE, servers)

@@ -1,7 +1,10 @@
 //! Local sources: a bare absolute path or a `file://` URI, confined to the configured roots.
 //!
-//! The check is on canonical paths (every symlink resolved), so neither `..` nor a symlink —
-//! the directory itself, a parent, or an entry inside it — can lead outside a root. Paths with
+//! The path must first lie lexically under a root; only then is the file system consulted, so
+//! nothing outside the roots can be probed (existence, file type, permissions all answer the
+//! same "outside the allowed roots"). Then the check is repeated on the canonical path (every
+//! symlink resolved), so neither `..` nor a symlink — the directory itself, a parent, or an
+//! entry inside it — can lead outside a root. Paths with
 //! a `..` component are refused before any resolution, even when they would land back inside
 //! a root: an admin request has no reason to contain one. Relative paths are refused (there is
 //! no meaningful working directory for an API call).
@@ -54,15 +57,23 @@ fn percent_decode(s: &str) -> Option<String> {
 
 /// Checks `path` against the roots and returns its canonical form.
 ///
+/// Confinement is checked *before* the path is looked at: a path that does not lexically start
+/// with a root is refused without touching the file system, so the answer for anything outside
+/// the roots is the same whether it exists, is a file, or is unreadable. Inside a root, every
+/// failure to resolve is a plain "not found" with no OS error text; a path that reaches outside
+/// through a symlink is refused whether or not its target exists (the longest existing prefix
+/// decides).
+///
 /// Errors: [`SourceError::Forbidden`] for a relative path, a `..`, or anything outside the roots
-/// (including through symlinks); [`SourceError::NotFound`] for a missing directory or missing
-/// required files.
+/// (including through symlinks); [`SourceError::NotFound`] for a missing or unreadable
+/// directory or missing required files.
 pub(crate) fn resolve(
     ctx: &Ctx,
     path: &Path,
     artifact: Artifact,
     opts: &SourceOptions,
 ) -> Result<PathBuf, SourceError> {
+    const OUTSIDE: &str = "the path is outside the allowed roots";
     if opts.local_roots.is_empty() {
         return Err(ctx.forbidden("local sources are disabled: no local roots are configured"));
     }
@@ -72,32 +83,37 @@ pub(crate) fn resolve(
     if path.components().any(|c| matches!(c, Component::ParentDir)) {
         return Err(ctx.forbidden("the path contains a '..' component"));
     }
+    // The roots are trusted configuration: resolving them reveals nothing to the caller.
     let roots: Vec<PathBuf> = opts
         .local_roots
         .iter()
         .filter_map(|r| std::fs::canonicalize(r).ok())
         .collect();
+    if !inside(path, &opts.local_roots) && !inside(path, &roots) {
+        return Err(ctx.forbidden(OUTSIDE));
+    }
     let canonical = match std::fs::canonicalize(path) {
         Ok(p) => p,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            // Say "not found" only inside the roots: outside them, existence is not our business.
-            return Err(if inside(path, &opts.local_roots) || inside(path, &roots) {
-                ctx.not_found("no such directory")
+        Err(_) => {
+            // Through a symlink out of the roots, the path is outside whether its target exists
+            // or not; otherwise it is simply not there (or not a directory, or unreadable).
+            return Err(if escapes_through_prefix(path, &roots) {
+                ctx.forbidden(OUTSIDE)
             } else {
-                ctx.forbidden("the path is outside the allowed roots")
+                ctx.not_found("no such directory under the allowed roots")
             });
         }
-        Err(e) => return Err(ctx.io("resolving the path", e)),
     };
     if !inside(&canonical, &roots) {
-        return Err(ctx.forbidden("the path is outside the allowed roots"));
+        return Err(ctx.forbidden(OUTSIDE));
     }
     if !canonical.is_dir() {
         return Err(ctx.not_found("not a directory"));
     }
-    let entries = std::fs::read_dir(&canonical).map_err(|e| ctx.io("listing the directory", e))?;
+    let unreadable = || ctx.not_found("the directory cannot be listed");
+    let entries = std::fs::read_dir(&canonical).map_err(|_| unreadable())?;
     for entry in entries {
-        let entry = entry.map_err(|e| ctx.io("listing the directory", e))?;
+        let entry = entry.map_err(|_| unreadable())?;
         let target = match std::fs::canonicalize(entry.path()) {
             Ok(t) => t,
             // A dangling link points nowhere we would read; the engine reports it if needed.
@@ -115,6 +131,15 @@ pub(crate) fn resolve(
         return Err(ctx.not_found(format!("the directory has no {missing}")));
     }
     Ok(canonical)
+}
+
+/// Whether the longest prefix of `path` that resolves lies outside the canonical `roots` (a
+/// symlink inside a root that leads out).
+fn escapes_through_prefix(path: &Path, roots: &[PathBuf]) -> bool {
+    path.ancestors()
+        .skip(1)
+        .find_map(|p| std::fs::canonicalize(p).ok())
+        .is_some_and(|c| !inside(&c, roots))
 }
 
 fn inside(path: &Path, roots: &[PathBuf]) -> bool {

@@ -8,7 +8,10 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use loraplane_units::quantity::{self, QuantityError};
 use toml::Value;
 
-use super::{AgentParams, GRPC_PORT, HTTP_PORT, KV_PORT, child_meta, common_labels, config_name};
+use super::{
+    AgentParams, GRPC_PORT, HTTP_PORT, KV_PORT, METRICS_PORT, child_meta, common_labels,
+    config_name,
+};
 use crate::crd::{BaseModel, ModelSource};
 
 /// The ConfigMap key of the agent configuration file.
@@ -99,6 +102,10 @@ pub fn agent_settings(
     );
     set("grpc-addr", Value::String(format!("0.0.0.0:{GRPC_PORT}")));
     set("http-addr", Value::String(format!("0.0.0.0:{HTTP_PORT}")));
+    set(
+        "metrics-addr",
+        Value::String(format!("0.0.0.0:{METRICS_PORT}")),
+    );
     set(
         "drain-timeout",
         Value::String(format!("{}ms", params.drain_timeout.as_millis())),

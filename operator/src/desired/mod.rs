@@ -31,8 +31,11 @@ use crate::role::Role;
 pub const MANAGER: &str = "loraplane-operator";
 /// The agent's gRPC port (Inference, Admin, KvTransfer, health, reflection).
 pub const GRPC_PORT: i32 = 50051;
-/// The agent's HTTP port (OpenAI API, `/healthz`, `/readyz`, `/metrics`).
+/// The agent's HTTP port (OpenAI API, `/healthz`, `/readyz`).
 pub const HTTP_PORT: i32 = 8000;
+/// The agent's Prometheus `/metrics` port (`--metrics-addr`), on the pod network only: no
+/// Service publishes it, the chart's PodMonitor scrapes it by its name `metrics`.
+pub const METRICS_PORT: i32 = 9400;
 /// The prefill agent's `KvTransfer` port (decode agents stream KV caches from it).
 pub const KV_PORT: i32 = 50052;
 

@@ -23,7 +23,7 @@ use super::config::{
     agent_toml, pvc_source,
 };
 use super::{
-    AgentParams, GRPC_PORT, HTTP_PORT, KV_PORT, annotations, child_meta, config_name,
+    AgentParams, GRPC_PORT, HTTP_PORT, KV_PORT, METRICS_PORT, annotations, child_meta, config_name,
     credentials_secret_name, hash_json, role_labels, role_name, role_selector,
 };
 use crate::crd::{BaseModel, ServingMode};
@@ -64,7 +64,11 @@ fn container_ports(role: Role) -> Vec<ContainerPort> {
         protocol: Some("TCP".into()),
         ..ContainerPort::default()
     };
-    let mut ports = vec![port("grpc", GRPC_PORT), port("http", HTTP_PORT)];
+    let mut ports = vec![
+        port("grpc", GRPC_PORT),
+        port("http", HTTP_PORT),
+        port("metrics", METRICS_PORT),
+    ];
     if role == Role::Prefill {
         ports.push(port("kv", KV_PORT));
     }

@@ -242,7 +242,8 @@ fn pods_outlive_the_drain_and_probe_the_agent() {
         ports,
         [
             ("grpc".to_owned(), GRPC_PORT),
-            ("http".to_owned(), HTTP_PORT)
+            ("http".to_owned(), HTTP_PORT),
+            ("metrics".to_owned(), METRICS_PORT)
         ]
     );
     let sc = c.security_context.as_ref().unwrap();
@@ -285,8 +286,8 @@ fn decode_agents_find_prefill_peers_through_the_headless_service() {
             .map(|p| p.name.clone().unwrap())
             .collect::<Vec<_>>()
     };
-    assert_eq!(port_names(Role::Prefill), ["grpc", "http", "kv"]);
-    assert_eq!(port_names(Role::Decode), ["grpc", "http"]);
+    assert_eq!(port_names(Role::Prefill), ["grpc", "http", "metrics", "kv"]);
+    assert_eq!(port_names(Role::Decode), ["grpc", "http", "metrics"]);
     let svc_ports = |s: k8s_openapi::api::core::v1::Service| {
         s.spec
             .unwrap()

@@ -3,7 +3,7 @@
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
+use axum::body::{Body, Bytes};
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -22,11 +22,31 @@ use crate::lora::ids::TenantId;
 ///   `Success: LoRA adapter '<name>' removed successfully.`, 404 for an unknown adapter.
 ///
 /// The tenant is `default` unless the body names one. Errors are OpenAI error JSON.
+///
+/// The body limit is [`AdminState::max_request_bytes`]; the credential is checked before the
+/// body is read, so a caller without it learns nothing else (401 whatever the body).
 pub fn admin_routes<E: AdminEngine>(state: Arc<AdminState<E>>) -> axum::Router {
     axum::Router::new()
         .route("/v1/load_lora_adapter", post(load_lora::<E>))
         .route("/v1/unload_lora_adapter", post(unload_lora::<E>))
         .with_state(state)
+}
+
+/// Reads the body after the credential was checked, under the admin routes' limit.
+async fn read_body<E: AdminEngine>(state: &AdminState<E>, body: Body) -> Result<Bytes, AdminError> {
+    let limit = state.max_request_bytes();
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        let too_large = std::error::Error::source(&e)
+            .is_some_and(|s| s.is::<http_body_util::LengthLimitError>());
+        AdminError::Api(if too_large {
+            ApiError::PayloadTooLarge { limit }
+        } else {
+            ApiError::InvalidArgument {
+                param: None,
+                message: format!("could not read the request body: {e}"),
+            }
+        })
+    })
 }
 
 #[derive(Debug, Deserialize)]
@@ -81,10 +101,10 @@ fn success(message: String) -> Response {
 async fn load_lora<E: AdminEngine>(
     State(state): State<Arc<AdminState<E>>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, AdminError> {
     state.authorize(auth::bearer_from_headers(&headers))?;
-    let b: LoadLoraBody = parse_body(&body)?;
+    let b: LoadLoraBody = parse_body(&read_body(&state, body).await?)?;
     let tenant = b.tenant.unwrap_or_else(|| TenantId::default_tenant().0);
     state
         .load(
@@ -104,10 +124,10 @@ async fn load_lora<E: AdminEngine>(
 async fn unload_lora<E: AdminEngine>(
     State(state): State<Arc<AdminState<E>>>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Body,
 ) -> Result<Response, AdminError> {
     state.authorize(auth::bearer_from_headers(&headers))?;
-    let b: UnloadLoraBody = parse_body(&body)?;
+    let b: UnloadLoraBody = parse_body(&read_body(&state, body).await?)?;
     let tenant = b.tenant.unwrap_or_else(|| TenantId::default_tenant().0);
     if !state.unload(&tenant, &b.lora_name).await? {
         return Err(AdminError::AdapterNotFound(b.lora_name));

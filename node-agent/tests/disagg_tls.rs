@@ -1,6 +1,7 @@
 //! The KV channel over mutual TLS (rustls): a decode agent with a client certificate from the
 //! cluster CA streams KV from a prefill agent that requires one; a client without a
-//! certificate is refused at the handshake.
+//! certificate is refused at the handshake; a client that does not trust the prefill agent's
+//! CA fails its handshake and counts the failure as `tls`.
 
 // Test helpers outside #[test] functions fail loudly by design.
 #![allow(clippy::unwrap_used)]
@@ -175,18 +176,47 @@ async fn kv_streams_over_mutual_tls_and_refuses_clients_without_a_certificate() 
     let router = DecodeRouter::start(
         decode.clone(),
         layout,
-        options(addr, no_cert),
+        options(addr.clone(), no_cert),
         stats.clone(),
     )
     .await;
     let err = router
         .submit(Request {
             id: "nocert".into(),
+            ..request.clone()
+        })
+        .await
+        .unwrap_err();
+    assert!(matches!(err, EngineError::Unavailable(_)), "{err}");
+
+    // A decode agent that does not trust the prefill agent's CA: the handshake fails on the
+    // decode side, and the failure is counted as what it is, a TLS problem.
+    let stranger = crate::pki();
+    let wrong_ca = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&stranger.ca))
+        .identity(Identity::from_pem(&stranger.client.0, &stranger.client.1))
+        .domain_name("localhost");
+    let stats = Arc::new(DisaggStats::default());
+    let router = DecodeRouter::start(
+        decode.clone(),
+        layout,
+        options(addr, wrong_ca),
+        stats.clone(),
+    )
+    .await;
+    let err = router
+        .submit(Request {
+            id: "wrong-ca".into(),
             ..request
         })
         .await
         .unwrap_err();
     assert!(matches!(err, EngineError::Unavailable(_)), "{err}");
+    let failures = stats.failures();
+    assert!(
+        failures.get("tls").copied().unwrap_or(0) >= 1,
+        "a rejected certificate counts as a tls failure: {failures:?}"
+    );
     assert_eq!(
         prefill.stats().await.unwrap().steps,
         1,

@@ -4,7 +4,8 @@
 //! the real `loraplane-operator` binary runs against it (out of cluster, with leader
 //! election on a Lease in the test namespace), and the suite checks what the API server
 //! holds: CEL validation, children and their owner references, status and conditions,
-//! Events, the finalizer, spec changes and garbage collection.
+//! Events, the finalizer, spec changes, autoscaling (the HPA, the hand-over of
+//! `spec.replicas`, the HPA's count left alone) and garbage collection.
 //!
 //! Setup (see the README): `kind create cluster --name loraplane-e2e`,
 //! `kind get kubeconfig --name loraplane-e2e > /tmp/kind.yaml`,
@@ -25,6 +26,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, Service};
 use k8s_openapi::api::events::v1::Event;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -143,6 +145,150 @@ async fn events_for(client: &Client, ns: &str, name: &str) -> Vec<Event> {
         .into_iter()
         .filter(|e| e.regarding.as_ref().and_then(|r| r.name.as_deref()) == Some(name))
         .collect()
+}
+
+/// Autoscaling per role on a real API server: the CRD's rules, the HPA the operator renders,
+/// `spec.replicas` handed over when autoscaling is switched on (the count does not fall back to
+/// one), the HPA's count left alone by later applies, and the HPA pruned when autoscaling is
+/// switched off. The model runs at 2 replicas when this starts. Without a metrics pipeline
+/// the HPA controller still enforces `minReplicas`, which is what moves the count here.
+async fn autoscaling(
+    client: &Client,
+    models: &Api<BaseModel>,
+    sts_api: &Api<StatefulSet>,
+    ns: &str,
+    team: &str,
+    name: &str,
+) {
+    let sts_name = format!("{name}-unified");
+    let autoscaled = |min: i32, max: i32, rank: i32| {
+        let mut m = model_json(name, ns, &[team], 1);
+        m["spec"]["serving"]["unified"] = json!({"autoscaling": {
+            "minReplicas": min, "maxReplicas": max, "scaleDownStabilizationSeconds": 30,
+            "target": {"runningSequences": 16, "kvCacheUtilizationPercent": 80}}});
+        m["spec"]["memory"]["maxAdapterRank"] = json!(rank);
+        m
+    };
+    // The CRD's rules.
+    for (why, bad) in [
+        ("minReplicas above maxReplicas", autoscaled(4, 2, 16)),
+        ("minReplicas 0", autoscaled(0, 2, 16)),
+    ] {
+        assert!(is_invalid(apply(models, bad).await), "{why}");
+    }
+    let mut both = autoscaled(1, 2, 16);
+    both["spec"]["serving"]["unified"]["replicas"] = json!(2);
+    assert!(
+        is_invalid(apply(models, both).await),
+        "replicas and autoscaling"
+    );
+    let mut no_target = autoscaled(1, 2, 16);
+    no_target["spec"]["serving"]["unified"]["autoscaling"]["target"] = json!({});
+    assert!(is_invalid(apply(models, no_target).await), "no target");
+    let mut wrong = autoscaled(1, 2, 16);
+    wrong["spec"]["serving"]["unified"]["autoscaling"]["target"] =
+        json!({"queuedPromptTokens": 100});
+    assert!(
+        is_invalid(apply(models, wrong).await),
+        "unified on queued prompt tokens"
+    );
+    let mut prefill = model_json("bad", ns, &[], 1);
+    prefill["spec"]["serving"] = json!({"mode": "Disaggregated", "decode": {"replicas": 1},
+        "prefill": {"autoscaling": {"minReplicas": 1, "maxReplicas": 2, "target": {"runningSequences": 4}}}});
+    assert!(
+        is_invalid(apply(models, prefill).await),
+        "prefill on running sequences"
+    );
+
+    // On: the HPA appears; the count stays 2 (handed over), then the HPA raises it to min 3.
+    apply(models, autoscaled(3, 5, 16)).await.unwrap();
+    let hpas: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), ns);
+    let hpa = eventually("the HorizontalPodAutoscaler", WAIT, || async {
+        hpas.get_opt(&sts_name).await.unwrap()
+    })
+    .await;
+    let spec = hpa.spec.unwrap();
+    assert_eq!((spec.min_replicas, spec.max_replicas), (Some(3), 5));
+    assert_eq!(spec.scale_target_ref.name, sts_name);
+    let names: Vec<String> = spec
+        .metrics
+        .unwrap()
+        .into_iter()
+        .map(|m| m.pods.unwrap().metric.name)
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "loraplane_requests_running",
+            "loraplane_kv_cache_utilization"
+        ]
+    );
+    let replicas_owners = |s: &StatefulSet| -> Vec<String> {
+        s.managed_fields()
+            .iter()
+            .filter(|m| {
+                m.fields_v1
+                    .as_ref()
+                    .is_some_and(|f| f.0["f:spec"].get("f:replicas").is_some())
+            })
+            .filter_map(|m| m.manager.clone())
+            .collect()
+    };
+    let handed = eventually("spec.replicas no longer the operator's", WAIT, || async {
+        let s = sts_api.get(&sts_name).await.unwrap();
+        (!replicas_owners(&s)
+            .iter()
+            .any(|m| m == "loraplane-operator"))
+        .then_some(s)
+    })
+    .await;
+    assert!(
+        handed.spec.unwrap().replicas.unwrap_or(1) >= 2,
+        "the count did not fall back to 1"
+    );
+    eventually("the HPA raising the count to minReplicas", WAIT, || async {
+        let s = sts_api.get(&sts_name).await.unwrap();
+        (s.spec.unwrap().replicas == Some(3)).then_some(())
+    })
+    .await;
+
+    // A change that rolls the pods: the operator re-applies the StatefulSet, the count stays.
+    apply(models, autoscaled(3, 5, 32)).await.unwrap();
+    eventually("the rolled StatefulSet", WAIT, || async {
+        let s = sts_api.get(&sts_name).await.unwrap();
+        (s.metadata.generation > handed.metadata.generation).then_some(())
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let s = sts_api.get(&sts_name).await.unwrap();
+    assert_eq!(
+        s.spec.as_ref().unwrap().replicas,
+        Some(3),
+        "the operator leaves the HPA's count"
+    );
+    eventually("status reporting the HPA's count", WAIT, || async {
+        let st = models.get(name).await.unwrap().status?;
+        (st.unified?.replicas == 3).then_some(())
+    })
+    .await;
+
+    // Off: a fixed count again, and the HPA is gone.
+    apply(models, model_json(name, ns, &[team], 2))
+        .await
+        .unwrap();
+    eventually("the HPA pruned", WAIT, || async {
+        hpas.get_opt(&sts_name)
+            .await
+            .unwrap()
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    eventually("the StatefulSet back at 2", WAIT, || async {
+        let s = sts_api.get(&sts_name).await.unwrap();
+        (s.spec.unwrap().replicas == Some(2)).then_some(())
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -328,6 +474,8 @@ async fn operator_on_a_real_cluster() {
         (s.spec.unwrap().replicas == Some(2)).then_some(())
     })
     .await;
+
+    autoscaling(&client, &models, &sts_api, &ns, &team, name).await;
 
     // An adapter in an admitted namespace gets the finalizer and a status; one elsewhere is
     // refused admission.

@@ -12,6 +12,7 @@ use loraplane_units::parse_duration;
 use crate::agent_client::Timeouts;
 use crate::controller::Settings;
 use crate::desired::AgentParams;
+use crate::desired::autoscaling::Autoscaler;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -51,6 +52,8 @@ pub struct RunArgs {
     pub agents: AgentArgs,
     #[command(flatten)]
     pub reconcile: ReconcileArgs,
+    #[command(flatten)]
+    pub autoscaling: AutoscalingArgs,
     #[command(flatten)]
     pub logging: LogArgs,
 }
@@ -141,6 +144,31 @@ pub struct ReconcileArgs {
     pub retry_max: Duration,
 }
 
+/// What carries `spec.serving.<role>.autoscaling`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum AutoscalerKind {
+    /// An `autoscaling/v2` HorizontalPodAutoscaler on Pods metrics that prometheus-adapter
+    /// serves (the chart ships the rules).
+    Hpa,
+    /// A KEDA ScaledObject with Prometheus triggers (needs KEDA installed).
+    Keda,
+}
+
+/// Autoscaling of the roles that ask for it.
+#[derive(Debug, Args)]
+pub struct AutoscalingArgs {
+    #[arg(long, env = "LORAPLANE_AUTOSCALER", value_enum, default_value = "hpa")]
+    pub autoscaler: AutoscalerKind,
+    /// The Prometheus server KEDA's triggers query, e.g.
+    /// `http://prometheus-operated.monitoring.svc:9090` (required with `--autoscaler keda`).
+    #[arg(
+        long,
+        env = "LORAPLANE_KEDA_PROMETHEUS_ADDRESS",
+        required_if_eq("autoscaler", "keda")
+    )]
+    pub keda_prometheus_address: Option<String>,
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
     Json,
@@ -161,12 +189,24 @@ impl RunArgs {
     pub fn settings(&self) -> Settings {
         let a = &self.agents;
         let r = &self.reconcile;
+        let autoscaler = match self.autoscaling.autoscaler {
+            AutoscalerKind::Hpa => Autoscaler::Hpa,
+            AutoscalerKind::Keda => Autoscaler::Keda {
+                // clap requires the address with `keda`.
+                prometheus: self
+                    .autoscaling
+                    .keda_prometheus_address
+                    .clone()
+                    .unwrap_or_default(),
+            },
+        };
         Settings {
             agent: AgentParams {
                 image: a.agent_image.clone(),
                 image_pull_policy: a.agent_image_pull_policy.clone(),
                 drain_timeout: a.agent_drain_timeout,
                 cluster_domain: a.cluster_domain.clone(),
+                autoscaler,
                 ..AgentParams::default()
             },
             snapshot_ttl: r.snapshot_ttl,
@@ -225,6 +265,37 @@ mod tests {
         assert_eq!(args.timeouts().load, Duration::from_secs(90));
         assert_eq!(args.server.metrics_addr.port(), 8080);
         assert!(!args.leader.no_leader_election);
+    }
+
+    #[test]
+    fn the_autoscaler_is_an_hpa_unless_keda_is_asked_for_with_its_prometheus() {
+        let parse = |extra: &[&str]| {
+            let mut argv = vec!["loraplane-operator", "run"];
+            argv.extend_from_slice(extra);
+            Cli::try_parse_from(argv).map(|cli| match cli.command {
+                Command::Run(args) => args.settings().agent.autoscaler,
+                _ => panic!("not run"),
+            })
+        };
+        assert_eq!(parse(&[]).unwrap(), Autoscaler::Hpa);
+        assert_eq!(
+            parse(&[
+                "--autoscaler",
+                "keda",
+                "--keda-prometheus-address",
+                "http://prom:9090"
+            ])
+            .unwrap(),
+            Autoscaler::Keda {
+                prometheus: "http://prom:9090".into()
+            }
+        );
+        let err = parse(&["--autoscaler", "keda"]).unwrap_err();
+        assert!(
+            err.to_string().contains("--keda-prometheus-address"),
+            "{err}"
+        );
+        assert!(parse(&["--autoscaler", "vpa"]).is_err());
     }
 
     #[test]

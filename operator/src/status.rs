@@ -136,7 +136,7 @@ pub fn base_model_status(
     for (role, spec) in role::roles(model) {
         let name = crate::desired::role_name(model, role);
         let sts = seen.statefulsets.iter().find(|s| s.name_any() == name);
-        let want = role::replicas(&spec);
+        let want = crate::desired::autoscaling::wanted_replicas(&spec, sts);
         let st = sts.and_then(|s| s.status.as_ref());
         let ready = st.and_then(|s| s.ready_replicas).unwrap_or(0);
         let updated = st.and_then(|s| s.updated_replicas).unwrap_or(0);
@@ -162,14 +162,14 @@ pub fn base_model_status(
     let ready_msg = |prefix: &str| {
         let parts: Vec<String> = role::roles(model)
             .iter()
-            .map(|(r, s)| {
-                let ready = match r {
+            .map(|(r, _)| {
+                let (ready, want) = match r {
                     Role::Unified => status.unified.as_ref(),
                     Role::Prefill => status.prefill.as_ref(),
                     Role::Decode => status.decode.as_ref(),
                 }
-                .map_or(0, |s| s.ready);
-                format!("{r} {ready}/{}", role::replicas(s))
+                .map_or((0, 0), |s| (s.ready, s.replicas));
+                format!("{r} {ready}/{want}")
             })
             .collect();
         format!("{prefix}{}", parts.join(", "))

@@ -50,6 +50,8 @@ KINDS = {
     "statefulsets": "StatefulSet",
     "deployments": "Deployment",
     "poddisruptionbudgets": "PodDisruptionBudget",
+    "horizontalpodautoscalers": "HorizontalPodAutoscaler",
+    "scaledobjects": "ScaledObject",
     "leases": "Lease",
     "basemodels": "BaseModel",
     "loraadapters": "LoraAdapter",

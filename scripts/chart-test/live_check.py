@@ -16,8 +16,10 @@
 6. then: every alert evaluates without error and reads only metrics that exist; every
    template variable resolves; every query of every dashboard panel returns data, with the
    variables at "All" and at concrete values; the StatefulSets the operator applied give
-   agents a termination grace period longer than their drain timeout; every Kubernetes call
-   the operator made is allowed by the chart's RBAC.
+   agents a termination grace period longer than their drain timeout; the HPAs it applied for
+   the autoscaled roles name metrics that the chart's prometheus-adapter rules serve, and
+   every rule's query returns one value per agent pod; every Kubernetes call the operator
+   made is allowed by the chart's RBAC.
 
 Usage: live_check.py AGENT_BINARY OPERATOR_BINARY
 """
@@ -150,9 +152,15 @@ def seed(models_dir: Path, adapters_dir: Path, agents: dict[str, dict]) -> list[
         {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": f"{TENANT}-key", "namespace": TENANT, "labels": {"loraplane.dev/api-key": "true"}},
          "type": "Opaque", "data": {"api-key": b64(API_KEY)}},
     ]
+    # Both served models are autoscaled, so the operator renders an HPA per role and
+    # check_autoscaling can run the prometheus-adapter rules the HPAs depend on.
     for model, mode, serving in [
-        ("tiny", "Disaggregated", {"prefill": {"replicas": 1}, "decode": {"replicas": 1}}),
-        ("tiny-unified", "Unified", {"unified": {"replicas": 1}}),
+        ("tiny", "Disaggregated", {
+            "prefill": {"autoscaling": {"minReplicas": 1, "maxReplicas": 3, "target": {"queuedPromptTokens": 512}}},
+            "decode": {"autoscaling": {"minReplicas": 1, "maxReplicas": 4, "scaleDownStabilizationSeconds": 60,
+                                       "target": {"runningSequences": 4, "kvCacheUtilizationPercent": 50}}}}),
+        ("tiny-unified", "Unified", {"unified": {"autoscaling": {"minReplicas": 1, "maxReplicas": 2,
+                                                                 "target": {"runningSequences": 8, "kvCacheUtilizationPercent": 80}}}}),
         ("broken", "Unified", {"unified": {"replicas": 1}}),
     ]:
         objs.append({"apiVersion": "loraplane.dev/v1alpha1", "kind": "BaseModel", "metadata": {"name": model, "namespace": NAMESPACE},
@@ -379,6 +387,48 @@ def check_statefulsets(rep: Report, kube: str, env: dict, agents: dict):
                   f"StatefulSet {s['metadata']['name']}: its agents serve /metrics on the `metrics` port the PodMonitor scrapes, apart from the API", f"{ports}")
 
 
+def check_autoscaling(rep: Report, prom: Prom, kube: str, agents: dict):
+    """The HPAs the operator applied name metrics the chart's prometheus-adapter rules serve,
+    and each rule's query, templated the way prometheus-adapter does for the HPA's pods,
+    returns one value per agent pod from the live agents' series."""
+    _, body = http("GET", f"{kube}/apis/autoscaling/v2/namespaces/{NAMESPACE}/horizontalpodautoscalers")
+    hpas = json.loads(body)["items"]
+    names = sorted(h["metadata"]["name"] for h in hpas)
+    rep.check(names == ["tiny-decode", "tiny-prefill", "tiny-unified-unified"], f"the operator applied one HPA per autoscaled role ({', '.join(names)})")
+    _, body = http("GET", f"{kube}/apis/apps/v1/namespaces/{NAMESPACE}/statefulsets")
+    sts = {s["metadata"]["name"]: s for s in json.loads(body)["items"]}
+    rules = {r["name"]["as"]: r for r in yaml.safe_load((CHART / "files" / "prometheus-adapter-rules.yaml").read_text())["rules"]}
+    for name, rule in sorted(rules.items()):
+        series = re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", rule["seriesQuery"]).group(0)
+        rep.check(re.search(rule["name"]["matches"], series) is not None, f"adapter rule {name}: name.matches matches its series {series}")
+        found = prom.get("/api/v1/series", **{"match[]": rule["seriesQuery"]})
+        rep.check(bool(found) and all(f.get("namespace") and f.get("pod") for f in found),
+                  f"adapter rule {name}: its seriesQuery finds the agents' series, with namespace and pod ({len(found)})")
+    for h in hpas:
+        target = h["spec"]["scaleTargetRef"]["name"]
+        rep.check(target in sts and "replicas" not in sts[target]["spec"], f"HPA {h['metadata']['name']}: StatefulSet {target} leaves replicas to it")
+        pods = sorted(p for p, a in agents.items() if f"{a['model']}-{a['role']}" == target)
+        for m in h["spec"]["metrics"]:
+            name = m["pods"]["metric"]["name"]
+            what = f"HPA {h['metadata']['name']} metric {name}"
+            rule = rules.get(name)
+            if not rep.check(rule is not None, f"{what} is served by a prometheus-adapter rule"):
+                continue
+            series = re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", rule["seriesQuery"]).group(0)
+            matchers = f'namespace="{NAMESPACE}",pod=~"{"|".join(pods)}"'
+            q = (rule["metricsQuery"].replace("<<.Series>>", series).replace("<<.LabelMatchers>>", matchers)
+                 .replace("<<.GroupBy>>", "namespace,pod"))
+            try:
+                res = prom.get("/api/v1/query", query=q)["result"]
+            except RuntimeError as e:
+                rep.fail(f"{what}: the adapter's query runs", f"{e} in {q}")
+                continue
+            got = sorted(r["metric"].get("pod", "") for r in res)
+            values = [float(r["value"][1]) for r in res]
+            ok = got == pods and all(v >= 0 for v in values) and (name != "loraplane_kv_cache_utilization" or all(v <= 1 for v in values))
+            rep.check(ok, f"{what}: the adapter's query gives one value per agent pod ({', '.join(f'{p}={v:g}' for p, v in zip(got, values))})", q)
+
+
 def run(agent_bin: str, operator_bin: str) -> int:
     rep = Report("chart-test live")
     tmp = tmpdir() / "live"
@@ -503,6 +553,9 @@ def run(agent_bin: str, operator_bin: str) -> int:
     check_dashboard(rep, prom, start_ts)
     rep.section("what the operator did")
     check_statefulsets(rep, kube, env, agents)
+    rep.section("autoscaling (the operator's HPAs through the chart's prometheus-adapter rules)")
+    check_autoscaling(rep, prom, kube, agents)
+    rep.section("RBAC")
     check_rbac(rep, docs, kube)
     return rep.close()
 

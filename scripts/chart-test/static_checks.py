@@ -12,6 +12,8 @@
 - `promtool check rules` on the PrometheusRule, and `promtool test rules` (alerts-test.yaml):
   each alert fires when it should, after its `for`, with its annotations rendered;
 - the dashboard ConfigMap carries the dashboard;
+- the autoscaler flags mirror the values; the prometheus-adapter rules ConfigMap holds the
+  chart's rules file; every rule maps namespace and pod and its queries parse (promtool);
 - values the chart must refuse are refused; the examples validate against their schemas.
 
 Usage: static_checks.py OPERATOR_BINARY
@@ -68,7 +70,10 @@ MUST_REFUSE = [
     ({"operator": {"logFormat": "xml"}}, "logFormat"),
     ({"operator": {"replicass": 2}}, "replicass"),
     ({"agent": {"image": {"digest": "latest"}}}, "digest"),
+    ({"autoscaling": {"engine": "keda"}}, "prometheusAddress"),
+    ({"autoscaling": {"engine": "vpa"}}, "engine"),
 ]
+ADAPTER_RULES = CHART / "files" / "prometheus-adapter-rules.yaml"
 
 
 def operator_flag_envs(operator: str) -> set[str]:
@@ -179,9 +184,11 @@ def check_wiring(rep: Report, name: str, docs: list[dict], values: dict, want_rb
     rep.check(all(pod_labels.get(k) == x for k, x in svc["spec"]["selector"].items()), f"[{name}] the metrics Service selects the operator pods")
     ports = {p["name"] for p in dep["spec"]["template"]["spec"]["containers"][0]["ports"]}
     rep.check(all(p["targetPort"] in ports for p in svc["spec"]["ports"]), f"[{name}] the metrics Service targets a named container port")
+    namespaces = {"templates/dashboard.yaml": v["dashboard"]["namespace"] or NAMESPACE,
+                  "templates/prometheus-adapter-rules.yaml": v["autoscaling"]["prometheusAdapter"]["configMap"]["namespace"] or NAMESPACE}
     for d in docs:
         if d["kind"] not in ("ClusterRole", "ClusterRoleBinding"):
-            want_ns = (v["dashboard"]["namespace"] or NAMESPACE) if d["kind"] == "ConfigMap" else NAMESPACE
+            want_ns = next((ns for src, ns in namespaces.items() if d["__source__"].endswith(src)), NAMESPACE)
             if d["metadata"].get("namespace") != want_ns:
                 rep.fail(f"[{name}] {d['kind']} {d['metadata']['name']} is in namespace {want_ns}", str(d["metadata"].get("namespace")))
 
@@ -215,7 +222,7 @@ def check_wiring(rep: Report, name: str, docs: list[dict], values: dict, want_rb
         rep.check(sel.get(pm["spec"]["jobLabel"]) == v["prometheusRule"]["agentJob"],
                   f"[{name}] the PodMonitor's job ({sel.get(pm['spec']['jobLabel'])}) is the one the alerts use")
 
-    dashboards = find(docs, "ConfigMap")
+    dashboards = [d for d in find(docs, "ConfigMap") if d["__source__"].endswith("templates/dashboard.yaml")]
     if v["dashboard"]["enabled"]:
         (cm,) = dashboards
         rep.check(all(cm["metadata"]["labels"].get(k) == x for k, x in v["dashboard"]["labels"].items()), f"[{name}] the dashboard ConfigMap carries the sidecar labels")
@@ -223,6 +230,53 @@ def check_wiring(rep: Report, name: str, docs: list[dict], values: dict, want_rb
         rep.check(json.loads(cm["data"]["loraplane.json"]) == file_json, f"[{name}] the dashboard ConfigMap holds dashboards/loraplane.json")
     else:
         rep.check(not dashboards, f"[{name}] no dashboard ConfigMap when dashboard.enabled=false")
+
+
+def check_autoscaling(rep: Report, name: str, docs: list[dict], values: dict):
+    """The operator's autoscaler flags mirror the values; the adapter rules ConfigMap exists
+    exactly when asked for and holds the chart's rules file."""
+    v = merged(values)["autoscaling"]
+    (dep,) = find(docs, "Deployment")
+    env = env_of(dep)
+    rep.check(env.get("LORAPLANE_AUTOSCALER") == v["engine"], f"[{name}] --autoscaler is autoscaling.engine ({v['engine']})")
+    keda = env.get("LORAPLANE_KEDA_PROMETHEUS_ADDRESS")
+    want = v["keda"]["prometheusAddress"] if v["engine"] == "keda" else None
+    rep.check(keda == want, f"[{name}] --keda-prometheus-address is set exactly with engine=keda", f"{keda!r} != {want!r}")
+    cms = [d for d in find(docs, "ConfigMap") if d["__source__"].endswith("templates/prometheus-adapter-rules.yaml")]
+    if v["prometheusAdapter"]["configMap"]["enabled"]:
+        (cm,) = cms
+        same = yaml.safe_load(cm["data"]["config.yaml"]) == yaml.safe_load(ADAPTER_RULES.read_text())
+        rep.check(same, f"[{name}] the prometheus-adapter ConfigMap's config.yaml is files/prometheus-adapter-rules.yaml")
+        labels = cm["metadata"]["labels"]
+        rep.check(all(labels.get(k) == x for k, x in v["prometheusAdapter"]["configMap"]["labels"].items()),
+                  f"[{name}] the prometheus-adapter ConfigMap carries the extra labels")
+    else:
+        rep.check(not cms, f"[{name}] no prometheus-adapter ConfigMap unless asked for")
+
+
+def check_adapter_rules(rep: Report, tmp: Path):
+    """files/prometheus-adapter-rules.yaml: every rule maps namespace and pod, renames one
+    series, and its queries (templated as prometheus-adapter does) are valid PromQL."""
+    rules = yaml.safe_load(ADAPTER_RULES.read_text())["rules"]
+    rep.check(len(rules) >= 3, f"{len(rules)} prometheus-adapter rules")
+    exprs = []
+    for i, r in enumerate(rules):
+        name = r.get("name", {}).get("as", f"rule {i}")
+        series = re.match(r"[a-zA-Z_:][a-zA-Z0-9_:]*", r["seriesQuery"]).group(0)
+        overrides = r["resources"]["overrides"]
+        rep.check(overrides.get("namespace") == {"resource": "namespace"} and overrides.get("pod") == {"resource": "pod"},
+                  f"adapter rule {name}: namespace and pod labels map to their resources")
+        rep.check(re.fullmatch(r["name"]["matches"], series) is not None, f"adapter rule {name}: name.matches selects {series}")
+        q = r["metricsQuery"]
+        rep.check("<<.LabelMatchers>>" in q and "by (<<.GroupBy>>)" in q, f"adapter rule {name}: the query is filtered and grouped per pod")
+        exprs.append(r["seriesQuery"])
+        exprs.append(q.replace("<<.Series>>", series).replace("<<.LabelMatchers>>", 'namespace="ns",pod=~"a-0|a-1"')
+                     .replace("<<.GroupBy>>", "namespace,pod"))
+    path = write_yaml(tmp / "adapter-rules-as-recording-rules.yaml",
+                      {"groups": [{"name": "adapter", "rules": [{"record": f"adapter_check_{i}", "expr": e} for i, e in enumerate(exprs)]}]})
+    res = subprocess.run(["promtool", "check", "rules", str(path)], capture_output=True, text=True)
+    rep.check(res.returncode == 0, f"every adapter rule's seriesQuery and metricsQuery parse (promtool, {len(exprs)} expressions)",
+              (res.stdout + res.stderr).strip())
 
 
 def check_rules(rep: Report, name: str, docs: list[dict], tmp: Path):
@@ -336,11 +390,14 @@ def main() -> int:
         validate_manifests(rep, name, docs)
         envs_used |= check_deployment(rep, name, docs, values, flag_envs)
         check_wiring(rep, name, docs, values, want_rbac)
+        check_autoscaling(rep, name, docs, values)
         check_rules(rep, name, docs, tmp)
     rep.section("all value sets together")
     rep.check(len(sets) >= 4, f"{len(sets)} value sets rendered ({', '.join(sets)})")
     missing = flag_envs - envs_used
     rep.check(not missing, "every `loraplane-operator run` flag is reachable from the values", f"never set: {sorted(missing)}")
+    rep.section("prometheus-adapter rules (files/prometheus-adapter-rules.yaml)")
+    check_adapter_rules(rep, tmp)
     rep.section("alert unit tests")
     check_alert_tests(rep, tmp)
     rep.section("values the chart must refuse")

@@ -2,10 +2,13 @@
 //!
 //! Calls, in order (the scenario tests pin them):
 //! 1. `GET` the credentials Secret (`POST` it with fresh tokens when missing);
-//! 2. `LIST` the model's ConfigMaps, StatefulSets, Services and PodDisruptionBudgets (label
+//! 2. `LIST` the model's ConfigMaps, StatefulSets, Services, PodDisruptionBudgets,
+//!    HorizontalPodAutoscalers and, with `--autoscaler keda`, ScaledObjects (label
 //!    `loraplane.dev/base-model`, `managed-by=loraplane-operator`);
 //! 3. server-side `PATCH` each child whose desired hash changed, `DELETE` owned children no
-//!    longer desired (a mode switch);
+//!    longer desired (a mode switch, autoscaling switched off); when a role's autoscaling is
+//!    switched on, first a `PATCH` that hands its StatefulSet's `spec.replicas` to the
+//!    autoscaler (`desired::autoscaling`);
 //! 4. `SetTenants` on agents (ready pods, from the cache) whose incarnation lacks the current
 //!    tenant table;
 //! 5. `PATCH` status when it changed; an Event when the phase changed.
@@ -18,10 +21,11 @@ use std::time::Instant;
 
 use futures::future::join_all;
 use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::autoscaling::v2::HorizontalPodAutoscaler;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::api::{Api, ListParams, PostParams};
+use kube::api::{Api, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::Action;
 use kube::{Resource, ResourceExt};
 
@@ -29,7 +33,9 @@ use super::apply::{event, patch_status, sync_children};
 use super::{Context, Error};
 use crate::agent_client::AgentError;
 use crate::crd::{BaseModel, Phase};
+use crate::desired::autoscaling::{self, Autoscaler};
 use crate::desired::config::SpecError;
+use crate::desired::keda::ScaledObject;
 use crate::desired::secret::Credentials;
 use crate::desired::{self, AgentParams, MANAGER, config, pdb, secret, service, statefulset};
 use crate::discovery;
@@ -46,6 +52,10 @@ pub struct Children {
     /// Headless per role, then the client Service.
     pub services: Vec<Service>,
     pub pdbs: Vec<PodDisruptionBudget>,
+    /// One per autoscaled role (`--autoscaler hpa`).
+    pub hpas: Vec<HorizontalPodAutoscaler>,
+    /// One per autoscaled role (`--autoscaler keda`).
+    pub scaled_objects: Vec<ScaledObject>,
 }
 
 /// Builds every child of `model` (pure).
@@ -63,6 +73,24 @@ pub fn children(
         .map(|(r, _)| service::headless(model, *r))
         .collect();
     services.push(service::client(model));
+    let mut hpas = Vec::new();
+    let mut scaled_objects = Vec::new();
+    for (r, spec) in &roles {
+        let Some(a) = &spec.autoscaling else { continue };
+        if spec.replicas.is_some() {
+            // The CRD refuses this too; a spec that got past it must not pin the count.
+            return Err(SpecError::Autoscaling {
+                role: r.as_str(),
+                reason: "set replicas or autoscaling, not both".into(),
+            });
+        }
+        match &params.autoscaler {
+            Autoscaler::Hpa => hpas.push(autoscaling::hpa(model, *r, a)?),
+            Autoscaler::Keda { prometheus } => {
+                scaled_objects.push(autoscaling::scaled_object(model, *r, a, prometheus)?);
+            }
+        }
+    }
     Ok(Children {
         config: config::agent_config(model, params)?,
         statefulsets: roles
@@ -71,6 +99,8 @@ pub fn children(
             .collect::<Result<_, _>>()?,
         services,
         pdbs: roles.iter().map(|(r, _)| pdb::pdb(model, *r)).collect(),
+        hpas,
+        scaled_objects,
     })
 }
 
@@ -226,6 +256,42 @@ async fn push_tenants(
     errors
 }
 
+/// Hands `spec.replicas` of each newly autoscaled role's StatefulSet to
+/// [`autoscaling::HANDOVER_MANAGER`] at its current value, so the operator's next apply, which
+/// leaves the field out, does not reset it (docs: server-side apply, "transferring
+/// ownership"). Not forced: a conflict means another manager already holds the field.
+///
+/// Errors: the API refused the apply for another reason.
+async fn hand_over_replicas(
+    api: &Api<StatefulSet>,
+    model: &BaseModel,
+    observed: &[StatefulSet],
+    metrics: &crate::metrics::Metrics,
+) -> Result<(), Error> {
+    for (r, spec) in role::roles(model) {
+        let name = desired::role_name(model, r);
+        let Some(sts) = observed.iter().find(|s| s.name_any() == name) else {
+            continue;
+        };
+        let Some(replicas) = autoscaling::replicas_handover(sts, &spec) else {
+            continue;
+        };
+        let pp = PatchParams::apply(autoscaling::HANDOVER_MANAGER);
+        let patch = autoscaling::handover_patch(sts, replicas);
+        match api.patch(&name, &pp, &Patch::Apply(&patch)).await {
+            Ok(_) => {
+                metrics.wrote("apply");
+                tracing::info!(name, replicas, "replicas handed over to the autoscaler");
+            }
+            Err(kube::Error::Api(s)) if s.is_conflict() => {
+                tracing::warn!(name, error = %s, "replicas already held by another manager");
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
+}
+
 async fn reconcile_model(model: &BaseModel, ctx: &Context) -> Result<Action, Error> {
     let name = model.name_any();
     let ns = model
@@ -247,13 +313,29 @@ async fn reconcile_model(model: &BaseModel, ctx: &Context) -> Result<Action, Err
     let observed_sts = sts_api.list(&lp).await?.items;
     let observed_svc = svc_api.list(&lp).await?.items;
     let observed_pdb = pdb_api.list(&lp).await?.items;
+    let hpa_api: Api<HorizontalPodAutoscaler> = Api::namespaced(client.clone(), &ns);
+    let observed_hpa = hpa_api.list(&lp).await?.items;
+    // ScaledObjects exist only where KEDA is installed: listed only when the operator uses it.
+    let keda = matches!(ctx.settings.agent.autoscaler, Autoscaler::Keda { .. });
+    let so_api: Api<ScaledObject> = Api::namespaced(client.clone(), &ns);
+    let observed_so = if keda {
+        so_api.list(&lp).await?.items
+    } else {
+        Vec::new()
+    };
     let (statefulsets, spec_error) = match children(model, &ctx.settings.agent, &creds) {
         Ok(c) => {
             let m = &ctx.metrics;
             sync_children(&cm_api, vec![c.config], observed_cm, &uid, m).await?;
+            hand_over_replicas(&sts_api, model, &observed_sts, m).await?;
             let sts = sync_children(&sts_api, c.statefulsets, observed_sts, &uid, m).await?;
             sync_children(&svc_api, c.services, observed_svc, &uid, m).await?;
             sync_children(&pdb_api, c.pdbs, observed_pdb, &uid, m).await?;
+            // In KEDA mode no HPA is desired: ours (not KEDA's, which it owns) are pruned.
+            sync_children(&hpa_api, c.hpas, observed_hpa, &uid, m).await?;
+            if keda {
+                sync_children(&so_api, c.scaled_objects, observed_so, &uid, m).await?;
+            }
             (sts, None)
         }
         Err(e) => {

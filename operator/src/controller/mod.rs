@@ -203,3 +203,5 @@ impl Context {
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_autoscaling;

@@ -13,29 +13,32 @@ use crate::fixtures::world::World;
 use crate::fixtures::{api_key, namespace};
 use crate::role::Role;
 
-const NS: &str = "/api/v1/namespaces/loraplane-system";
-const APPS: &str = "/apis/apps/v1/namespaces/loraplane-system";
-const POLICY: &str = "/apis/policy/v1/namespaces/loraplane-system";
-const BM: &str = "/apis/loraplane.dev/v1alpha1/namespaces/loraplane-system/basemodels/llama3-8b";
+pub(super) const NS: &str = "/api/v1/namespaces/loraplane-system";
+pub(super) const APPS: &str = "/apis/apps/v1/namespaces/loraplane-system";
+pub(super) const POLICY: &str = "/apis/policy/v1/namespaces/loraplane-system";
+pub(super) const HPA: &str = "/apis/autoscaling/v2/namespaces/loraplane-system";
+pub(super) const BM: &str =
+    "/apis/loraplane.dev/v1alpha1/namespaces/loraplane-system/basemodels/llama3-8b";
 const LORA: &str = "/apis/loraplane.dev/v1alpha1/namespaces/team-a/loraadapters";
 const GIB: u64 = 1 << 30;
 
-fn lines(v: &[&str]) -> Vec<String> {
+pub(super) fn lines(v: &[&str]) -> Vec<String> {
     v.iter().map(|s| (*s).to_owned()).collect()
 }
 
-fn reads() -> Vec<String> {
+pub(super) fn reads() -> Vec<String> {
     lines(&[
         &format!("GET {NS}/secrets/llama3-8b-agent-credentials"),
         &format!("GET {NS}/configmaps"),
         &format!("GET {APPS}/statefulsets"),
         &format!("GET {NS}/services"),
         &format!("GET {POLICY}/poddisruptionbudgets"),
+        &format!("GET {HPA}/horizontalpodautoscalers"),
     ])
 }
 
 /// Every call the scenario made is granted by the ClusterRole the operator ships.
-fn assert_rbac(w: &World) {
+pub(super) fn assert_rbac(w: &World) {
     for c in w.api.history() {
         let (group, resource, verb) = c.rbac();
         assert!(
@@ -46,7 +49,7 @@ fn assert_rbac(w: &World) {
     }
 }
 
-async fn reconcile_model(w: &World, m: &BaseModel) {
+pub(super) async fn reconcile_model(w: &World, m: &BaseModel) {
     base_model::reconcile(Arc::new(m.clone()), w.ctx.clone())
         .await
         .unwrap();

@@ -134,7 +134,10 @@ pub enum ServingMode {
 #[schemars(extend("x-kubernetes-validations" = [
     {"rule": "self.mode != 'Disaggregated' || (has(self.prefill) && has(self.decode))", "message": "Disaggregated mode requires prefill and decode"},
     {"rule": "self.mode != 'Disaggregated' || !has(self.unified)", "message": "unified applies to Unified mode only"},
-    {"rule": "self.mode != 'Unified' || (!has(self.prefill) && !has(self.decode))", "message": "prefill and decode apply to Disaggregated mode only"}
+    {"rule": "self.mode != 'Unified' || (!has(self.prefill) && !has(self.decode))", "message": "prefill and decode apply to Disaggregated mode only"},
+    {"rule": "!has(self.prefill) || !has(self.prefill.autoscaling) || (has(self.prefill.autoscaling.target.queuedPromptTokens) && !has(self.prefill.autoscaling.target.runningSequences) && !has(self.prefill.autoscaling.target.kvCacheUtilizationPercent))", "message": "prefill autoscaling targets queuedPromptTokens only"},
+    {"rule": "!has(self.decode) || !has(self.decode.autoscaling) || !has(self.decode.autoscaling.target.queuedPromptTokens)", "message": "decode autoscaling targets runningSequences or kvCacheUtilizationPercent, not queuedPromptTokens"},
+    {"rule": "!has(self.unified) || !has(self.unified.autoscaling) || !has(self.unified.autoscaling.target.queuedPromptTokens)", "message": "unified autoscaling targets runningSequences or kvCacheUtilizationPercent, not queuedPromptTokens"}
 ]))]
 pub struct Serving {
     pub mode: ServingMode,
@@ -152,11 +155,18 @@ pub struct Serving {
 /// One role's agents.
 #[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "!(has(self.replicas) && has(self.autoscaling))", "message": "set replicas or autoscaling, not both"}
+]))]
 pub struct RoleSpec {
-    /// Agents of this role (default 1).
+    /// Agents of this role (default 1). Not with `autoscaling`, which then owns the count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 0, max = 1024))]
     pub replicas: Option<i32>,
+    /// Scale this role's agents on their own load metrics (a HorizontalPodAutoscaler, or a
+    /// KEDA ScaledObject when the operator runs with `--autoscaler keda`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<Autoscaling>,
     /// Container resources, e.g. `limits: {nvidia.com/gpu: 1}`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
@@ -164,6 +174,57 @@ pub struct RoleSpec {
     pub node_selector: Option<BTreeMap<String, String>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tolerations: Option<Vec<Toleration>>,
+}
+
+/// Horizontal autoscaling of one role: between `minReplicas` and `maxReplicas` agents, so that
+/// each agent carries about the target load. With several targets the role gets the largest
+/// count any of them asks for.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "self.minReplicas <= self.maxReplicas", "message": "minReplicas must not exceed maxReplicas"}
+]))]
+pub struct Autoscaling {
+    /// Fewest agents, at least 1: the load metrics come from the agents themselves, so a role
+    /// scaled to zero would have nothing left to report the load that should wake it.
+    #[schemars(range(min = 1, max = 1024))]
+    pub min_replicas: i32,
+    /// Most agents.
+    #[schemars(range(min = 1, max = 1024))]
+    pub max_replicas: i32,
+    /// The load each agent should carry.
+    pub target: AutoscalingTarget,
+    /// How long the load must have stayed low before agents are removed: the largest
+    /// recommendation of this window wins (default 300, the HorizontalPodAutoscaler's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_down_stabilization_seconds: Option<i32>,
+}
+
+/// Per-agent load targets (average over the role's agents). Prefill agents scale on
+/// `queuedPromptTokens`; decode and unified agents on `runningSequences`,
+/// `kvCacheUtilizationPercent` or both.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+#[schemars(extend("x-kubernetes-validations" = [
+    {"rule": "has(self.queuedPromptTokens) || has(self.runningSequences) || has(self.kvCacheUtilizationPercent)", "message": "set at least one target"}
+]))]
+pub struct AutoscalingTarget {
+    /// Prompt tokens admitted or waiting but not yet computed, per agent (the agents'
+    /// `loraplane_queued_prefill_tokens`). Prefill only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub queued_prompt_tokens: Option<i64>,
+    /// Sequences in the running batch, per agent (`loraplane_requests_running`). Keep it below
+    /// the agents' `--max-running` cap (128), which the metric cannot exceed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100000))]
+    pub running_sequences: Option<i64>,
+    /// Share of each agent's page pool held by KV caches, in percent
+    /// (`loraplane_pool_used_pages{kind="kv"}` over `loraplane_pool_capacity_pages`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub kv_cache_utilization_percent: Option<i32>,
 }
 
 /// Each agent's memory budget.

@@ -9,8 +9,9 @@ mod common;
 mod lora_adapter;
 
 pub use base_model::{
-    BaseModel, BaseModelSpec, BaseModelStatus, Dtype, HuggingFaceModel, Memory, ModelSource,
-    RoleSpec, RoleStatus, SecretRef, Serving, ServingMode, Tenancy,
+    Autoscaling, AutoscalingTarget, BaseModel, BaseModelSpec, BaseModelStatus, Dtype,
+    HuggingFaceModel, Memory, ModelSource, RoleSpec, RoleStatus, SecretRef, Serving, ServingMode,
+    Tenancy,
 };
 pub use common::{Phase, condition_types};
 pub use lora_adapter::{

@@ -37,6 +37,8 @@ pub enum SpecError {
     },
     #[error("spec.source.uri {0:?}: a pvc:// source needs a claim and a path (pvc://claim/path)")]
     PvcUri(String),
+    #[error("spec.serving.{role}.autoscaling: {reason}")]
+    Autoscaling { role: &'static str, reason: String },
 }
 
 impl SpecError {
@@ -44,6 +46,7 @@ impl SpecError {
         match self {
             SpecError::Quantity { .. } => "invalid_quantity",
             SpecError::PvcUri(_) => "invalid_pvc_uri",
+            SpecError::Autoscaling { .. } => "invalid_autoscaling",
         }
     }
 }

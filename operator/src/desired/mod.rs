@@ -10,8 +10,12 @@
 //! | headless Service per role (peer discovery) | `<model>-<role>` | [`service::headless`] |
 //! | client Service (decode or unified pods) | `<model>` | [`service::client`] |
 //! | PodDisruptionBudget per role | `<model>-<role>` | [`pdb::pdb`] |
+//! | HorizontalPodAutoscaler per autoscaled role | `<model>-<role>` | [`autoscaling::hpa`] |
+//! | or, with `--autoscaler keda`, a KEDA ScaledObject | `<model>-<role>` | [`autoscaling::scaled_object`] |
 
+pub mod autoscaling;
 pub mod config;
+pub mod keda;
 pub mod pdb;
 pub mod rbac;
 pub mod secret;
@@ -81,6 +85,8 @@ pub struct AgentParams {
     pub termination_margin: Duration,
     /// The cluster DNS domain (`cluster.local`).
     pub cluster_domain: String,
+    /// What carries autoscaling of roles that ask for it.
+    pub autoscaler: autoscaling::Autoscaler,
 }
 
 impl Default for AgentParams {
@@ -91,11 +97,12 @@ impl Default for AgentParams {
             drain_timeout: Duration::from_secs(30),
             termination_margin: Duration::from_secs(15),
             cluster_domain: "cluster.local".into(),
+            autoscaler: autoscaling::Autoscaler::Hpa,
         }
     }
 }
 
-/// The name of a role's StatefulSet, headless Service and PodDisruptionBudget.
+/// The name of a role's StatefulSet, headless Service, PodDisruptionBudget and autoscaler.
 pub fn role_name(model: &BaseModel, role: Role) -> String {
     format!("{}-{}", model.name_any(), role.as_str())
 }

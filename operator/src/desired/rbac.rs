@@ -42,6 +42,19 @@ pub const RULES: &[(&str, &[&str], &[&str])] = &[
         &["poddisruptionbudgets"],
         &["get", "list", "watch", "create", "patch", "delete"],
     ),
+    // Autoscaling per role: HPAs (`--autoscaler hpa`), or KEDA ScaledObjects (`keda`; the
+    // operator lists HPAs then too, to prune its own). Not watched: the autoscalers rewrite
+    // their status every few seconds, and a resync re-creates one deleted by hand.
+    (
+        "autoscaling",
+        &["horizontalpodautoscalers"],
+        &["list", "create", "patch", "delete"],
+    ),
+    (
+        "keda.sh",
+        &["scaledobjects"],
+        &["list", "create", "patch", "delete"],
+    ),
     // Agent discovery and tenancy.
     ("", &["pods", "namespaces"], &["get", "list", "watch"]),
     ("events.k8s.io", &["events"], &["create", "patch"]),

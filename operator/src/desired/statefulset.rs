@@ -1,7 +1,9 @@
 //! A role's StatefulSet of `loraplane-agent serve` pods: the role's resources, node selector
 //! and tolerations; HTTP probes on the agent's `/healthz` and `/readyz` (a generous startup
 //! probe covers the model download); a termination grace period longer than the agent's drain
-//! timeout, so SIGTERM lets in-flight requests finish; a restricted security context.
+//! timeout, so SIGTERM lets in-flight requests finish (what makes a scale-down lossless); a
+//! restricted security context. An autoscaled role's StatefulSet has no `replicas`: the
+//! autoscaler owns the count.
 //!
 //! The pod template carries the hash of the agent configuration and a fingerprint of the
 //! credentials, so changing either rolls the pods (the agent reads both only at start-up).
@@ -220,7 +222,9 @@ pub fn statefulset(
         metadata: child_meta(model, role_name(model, role), role_labels(model, role)),
         spec: Some(StatefulSetSpec {
             service_name: Some(role_name(model, role)),
-            replicas: Some(role::replicas(&spec)),
+            // An autoscaled role's count belongs to its autoscaler: leaving it out of the apply
+            // keeps the operator from resetting it (see `autoscaling`).
+            replicas: spec.autoscaling.is_none().then(|| role::replicas(&spec)),
             selector: LabelSelector {
                 match_labels: Some(role_selector(model, role)),
                 ..LabelSelector::default()

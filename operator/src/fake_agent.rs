@@ -392,22 +392,14 @@ pub async fn serve(
         .await
 }
 
-/// The pod of agent `i` (fake or real) listening on `addr`, as the API server would show it:
-/// model `bench`, namespace `bench`, two agents per node, ready, restarted `restarts` times.
-pub fn agent_pod(i: usize, addr: SocketAddr, role: Role, restarts: i32) -> Pod {
+/// An agent pod as the API server would show it: `meta`, scheduled on `node`, one `agent`
+/// container whose `grpc` port is `addr`'s, at `addr`'s IP, ready or not, restarted
+/// `restarts` times. The one shape every test's agent pods take.
+pub fn pod(meta: ObjectMeta, node: String, addr: SocketAddr, ready: bool, restarts: i32) -> Pod {
     Pod {
-        metadata: ObjectMeta {
-            name: Some(format!("bench-{}-{i}", role.as_str())),
-            namespace: Some("bench".into()),
-            uid: Some(format!("uid-{i}")),
-            labels: Some(BTreeMap::from([
-                (labels::BASE_MODEL.to_owned(), "bench".to_owned()),
-                (labels::ROLE.to_owned(), role.as_str().to_owned()),
-            ])),
-            ..ObjectMeta::default()
-        },
+        metadata: meta,
         spec: Some(PodSpec {
-            node_name: Some(format!("node-{}", i / 2)),
+            node_name: Some(node),
             containers: vec![Container {
                 name: "agent".into(),
                 ports: Some(vec![ContainerPort {
@@ -423,7 +415,7 @@ pub fn agent_pod(i: usize, addr: SocketAddr, role: Role, restarts: i32) -> Pod {
             pod_ip: Some(addr.ip().to_string()),
             conditions: Some(vec![PodCondition {
                 type_: "Ready".into(),
-                status: "True".into(),
+                status: if ready { "True" } else { "False" }.into(),
                 ..PodCondition::default()
             }]),
             container_statuses: Some(vec![ContainerStatus {
@@ -434,4 +426,20 @@ pub fn agent_pod(i: usize, addr: SocketAddr, role: Role, restarts: i32) -> Pod {
             ..PodStatus::default()
         }),
     }
+}
+
+/// The pod of agent `i` (fake or real) listening on `addr`, as the API server would show it:
+/// model `bench`, namespace `bench`, two agents per node, ready, restarted `restarts` times.
+pub fn agent_pod(i: usize, addr: SocketAddr, role: Role, restarts: i32) -> Pod {
+    let meta = ObjectMeta {
+        name: Some(format!("bench-{}-{i}", role.as_str())),
+        namespace: Some("bench".into()),
+        uid: Some(format!("uid-{i}")),
+        labels: Some(BTreeMap::from([
+            (labels::BASE_MODEL.to_owned(), "bench".to_owned()),
+            (labels::ROLE.to_owned(), role.as_str().to_owned()),
+        ])),
+        ..ObjectMeta::default()
+    };
+    pod(meta, format!("node-{}", i / 2), addr, true, restarts)
 }

@@ -11,11 +11,11 @@
 // Test code: a failed fixture is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
+mod support;
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
@@ -29,57 +29,9 @@ use loraplane_operator::metrics::Metrics;
 use loraplane_operator::role::Role;
 use loraplane_operator::status::{self, AdapterOutcome};
 use loraplane_operator::tenancy::{Limits, Tenant};
+use support::{AgentProc, fixtures};
 
 const TOKEN: &str = "agents-test-admin-token";
-
-/// `target/<profile>/loraplane-agent` if it exists and has `serve`; otherwise says why.
-fn agent_binary() -> Result<PathBuf, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or("the test executable is not in target/<profile>/deps")?;
-    let bin = dir.join(format!("loraplane-agent{}", std::env::consts::EXE_SUFFIX));
-    if !bin.is_file() {
-        return Err(format!(
-            "{} is missing (build it with `cargo build -p loraplane-agent --bins`)",
-            bin.display()
-        ));
-    }
-    let help = Command::new(&bin)
-        .args(["serve", "--help"])
-        .output()
-        .map_err(|e| e.to_string())?;
-    if !help.status.success() {
-        return Err(format!("{} has no `serve` subcommand yet", bin.display()));
-    }
-    Ok(bin)
-}
-
-macro_rules! agent_binary_or_skip {
-    () => {
-        match agent_binary() {
-            Ok(b) => b,
-            Err(why) => {
-                eprintln!("\n!!!!!!!! SKIPPED {}: {why} !!!!!!!!\n", module_path!());
-                return;
-            }
-        }
-    };
-}
-
-fn fixtures(bin: &Path, args: &[&str]) {
-    let out = Command::new(bin)
-        .arg("fixtures")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "fixtures {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
 
 struct Files {
     dir: tempfile::TempDir,
@@ -133,19 +85,13 @@ impl Files {
     }
 }
 
-/// A running `loraplane-agent serve`, killed on drop.
-struct AgentProc {
-    child: Child,
-    grpc: SocketAddr,
-}
-
-impl AgentProc {
-    fn start(bin: &Path, files: &Files, grpc: &str) -> AgentProc {
-        let log = std::fs::File::create(
-            files.path(&format!("agent-{}.log", grpc.replace([':', '.'], "_"))),
-        )
-        .unwrap();
-        let mut child = Command::new(bin)
+/// An agent on the files' model, admin token and adapter root, its gRPC API at `grpc`.
+fn start_agent(bin: &Path, files: &Files, grpc: &str) -> AgentProc {
+    let log =
+        std::fs::File::create(files.path(&format!("agent-{}.log", grpc.replace([':', '.'], "_"))))
+            .unwrap();
+    AgentProc::spawn(
+        Command::new(bin)
             .arg("serve")
             .arg("--model")
             .arg(files.path("model"))
@@ -155,36 +101,8 @@ impl AgentProc {
             .arg("--adapter-roots")
             .arg(files.path("adapters"))
             .args(["--host-cache-bytes", "64MiB", "--log-format", "text"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { return };
-                let _ = tx.send(line);
-            }
-        });
-        let line = rx
-            .recv_timeout(Duration::from_secs(60))
-            .expect("the agent's listening line");
-        let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON listening line");
-        assert_eq!(v["event"], "listening", "{line}");
-        AgentProc {
-            grpc: v["grpc"].as_str().unwrap().parse().unwrap(),
-            child,
-        }
-    }
-}
-
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+            .stderr(Stdio::from(log)),
+    )
 }
 
 fn adapter(name: &str, uri: String, replicas: Option<i32>) -> LoraAdapter {
@@ -225,7 +143,7 @@ async fn placement_loading_restart_and_deletion_on_real_agents() {
     let bin = agent_binary_or_skip!();
     let files = Files::new(&bin);
     let mut agents: Vec<AgentProc> = (0..3)
-        .map(|_| AgentProc::start(&bin, &files, "127.0.0.1:0"))
+        .map(|_| start_agent(&bin, &files, "127.0.0.1:0"))
         .collect();
     let mut pods: Vec<Pod> = agents
         .iter()
@@ -307,7 +225,7 @@ async fn placement_loading_restart_and_deletion_on_real_agents() {
     // Agent 0 restarts with an empty cache (same address, one more container restart).
     let addr = agents[0].grpc;
     drop(agents.remove(0));
-    agents.insert(0, AgentProc::start(&bin, &files, &addr.to_string()));
+    agents.insert(0, start_agent(&bin, &files, &addr.to_string()));
     assert!(listed(&api, addr).await.is_empty());
     pods[0] = agent_pod(0, addr, Role::Unified, 1);
     let found = discovery::agents(&pods, "bench");

@@ -18,15 +18,14 @@
 // Test code: a failed fixture is a failed test.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::io::{BufRead, BufReader};
+mod support;
+
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, ContainerStatus, Pod, PodCondition, PodSpec, PodStatus,
-};
+use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use loraplane_operator::agent_client::{AgentApi, GrpcAgents, Target, Timeouts};
 use loraplane_operator::controller::converge::{AdapterWant, converge};
@@ -34,11 +33,13 @@ use loraplane_operator::controller::fleet::Fleet;
 use loraplane_operator::crd::{Autoscaling, AutoscalingTarget, BaseModel, LoraAdapter};
 use loraplane_operator::desired::{AgentParams, statefulset};
 use loraplane_operator::discovery;
+use loraplane_operator::fake_agent;
 use loraplane_operator::metrics::Metrics;
 use loraplane_operator::role::Role;
 use loraplane_operator::tenancy::{Limits, Tenant, key_hash};
 use loraplane_proto::v1::inference_client::InferenceClient;
 use loraplane_proto::v1::{FinishReason, GenerateRequest, SamplingParams, generate_request};
+use support::{AgentProc, fixtures};
 
 const TOKEN: &str = "autoscaling-test-admin-token";
 const API_KEY: &str = "sk-team-a-autoscaling";
@@ -47,45 +48,11 @@ const DRAIN: Duration = Duration::from_secs(30);
 /// context is 1024 positions).
 const MAX_TOKENS: u32 = 900;
 
-fn agent_binary() -> Result<PathBuf, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .ok_or("the test executable is not in target/<profile>/deps")?;
-    let bin = dir.join(format!("loraplane-agent{}", std::env::consts::EXE_SUFFIX));
-    if !bin.is_file() {
-        return Err(format!(
-            "{} is missing (build it with `cargo build -p loraplane-agent --bins`)",
-            bin.display()
-        ));
-    }
-    Ok(bin)
-}
-
-fn fixtures(bin: &Path, args: &[&str]) {
-    let out = Command::new(bin)
-        .arg("fixtures")
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "fixtures {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A running `loraplane-agent serve`, killed on drop unless it already exited.
-struct AgentProc {
-    child: Child,
-    grpc: SocketAddr,
-}
-
-impl AgentProc {
-    fn start(bin: &Path, dir: &Path, ordinal: usize) -> AgentProc {
-        let log = std::fs::File::create(dir.join(format!("agent-{ordinal}.log"))).unwrap();
-        let mut child = Command::new(bin)
+/// An agent of the test directory's model, token and adapter root; pod `ordinal`.
+fn start_agent(bin: &Path, dir: &Path, ordinal: usize) -> AgentProc {
+    let log = std::fs::File::create(dir.join(format!("agent-{ordinal}.log"))).unwrap();
+    AgentProc::spawn(
+        Command::new(bin)
             .arg("serve")
             .arg("--model")
             .arg(dir.join("model"))
@@ -96,30 +63,8 @@ impl AgentProc {
             .arg(dir.join("adapters"))
             .args(["--drain-timeout", &format!("{}s", DRAIN.as_secs())])
             .args(["--log-format", "text"])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .unwrap();
-        let stdout = child.stdout.take().unwrap();
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
-        let v: serde_json::Value = serde_json::from_str(&line).expect("a JSON listening line");
-        assert_eq!(v["event"], "listening", "{line}");
-        AgentProc {
-            grpc: v["grpc"].as_str().unwrap().parse().unwrap(),
-            child,
-        }
-    }
-}
-
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+            .stderr(Stdio::from(log)),
+    )
 }
 
 /// The model: unified, autoscaled between 1 and 3 agents on running sequences.
@@ -144,41 +89,14 @@ fn pod(model: &BaseModel, ordinal: usize, addr: SocketAddr) -> Pod {
         statefulset::statefulset(model, Role::Unified, &AgentParams::default(), "fp").unwrap();
     let template = sts.spec.unwrap().template;
     let name = format!("{}-{ordinal}", sts.metadata.name.unwrap());
-    Pod {
-        metadata: ObjectMeta {
-            uid: Some(format!("uid-{name}")),
-            name: Some(name),
-            namespace: Some("models".into()),
-            labels: template.metadata.unwrap().labels,
-            ..ObjectMeta::default()
-        },
-        spec: Some(PodSpec {
-            node_name: Some(format!("node-{ordinal}")),
-            containers: vec![Container {
-                name: "agent".into(),
-                ports: Some(vec![ContainerPort {
-                    name: Some("grpc".into()),
-                    container_port: i32::from(addr.port()),
-                    ..ContainerPort::default()
-                }]),
-                ..Container::default()
-            }],
-            ..PodSpec::default()
-        }),
-        status: Some(PodStatus {
-            pod_ip: Some(addr.ip().to_string()),
-            conditions: Some(vec![PodCondition {
-                type_: "Ready".into(),
-                status: "True".into(),
-                ..PodCondition::default()
-            }]),
-            container_statuses: Some(vec![ContainerStatus {
-                name: "agent".into(),
-                ..ContainerStatus::default()
-            }]),
-            ..PodStatus::default()
-        }),
-    }
+    let meta = ObjectMeta {
+        uid: Some(format!("uid-{name}")),
+        name: Some(name),
+        namespace: Some("models".into()),
+        labels: template.metadata.unwrap().labels,
+        ..ObjectMeta::default()
+    };
+    fake_agent::pod(meta, format!("node-{ordinal}"), addr, true, 0)
 }
 
 /// What the operator's reconciles do for these pods: push the tenant table to each agent and
@@ -317,13 +235,7 @@ async fn generate_anywhere(agents: &[SocketAddr], i: usize) -> (SocketAddr, usiz
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scaling_up_and_down_under_load_loses_no_request() {
-    let bin = match agent_binary() {
-        Ok(b) => b,
-        Err(why) => {
-            eprintln!("\n!!!!!!!! SKIPPED {}: {why} !!!!!!!!\n", module_path!());
-            return;
-        }
-    };
+    let bin = agent_binary_or_skip!();
     let dir = tempfile::tempdir().unwrap();
     let model_dir = dir.path().join("model");
     fixtures(
@@ -404,13 +316,13 @@ async fn scaling_up_and_down_under_load_loses_no_request() {
     });
 
     // minReplicas: one agent.
-    let a0 = AgentProc::start(&bin, dir.path(), 0);
+    let a0 = start_agent(&bin, dir.path(), 0);
     let mut pods = vec![pod(&m, 0, a0.grpc)];
     assert_eq!(reconcile(&api, &fleet, &pods, &adapter).await, 1);
 
     // Scale-up to 2: the new pod is ready; the operator's reconcile places the adapter there
     // and it serves.
-    let mut a1 = AgentProc::start(&bin, dir.path(), 1);
+    let mut a1 = start_agent(&bin, dir.path(), 1);
     pods.push(pod(&m, 1, a1.grpc));
     assert_eq!(
         reconcile(&api, &fleet, &pods, &adapter).await,

@@ -160,6 +160,44 @@ fn prefill_segments_with_ragged_ranks_and_columns_match_naive() {
 }
 
 #[test]
+fn a_row_gets_the_same_bits_in_a_prefill_segment_and_alone() {
+    // A prefill segment (40 rows: the GEMM-tiled expand, several shrink tiles) and each row as
+    // a one-row decode segment give identical bits, so chunking and batching never change a
+    // token. Odd rank (a lone A row in the last shrink tile), in_dim with a tail past the
+    // 16-float body, out_dim past one packed column block (256) with a column tail.
+    let (rows, in_dim, out_dim, rank, max_rank) = (40, 170, 300, 7, 8);
+    let mut rng = Rng::new(7);
+    let pool = rng.vec(8192);
+    let ads = adapters(
+        &mut rng,
+        pool.len(),
+        in_dim,
+        out_dim,
+        &[(0..rows, rank, 0.37)],
+    );
+    let segs = segments(&ads);
+    let x = rng.vec(rows * in_dim);
+    let y0 = rng.vec(rows * out_dim);
+    let mut v = vec![0.0f32; rows * max_rank];
+    lora_shrink(&x, in_dim, &pool, &segs, max_rank, &mut v).expect("shrink");
+    let mut y = y0.clone();
+    lora_expand(&v, max_rank, &pool, &segs, out_dim, &mut y).expect("expand");
+    for t in [0, 1, 2, 3, 17, 38, 39] {
+        let one = [LoraSegment {
+            rows: 0..1,
+            ..segs[0].clone()
+        }];
+        let mut v1 = vec![0.0f32; max_rank];
+        let x1 = &x[t * in_dim..(t + 1) * in_dim];
+        lora_shrink(x1, in_dim, &pool, &one, max_rank, &mut v1).expect("shrink one");
+        assert_eq!(v1, v[t * max_rank..(t + 1) * max_rank], "v of row {t}");
+        let mut y1 = y0[t * out_dim..(t + 1) * out_dim].to_vec();
+        lora_expand(&v1, max_rank, &pool, &one, out_dim, &mut y1).expect("expand one");
+        assert_eq!(y1, y[t * out_dim..(t + 1) * out_dim], "y of row {t}");
+    }
+}
+
+#[test]
 fn max_rank_zero_is_a_no_op() {
     let pool = vec![1.0f32; 64];
     let x = vec![1.0f32; 2 * 8];

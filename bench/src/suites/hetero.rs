@@ -627,8 +627,9 @@ fn cpu_profile(report: &mut Report, p: &Profiled<'_>) {
         "Prefill with adapters: LoRA {:.1} ms of {:.1} ms ({:.0} %); base GEMMs {:.1} ms. The \
          LoRA path does {:.1} % of the base GEMMs' arithmetic and runs at {} GFLOP/s against \
          their {} GFLOP/s: each segment of {prompt_len} tokens on one adapter is a small GEMM \
-         (MBGMM: A packed once, then the base GEMM's tiles; Bᵀ read in place), whose rank-wide \
-         shapes (8–64 columns or depth) keep it below the square-matrix peak.",
+         (MBGMM: shrink as tiles of dot products over A in place; expand as the base GEMM's \
+         tiles over Bᵀ copied into panels), whose rank-wide shapes (8–64 columns or depth) keep \
+         it below the square-matrix peak.",
         lpo[Op::Lora as usize] * 1e3,
         lpo.iter().sum::<f64>() * 1e3,
         100.0 * lpo[Op::Lora as usize] / lpo.iter().sum::<f64>().max(1e-12),

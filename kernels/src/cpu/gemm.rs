@@ -262,60 +262,6 @@ impl PanelRows for Contiguous<'_> {
     }
 }
 
-/// Rows scattered over a pool (an adapter's pages): row `k` at `offsets[k] + col`, each row
-/// `width` floats long. The offsets are validated once, in [`Gathered::new`].
-#[derive(Clone, Copy)]
-pub(crate) struct Gathered<'a> {
-    pool: &'a [f32],
-    offsets: &'a [usize],
-    width: usize,
-    col: usize,
-}
-
-impl<'a> Gathered<'a> {
-    /// Rows of `width` floats at `offsets` in `pool`, read from column 0.
-    ///
-    /// # Panics
-    /// If a row does not lie inside the pool (callers validate the offsets first; this guards
-    /// memory safety).
-    pub(crate) fn new(pool: &'a [f32], offsets: &'a [usize], width: usize) -> Self {
-        assert!(
-            offsets
-                .iter()
-                .all(|&o| o.checked_add(width).is_some_and(|end| end <= pool.len())),
-            "gathered rows outside the pool"
-        );
-        Gathered {
-            pool,
-            offsets,
-            width,
-            col: 0,
-        }
-    }
-
-    /// The same rows from column `col`.
-    pub(crate) fn at(self, col: usize) -> Self {
-        Gathered { col, ..self }
-    }
-}
-
-impl PanelRows for Gathered<'_> {
-    fn covers(&self, kc: usize) -> bool {
-        kc <= self.offsets.len() && self.col + NR <= self.width
-    }
-
-    #[inline(always)]
-    unsafe fn row(&self, k: usize) -> *const f32 {
-        // SAFETY: `covers(k + 1)`: k < offsets.len(), and offsets[k] + width <= pool.len()
-        // (checked in `new`) with col + NR <= width.
-        unsafe {
-            self.pool
-                .as_ptr()
-                .add(*self.offsets.get_unchecked(k) + self.col)
-        }
-    }
-}
-
 /// `acc[r][j] = Σ_{k < kc} x[r·ldx + k] · b.row(k)[j]` for `r < m` (≤ MR), in ascending `k`.
 ///
 /// # Panics
@@ -364,38 +310,104 @@ pub(crate) fn micro(
     acc
 }
 
-/// `out[r] = x[r] · a` for the `m = x.len() / a.len()` (≤ MR) rows of `x`: `a` is read once
-/// for all of them (the LoRA shrink's A rows). Each dot sums sixteen lanes and reduces them
-/// pairwise, as [`simd::dot`](super::simd) does.
+/// `y[r·ldy + j] += alpha · acc[r][j]` for `r < m`, `j < NR`, where `acc` is
+/// [`micro`]`(isa, m, x, ldx, kc, b)`: one fused multiply-add per element, the rounding of
+/// [`axpy`], so a tile's update equals the decode path's row-by-row one bit for bit.
 ///
 /// # Panics
-/// If `a` is empty or `x` holds more than `MR` rows or a partial row (callers pass whole tiles).
-pub(crate) fn dots(isa: Isa, x: &[f32], a: &[f32]) -> [f32; MR] {
-    let n = a.len();
+/// As [`micro`], and if `y` holds fewer than `(m - 1)·ldy + NR` floats.
+#[inline]
+#[allow(clippy::too_many_arguments)] // the micro-kernel's operands plus its epilogue's
+pub(crate) fn micro_axpy(
+    isa: Isa,
+    m: usize,
+    x: &[f32],
+    ldx: usize,
+    kc: usize,
+    b: impl PanelRows,
+    alpha: f32,
+    y: &mut [f32],
+    ldy: usize,
+) {
     assert!(
-        n > 0 && x.len().is_multiple_of(n) && x.len() / n <= MR,
+        (1..=MR).contains(&m)
+            && x.len() >= (m - 1) * ldx + kc
+            && b.covers(kc)
+            && y.len() >= (m - 1) * ldy + NR,
+        "gemm micro-kernel called outside its operands"
+    );
+    match isa {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `Isa::Avx2Fma` is only chosen when the CPU reports AVX2 and FMA; the operand
+        // bounds were asserted above.
+        Isa::Avx2Fma => unsafe {
+            match m {
+                1 => avx2::tile_axpy::<1>(x, ldx, kc, b, alpha, y, ldy),
+                2 => avx2::tile_axpy::<2>(x, ldx, kc, b, alpha, y, ldy),
+                3 => avx2::tile_axpy::<3>(x, ldx, kc, b, alpha, y, ldy),
+                4 => avx2::tile_axpy::<4>(x, ldx, kc, b, alpha, y, ldy),
+                5 => avx2::tile_axpy::<5>(x, ldx, kc, b, alpha, y, ldy),
+                _ => avx2::tile_axpy::<6>(x, ldx, kc, b, alpha, y, ldy),
+            }
+        },
+        Isa::Portable => {
+            let acc = micro(isa, m, x, ldx, kc, b);
+            for (r, acc) in acc.iter().enumerate().take(m) {
+                axpy(isa, &mut y[r * ldy..r * ldy + NR], alpha, acc);
+            }
+        }
+    }
+}
+
+/// Rows of `x` per [`dots`] tile.
+pub(crate) const DOT_ROWS: usize = 3;
+/// Rows of A per [`dots`] tile.
+pub(crate) const DOT_COLS: usize = 2;
+
+/// `out[r][j] = x[r] · a[j]` for the `m = x.len() / n` (≤ [`DOT_ROWS`]) rows of `x` and the
+/// `a.len()` (≤ [`DOT_COLS`]) rows `a`, each `n` long — the LoRA shrink's tile: A's rows are
+/// read in place (no packing), each once per tile, and every row of `x` once per tile.
+///
+/// Every dot is computed the same way whatever the tile's shape: sixteen lanes (two `ymm`
+/// accumulators) over the 16-float body, reduced pairwise (16 → 8 → 4 → 2 → 1), then the tail
+/// added — the order [`simd::dot`](super::simd) uses. A row's result therefore does not depend
+/// on which rows or A rows share its tile, so prefill and decode shrink give the same bits.
+///
+/// # Panics
+/// If `a` is empty or has more than [`DOT_COLS`] rows, the rows differ in length from `n`, `n`
+/// is 0, or `x` holds a partial row or more than [`DOT_ROWS`] rows (callers pass whole tiles).
+pub(crate) fn dots(isa: Isa, x: &[f32], a: &[&[f32]]) -> [[f32; DOT_COLS]; DOT_ROWS] {
+    let n = a.first().map_or(0, |a| a.len());
+    assert!(
+        n > 0
+            && a.len() <= DOT_COLS
+            && a.iter().all(|a| a.len() == n)
+            && x.len().is_multiple_of(n)
+            && x.len() / n <= DOT_ROWS,
         "dots called with a partial tile"
     );
     let m = x.len() / n;
-    let mut out = [0.0f32; MR];
+    let mut out = [[0.0f32; DOT_COLS]; DOT_ROWS];
     match isa {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::Avx2Fma` is only chosen when the CPU reports AVX2 and FMA; `x` holds
-        // `m` rows of `n` (asserted above).
+        // `m` rows of `n` and every row of `a` holds `n` (asserted above).
         Isa::Avx2Fma => unsafe {
-            match m {
-                0 => {}
-                1 => avx2::dots::<1>(x, a, &mut out),
-                2 => avx2::dots::<2>(x, a, &mut out),
-                3 => avx2::dots::<3>(x, a, &mut out),
-                4 => avx2::dots::<4>(x, a, &mut out),
-                5 => avx2::dots::<5>(x, a, &mut out),
-                _ => avx2::dots::<6>(x, a, &mut out),
+            match (m, a.len()) {
+                (0, _) => {}
+                (1, 1) => avx2::dots::<1, 1>(x, n, a, &mut out),
+                (2, 1) => avx2::dots::<2, 1>(x, n, a, &mut out),
+                (3, 1) => avx2::dots::<3, 1>(x, n, a, &mut out),
+                (1, _) => avx2::dots::<1, 2>(x, n, a, &mut out),
+                (2, _) => avx2::dots::<2, 2>(x, n, a, &mut out),
+                _ => avx2::dots::<3, 2>(x, n, a, &mut out),
             }
         },
         Isa::Portable => {
             for (out, row) in out.iter_mut().zip(x.chunks_exact(n)) {
-                *out = super::simd::dot(row, a);
+                for (out, a) in out.iter_mut().zip(a) {
+                    *out = super::simd::dot(row, a);
+                }
             }
         }
     }
@@ -420,11 +432,12 @@ mod avx2 {
     //! two loads of the panel row and `M` broadcasts of `x` feed `2·M` FMAs.
 
     use std::arch::x86_64::{
-        _mm256_broadcast_ss, _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_setzero_ps,
-        _mm256_storeu_ps,
+        __m256, _mm_add_ps, _mm_add_ss, _mm_cvtss_f32, _mm_movehl_ps, _mm_shuffle_ps,
+        _mm256_add_ps, _mm256_broadcast_ss, _mm256_castps256_ps128, _mm256_extractf128_ps,
+        _mm256_fmadd_ps, _mm256_loadu_ps, _mm256_set1_ps, _mm256_setzero_ps, _mm256_storeu_ps,
     };
 
-    use super::{MR, NR, PanelRows};
+    use super::{DOT_COLS, DOT_ROWS, MR, NR, PanelRows};
 
     /// `y[i] += alpha · x[i]`, eight lanes at a time.
     ///
@@ -450,48 +463,95 @@ mod avx2 {
         }
     }
 
-    /// `out[r] = x[r·n..] · a` for `r < M`, `n = a.len()`: sixteen lanes per row in two `ymm`
-    /// accumulators, reduced pairwise (16 → 8 → 4 → 2 → 1), then the tail added.
+    /// `out[r][j] = x[r·n..] · a[j]` for `r < M`, `j < J`: sixteen lanes per dot in two `ymm`
+    /// accumulators, reduced pairwise (16 → 8 → 4 → 2 → 1), then the tail added. Per 16
+    /// floats of depth: `J` pairs of A loads and `M` pairs of `x` loads feed `2·M·J` FMAs.
     ///
     /// # Safety
-    /// The CPU supports AVX2 and FMA; `x` holds `M · a.len()` floats.
+    /// The CPU supports AVX2 and FMA; `x` holds `M · n` floats and `a` at least `J` rows of
+    /// `n` floats.
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn dots<const M: usize>(x: &[f32], a: &[f32], out: &mut [f32; MR]) {
-        let n = a.len();
+    pub(super) unsafe fn dots<const M: usize, const J: usize>(
+        x: &[f32],
+        n: usize,
+        a: &[&[f32]],
+        out: &mut [[f32; DOT_COLS]; DOT_ROWS],
+    ) {
         let body = n / 16 * 16;
-        let mut acc = [[_mm256_setzero_ps(); 2]; M];
-        let (xp, ap) = (x.as_ptr(), a.as_ptr());
+        let mut acc = [[[_mm256_setzero_ps(); 2]; J]; M];
+        let xp = x.as_ptr();
+        let mut ap = [std::ptr::null::<f32>(); J];
+        for (p, a) in ap.iter_mut().zip(a) {
+            *p = a.as_ptr();
+        }
         for i in (0..body).step_by(16) {
-            // SAFETY: i + 16 <= body <= n, and row r's elements r·n + i .. r·n + i + 16 lie
-            // inside `x` for r < M (the caller's contract).
-            unsafe {
-                let a0 = _mm256_loadu_ps(ap.add(i));
-                let a1 = _mm256_loadu_ps(ap.add(i + 8));
-                for (r, acc) in acc.iter_mut().enumerate() {
-                    let row = xp.add(r * n + i);
-                    acc[0] = _mm256_fmadd_ps(_mm256_loadu_ps(row), a0, acc[0]);
-                    acc[1] = _mm256_fmadd_ps(_mm256_loadu_ps(row.add(8)), a1, acc[1]);
+            for half in 0..2 {
+                let at = i + 8 * half;
+                // SAFETY: at + 8 <= body <= n: inside every row of `a`, and row r's elements
+                // r·n + at .. r·n + at + 8 lie inside `x` for r < M (the caller's contract).
+                unsafe {
+                    let mut av = [_mm256_setzero_ps(); J];
+                    for (av, ap) in av.iter_mut().zip(&ap) {
+                        *av = _mm256_loadu_ps(ap.add(at));
+                    }
+                    for (r, acc) in acc.iter_mut().enumerate() {
+                        let xv = _mm256_loadu_ps(xp.add(r * n + at));
+                        for (acc, av) in acc.iter_mut().zip(&av) {
+                            acc[half] = _mm256_fmadd_ps(xv, *av, acc[half]);
+                        }
+                    }
                 }
             }
         }
-        for (r, acc) in acc.iter().enumerate() {
-            let mut lanes = [0.0f32; 16];
-            let (lo, hi) = lanes.split_at_mut(8);
-            // SAFETY: `lo` and `hi` hold 8 floats each.
-            unsafe {
-                _mm256_storeu_ps(lo.as_mut_ptr(), acc[0]);
-                _mm256_storeu_ps(hi.as_mut_ptr(), acc[1]);
+        for (r, (acc, out)) in acc.iter().zip(out.iter_mut()).enumerate() {
+            let row = &x[r * n..(r + 1) * n];
+            for ((acc, out), a) in acc.iter().zip(out.iter_mut()).zip(a) {
+                let tail: f32 = row[body..].iter().zip(&a[body..]).map(|(x, y)| x * y).sum();
+                *out = reduce(acc) + tail;
             }
-            let mut width = 16;
-            while width > 1 {
-                width /= 2;
-                for i in 0..width {
-                    lanes[i] += lanes[i + width];
+        }
+    }
+
+    /// The sixteen lanes of `acc` summed pairwise: lanes `i` and `i + 8`, then `i + 4`, `i + 2`
+    /// and `i + 1` — element for element the order of `simd`'s scalar reduction.
+    #[target_feature(enable = "avx2,fma")]
+    fn reduce(acc: &[__m256; 2]) -> f32 {
+        let v = _mm256_add_ps(acc[0], acc[1]);
+        let w = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let u = _mm_add_ps(w, _mm_movehl_ps(w, w));
+        _mm_cvtss_f32(_mm_add_ss(u, _mm_shuffle_ps::<1>(u, u)))
+    }
+
+    /// [`tile`], then `y[r·ldy ..][..NR] += alpha · acc[r]` with one FMA per element.
+    ///
+    /// # Safety
+    /// As [`tile`], and `y` holds `(M - 1)·ldy + NR` floats.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)] // tile's operands plus the epilogue's
+    pub(super) unsafe fn tile_axpy<const M: usize>(
+        x: &[f32],
+        ldx: usize,
+        kc: usize,
+        b: impl PanelRows,
+        alpha: f32,
+        y: &mut [f32],
+        ldy: usize,
+    ) {
+        let mut acc = [[0.0f32; NR]; MR];
+        // SAFETY: the caller's contract is tile's.
+        unsafe { tile::<M>(x, ldx, kc, b, &mut acc) };
+        let a = _mm256_set1_ps(alpha);
+        let y = y.as_mut_ptr();
+        for (r, acc) in acc.iter().enumerate().take(M) {
+            for half in 0..2 {
+                // SAFETY: r < M, so r·ldy + 8·half + 8 <= (M - 1)·ldy + NR, inside `y`; `acc`
+                // rows hold NR floats.
+                unsafe {
+                    let yp = y.add(r * ldy + 8 * half);
+                    let v = _mm256_loadu_ps(acc.as_ptr().add(8 * half));
+                    _mm256_storeu_ps(yp, _mm256_fmadd_ps(a, v, _mm256_loadu_ps(yp)));
                 }
             }
-            let row = &x[r * n..(r + 1) * n];
-            let tail: f32 = row[body..].iter().zip(&a[body..]).map(|(x, y)| x * y).sum();
-            out[r] = lanes[0] + tail;
         }
     }
 

@@ -11,7 +11,7 @@
 
 use rayon::prelude::*;
 
-use super::gemm::{Contiguous, Gathered, Isa, KC, MR, NR, axpy, dots, micro};
+use super::gemm::{Contiguous, DOT_COLS, DOT_ROWS, Isa, MR, NR, axpy, dots, micro_axpy};
 use super::{PAR_MIN_WORK, check};
 use crate::KernelError;
 
@@ -110,32 +110,26 @@ pub fn lora_shrink(
     }
     let isa = Isa::detect();
     let chunks = segment_chunks(segs, v, max_rank);
-    let per_chunk = |packed: &mut Vec<f32>,
-                     (seg, t0, v_rows): (&LoraSegment<'_>, usize, &mut [f32])| {
+    let per_chunk = |(seg, t0, v_rows): (&LoraSegment<'_>, usize, &mut [f32])| {
         let rank = seg.a_rows.len();
         let m = v_rows.len() / max_rank;
-        let x = &x[t0 * in_dim..(t0 + m) * in_dim];
-        if m >= PACK_MIN_ROWS && rank > 0 {
-            // Prefill: A packed once into GEMM panels, then the base GEMM's tiles.
-            pack_rows(pool, seg.a_rows, in_dim, packed);
-            gemm_rows(isa, x, in_dim, packed, rank, v_rows, max_rank);
-        } else {
-            // Decode: each A row read once for up to MR rows, no packing.
-            for (x, v_tile) in x.chunks(MR * in_dim).zip(v_rows.chunks_mut(MR * max_rank)) {
-                shrink_tile(isa, x, in_dim, pool, seg.a_rows, v_tile, max_rank);
-            }
-        }
+        shrink_rows(
+            isa,
+            &x[t0 * in_dim..(t0 + m) * in_dim],
+            in_dim,
+            pool,
+            seg.a_rows,
+            v_rows,
+            max_rank,
+        );
         for v_row in v_rows.chunks_mut(max_rank) {
             v_row[rank..].fill(0.0);
         }
     };
     if work >= PAR_MIN_WORK {
-        chunks.into_par_iter().for_each_init(Vec::new, per_chunk);
+        chunks.into_par_iter().for_each(per_chunk);
     } else {
-        let mut packed = Vec::new();
-        chunks
-            .into_iter()
-            .for_each(|chunk| per_chunk(&mut packed, chunk));
+        chunks.into_iter().for_each(per_chunk);
     }
     Ok(())
 }
@@ -181,8 +175,8 @@ pub fn lora_expand(
         let m = y_rows.len() / out_dim;
         let v = &v[t0 * max_rank..(t0 + m) * max_rank];
         if m >= PACK_MIN_ROWS {
-            // Prefill: Bᵀ's rows are already the GEMM's panel rows; tiles read them in place.
-            expand_tiles(isa, v, max_rank, pool, seg, out_dim, y_rows);
+            // Prefill: Bᵀ copied a block of columns at a time into the GEMM's panels.
+            expand_tiles(isa, v, max_rank, pool, seg, out_dim, y_rows, acc);
         } else {
             // Decode: each Bᵀ row streamed once, in order, for every row of the segment; the
             // rows' sums stay in `acc` (L1) until they are scaled into `y` once.
@@ -210,62 +204,23 @@ pub fn lora_expand(
     Ok(())
 }
 
-/// Segments of at least this many rows (prefill chunks) run as GEMMs on packed or in-place
-/// panels; shorter ones (decode) stream each adapter row once.
+/// Segments of at least this many rows (prefill chunks) expand as GEMMs on packed panels;
+/// shorter ones (decode) stream each adapter row once.
 const PACK_MIN_ROWS: usize = 2 * MR;
 
-/// Packs the `rank` rows of A (each `in_dim` long, at pool offsets `a_rows`) into GEMM panels
-/// of [`NR`] columns, `k`-major, the last panel zero-padded (see `gemm::PackedMatrix`).
-fn pack_rows(pool: &[f32], a_rows: &[usize], in_dim: usize, packed: &mut Vec<f32>) {
-    let panels = a_rows.len().div_ceil(NR);
-    packed.clear();
-    packed.resize(panels * in_dim * NR, 0.0);
-    for (j, &offset) in a_rows.iter().enumerate() {
-        let panel = &mut packed[j / NR * in_dim * NR..];
-        for (k, &a) in pool[offset..offset + in_dim].iter().enumerate() {
-            panel[k * NR + j % NR] = a;
-        }
-    }
-}
-
-/// `v[:, ..rank] = x · Aᵀ` for the rows of `x` against A packed by [`pack_rows`].
-fn gemm_rows(
-    isa: Isa,
-    x: &[f32],
-    in_dim: usize,
-    packed: &[f32],
-    rank: usize,
-    v: &mut [f32],
-    max_rank: usize,
-) {
-    let rows = x.len() / in_dim;
-    for k0 in (0..in_dim).step_by(KC) {
-        let kc = KC.min(in_dim - k0);
-        for p in 0..rank.div_ceil(NR) {
-            let cols = NR.min(rank - p * NR);
-            let b = Contiguous(&packed[p * in_dim * NR + k0 * NR..][..kc * NR]);
-            for (i, v_tile) in v.chunks_mut(MR * max_rank).enumerate() {
-                let m = v_tile.len() / max_rank;
-                let acc = micro(isa, m, &x[i * MR * in_dim + k0..], in_dim, kc, b);
-                for (v_row, acc) in v_tile.chunks_mut(max_rank).zip(&acc) {
-                    let v = &mut v_row[p * NR..p * NR + cols];
-                    for (v, &a) in v.iter_mut().zip(acc) {
-                        if k0 == 0 { *v = a } else { *v += a }
-                    }
-                }
-            }
-        }
-    }
-    debug_assert_eq!(rows * max_rank, v.len());
-}
-
-/// `y += scale · v · Bᵀ` for a prefill segment: tiles of [`MR`] rows × [`NR`] columns with Bᵀ's
-/// rows read in place from their pages; columns past the last whole panel one by one.
+/// `y += scale · v · Bᵀ` for a prefill segment: tiles of [`MR`] rows × [`NR`] columns; columns
+/// past the last whole panel one by one.
 ///
-/// Column panels are the outer loop: one panel of Bᵀ (rank × 16 floats, at most 4 KiB) stays in
-/// L1 while every row tile of the segment uses it, so Bᵀ is read from memory once per segment.
-/// Row tiles outside would stream all of Bᵀ once per tile — from DRAM when it outgrows L2 (rank
-/// 64 × 2048 outputs is 512 KiB), with `rank` scattered rows too many for the prefetchers.
+/// Bᵀ's rows are `out_dim` apart in the pool (8 KiB for 2,048 outputs): read a panel at a time
+/// in place, a rank-64 panel is 64 lines in one L1 set and 64 interleaved streams, too many
+/// for the prefetchers. So [`EXPAND_COLS`] columns of every row are first copied, each row as
+/// one sequential run, into panels laid out for the micro-kernel (`rank × NR` floats each, at
+/// most 64 KiB in all); every row tile of the segment then reads them from cache and updates
+/// its `y` rows as sequential runs too.
+///
+/// The sums are the decode path's: `Σ_j v_j · Bᵀ_j` in ascending `j` with FMA from zero, then
+/// one FMA into `y` — so a row gets the same bits in a prefill and a decode segment.
+#[allow(clippy::too_many_arguments)] // the expand's operands plus its scratch
 fn expand_tiles(
     isa: Isa,
     v: &[f32],
@@ -274,35 +229,53 @@ fn expand_tiles(
     seg: &LoraSegment<'_>,
     out_dim: usize,
     y: &mut [f32],
+    panels: &mut Vec<f32>,
 ) {
     let rank = seg.b_rows.len();
     let full = out_dim / NR * NR;
-    let b = Gathered::new(pool, seg.b_rows, out_dim);
-    for col in (0..full).step_by(NR) {
-        let panel = b.at(col);
+    for c0 in (0..full).step_by(EXPAND_COLS) {
+        let cols = EXPAND_COLS.min(full - c0);
+        panels.clear();
+        panels.resize(cols * rank, 0.0);
+        for (j, &offset) in seg.b_rows.iter().enumerate() {
+            let row = &pool[offset + c0..offset + c0 + cols];
+            for (p, src) in row.chunks_exact(NR).enumerate() {
+                panels[(p * rank + j) * NR..][..NR].copy_from_slice(src);
+            }
+        }
         for (v_tile, y_tile) in v.chunks(MR * max_rank).zip(y.chunks_mut(MR * out_dim)) {
             let m = y_tile.len() / out_dim;
-            let acc = micro(isa, m, v_tile, max_rank, rank, panel);
-            for (y_row, acc) in y_tile.chunks_mut(out_dim).zip(&acc) {
-                for (y, a) in y_row[col..col + NR].iter_mut().zip(acc) {
-                    *y += seg.scale * a;
-                }
+            for (p, panel) in panels.chunks_exact(rank * NR).enumerate() {
+                let y = &mut y_tile[c0 + p * NR..];
+                micro_axpy(
+                    isa,
+                    m,
+                    v_tile,
+                    max_rank,
+                    rank,
+                    Contiguous(panel),
+                    seg.scale,
+                    y,
+                    out_dim,
+                );
             }
         }
     }
-    for (v_tile, y_tile) in v.chunks(MR * max_rank).zip(y.chunks_mut(MR * out_dim)) {
+    for (v_row, y_row) in v.chunks(max_rank).zip(y.chunks_mut(out_dim)) {
         for o in full..out_dim {
-            for (v_row, y_row) in v_tile.chunks(max_rank).zip(y_tile.chunks_mut(out_dim)) {
-                let sum: f32 = v_row[..rank]
-                    .iter()
-                    .zip(seg.b_rows)
-                    .map(|(vj, &offset)| vj * pool[offset + o])
-                    .sum();
-                y_row[o] += seg.scale * sum;
-            }
+            let sum = v_row[..rank]
+                .iter()
+                .zip(seg.b_rows)
+                .fold(0.0f32, |sum, (vj, &offset)| {
+                    vj.mul_add(pool[offset + o], sum)
+                });
+            y_row[o] = seg.scale.mul_add(sum, y_row[o]);
         }
     }
 }
+
+/// Columns of Bᵀ a prefill expand packs at a time (see [`expand_tiles`]).
+const EXPAND_COLS: usize = 16 * NR;
 
 /// Rows per parallel task: enough tiles to amortise a task, few enough that a long prefill
 /// segment spreads over every thread.
@@ -334,9 +307,15 @@ fn segment_chunks<'s, 'a, 'o>(
     chunks
 }
 
-/// `v[r][j] = x[r] · A_j` for the `m = x.len() / in_dim` (≤ MR) rows of a tile and every A row
-/// `j` of the segment: each A row is read once for all the tile's rows.
-fn shrink_tile(
+/// `v[r][j] = x[r] · A_j` for every row `r` of `x` and every A row `j` of the segment, in tiles
+/// of [`DOT_ROWS`] rows × [`DOT_COLS`] A rows read in place from their pages (no packing: a
+/// segment's rows use A only `m` times, too few to repay a copy of it).
+///
+/// A rows are the outer loop: a pair of them (at most 2 × `in_dim` floats) stays in L1 while
+/// every row tile of the chunk streams past, so A is read from memory once per chunk, as two
+/// sequential streams the prefetchers follow. Each dot is computed alone (see [`dots`]), so
+/// the order of the loops does not change the bits.
+fn shrink_rows(
     isa: Isa,
     x: &[f32],
     in_dim: usize,
@@ -345,11 +324,21 @@ fn shrink_tile(
     v: &mut [f32],
     max_rank: usize,
 ) {
-    for (j, &offset) in a_rows.iter().enumerate() {
-        let a = &pool[offset..offset + in_dim];
-        let sums = dots(isa, x, a);
-        for (k, sum) in sums.iter().enumerate().take(x.len() / in_dim) {
-            v[k * max_rank + j] = *sum;
+    let mut j0 = 0;
+    for pair in a_rows.chunks(DOT_COLS) {
+        let mut a: [&[f32]; DOT_COLS] = [&[]; DOT_COLS];
+        for (a, &offset) in a.iter_mut().zip(pair) {
+            *a = &pool[offset..offset + in_dim];
         }
+        for (x, v_tile) in x
+            .chunks(DOT_ROWS * in_dim)
+            .zip(v.chunks_mut(DOT_ROWS * max_rank))
+        {
+            let sums = dots(isa, x, &a[..pair.len()]);
+            for (v_row, sums) in v_tile.chunks_mut(max_rank).zip(&sums) {
+                v_row[j0..j0 + pair.len()].copy_from_slice(&sums[..pair.len()]);
+            }
+        }
+        j0 += pair.len();
     }
 }

@@ -39,6 +39,8 @@ enum Command {
     Serving(Box<BenchArgs>),
     /// Every suite above but `serving`, in that order.
     All(Box<BenchArgs>),
+    /// Capacity planner: replicas per role meeting TTFT and inter-token SLOs for a trace.
+    Plan(Box<BenchArgs>),
     /// Run the out-of-the-box demonstration: a disaggregated stack serving many adapters.
     Demo(DemoArgs),
     /// The operator's scale check: place and load adapters on fake agents over loopback gRPC;
@@ -72,6 +74,7 @@ fn main() -> anyhow::Result<()> {
         Command::Pd(args) => suite(Suite::Pd, args),
         Command::Serving(args) => suite(Suite::Serving, args),
         Command::All(args) => suite(Suite::All, args),
+        Command::Plan(args) => suite(Suite::Plan, args),
         Command::Demo(args) => demo::run(args),
         Command::Placement(args) => block_on(placement::run(args)),
         Command::Serve(args) => loraplane_agent::serve::run_process(*args),

@@ -18,6 +18,7 @@ mod adapters;
 mod hetero;
 mod kv_transfer;
 mod pd;
+mod plan;
 mod report;
 mod roofline;
 mod serving;
@@ -54,6 +55,8 @@ pub enum Suite {
     Serving,
     /// Every suite above but `serving`, in that order.
     All,
+    /// The capacity planner: replicas per role for a trace under SLOs (not part of `all`).
+    Plan,
 }
 
 impl Suite {
@@ -66,6 +69,7 @@ impl Suite {
             Suite::Pd => "pd",
             Suite::Serving => "serving",
             Suite::All => "all",
+            Suite::Plan => "plan",
         }
     }
 }
@@ -111,6 +115,8 @@ pub struct BenchArgs {
     pub workload: WorkloadArgs,
     #[command(flatten)]
     pub serving: serving::ServingArgs,
+    #[command(flatten)]
+    pub plan: plan::PlanArgs,
 }
 
 /// Workload knobs of the serving suites (`adapters`, `pd`); unset values take per-suite
@@ -190,6 +196,7 @@ pub(crate) struct Ctx {
     pub seed: u64,
     pub workload: WorkloadArgs,
     pub serving: serving::ServingArgs,
+    pub plan: plan::PlanArgs,
     pub out: PathBuf,
     pub fixtures: setup::Fixtures,
     pub progress: Progress,
@@ -238,6 +245,7 @@ impl BenchArgs {
             seed: self.seed,
             workload: self.workload.clone(),
             serving: self.serving.clone(),
+            plan: self.plan.clone(),
             out: self.out.clone(),
             fixtures,
             progress: Progress::new(),
@@ -271,6 +279,7 @@ impl BenchArgs {
                 Suite::KvTransfer => kv_transfer::run(&mut ctx),
                 Suite::Pd => pd::run(&mut ctx),
                 Suite::Serving => serving::run(&mut ctx),
+                Suite::Plan => plan::run(&mut ctx),
                 Suite::All => continue,
             }
             .with_context(|| format!("bench {}", suite.name()))?;

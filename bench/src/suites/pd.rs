@@ -10,7 +10,7 @@
 //! (`kv-transfer` measures what the wire adds); the decode engine emits the first token when it
 //! admits the request.
 
-mod processes;
+pub(crate) mod processes;
 
 use std::collections::VecDeque;
 
@@ -257,6 +257,7 @@ pub(crate) fn run(ctx: &mut Ctx) -> anyhow::Result<Report> {
         chunk,
         max_running,
         scratch: scratch.path().to_owned(),
+        unified_core: None,
     };
     drop((unified, prefill, decode));
     let procs = processes::run(&agent_config, &jobs, &mut ctx.progress)?;

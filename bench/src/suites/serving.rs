@@ -11,7 +11,7 @@
 mod agent;
 mod client;
 mod roofline;
-mod workload;
+pub(crate) mod workload;
 
 use std::io::Write;
 use std::path::PathBuf;

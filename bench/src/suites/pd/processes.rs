@@ -37,16 +37,19 @@ impl Drop for Agent {
 }
 
 /// How the agents are configured (the same engine sizing as the in-process engines).
-pub(super) struct AgentConfig {
+pub(crate) struct AgentConfig {
     pub model: PathBuf,
     pub pool_bytes: u64,
     pub chunk: usize,
     pub max_running: usize,
     pub scratch: PathBuf,
+    /// Pin the unified agent to this core (the planner's validation: one core, one device);
+    /// `None`: it uses every core.
+    pub unified_core: Option<usize>,
 }
 
 /// What the process runs measured.
-pub(super) struct ProcessRuns {
+pub(crate) struct ProcessRuns {
     pub unified: Tracker,
     pub disaggregated: Tracker,
     pub pinned: bool,
@@ -242,7 +245,7 @@ async fn replay(
 }
 
 /// Runs `jobs` on a unified agent, then on a prefill + decode pair.
-pub(super) fn run(
+pub(crate) fn run(
     cfg: &AgentConfig,
     jobs: &[Job],
     progress: &mut Progress,
@@ -259,7 +262,7 @@ pub(super) fn run(
         .build()?;
 
     progress.update("processes: starting a unified agent");
-    let (agent, listening) = start("unified", None, &[], cfg)?;
+    let (agent, listening) = start("unified", cfg.unified_core.filter(|_| pinned), &[], cfg)?;
     let grpc = addr(&listening, "grpc")?;
     let unified = runtime.block_on(replay(&grpc, jobs, &mut |d, n, t| {
         progress.update(format!("processes, unified: {d}/{n} requests, {t:.1} s"))

@@ -1,0 +1,499 @@
+//! A fleet of agents on a virtual clock, each step planned by the agent's own scheduler
+//! ([`loraplane_agent::scheduler::Scheduler`], the pure policy the engine applies) and costed
+//! by a [`StepCost`] profile instead of being computed.
+//!
+//! - Unified: `n` agents; each request goes to the agent with the fewest requests in flight
+//!   (ties: the lowest index), and is prefilled and decoded there with chunked prefill.
+//! - Disaggregated: `p` prefill agents run each prompt with one output token (the prefill agent
+//!   samples the first token); its KV reaches the least-loaded of `d` decode agents
+//!   [`StepCost::handoff_s`] after the prefill step ends, and is imported there: the decode
+//!   agent emits the first token when it admits the sequence, then decodes the rest.
+//!
+//! Each agent's pool is the profile's; adapter residency, LRU eviction, preemption and
+//! refusal are the scheduler's decisions, applied here to plain counters. Events are stamped
+//! into the suites' [`Tracker`], so predicted and measured runs are summarised by one code.
+
+use std::collections::{HashMap, VecDeque};
+
+use loraplane_agent::engine::{Event, FinishReason};
+use loraplane_agent::lora::ids::{AdapterKey, TenantId};
+use loraplane_agent::scheduler::{
+    AdapterState, Decision, Limits, Scheduler, SeqId, SeqState, Snapshot,
+};
+use tokio::sync::mpsc::UnboundedSender;
+
+use super::cost::{StepCost, StepShape};
+use crate::suites::sim::{Job, Tracker};
+
+/// How many agents of each role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Layout {
+    Unified(usize),
+    Split { prefill: usize, decode: usize },
+}
+
+impl Layout {
+    pub fn devices(&self) -> usize {
+        match *self {
+            Layout::Unified(n) => n,
+            Layout::Split { prefill, decode } => prefill + decode,
+        }
+    }
+}
+
+impl std::fmt::Display for Layout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match *self {
+            Layout::Unified(n) => write!(f, "{n} unified"),
+            Layout::Split { prefill, decode } => write!(f, "{prefill} prefill + {decode} decode"),
+        }
+    }
+}
+
+/// What a simulated run did besides the per-request outcome.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SimStats {
+    pub steps: u64,
+    pub preemptions: u64,
+    pub refused: u64,
+    pub adapter_placements: u64,
+    /// Busy seconds per agent over the run's end time (prefill agents first).
+    pub utilisation: Vec<f64>,
+}
+
+struct Seq {
+    job: usize,
+    adapter: Option<AdapterKey>,
+    rank: usize,
+    tokens: usize,
+    prompt_len: usize,
+    max_tokens: usize,
+    computed: usize,
+    pages: usize,
+    admitted: u64,
+    importing: bool,
+}
+
+struct Agent {
+    prefill_only: bool,
+    sched: Scheduler,
+    limits: Limits,
+    seqs: HashMap<SeqId, Seq>,
+    running: Vec<SeqId>,
+    waiting: VecDeque<SeqId>,
+    adapters: HashMap<AdapterKey, (Option<usize>, usize, u64)>, // (resident pages, pages, last used)
+    free: usize,
+    clock: f64,
+    busy: f64,
+    next_admit: u64,
+}
+
+impl Agent {
+    fn new(cost: &StepCost, prefill_only: bool) -> Agent {
+        let l = cost.limits;
+        let limits = Limits {
+            max_batch_tokens: l.max_batch_tokens,
+            max_prefill_chunk: l.max_prefill_chunk,
+            max_running: l.max_running,
+            pool_pages: l.pool_pages,
+            block_size: l.block_size,
+            num_layers: cost.layers,
+        };
+        Agent {
+            prefill_only,
+            sched: Scheduler::new(limits),
+            limits,
+            seqs: HashMap::new(),
+            running: Vec::new(),
+            waiting: VecDeque::new(),
+            adapters: HashMap::new(),
+            free: l.pool_pages,
+            clock: 0.0,
+            busy: 0.0,
+            next_admit: 0,
+        }
+    }
+
+    fn load(&self) -> usize {
+        self.running.len() + self.waiting.len()
+    }
+
+    fn has_work(&self) -> bool {
+        !self.running.is_empty() || !self.waiting.is_empty()
+    }
+}
+
+/// Simulates `jobs` on `layout` (`adapter_of(j)`: job `j`'s adapter index and rank); returns the tracker of the client-visible events.
+pub fn simulate(
+    cost: &StepCost,
+    layout: Layout,
+    jobs: &[Job],
+    adapter_of: &dyn Fn(usize) -> Option<(usize, usize)>,
+) -> anyhow::Result<(Tracker, SimStats)> {
+    let (front, back) = match layout {
+        Layout::Unified(n) => (n, 0),
+        Layout::Split { prefill, decode } => (prefill, decode),
+    };
+    anyhow::ensure!(
+        front > 0 && (back > 0 || matches!(layout, Layout::Unified(_))),
+        "a fleet needs at least one agent per role: {layout}"
+    );
+    let split = back > 0;
+    let mut agents: Vec<Agent> = (0..front + back)
+        .map(|i| Agent::new(cost, split && i < front))
+        .collect();
+    let mut tracker = Tracker::new(jobs);
+    let mut senders: Vec<Option<UnboundedSender<Event>>> = vec![None; jobs.len()];
+    let mut stats = SimStats::default();
+    let tenant = TenantId(crate::suites::setup::TENANT.to_owned());
+    let mut order: Vec<usize> = (0..jobs.len()).collect();
+    order.sort_by(|&a, &b| jobs[a].arrival.total_cmp(&jobs[b].arrival));
+    let mut next = 0;
+    // KV handoffs in flight: (ready time, job).
+    let mut handoffs: Vec<(f64, usize)> = Vec::new();
+    let mut next_id = 0u64;
+    let least_loaded = |agents: &[Agent], range: std::ops::Range<usize>| {
+        range
+            .min_by_key(|&i| (agents[i].load(), i))
+            .expect("a non-empty role")
+    };
+    loop {
+        let t_arrival = order.get(next).map(|&j| jobs[j].arrival);
+        let t_handoff = handoffs.iter().map(|h| h.0).min_by(f64::total_cmp);
+        let stepper = (0..agents.len())
+            .filter(|&i| agents[i].has_work())
+            .min_by(|&a, &b| agents[a].clock.total_cmp(&agents[b].clock));
+        let t_step = stepper.map(|i| agents[i].clock);
+        let first = [t_arrival, t_handoff, t_step]
+            .into_iter()
+            .flatten()
+            .min_by(f64::total_cmp);
+        let Some(now) = first else { break };
+        if t_arrival == Some(now) {
+            let j = order[next];
+            next += 1;
+            let (tx_i, rx_i) = (j, tracker.channel(j));
+            senders[tx_i] = Some(rx_i);
+            let a = least_loaded(&agents, 0..front);
+            let (adapter, rank) = match adapter_of(j) {
+                Some((idx, rank)) => (Some(AdapterKey::new(&tenant.0, &format!("a{idx}"))), rank),
+                None => (None, 0),
+            };
+            let job = &jobs[j];
+            let max_tokens = if split { 1 } else { job.max_tokens };
+            enqueue(
+                &mut agents[a],
+                cost,
+                &mut next_id,
+                now,
+                Seq {
+                    job: j,
+                    adapter,
+                    rank,
+                    tokens: job.prompt.len(),
+                    prompt_len: job.prompt.len(),
+                    max_tokens,
+                    computed: 0,
+                    pages: 0,
+                    admitted: 0,
+                    importing: false,
+                },
+            );
+            continue;
+        }
+        if t_handoff == Some(now) {
+            let pos = handoffs
+                .iter()
+                .position(|h| h.0 == now)
+                .expect("found above");
+            let (_, j) = handoffs.swap_remove(pos);
+            let d = least_loaded(&agents, front..front + back);
+            let (adapter, rank) = match adapter_of(j) {
+                Some((idx, rank)) => (Some(AdapterKey::new(&tenant.0, &format!("a{idx}"))), rank),
+                None => (None, 0),
+            };
+            let job = &jobs[j];
+            enqueue(
+                &mut agents[d],
+                cost,
+                &mut next_id,
+                now,
+                Seq {
+                    job: j,
+                    adapter,
+                    rank,
+                    tokens: job.prompt.len() + 1,
+                    prompt_len: job.prompt.len(),
+                    max_tokens: job.max_tokens,
+                    computed: 0,
+                    pages: 0,
+                    admitted: 0,
+                    importing: true,
+                },
+            );
+            continue;
+        }
+        let i = stepper.expect("a step is the earliest event");
+        let finished = step(
+            &mut agents[i],
+            cost,
+            &tenant,
+            &senders,
+            &mut tracker,
+            &mut stats,
+        )?;
+        if agents[i].prefill_only {
+            let end = agents[i].clock;
+            for j in finished {
+                handoffs.push((end + cost.handoff_s(jobs[j].prompt.len()), j));
+            }
+        } else {
+            for j in finished {
+                if let Some(tx) = senders[j].take() {
+                    let _ = tx.send(finished_event(FinishReason::Length));
+                }
+            }
+            tracker.poll(agents[i].clock);
+        }
+    }
+    let end = agents.iter().map(|a| a.clock).fold(0.0, f64::max).max(1e-9);
+    stats.utilisation = agents.iter().map(|a| a.busy / end).collect();
+    tracker.poll(end);
+    Ok((tracker, stats))
+}
+
+fn finished_event(reason: FinishReason) -> Event {
+    Event::Finished {
+        reason,
+        text: String::new(),
+        usage: Default::default(),
+        timings: Default::default(),
+        error: None,
+    }
+}
+
+fn token_event() -> Event {
+    Event::Token {
+        id: 0,
+        text: String::new(),
+        logprob: None,
+        logits: None,
+    }
+}
+
+fn enqueue(agent: &mut Agent, cost: &StepCost, next_id: &mut u64, now: f64, seq: Seq) {
+    if !agent.has_work() {
+        agent.clock = agent.clock.max(now);
+    }
+    if let Some(key) = &seq.adapter {
+        agent
+            .adapters
+            .entry(key.clone())
+            .or_insert((None, cost.adapter_pages(seq.rank), 0));
+    }
+    let id = SeqId(*next_id);
+    *next_id += 1;
+    agent.seqs.insert(id, seq);
+    agent.waiting.push_back(id);
+}
+
+/// Plans and applies one step of `agent` at its clock; returns the jobs that finished on it.
+fn step(
+    agent: &mut Agent,
+    cost: &StepCost,
+    tenant: &TenantId,
+    senders: &[Option<UnboundedSender<Event>>],
+    tracker: &mut Tracker,
+    stats: &mut SimStats,
+) -> anyhow::Result<Vec<usize>> {
+    let plan = {
+        let seq_state = |id: &SeqId| {
+            let s = &agent.seqs[id];
+            SeqState {
+                id: *id,
+                tenant,
+                adapter: s.adapter.as_ref(),
+                tokens: s.tokens,
+                prompt_len: s.prompt_len,
+                max_tokens: s.max_tokens,
+                computed: s.computed,
+                pages: s.pages,
+                admitted: s.admitted,
+                importing: s.importing,
+            }
+        };
+        let snapshot = Snapshot {
+            running: agent.running.iter().map(seq_state).collect(),
+            waiting: agent.waiting.iter().map(seq_state).collect(),
+            adapters: agent
+                .adapters
+                .iter()
+                .map(|(k, &(resident, pages, last_used))| {
+                    (
+                        k,
+                        AdapterState {
+                            host_ready: true,
+                            resident,
+                            placement: Some(pages),
+                            unloading: false,
+                            last_used,
+                        },
+                    )
+                })
+                .collect(),
+            free_pages: agent.free,
+        };
+        agent.sched.plan(snapshot)
+    };
+    let start = agent.clock;
+    let mut shape = StepShape::default();
+    let mut in_batch: Vec<SeqId> = Vec::new();
+    let mut adapters_in_step: Vec<AdapterKey> = Vec::new();
+    let mut finished = Vec::new();
+    let mut progressed = false;
+    let limits = agent.limits;
+    for decision in plan.decisions {
+        match decision {
+            Decision::Evict(key) => {
+                if let Some(a) = agent.adapters.get_mut(&key)
+                    && let Some(p) = a.0.take()
+                {
+                    agent.free += p;
+                }
+            }
+            Decision::Preempt(id) => {
+                let s = agent.seqs.get_mut(&id).expect("planned sequence");
+                agent.free += s.pages;
+                s.pages = 0;
+                s.computed = 0;
+                s.importing = false;
+                agent.running.retain(|x| *x != id);
+                agent.waiting.push_front(id);
+                stats.preemptions += 1;
+                progressed = true;
+            }
+            Decision::Refuse { seq, .. } => {
+                let s = agent.seqs.remove(&seq).expect("planned sequence");
+                agent.waiting.retain(|x| *x != seq);
+                stats.refused += 1;
+                progressed = true;
+                tracker.fail(s.job);
+                if let Some(tx) = &senders[s.job] {
+                    let _ = tx.send(finished_event(FinishReason::Error));
+                }
+            }
+            Decision::Place(key) => {
+                if let Some(a) = agent.adapters.get_mut(&key) {
+                    a.0 = Some(a.1);
+                    agent.free = agent.free.saturating_sub(a.1);
+                    stats.adapter_placements += 1;
+                }
+            }
+            Decision::Run { seq, tokens } => {
+                let s = agent.seqs.get_mut(&seq).expect("planned sequence");
+                let pages = limits.pages_for(s.computed + tokens);
+                agent.free = (agent.free + s.pages).saturating_sub(pages);
+                s.pages = pages;
+                shape.add(
+                    tokens,
+                    s.computed,
+                    s.computed < s.prompt_len,
+                    s.adapter.as_ref().map(|_| s.rank),
+                );
+                s.computed += tokens;
+                in_batch.push(seq);
+            }
+            Decision::Admit {
+                seq,
+                tokens,
+                reserve,
+            } => {
+                let s = agent.seqs.get_mut(&seq).expect("planned sequence");
+                let pages = limits.pages_for(reserve);
+                agent.free = agent.free.saturating_sub(pages);
+                s.pages = pages;
+                s.admitted = agent.next_admit;
+                agent.next_admit += 1;
+                agent.waiting.retain(|x| *x != seq);
+                agent.running.push(seq);
+                progressed = true;
+                if let Some(key) = &s.adapter
+                    && let Some(a) = agent.adapters.get_mut(key)
+                {
+                    a.2 = s.admitted + 1;
+                }
+                if s.importing {
+                    // The imported prompt's KV is written and its first token sent now.
+                    s.importing = false;
+                    s.computed = s.prompt_len;
+                    if let Some(tx) = &senders[s.job] {
+                        let _ = tx.send(token_event());
+                    }
+                    tracker.poll(start);
+                    if s.max_tokens <= 1 {
+                        // Its first token finished it (the engine ends it at admission).
+                        let s = agent.seqs.remove(&seq).expect("admitted");
+                        agent.free += s.pages;
+                        agent.running.retain(|x| *x != seq);
+                        finished.push(s.job);
+                        continue;
+                    }
+                }
+                if tokens > 0 {
+                    shape.add(
+                        tokens,
+                        s.computed,
+                        s.computed < s.prompt_len,
+                        s.adapter.as_ref().map(|_| s.rank),
+                    );
+                    s.computed += tokens;
+                    in_batch.push(seq);
+                }
+            }
+        }
+    }
+    for id in &in_batch {
+        if let Some(key) = &agent.seqs[id].adapter
+            && !adapters_in_step.contains(key)
+        {
+            adapters_in_step.push(key.clone());
+        }
+    }
+    shape.adapters = adapters_in_step.len() as f64;
+    if in_batch.is_empty() && !progressed && agent.has_work() {
+        anyhow::bail!(
+            "the scheduler planned nothing for an agent with work: the profile's pool ({} pages) \
+             cannot hold a request of this trace",
+            limits.pool_pages
+        );
+    }
+    let dt = if in_batch.is_empty() {
+        0.0
+    } else {
+        cost.step(&shape)
+    };
+    agent.clock = start + dt;
+    agent.busy += dt;
+    stats.steps += 1;
+    let end = agent.clock;
+    for id in in_batch {
+        let s = agent.seqs.get_mut(&id).expect("in batch");
+        if s.computed < s.tokens {
+            continue; // a prefill chunk: no token yet
+        }
+        s.tokens += 1;
+        if !agent.prefill_only
+            && let Some(tx) = &senders[s.job]
+        {
+            let _ = tx.send(token_event());
+        }
+        if s.tokens - s.prompt_len >= s.max_tokens {
+            let s = agent.seqs.remove(&id).expect("in batch");
+            agent.free += s.pages;
+            agent.running.retain(|x| *x != id);
+            finished.push(s.job);
+        }
+    }
+    tracker.poll(end);
+    Ok(finished)
+}

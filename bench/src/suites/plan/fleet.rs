@@ -497,3 +497,120 @@ fn step(
     tracker.poll(end);
     Ok(finished)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::suites::sim::Slo;
+
+    /// 10 ms a step plus 1 ms a prompt token, nothing else; handoffs take 1 ms + 0.4 ms a token.
+    fn cost() -> StepCost {
+        let mut c = StepCost::parse(super::super::cost::DEFAULT_PROFILE).unwrap();
+        c.step_s = 0.01;
+        c.prefill_token_s = 0.001;
+        c.decode_seq_s = 0.0;
+        c.attention_kilo_s = 0.0;
+        c.adapter_s = 0.0;
+        c.lora_kilo_rank_token_s = 0.0;
+        c.kv_latency_s = 0.001;
+        c.kv_bandwidth_bytes_per_s = c.kv_bytes_per_token / c.layers as f64 / 0.0004;
+        c
+    }
+
+    fn job(arrival: f64, prompt: usize, output: usize) -> Job {
+        Job {
+            arrival,
+            adapter: None,
+            prompt: vec![7; prompt],
+            max_tokens: output,
+            long: false,
+        }
+    }
+
+    fn run(layout: Layout, jobs: &[Job]) -> crate::suites::sim::Outcome {
+        let (t, _) = simulate(&cost(), layout, jobs, &|_| None).unwrap();
+        t.outcome(
+            Slo {
+                ttft_s: 1.0,
+                itl_s: 1.0,
+            },
+            None,
+            None,
+        )
+    }
+
+    fn close(a: f64, b: f64) -> bool {
+        (a - b).abs() < 1e-9
+    }
+
+    #[test]
+    fn one_request_on_one_agent_costs_its_prefill_then_one_step_a_token() {
+        let o = run(Layout::Unified(1), &[job(1.0, 10, 5)]);
+        assert_eq!((o.completed, o.output_tokens), (1, 5));
+        assert!(close(o.ttft.p50, 0.02), "{o:?}");
+        assert!(close(o.itl.p50, 0.01) && close(o.itl.p99, 0.01), "{o:?}");
+        assert!(close(o.makespan_s, 0.06), "{o:?}");
+    }
+
+    #[test]
+    fn a_disaggregated_first_token_waits_for_the_kv_handoff() {
+        let o = run(
+            Layout::Split {
+                prefill: 1,
+                decode: 1,
+            },
+            &[job(0.0, 10, 5)],
+        );
+        assert_eq!((o.completed, o.output_tokens), (1, 5));
+        // Prefill 20 ms, then 1 ms + 10 tokens × 0.4 ms; the first token comes at admission.
+        assert!(close(o.ttft.p50, 0.025), "{o:?}");
+        assert!(close(o.itl.p99, 0.01), "{o:?}");
+    }
+
+    #[test]
+    fn a_second_agent_takes_the_second_request() {
+        let jobs = [job(0.0, 10, 2), job(0.0, 10, 2)];
+        let one = run(Layout::Unified(1), &jobs);
+        let two = run(Layout::Unified(2), &jobs);
+        // One agent prefills both prompts in one step (10 ms + 20 tokens); two agents in parallel.
+        assert!(close(one.ttft.p99, 0.03), "{one:?}");
+        assert!(close(two.ttft.p99, 0.02), "{two:?}");
+        assert_eq!((one.completed, two.completed), (2, 2));
+    }
+
+    #[test]
+    fn a_request_larger_than_the_pool_is_refused_not_stuck() {
+        let mut c = cost();
+        c.limits.pool_pages = c.layers * 2; // two blocks of KV
+        let jobs = [job(0.0, 100, 4), job(0.0, 8, 4)];
+        let (t, stats) = simulate(&c, Layout::Unified(1), &jobs, &|_| None).unwrap();
+        let o = t.outcome(
+            Slo {
+                ttft_s: 1.0,
+                itl_s: 1.0,
+            },
+            None,
+            None,
+        );
+        assert_eq!((o.completed, o.failed, stats.refused), (1, 1, 1), "{o:?}");
+    }
+
+    #[test]
+    fn adapters_are_placed_once_and_their_steps_cost_more() {
+        let mut c = cost();
+        c.adapter_s = 0.005;
+        let jobs = [job(0.0, 10, 3), job(0.0, 10, 3)];
+        let (t, stats) = simulate(&c, Layout::Unified(1), &jobs, &|_| Some((0, 8))).unwrap();
+        let o = t.outcome(
+            Slo {
+                ttft_s: 1.0,
+                itl_s: 1.0,
+            },
+            None,
+            None,
+        );
+        assert_eq!(stats.adapter_placements, 1);
+        assert!(close(o.ttft.p50, 0.035), "{o:?}"); // 10 ms + 20 tokens + one adapter
+        assert!(close(o.itl.p50, 0.015), "{o:?}");
+    }
+}

@@ -151,17 +151,8 @@ pub struct Environment {
 
 impl Environment {
     pub(crate) fn collect(ctx: &Ctx, elapsed: Duration) -> Self {
-        let cpu = std::fs::read_to_string("/proc/cpuinfo")
-            .ok()
-            .and_then(|s| {
-                s.lines()
-                    .find(|l| l.starts_with("model name"))
-                    .and_then(|l| l.split(':').nth(1))
-                    .map(|m| m.trim().to_owned())
-            })
-            .unwrap_or_else(|| std::env::consts::ARCH.to_owned());
         Environment {
-            cpu,
+            cpu: cpu_name(),
             cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
             build: if cfg!(debug_assertions) {
                 "debug (dependencies and kernels optimised)"
@@ -181,6 +172,19 @@ impl Environment {
                 .map_or(0, |d| d.as_secs()),
         }
     }
+}
+
+/// The CPU's model name (`/proc/cpuinfo`), or the architecture where it is not known.
+pub(crate) fn cpu_name() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|m| m.trim().to_owned())
+        })
+        .unwrap_or_else(|| std::env::consts::ARCH.to_owned())
 }
 
 /// Everything a suite reports.

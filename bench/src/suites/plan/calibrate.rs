@@ -15,6 +15,7 @@ use loraplane_agent::lora::Module;
 use loraplane_agent::model::config::ModelConfig;
 
 use super::cost::{AgentLimits, StepCost, StepShape};
+use crate::suites::report::cpu_name;
 use crate::suites::sim::{Job, request};
 use crate::suites::{Ctx, setup};
 
@@ -201,16 +202,4 @@ fn measure_batch(
     }
     drop(receivers);
     Ok(out)
-}
-
-fn cpu_name() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split(':').nth(1))
-                .map(|m| m.trim().to_owned())
-        })
-        .unwrap_or_else(|| std::env::consts::ARCH.to_owned())
 }

@@ -74,6 +74,15 @@ struct Seq {
     importing: bool,
 }
 
+impl Seq {
+    /// Computes `n` more tokens of it in the step of `shape`.
+    fn compute(&mut self, n: usize, shape: &mut StepShape) {
+        let rank = self.adapter.as_ref().map(|_| self.rank);
+        shape.add(n, self.computed, self.computed < self.prompt_len, rank);
+        self.computed += n;
+    }
+}
+
 struct Agent {
     prefill_only: bool,
     sched: Scheduler,
@@ -116,6 +125,14 @@ impl Agent {
 
     fn load(&self) -> usize {
         self.running.len() + self.waiting.len()
+    }
+
+    /// Ends a running sequence, freeing its pages; returns its job.
+    fn finish(&mut self, id: SeqId) -> usize {
+        let s = self.seqs.remove(&id).expect("a running sequence");
+        self.free += s.pages;
+        self.running.retain(|x| *x != id);
+        s.job
     }
 
     fn has_work(&self) -> bool {
@@ -394,13 +411,7 @@ fn step(
                 let pages = limits.pages_for(s.computed + tokens);
                 agent.free = (agent.free + s.pages).saturating_sub(pages);
                 s.pages = pages;
-                shape.add(
-                    tokens,
-                    s.computed,
-                    s.computed < s.prompt_len,
-                    s.adapter.as_ref().map(|_| s.rank),
-                );
-                s.computed += tokens;
+                s.compute(tokens, &mut shape);
                 in_batch.push(seq);
             }
             Decision::Admit {
@@ -432,21 +443,12 @@ fn step(
                     tracker.poll(start);
                     if s.max_tokens <= 1 {
                         // Its first token finished it (the engine ends it at admission).
-                        let s = agent.seqs.remove(&seq).expect("admitted");
-                        agent.free += s.pages;
-                        agent.running.retain(|x| *x != seq);
-                        finished.push(s.job);
+                        finished.push(agent.finish(seq));
                         continue;
                     }
                 }
                 if tokens > 0 {
-                    shape.add(
-                        tokens,
-                        s.computed,
-                        s.computed < s.prompt_len,
-                        s.adapter.as_ref().map(|_| s.rank),
-                    );
-                    s.computed += tokens;
+                    s.compute(tokens, &mut shape);
                     in_batch.push(seq);
                 }
             }
@@ -488,10 +490,7 @@ fn step(
             let _ = tx.send(token_event());
         }
         if s.tokens - s.prompt_len >= s.max_tokens {
-            let s = agent.seqs.remove(&id).expect("in batch");
-            agent.free += s.pages;
-            agent.running.retain(|x| *x != id);
-            finished.push(s.job);
+            finished.push(agent.finish(id));
         }
     }
     tracker.poll(end);

@@ -18,7 +18,7 @@ mod adapters;
 mod hetero;
 mod kv_transfer;
 mod pd;
-mod report;
+pub mod report;
 mod roofline;
 mod serving;
 mod setup;

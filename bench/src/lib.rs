@@ -1,6 +1,7 @@
 //! loraplane's tooling, kept out of the serving binaries: the benchmark suites that measure the
 //! agent against docs/performance-targets.md ([`suites`]), the out-of-the-box demo ([`demo`])
-//! and the operator's placement scale check ([`placement`]). The `loraplane-bench` binary
+//! and the operator's placement scale check ([`placement`], with its demand-shift scenario in
+//! [`demand_shift`]). The `loraplane-bench` binary
 //! runs them; it drives the agent and operator libraries, and starts agents as child processes
 //! by running itself with the hidden `serve` subcommand (the agent library's own `serve`).
 //!
@@ -10,6 +11,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod demand_shift;
 pub mod demo;
 pub mod placement;
 pub mod suites;

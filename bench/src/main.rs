@@ -8,6 +8,7 @@
 use clap::{Parser, Subcommand};
 
 use loraplane_agent::config::{self, ServeArgs};
+use loraplane_bench::demand_shift;
 use loraplane_bench::demo::{self, DemoArgs};
 use loraplane_bench::placement::{self, FakeAgentsArgs, PlacementArgs};
 use loraplane_bench::suites::{BenchArgs, Suite};
@@ -76,6 +77,7 @@ fn main() -> anyhow::Result<()> {
         Command::All(args) => suite(Suite::All, args),
         Command::Plan(args) => suite(Suite::Plan, args),
         Command::Demo(args) => demo::run(args),
+        Command::Placement(args) if args.demand_shift => demand_shift::run(&args).map(|_| ()),
         Command::Placement(args) => block_on(placement::run(args)),
         Command::Serve(args) => loraplane_agent::serve::run_process(*args),
         Command::FakeAgents(args) => block_on(placement::fake_agents(args)),

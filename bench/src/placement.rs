@@ -25,9 +25,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use loraplane_units::parse_bytes;
 
 use loraplane_operator::agent_client::{GrpcAgents, Timeouts};
-use loraplane_operator::controller::converge::{AdapterWant, Work, converge};
+use loraplane_operator::controller::converge::{AdapterWant, Limits, Work, converge};
 use loraplane_operator::controller::fleet::Fleet;
-use loraplane_operator::crd::{AdapterSource, BaseModelRef, LoraAdapter, LoraAdapterSpec, Phase};
+use loraplane_operator::crd::{
+    AdapterReplicas, AdapterSource, BaseModelRef, LoraAdapter, LoraAdapterSpec, Phase,
+};
 use loraplane_operator::discovery::{self, Agent};
 use loraplane_operator::fake_agent::{FakeAgent, agent_pod, serve};
 use loraplane_operator::metrics::Metrics;
@@ -61,6 +63,19 @@ pub struct PlacementArgs {
     /// Run the fake agents in this process (the peak memory then includes them).
     #[arg(long)]
     pub in_process: bool,
+    /// Instead: the demand-following scenario (`replicas: {min, max}` adapters through a
+    /// popularity shift, on a simulated clock; [`crate::demand_shift`]).
+    #[arg(long)]
+    pub demand_shift: bool,
+    /// `--demand-shift`: the operator's `--adapter-loads-per-minute` (it also runs unbounded).
+    #[arg(long, default_value_t = 30)]
+    pub loads_per_minute: u32,
+    /// `--demand-shift`: requests per second over all adapters.
+    #[arg(long, default_value_t = 1000.0)]
+    pub total_rps: f64,
+    /// `--demand-shift`: directory for `placement-demand.{md,json,png}` (created if missing).
+    #[arg(long, env = "LORAPLANE_BENCH_OUT", default_value = "bench-results")]
+    pub out: std::path::PathBuf,
 }
 
 /// `loraplane-bench fake-agents` (hidden: the placement check's child process).
@@ -249,7 +264,7 @@ fn adapters(args: &PlacementArgs) -> Vec<LoraAdapter> {
                         sha256: None,
                     },
                     replicas: (args.replicas > 0)
-                        .then(|| i32::try_from(args.replicas).unwrap_or(i32::MAX)),
+                        .then(|| AdapterReplicas::Fixed(i64::from(args.replicas))),
                 },
             );
             a.metadata.namespace = Some(ns);
@@ -276,7 +291,11 @@ async fn pass(
                 let now = now.clone();
                 async move {
                     let want = AdapterWant::from_adapter(a);
-                    let (c, w) = converge(api, fleet, agents, roles, &want, ttl).await;
+                    let limits = Limits {
+                        ttl,
+                        loads_per_minute: 0,
+                    };
+                    let (c, w) = converge(api, fleet, agents, roles, &want, limits).await;
                     (
                         i,
                         status::adapter_status(a, &AdapterOutcome::Converged(c), &now),

@@ -603,6 +603,7 @@ mod tests {
             device_resident: vec![],
             running_adapters: vec![crate::lora::ids::AdapterKey::new("t", "b")],
             waiting_adapters: vec![],
+            adapter_requests: vec![],
         };
         m.refresh(&stats, 8);
         m.refresh(&stats, 8);

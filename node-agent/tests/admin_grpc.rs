@@ -11,6 +11,8 @@ use std::net::SocketAddr;
 
 use admin_world::{ADMIN_TOKEN, TENANT_KEY, World, world};
 use loraplane_agent::api::admin::AdminService;
+use loraplane_agent::engine::request::{Request, SamplingParams};
+use loraplane_agent::lora::ids::TenantId;
 use loraplane_proto::v1 as pb;
 use loraplane_proto::v1::admin_client::AdminClient;
 use loraplane_proto::v1::admin_server::Admin;
@@ -353,6 +355,38 @@ async fn stats_and_drain() {
     assert_eq!(pool.free_pages, pool.total_pages);
     assert_eq!(s.host_cache.unwrap().adapters, 1);
     assert!(!s.draining);
+    let requests_of = |s: &pb::GetStatsResponse| -> Vec<(String, u64)> {
+        s.adapter_requests
+            .iter()
+            .map(|r| (r.adapter.as_ref().unwrap().name.clone(), r.requests_total))
+            .collect()
+    };
+    assert_eq!(requests_of(&s), [("sql".to_owned(), 0)]);
+
+    // Two requests on the adapter: the counter the operator derives rates from counts them.
+    for i in 0..2 {
+        let mut events = w
+            .engine
+            .submit(Request {
+                id: format!("r{i}"),
+                tenant: TenantId::default_tenant(),
+                adapter: Some("sql".into()),
+                prompt: vec![1, 2, 3],
+                params: SamplingParams {
+                    max_tokens: 2,
+                    ..SamplingParams::default()
+                },
+            })
+            .await
+            .unwrap();
+        while events.recv().await.is_some() {}
+    }
+    let s = c
+        .get_stats(admin(pb::GetStatsRequest {}))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(requests_of(&s), [("sql".to_owned(), 2)]);
 
     let d = c
         .drain(admin(pb::DrainRequest { timeout_seconds: 1 }))

@@ -131,6 +131,10 @@ pub struct ReconcileArgs {
     /// How long an agent's adapter list and capacity are reused before being fetched again.
     #[arg(long, env = "LORAPLANE_SNAPSHOT_TTL", default_value = "30s", value_parser = parse_duration)]
     pub snapshot_ttl: Duration,
+    /// Loads of demand-following adapters (`replicas: {min, max}`) one model's agents may take
+    /// per sliding minute; 0 = unbounded.
+    #[arg(long, env = "LORAPLANE_ADAPTER_LOADS_PER_MINUTE", default_value_t = 30)]
+    pub adapter_loads_per_minute: u32,
     /// Re-reconcile of healthy objects (watches drive everything else).
     #[arg(long, env = "LORAPLANE_RESYNC", default_value = "5m", value_parser = parse_duration)]
     pub resync: Duration,
@@ -210,6 +214,7 @@ impl RunArgs {
                 ..AgentParams::default()
             },
             snapshot_ttl: r.snapshot_ttl,
+            adapter_loads_per_minute: r.adapter_loads_per_minute,
             resync: r.resync,
             progress: r.progress_requeue,
             retry_base: r.retry_base,
@@ -253,6 +258,8 @@ mod tests {
             "5s",
             "--agent-load-timeout",
             "90s",
+            "--adapter-loads-per-minute",
+            "7",
         ])
         .unwrap();
         let Command::Run(args) = cli.command else {
@@ -262,6 +269,7 @@ mod tests {
         assert_eq!(s.agent.image, "r.example/agent:1");
         assert_eq!(s.agent.drain_timeout, Duration::from_secs(120));
         assert_eq!(s.snapshot_ttl, Duration::from_secs(5));
+        assert_eq!(s.adapter_loads_per_minute, 7);
         assert_eq!(args.timeouts().load, Duration::from_secs(90));
         assert_eq!(args.server.metrics_addr.port(), 8080);
         assert!(!args.leader.no_leader_election);

@@ -39,6 +39,8 @@ pub struct FakeAgent {
     pub capacity_bytes: u64,
     adapters: BTreeMap<(String, String), pb::AdapterInfo>,
     tenants: Vec<pb::TenantSpec>,
+    /// Requests served per registered adapter (`GetStats.adapter_requests`).
+    requests: BTreeMap<(String, String), u64>,
     /// Every call, as `Method tenant/name` (or just `Method`), oldest first.
     pub calls: Vec<String>,
 }
@@ -66,6 +68,7 @@ impl FakeAgent {
             capacity_bytes,
             adapters: BTreeMap::new(),
             tenants: Vec::new(),
+            requests: BTreeMap::new(),
             calls: Vec::new(),
         }
     }
@@ -74,6 +77,18 @@ impl FakeAgent {
     pub fn restart(&mut self) {
         self.adapters.clear();
         self.tenants.clear();
+        self.requests.clear();
+    }
+
+    /// Serves `n` requests on a registered adapter (counted as the real agent counts them);
+    /// returns whether it is registered here.
+    pub fn serve_requests(&mut self, tenant: &str, name: &str, n: u64) -> bool {
+        let key = (tenant.to_owned(), name.to_owned());
+        if !self.adapters.contains_key(&key) {
+            return false;
+        }
+        *self.requests.entry(key).or_default() += n;
+        true
     }
 
     pub fn adapters(&self) -> Vec<pb::AdapterInfo> {
@@ -163,6 +178,7 @@ impl FakeAgent {
             source_uri: req.source_uri.clone(),
             active_requests: 0,
         };
+        self.requests.insert(key.clone(), 0);
         self.adapters.insert(key, info.clone());
         Ok(info)
     }
@@ -171,6 +187,7 @@ impl FakeAgent {
         let key = Self::key(adapter)?;
         self.calls
             .push(format!("UnloadAdapter {}/{}", key.0, key.1));
+        self.requests.remove(&key);
         Ok(self.adapters.remove(&key).is_some())
     }
 
@@ -189,6 +206,17 @@ impl FakeAgent {
                 adapters: u32::try_from(self.adapters.len()).unwrap_or(u32::MAX),
             }),
             model: "fake".into(),
+            adapter_requests: self
+                .requests
+                .iter()
+                .map(|((tenant, name), n)| pb::AdapterRequests {
+                    adapter: Some(pb::AdapterRef {
+                        tenant: tenant.clone(),
+                        name: name.clone(),
+                    }),
+                    requests_total: *n,
+                })
+                .collect(),
             ..pb::GetStatsResponse::default()
         }
     }

@@ -14,11 +14,18 @@
 //!   agents' host caches evict and reload its weights as requests come, so capacity does not
 //!   limit it.
 //! - When `k` shrinks, the holders with the least headroom are released first.
+//! - Demand-following adapters (`replicas: {min, max}`, sized by [`demand`]) are *sticky*:
+//!   agents are ranked by rendezvous hashing of (adapter, pod) instead of headroom, so an
+//!   adapter grows onto and shrinks back from the same agents and one agent joining or leaving
+//!   moves few adapters. Their new holders also need room in the device pool (where a pinned
+//!   adapter stays warm), as the agents report it.
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::role::Role;
+
+pub mod demand;
 
 /// An agent as placement sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +40,9 @@ pub struct AgentLoad {
     pub pinned_bytes: u64,
     /// Adapters pinned on it.
     pub pinned_adapters: u32,
+    /// Free device-pool bytes (`GetStats.pool`: free pages × page bytes); `None` when the agent
+    /// did not report a pool.
+    pub pool_free_bytes: Option<u64>,
 }
 
 impl AgentLoad {
@@ -51,6 +61,9 @@ pub struct Demand<'a> {
     pub size_bytes: u64,
     /// Pods that hold the adapter now (its current, matching version).
     pub holders: &'a BTreeSet<String>,
+    /// Demand-following: the adapter's `tenant/name`, to rank agents by rendezvous score (and
+    /// to ask new holders for device-pool room); `None` keeps the headroom order.
+    pub sticky: Option<&'a str>,
 }
 
 /// The outcome for one role pool.
@@ -120,13 +133,18 @@ fn place_in_pool(demand: &Demand<'_>, role: Role, pool: &[&AgentLoad]) -> RolePl
     };
     let wanted = k.min(u32::try_from(pool.len()).unwrap_or(u32::MAX));
     let want = wanted as usize;
+    let score = |a: &AgentLoad| {
+        demand
+            .sticky
+            .map_or(0, |k| demand::rendezvous_score(k, &a.pod))
+    };
     let mut holders: Vec<&AgentLoad> = pool
         .iter()
         .copied()
         .filter(|a| demand.holders.contains(&a.pod))
         .collect();
-    // Keep the holders with the most headroom; release the most loaded first.
-    holders.sort_by_key(|a| (Reverse(a.headroom()), a.pod.clone()));
+    // Keep the holders with the most headroom (sticky: the best ranked); release the rest.
+    holders.sort_by_key(|a| (Reverse(score(a)), Reverse(a.headroom()), a.pod.clone()));
     holders.truncate(want);
     let mut chosen: Vec<&AgentLoad> = holders;
     let mut per_node: BTreeMap<Option<&str>, u32> = BTreeMap::new();
@@ -138,6 +156,9 @@ fn place_in_pool(demand: &Demand<'_>, role: Role, pool: &[&AgentLoad]) -> RolePl
         .copied()
         .filter(|a| !chosen.iter().any(|c| c.pod == a.pod))
         .filter(|a| a.headroom() >= demand.size_bytes)
+        .filter(|a| {
+            demand.sticky.is_none() || a.pool_free_bytes.is_none_or(|f| f >= demand.size_bytes)
+        })
         .collect();
     while chosen.len() < want && !candidates.is_empty() {
         let best = candidates
@@ -151,6 +172,7 @@ fn place_in_pool(demand: &Demand<'_>, role: Role, pool: &[&AgentLoad]) -> RolePl
                 };
                 (
                     same_node,
+                    Reverse(score(a)),
                     Reverse(a.headroom()),
                     a.pinned_adapters,
                     a.pod.as_str(),

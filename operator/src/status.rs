@@ -13,7 +13,7 @@ use kube::ResourceExt;
 
 use crate::crd::{
     BaseModel, BaseModelStatus, LoraAdapter, LoraAdapterStatus, Phase, Placement, PlacementState,
-    RoleStatus, condition_types,
+    RoleStatus, ScalingStatus, condition_types,
 };
 use crate::role::{self, Role};
 
@@ -255,7 +255,8 @@ pub fn base_model_status(
 /// Why an adapter is not placed at all.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Blocked {
-    /// `BaseModelNotFound`, `NamespaceNotAdmitted`, `QuotaExceeded`, `NoAgents`.
+    /// `BaseModelNotFound`, `NamespaceNotAdmitted`, `QuotaExceeded`, `NoAgents`,
+    /// `InvalidSpec` (phase `Failed`).
     pub reason: &'static str,
     pub message: String,
 }
@@ -281,6 +282,10 @@ pub struct Converged {
     pub target_modules: Vec<String>,
     pub digest: Option<String>,
     pub size_bytes: Option<u64>,
+    /// The demand-following decision (`replicas: {min, max}` only).
+    pub scaling: Option<ScalingStatus>,
+    /// The placements this reconcile added and removed, for an Event (`None`: none).
+    pub change: Option<String>,
 }
 
 /// How an adapter's reconcile ended.
@@ -300,7 +305,12 @@ pub fn adapter_status(
     let generation = adapter.metadata.generation;
     let (phase, conds, mut status) = match outcome {
         AdapterOutcome::Blocked(b) => (
-            Phase::Pending,
+            // Only a spec change helps an invalid spec; the rest wait for the world.
+            if b.reason == "InvalidSpec" {
+                Phase::Failed
+            } else {
+                Phase::Pending
+            },
             vec![
                 Cond::new(condition_types::READY, false, b.reason, b.message.clone()),
                 Cond::new(
@@ -478,6 +488,7 @@ fn converged_status(
         size_bytes: c.size_bytes.or(old.size_bytes),
         ready_replicas: i32::try_from(loaded).unwrap_or(i32::MAX),
         placements,
+        scaling: c.scaling.clone(),
         ..LoraAdapterStatus::default()
     };
     (phase, vec![ready, progressing, degraded], status)

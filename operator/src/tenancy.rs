@@ -3,7 +3,8 @@
 //! `loraplane.dev/api-key: "true"` in an admitted namespace, whose `api-key` entry is the key.
 //! Agents receive only SHA-256 hashes, through `Admin/SetTenants`. Limits come from annotations
 //! on the tenant Namespace (`loraplane.dev/max-adapters`, `…/max-concurrent-requests`,
-//! `…/max-tokens-per-minute`); the adapter quota is also enforced by the operator, which
+//! `…/max-tokens-per-minute`, and `…/max-adapter-replicas` which only the operator applies, to
+//! demand-following adapters); the adapter quota is also enforced by the operator, which
 //! places only the oldest `max-adapters` adapters of a namespace.
 //!
 //! Pure functions of Kubernetes objects: no I/O.
@@ -27,6 +28,9 @@ pub struct Limits {
     pub max_concurrent_requests: u32,
     pub max_tokens_per_minute: u64,
     pub max_adapters: u32,
+    /// Pinned replicas per role of the namespace's adapters on one model (operator-enforced,
+    /// not sent to the agents).
+    pub max_adapter_replicas: u32,
 }
 
 /// One row of an agent's tenant table.
@@ -106,6 +110,7 @@ pub fn limits(ns: Option<&Namespace>) -> Limits {
         max_concurrent_requests: annotation_number(ns, annotations::MAX_CONCURRENT_REQUESTS),
         max_tokens_per_minute: annotation_number(ns, annotations::MAX_TOKENS_PER_MINUTE),
         max_adapters: annotation_number(ns, annotations::MAX_ADAPTERS),
+        max_adapter_replicas: annotation_number(ns, annotations::MAX_ADAPTER_REPLICAS),
     }
 }
 

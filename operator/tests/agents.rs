@@ -20,9 +20,11 @@ use std::time::Duration;
 
 use k8s_openapi::api::core::v1::Pod;
 use loraplane_operator::agent_client::{AgentApi, GrpcAgents, Target, Timeouts};
-use loraplane_operator::controller::converge::{AdapterWant, converge, remove_everywhere};
+use loraplane_operator::controller::converge::{
+    AdapterWant, Limits as ConvergeLimits, converge, remove_everywhere,
+};
 use loraplane_operator::controller::fleet::Fleet;
-use loraplane_operator::crd::{LoraAdapter, Phase};
+use loraplane_operator::crd::{AdapterReplicas, LoraAdapter, Phase};
 use loraplane_operator::discovery;
 use loraplane_operator::fake_agent::agent_pod;
 use loraplane_operator::metrics::Metrics;
@@ -114,7 +116,7 @@ fn adapter(name: &str, uri: String, replicas: Option<i32>) -> LoraAdapter {
         }))
         .unwrap(),
     );
-    a.spec.replicas = replicas;
+    a.spec.replicas = replicas.map(|k| AdapterReplicas::Fixed(k.into()));
     a.metadata.namespace = Some("team-a".into());
     a
 }
@@ -156,6 +158,10 @@ async fn placement_loading_restart_and_deletion_on_real_agents() {
         ..Fleet::default()
     });
     let ttl = Duration::from_secs(3600);
+    let limits = ConvergeLimits {
+        ttl,
+        loads_per_minute: 0,
+    };
     let roles = [Role::Unified];
     let pinned = adapter("pinned", files.uri("pinned"), Some(2));
     let on_demand = adapter("on-demand", files.uri("on-demand"), None);
@@ -169,7 +175,7 @@ async fn placement_loading_restart_and_deletion_on_real_agents() {
         &found,
         &roles,
         &AdapterWant::from_adapter(&pinned),
-        ttl,
+        limits,
     )
     .await;
     assert_eq!(work.loads, 2);
@@ -194,7 +200,7 @@ async fn placement_loading_restart_and_deletion_on_real_agents() {
         &found,
         &roles,
         &AdapterWant::from_adapter(&on_demand),
-        ttl,
+        limits,
     )
     .await;
     assert_eq!(c.placements.len(), 3);
@@ -216,7 +222,7 @@ async fn placement_loading_restart_and_deletion_on_real_agents() {
             &found,
             &roles,
             &AdapterWant::from_adapter(a),
-            ttl,
+            limits,
         )
         .await;
         assert_eq!((work.loads, work.unloads), (0, 0));
@@ -236,7 +242,7 @@ async fn placement_loading_restart_and_deletion_on_real_agents() {
             &found,
             &roles,
             &AdapterWant::from_adapter(a),
-            ttl,
+            limits,
         )
         .await;
         assert_eq!(work.loads, 1, "reloaded on the restarted agent only");
@@ -257,7 +263,7 @@ async fn placement_loading_restart_and_deletion_on_real_agents() {
         &found,
         &roles,
         &AdapterWant::from_adapter(&wrong),
-        ttl,
+        limits,
     )
     .await;
     assert_eq!(work.loads, 0);

@@ -28,7 +28,7 @@ use std::time::{Duration, Instant};
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use loraplane_operator::agent_client::{AgentApi, GrpcAgents, Target, Timeouts};
-use loraplane_operator::controller::converge::{AdapterWant, converge};
+use loraplane_operator::controller::converge::{AdapterWant, Limits as ConvergeLimits, converge};
 use loraplane_operator::controller::fleet::Fleet;
 use loraplane_operator::crd::{Autoscaling, AutoscalingTarget, BaseModel, LoraAdapter};
 use loraplane_operator::desired::{AgentParams, statefulset};
@@ -126,7 +126,10 @@ async fn reconcile(
         &found,
         &[Role::Unified],
         &AdapterWant::from_adapter(a),
-        Duration::from_secs(3600),
+        ConvergeLimits {
+            ttl: Duration::from_secs(3600),
+            loads_per_minute: 0,
+        },
     )
     .await;
     assert!(c.placements.iter().all(|p| p.error.is_none()), "{c:?}");

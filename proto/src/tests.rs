@@ -161,6 +161,10 @@ fn admin_messages_round_trip() {
         device_resident_adapters: vec![adapter_ref()],
         draining: true,
         model: "llama".into(),
+        adapter_requests: vec![AdapterRequests {
+            adapter: Some(adapter_ref()),
+            requests_total: 42,
+        }],
     });
     round_trip(DrainRequest {
         timeout_seconds: 30,

@@ -19,7 +19,7 @@ mod hetero;
 mod kv_transfer;
 mod pd;
 mod plan;
-mod report;
+pub mod report;
 mod roofline;
 mod serving;
 mod setup;

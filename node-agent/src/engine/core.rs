@@ -152,6 +152,8 @@ pub struct EngineStats {
     /// Adapters of running / waiting requests.
     pub running_adapters: Vec<AdapterKey>,
     pub waiting_adapters: Vec<AdapterKey>,
+    /// Requests admitted per registered adapter since its registration, sorted by key.
+    pub adapter_requests: Vec<(AdapterKey, u64)>,
 }
 
 /// The pool geometry for a model and page size: a page holds one KV block of one layer, or
@@ -547,6 +549,15 @@ impl<B: Backend> Engine<B> {
             device_resident,
             running_adapters: adapters_of(&mut self.running.iter()),
             waiting_adapters: adapters_of(&mut self.waiting.iter()),
+            adapter_requests: {
+                let mut v: Vec<(AdapterKey, u64)> = self
+                    .registry
+                    .iter()
+                    .map(|e| (e.key().clone(), e.requests_total()))
+                    .collect();
+                v.sort();
+                v
+            },
         }
     }
 }

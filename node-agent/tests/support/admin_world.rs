@@ -32,6 +32,8 @@ pub struct World {
     /// The local root adapters may be loaded from.
     pub root: PathBuf,
     pub state: Arc<AdminState<EngineHandle>>,
+    /// The engine behind `state`, to run requests on.
+    pub engine: EngineHandle,
     pub tenants: Tenants,
     pub lifecycle: Lifecycle,
 }
@@ -97,7 +99,7 @@ pub fn world() -> World {
     let tenants = Tenants::new(vec![]).unwrap();
     let lifecycle = Lifecycle::new(Duration::from_secs(2));
     let state = Arc::new(AdminState::new(
-        engine,
+        engine.clone(),
         tenants.clone(),
         AdminAuth::from_token(ADMIN_TOKEN).unwrap(),
         lifecycle.clone(),
@@ -109,6 +111,7 @@ pub fn world() -> World {
         dir,
         root,
         state,
+        engine,
         tenants,
         lifecycle,
     }

@@ -3,6 +3,11 @@
 //! [`crate::placement::place`], reserve the room, run the loads and unloads concurrently
 //! outside the fleet lock, record what the agents answered.
 //!
+//! A demand-following adapter (`replicas: {min, max}`) is first sized
+//! ([`crate::placement::demand`]) from the request rates its holders reported, then placed
+//! sticky (rendezvous order); its new holders beyond the model's loads-per-minute budget wait
+//! for a later reconcile.
+//!
 //! An agent that restarted shows a new incarnation (or a `ListAdapters` without the adapter):
 //! it is no longer a holder, so the plan loads the adapter there again. An agent that holds an
 //! older version (another source or digest) is unloaded first and loaded again.
@@ -14,16 +19,19 @@ use futures::future::join_all;
 use kube::ResourceExt;
 use loraplane_proto::v1 as pb;
 
+use tokio::time::Instant;
+
 use super::fleet::{AdapterKey, Fleet};
 use crate::agent_client::{AgentApi, AgentError};
-use crate::crd::LoraAdapter;
+use crate::crd::{AdapterReplicas, AutoReplicas, LoraAdapter, Replicas, ScalingStatus};
 use crate::discovery::Agent;
+use crate::placement::demand::{Decision, LoadBudget, ScaleReason, rendezvous_score};
 use crate::placement::{self, Demand};
 use crate::role::Role;
 use crate::status::{Converged, PlacementOutcome};
 
 /// An adapter as the agents see it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct AdapterWant {
     /// The namespace.
     pub tenant: String,
@@ -31,10 +39,13 @@ pub struct AdapterWant {
     pub source_uri: String,
     /// Bare lowercase hex.
     pub expected_sha256: Option<String>,
-    /// `None`: on demand (every agent, unpinned).
-    pub replicas: Option<u32>,
+    /// On demand, fixed or demand-following.
+    pub replicas: Replicas,
     /// Known size (from status), used for capacity before the first load reports it.
     pub size_hint: u64,
+    /// Pinned replicas per role the namespace's adapters may hold together on this model
+    /// (`loraplane.dev/max-adapter-replicas`); `None` = no quota. Caps demand-following growth.
+    pub replica_quota: Option<u32>,
 }
 
 impl AdapterWant {
@@ -44,11 +55,12 @@ impl AdapterWant {
             name: a.name_any(),
             source_uri: a.spec.source.to_uri(),
             expected_sha256: a.spec.source.expected_sha256(),
-            replicas: a
-                .spec
-                .replicas
-                .map(|r| u32::try_from(r.max(0)).unwrap_or(0)),
+            // The reconciler refuses an invalid value before converging; the key is all that
+            // the other callers (the finalizer) need.
+            replicas: AdapterReplicas::resolve(a.spec.replicas.as_ref())
+                .unwrap_or(Replicas::OnDemand),
             size_hint: a.status.as_ref().and_then(|s| s.size_bytes).unwrap_or(0),
+            replica_quota: None,
         }
     }
 
@@ -71,6 +83,15 @@ impl AdapterWant {
                 .as_ref()
                 .is_none_or(|e| info.digest.trim_start_matches("sha256:") == e)
     }
+}
+
+/// How a converge is bounded.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// How long an agent snapshot is reused.
+    pub ttl: Duration,
+    /// Loads demand-following adapters may start per minute on one model (0 = unbounded).
+    pub loads_per_minute: u32,
 }
 
 /// Work the convergence did (for metrics and the benchmark).
@@ -101,11 +122,11 @@ pub async fn converge(
     discovered: &[Agent],
     roles: &[Role],
     want: &AdapterWant,
-    ttl: Duration,
+    limits: Limits,
 ) -> (Converged, Work) {
     let key = want.key();
     let mut f = fleet.lock().await;
-    f.sync(api, discovered, ttl).await;
+    f.sync(api, discovered, limits.ttl).await;
     if f.token.is_none() {
         return (Converged::default(), Work::default());
     }
@@ -135,17 +156,46 @@ pub async fn converge(
         // placements see each other's reservations and spread.
         size = f.mean_adapter_bytes();
     }
+    let now = Instant::now();
+    let sticky_key = format!("{}/{}", want.tenant, want.name);
+    let (replicas, mut sizing) = match want.replicas {
+        Replicas::OnDemand => (None, None),
+        Replicas::Fixed(k) => (Some(k), None),
+        Replicas::Auto(spec) => {
+            let d = size_by_demand(&mut f, &spec, want, &present, roles, now);
+            (Some(d.replicas), Some((spec, d)))
+        }
+    };
     // Agents with an older version count as holders for placement (the new version goes where
     // the old one was, no churn); they are reloaded below.
-    let plan = placement::place(
+    let mut plan = placement::place(
         &Demand {
-            replicas: want.replicas,
+            replicas,
             size_bytes: size,
             holders: &present,
+            sticky: sizing.as_ref().map(|_| sticky_key.as_str()),
         },
         &f.loads(),
         roles,
     );
+    let mut deferred = 0;
+    if let Some((spec, d)) = sizing.as_mut() {
+        let lpm = limits.loads_per_minute;
+        let budget = f.load_budget.get_or_insert_with(|| LoadBudget::new(lpm));
+        deferred = bound_loads(
+            &mut plan,
+            &present,
+            spec.min,
+            &sticky_key,
+            budget,
+            now.into_std(),
+        );
+        if deferred > 0 {
+            d.reason = ScaleReason::ChurnLimited;
+        } else if plan.shortfall() > 0 {
+            d.reason = ScaleReason::InsufficientCapacity;
+        }
+    }
     let targets = plan.targets();
     let mut steps: BTreeMap<String, Step> = BTreeMap::new();
     for t in &targets {
@@ -218,10 +268,14 @@ pub async fn converge(
     let mut work = Work::default();
     let mut errors: BTreeMap<String, AgentError> = BTreeMap::new();
     let mut loaded_info = info_of_holder;
+    let (mut loaded_on, mut unloaded_from) = (Vec::new(), Vec::new());
     for r in results {
         match r.unload {
             Some(Ok(_)) => {
                 work.unloads += 1;
+                if !targets.contains(&r.pod) {
+                    unloaded_from.push(r.pod.clone());
+                }
                 if r.load.is_none() {
                     f.record_unload(&r.pod, &key);
                 }
@@ -235,6 +289,9 @@ pub async fn converge(
         match r.load {
             Some(Ok(info)) => {
                 work.loads += 1;
+                if !holders.contains(&r.pod) {
+                    loaded_on.push(r.pod.clone());
+                }
                 if loaded_info.is_none() {
                     loaded_info = Some(info.clone());
                 }
@@ -265,10 +322,31 @@ pub async fn converge(
             error: errors.get(pod).map(|e| (e.is_permanent(), e.message())),
         })
         .collect();
+    let change = match (loaded_on.is_empty(), unloaded_from.is_empty()) {
+        (true, true) => None,
+        (false, true) => Some(format!("loaded on {}", loaded_on.join(", "))),
+        (true, false) => Some(format!("unloaded from {}", unloaded_from.join(", "))),
+        (false, false) => Some(format!(
+            "loaded on {}; unloaded from {}",
+            loaded_on.join(", "),
+            unloaded_from.join(", ")
+        )),
+    };
+    let scaling = sizing.map(|(spec, d)| ScalingStatus {
+        // Whole requests per minute: finer changes are noise and would rewrite the status.
+        requests_per_minute: (d.rate * 60.0).round().max(0.0) as u64,
+        recommended_replicas: d.recommended,
+        desired_replicas: d.replicas,
+        reason: d.reason.as_str().to_owned(),
+        message: d.message(&spec),
+    });
     let converged = Converged {
         placements,
-        wanted: plan.wanted(),
+        // Loads deferred by the churn bound are wanted later, not missing now.
+        wanted: plan.wanted().saturating_sub(deferred),
         shortfall: plan.shortfall(),
+        scaling,
+        change,
         rank: loaded_info.as_ref().map(|i| i.rank),
         target_modules: loaded_info
             .as_ref()
@@ -281,6 +359,83 @@ pub async fn converge(
         size_bytes: loaded_info.as_ref().map(|i| i.size_bytes),
     };
     (converged, work)
+}
+
+/// The demand-following decision for one adapter: its rate and current replicas from the
+/// fleet, its tenant's remaining quota, then [`crate::placement::demand::Sizer::decide`].
+fn size_by_demand(
+    f: &mut Fleet,
+    spec: &AutoReplicas,
+    want: &AdapterWant,
+    present: &BTreeSet<String>,
+    roles: &[Role],
+    now: Instant,
+) -> Decision {
+    let key = want.key();
+    let rate = f.adapter_rate(&key);
+    let current = roles
+        .iter()
+        .map(|r| {
+            present
+                .iter()
+                .filter(|p| f.agents.get(*p).is_some_and(|e| e.agent.role == *r))
+                .count()
+        })
+        .max()
+        .unwrap_or(0);
+    let cap = want
+        .replica_quota
+        .map(|q| q.saturating_sub(f.tenant_replicas(&want.tenant, &key)));
+    f.sizers.entry(key).or_default().decide(
+        spec,
+        rate,
+        u32::try_from(current).unwrap_or(u32::MAX),
+        cap,
+        now.into_std(),
+    )
+}
+
+/// Holds back the new holders (agents without any copy) beyond the model's load budget, the
+/// lowest ranked first; a later reconcile places them. Loads that bring a role up to `min` are
+/// not budgeted (the floor the user asked for, as a fixed count would be). Returns how many
+/// were held back.
+fn bound_loads(
+    plan: &mut placement::Plan,
+    present: &BTreeSet<String>,
+    min: u32,
+    sticky_key: &str,
+    budget: &mut LoadBudget,
+    now: std::time::Instant,
+) -> u32 {
+    let mut budgeted: Vec<(u64, String)> = Vec::new();
+    for r in &plan.roles {
+        let held = r.targets.iter().filter(|t| present.contains(*t)).count();
+        let mut new: Vec<(u64, String)> = r
+            .targets
+            .iter()
+            .filter(|t| !present.contains(*t))
+            .map(|t| (rendezvous_score(sticky_key, t), t.clone()))
+            .collect();
+        new.sort_by(|a, b| b.cmp(a));
+        let free = (min as usize).saturating_sub(held).min(new.len());
+        budgeted.extend(new.split_off(free));
+    }
+    let available = budget.available(now) as usize;
+    budgeted.sort_by(|a, b| b.cmp(a));
+    let held: BTreeSet<String> = if budgeted.len() > available {
+        budgeted
+            .split_off(available)
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect()
+    } else {
+        BTreeSet::new()
+    };
+    budget.spend(u32::try_from(budgeted.len()).unwrap_or(u32::MAX), now);
+    for r in &mut plan.roles {
+        r.targets.retain(|t| !held.contains(t));
+    }
+    u32::try_from(held.len()).unwrap_or(u32::MAX)
 }
 
 /// Unloads an adapter from every agent of the fleet that holds it (the finalizer's cleanup).

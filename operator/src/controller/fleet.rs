@@ -19,6 +19,7 @@ use tokio::time::Instant;
 use crate::agent_client::{AgentApi, AgentError, Target};
 use crate::discovery::Agent;
 use crate::placement::AgentLoad;
+use crate::placement::demand::{LoadBudget, Sizer};
 
 /// An adapter's key on an agent: (tenant, name).
 pub type AdapterKey = (String, String);
@@ -29,6 +30,8 @@ pub type AdapterKey = (String, String);
 pub struct Snapshot {
     pub fetched: Instant,
     pub capacity_bytes: u64,
+    /// Free device-pool bytes, when the agent reports a pool.
+    pub pool_free_bytes: Option<u64>,
     adapters: HashMap<AdapterKey, pb::AdapterInfo>,
     pinned_bytes: u64,
     pinned_count: u32,
@@ -41,6 +44,7 @@ impl Snapshot {
         let mut s = Snapshot {
             fetched,
             capacity_bytes,
+            pool_free_bytes: None,
             adapters: HashMap::with_capacity(list.len()),
             pinned_bytes: 0,
             pinned_count: 0,
@@ -124,6 +128,41 @@ pub struct AgentEntry {
     pub tenants_pushed: Option<String>,
     /// Why the last snapshot fetch failed.
     pub error: Option<AgentError>,
+    /// The per-adapter request counters of the last stats read, and when it was made.
+    counters: Option<(Instant, HashMap<AdapterKey, u64>)>,
+    /// Requests per second per adapter between the last two stats reads.
+    pub rates: HashMap<AdapterKey, f64>,
+}
+
+/// Per-adapter request counters of a `GetStats` answer.
+fn counters_of(stats: &pb::GetStatsResponse) -> HashMap<AdapterKey, u64> {
+    stats
+        .adapter_requests
+        .iter()
+        .filter_map(|r| {
+            let a = r.adapter.as_ref()?;
+            Some(((a.tenant.clone(), a.name.clone()), r.requests_total))
+        })
+        .collect()
+}
+
+/// Rates between two reads of the counters; an adapter whose counter went down (registered
+/// anew) or is new has no rate until the next read.
+fn rates_between(
+    old: &(Instant, HashMap<AdapterKey, u64>),
+    now: Instant,
+    new: &HashMap<AdapterKey, u64>,
+) -> HashMap<AdapterKey, f64> {
+    let dt = now.duration_since(old.0).as_secs_f64();
+    if dt <= 0.0 {
+        return HashMap::new();
+    }
+    new.iter()
+        .filter_map(|(k, n)| {
+            let before = *old.1.get(k)?;
+            (*n >= before).then(|| (k.clone(), (n - before) as f64 / dt))
+        })
+        .collect()
 }
 
 /// One model's agents.
@@ -132,6 +171,11 @@ pub struct Fleet {
     /// The model's admin token (read from its Secret).
     pub token: Option<Arc<str>>,
     pub agents: BTreeMap<String, AgentEntry>,
+    /// Sizing state of the model's demand-following adapters.
+    pub sizers: HashMap<AdapterKey, Sizer>,
+    /// Loads the demand-following adapters may still start this minute (`None` until the
+    /// first one asks, then sized by `--adapter-loads-per-minute`).
+    pub load_budget: Option<LoadBudget>,
 }
 
 impl Fleet {
@@ -154,6 +198,8 @@ impl Fleet {
                 snapshot: None,
                 tenants_pushed: None,
                 error: None,
+                counters: None,
+                rates: HashMap::new(),
             };
             match self.agents.get_mut(&a.pod) {
                 Some(e) if e.agent == *a => {}
@@ -208,11 +254,20 @@ impl Fleet {
             };
             match (stats, list) {
                 (Ok(stats), Ok(list)) => {
-                    e.snapshot = Some(Snapshot::new(
-                        now,
-                        stats.host_cache.map_or(0, |h| h.capacity_bytes),
-                        list,
-                    ));
+                    let counters = counters_of(&stats);
+                    e.rates = e
+                        .counters
+                        .as_ref()
+                        .map(|old| rates_between(old, now, &counters))
+                        .unwrap_or_default();
+                    e.counters = Some((now, counters));
+                    let mut snapshot =
+                        Snapshot::new(now, stats.host_cache.map_or(0, |h| h.capacity_bytes), list);
+                    snapshot.pool_free_bytes = stats
+                        .pool
+                        .filter(|p| p.total_pages > 0)
+                        .map(|p| u64::from(p.free_pages).saturating_mul(p.page_bytes));
+                    e.snapshot = Some(snapshot);
                     e.error = None;
                 }
                 (Err(err), _) | (_, Err(err)) => {
@@ -240,9 +295,42 @@ impl Fleet {
                     capacity_bytes: s.capacity_bytes,
                     pinned_bytes,
                     pinned_adapters,
+                    pool_free_bytes: s.pool_free_bytes,
                 })
             })
             .collect()
+    }
+
+    /// An adapter's request rate (requests per second): the sum over each role's agents of
+    /// what they reported between their last two reads, the busiest role's (a disaggregated
+    /// request is counted by its prefill and its decode agent).
+    pub fn adapter_rate(&self, key: &AdapterKey) -> f64 {
+        let mut per_role: BTreeMap<&str, f64> = BTreeMap::new();
+        for e in self.agents.values() {
+            if let Some(r) = e.rates.get(key) {
+                *per_role.entry(e.agent.role.as_str()).or_default() += r;
+            }
+        }
+        per_role.into_values().fold(0.0, f64::max)
+    }
+
+    /// Pinned replicas per role the tenant's *other* adapters hold (the busiest role's count),
+    /// for the namespace's replica quota.
+    pub fn tenant_replicas(&self, tenant: &str, except: &AdapterKey) -> u32 {
+        let mut per_role: BTreeMap<&str, u32> = BTreeMap::new();
+        for e in self.agents.values() {
+            let Some(s) = e.snapshot.as_ref() else {
+                continue;
+            };
+            let n = s
+                .adapters
+                .iter()
+                .filter(|(k, info)| k.0 == tenant && *k != except && info.pinned)
+                .count();
+            *per_role.entry(e.agent.role.as_str()).or_default() +=
+                u32::try_from(n).unwrap_or(u32::MAX);
+        }
+        per_role.into_values().max().unwrap_or(0)
     }
 
     /// The mean size of the adapters the agents report (0 when none is known).
@@ -258,10 +346,19 @@ impl Fleet {
 
     /// Records an adapter an agent now holds (after a load, or a reservation before one).
     pub fn record_load(&mut self, pod: &str, info: pb::AdapterInfo) {
-        if let Some(s) = self.agents.get_mut(pod).and_then(|e| e.snapshot.as_mut())
-            && let Some(r) = info.adapter.clone()
-        {
-            s.insert((r.tenant, r.name), info);
+        let Some(e) = self.agents.get_mut(pod) else {
+            return;
+        };
+        if let Some(r) = info.adapter.as_ref() {
+            let key = (r.tenant.clone(), r.name.clone());
+            // An adapter new to the agent starts counting requests at zero: the next read
+            // then yields a rate over the whole interval instead of none.
+            if let Some((_, counters)) = e.counters.as_mut() {
+                counters.entry(key.clone()).or_insert(0);
+            }
+            if let Some(s) = e.snapshot.as_mut() {
+                s.insert(key, info);
+            }
         }
     }
 

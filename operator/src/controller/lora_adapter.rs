@@ -9,7 +9,8 @@
 //! Kubernetes calls, in order (the scenario tests pin them): the finalizer `PATCH` on first
 //! sight; a `GET` of the model's credentials Secret when the operator does not hold its admin
 //! token yet;
-//! the status `PATCH` if it changed; an Event `POST` if the phase changed. On delete the
+//! an Event `POST` when a demand-following adapter's placements changed (reason: the sizing
+//! decision); the status `PATCH` if it changed; an Event `POST` if the phase changed. On delete the
 //! finalizer unloads the adapter from every agent, then `PATCH`es itself away.
 
 use std::sync::Arc;
@@ -25,9 +26,9 @@ use kube::{Resource, ResourceExt};
 
 use super::apply::{event, patch_status};
 use super::base_model::key_of;
-use super::converge::{AdapterWant, converge, remove_everywhere};
+use super::converge::{AdapterWant, Limits, converge, remove_everywhere};
 use super::{Context, Error};
-use crate::crd::{BaseModel, LoraAdapter, Phase};
+use crate::crd::{AdapterReplicas, BaseModel, LoraAdapter, Phase};
 use crate::desired::{self, secret};
 use crate::discovery::{self, Agent};
 use crate::metrics::controllers::LORA_ADAPTER as CONTROLLER;
@@ -158,6 +159,9 @@ async fn evict(ctx: &Context, model: &BaseModel, adapter: &LoraAdapter) -> Resul
 pub async fn place(adapter: &LoraAdapter, ctx: &Context) -> Result<AdapterOutcome, Error> {
     let ns = adapter.namespace().unwrap_or_default();
     let (model_ns, model_name) = model_ref(adapter);
+    if let Err(message) = AdapterReplicas::resolve(adapter.spec.replicas.as_ref()) {
+        return Ok(blocked("InvalidSpec", message));
+    }
     let Some(model) = ctx
         .stores
         .base_models
@@ -214,14 +218,20 @@ pub async fn place(adapter: &LoraAdapter, ctx: &Context) -> Result<AdapterOutcom
     }
     let roles: Vec<_> = role::roles(&model).into_iter().map(|(r, _)| r).collect();
     let fleet = ctx.fleets.get(&model_ns, &model_name);
-    let want = AdapterWant::from_adapter(adapter);
+    let want = AdapterWant {
+        replica_quota: (limits.max_adapter_replicas > 0).then_some(limits.max_adapter_replicas),
+        ..AdapterWant::from_adapter(adapter)
+    };
     let (converged, work) = converge(
         ctx.agents.as_ref(),
         &fleet,
         &agents,
         &roles,
         &want,
-        ctx.settings.snapshot_ttl,
+        Limits {
+            ttl: ctx.settings.snapshot_ttl,
+            loads_per_minute: ctx.settings.adapter_loads_per_minute,
+        },
     )
     .await;
     if work.loads + work.unloads > 0 {
@@ -240,6 +250,27 @@ async fn apply(adapter: &LoraAdapter, ctx: &Context) -> Result<Action, Error> {
     let now = Time(k8s_openapi::jiff::Timestamp::now());
     let new = status::adapter_status(adapter, &outcome, &now);
     let old_phase = adapter.status.as_ref().and_then(|s| s.phase);
+    // A demand-following adapter: an Event for every change of its placements, saying why.
+    let scaled = match &outcome {
+        AdapterOutcome::Converged(c) => c.scaling.as_ref().zip(c.change.as_ref()),
+        AdapterOutcome::Blocked(_) => None,
+    };
+    if let Some((scaling, change)) = scaled {
+        // A change while the count holds (first placement, a replaced agent) is a placement.
+        let reason = match scaling.reason.as_str() {
+            "Steady" | "AwaitingSustainedDemand" | "StabilizingScaleDown" => "Placed",
+            r => r,
+        };
+        event(
+            &ctx.recorder,
+            &adapter.object_ref(&()),
+            false,
+            reason,
+            format!("{change}: {}", scaling.message),
+            &ctx.metrics,
+        )
+        .await;
+    }
     if adapter.status.as_ref() != Some(&new) {
         let api: Api<LoraAdapter> =
             Api::namespaced(ctx.client.clone(), &adapter.namespace().unwrap_or_default());
@@ -266,7 +297,14 @@ async fn apply(adapter: &LoraAdapter, ctx: &Context) -> Result<Action, Error> {
         .await;
     }
     let key = key_of(adapter);
+    // Demand-following adapters are sized from the agents' request counters, read once per
+    // snapshot TTL: reconcile them as often.
+    let follows_demand = new.scaling.is_some();
     Ok(match new.phase {
+        Some(Phase::Ready) if follows_demand => {
+            ctx.backoff.reset(&key);
+            Action::requeue(ctx.settings.snapshot_ttl.min(ctx.settings.resync))
+        }
         Some(Phase::Ready) => {
             ctx.backoff.reset(&key);
             Action::requeue(ctx.settings.resync)

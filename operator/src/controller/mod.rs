@@ -88,6 +88,9 @@ pub struct Settings {
     pub agent: AgentParams,
     /// How long an agent snapshot (adapters, capacity) is reused before it is fetched again.
     pub snapshot_ttl: Duration,
+    /// Loads of demand-following adapters one model's agents may take per minute (0 =
+    /// unbounded).
+    pub adapter_loads_per_minute: u32,
     /// Requeue of a healthy object (a safety net; watches drive the rest).
     pub resync: Duration,
     /// Requeue while something is converging (rollout, agents starting).
@@ -102,6 +105,7 @@ impl Default for Settings {
         Settings {
             agent: AgentParams::default(),
             snapshot_ttl: Duration::from_secs(30),
+            adapter_loads_per_minute: 30,
             resync: Duration::from_secs(300),
             progress: Duration::from_secs(10),
             retry_base: Duration::from_secs(1),
@@ -205,3 +209,5 @@ impl Context {
 mod tests;
 #[cfg(test)]
 mod tests_autoscaling;
+#[cfg(test)]
+mod tests_demand;

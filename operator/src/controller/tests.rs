@@ -229,7 +229,7 @@ fn adapter_world(
     w.model(&m);
     let addrs = (0..3).map(|i| w.agent(&m, Role::Unified, i, GIB)).collect();
     let mut a = LoraAdapter::test();
-    a.spec.replicas = replicas;
+    a.spec.replicas = replicas.map(|k| crate::crd::AdapterReplicas::Fixed(k.into()));
     w.adapter(&a);
     (w, m, addrs, a)
 }

@@ -34,11 +34,149 @@ pub struct LoraAdapterSpec {
     pub base_model: BaseModelRef,
     /// Where the adapter (`adapter_config.json` + `adapter_model.safetensors`) comes from.
     pub source: AdapterSource,
-    /// Agents (per role) that keep it pinned and warm. Unset: every agent registers it and
-    /// loads the weights on demand.
+    /// Agents (per role) that keep it pinned and warm: a number (fixed), or
+    /// `{min, max, targetRequestsPerSecond, scaleUpStabilizationSeconds,
+    /// scaleDownStabilizationSeconds}` (sized by the request rate the agents report). Unset:
+    /// every agent registers it and loads the weights on demand.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1, max = 1024))]
-    pub replicas: Option<i32>,
+    pub replicas: Option<AdapterReplicas>,
+}
+
+/// `spec.replicas`: a fixed count or a demand-following range.
+///
+/// A structural schema cannot say "integer or object", so the field is declared
+/// `x-kubernetes-preserve-unknown-fields` and checked by the operator
+/// ([`AdapterReplicas::resolve`]); any other shape is kept as written (`Invalid`) so the
+/// adapter still reaches the reconciler, which reports it (`InvalidSpec`) instead of the
+/// watcher dropping the object.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(untagged)]
+pub enum AdapterReplicas {
+    Fixed(i64),
+    Range(ReplicaRange),
+    Invalid(serde_json::Value),
+}
+
+/// `replicas: {min, max, …}`: pinned replicas per role sized by demand (docs/architecture.md
+/// §4.7).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct ReplicaRange {
+    /// Fewest replicas per role, kept whatever the demand (at least 1: the request rate that
+    /// sizes the adapter is counted by the agents that hold it).
+    pub min: i64,
+    /// Most replicas per role.
+    pub max: i64,
+    /// Requests per second one replica is meant to serve (default 5).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_requests_per_second: Option<f64>,
+    /// How long more replicas must be wanted before they are added (default 30).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_up_stabilization_seconds: Option<i64>,
+    /// How long fewer replicas must be enough before any is released (default 300).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale_down_stabilization_seconds: Option<i64>,
+}
+
+/// The checked meaning of `spec.replicas`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Replicas {
+    /// Every agent, unpinned, loaded on demand.
+    OnDemand,
+    /// This many pinned agents per role.
+    Fixed(u32),
+    /// Sized by demand.
+    Auto(AutoReplicas),
+}
+
+/// A validated [`ReplicaRange`].
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AutoReplicas {
+    pub min: u32,
+    pub max: u32,
+    pub target_rps: f64,
+    pub scale_up_window: std::time::Duration,
+    pub scale_down_window: std::time::Duration,
+}
+
+/// Largest replica count either form accepts.
+pub const MAX_ADAPTER_REPLICAS: i64 = 1024;
+/// Longest stabilisation window.
+pub const MAX_STABILIZATION_SECONDS: i64 = 3600;
+
+impl AdapterReplicas {
+    /// Checks the value; the error says what is wrong in the user's terms.
+    pub fn resolve(this: Option<&Self>) -> Result<Replicas, String> {
+        let secs = |v: Option<i64>, default: i64, field: &str| -> Result<_, String> {
+            let v = v.unwrap_or(default);
+            if !(0..=MAX_STABILIZATION_SECONDS).contains(&v) {
+                return Err(format!(
+                    "spec.replicas.{field} must be 0..={MAX_STABILIZATION_SECONDS}, not {v}"
+                ));
+            }
+            Ok(std::time::Duration::from_secs(v.unsigned_abs()))
+        };
+        match this {
+            None => Ok(Replicas::OnDemand),
+            Some(AdapterReplicas::Fixed(k)) if (1..=MAX_ADAPTER_REPLICAS).contains(k) => {
+                Ok(Replicas::Fixed(u32::try_from(*k).unwrap_or(1)))
+            }
+            Some(AdapterReplicas::Fixed(k)) => Err(format!(
+                "spec.replicas must be 1..={MAX_ADAPTER_REPLICAS}, not {k}"
+            )),
+            Some(AdapterReplicas::Range(r)) => {
+                if r.min < 1 || r.min > r.max || r.max > MAX_ADAPTER_REPLICAS {
+                    return Err(format!(
+                        "spec.replicas needs 1 <= min <= max <= {MAX_ADAPTER_REPLICAS} \
+                         (min {}, max {})",
+                        r.min, r.max
+                    ));
+                }
+                let target = r.target_requests_per_second.unwrap_or(5.0);
+                if !(target.is_finite() && target > 0.0) {
+                    return Err(format!(
+                        "spec.replicas.targetRequestsPerSecond must be above 0, not {target}"
+                    ));
+                }
+                Ok(Replicas::Auto(AutoReplicas {
+                    min: u32::try_from(r.min).unwrap_or(0),
+                    max: u32::try_from(r.max).unwrap_or(1),
+                    target_rps: target,
+                    scale_up_window: secs(
+                        r.scale_up_stabilization_seconds,
+                        30,
+                        "scaleUpStabilizationSeconds",
+                    )?,
+                    scale_down_window: secs(
+                        r.scale_down_stabilization_seconds,
+                        300,
+                        "scaleDownStabilizationSeconds",
+                    )?,
+                }))
+            }
+            Some(AdapterReplicas::Invalid(v)) => Err(format!(
+                "spec.replicas must be a number or {{min, max, targetRequestsPerSecond, \
+                 scaleUpStabilizationSeconds, scaleDownStabilizationSeconds}}, not {v}"
+            )),
+        }
+    }
+}
+
+impl JsonSchema for AdapterReplicas {
+    fn schema_name() -> std::borrow::Cow<'static, str> {
+        "AdapterReplicas".into()
+    }
+
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn json_schema(_: &mut schemars::SchemaGenerator) -> schemars::Schema {
+        schemars::json_schema!({
+            "description": "Agents (per role) that keep it pinned and warm: an integer 1-1024 (fixed), or {min, max, targetRequestsPerSecond (default 5), scaleUpStabilizationSeconds (default 30), scaleDownStabilizationSeconds (default 300)} sized by the request rate the agents report. Unset: every agent registers it and loads the weights on demand. Checked by the operator (an invalid value sets phase Failed, reason InvalidSpec).",
+            "x-kubernetes-preserve-unknown-fields": true
+        })
+    }
 }
 
 /// A BaseModel by name; `namespace` defaults to the adapter's own.
@@ -137,6 +275,26 @@ pub struct LoraAdapterStatus {
     /// Placements in state `Loaded`.
     #[serde(default)]
     pub ready_replicas: i32,
+    /// Demand-following sizing (`spec.replicas: {min, max}` only): what was observed and
+    /// decided, and why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scaling: Option<ScalingStatus>,
+}
+
+/// The last sizing decision of a demand-following adapter.
+#[derive(Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScalingStatus {
+    /// Requests per minute the agents holding it reported over the last interval.
+    pub requests_per_minute: u64,
+    /// Replicas per role the demand asks for now (before stabilisation).
+    pub recommended_replicas: u32,
+    /// Replicas per role decided.
+    pub desired_replicas: u32,
+    /// `Steady`, `ScaledUp`, `ScaledDown`, `AwaitingSustainedDemand`, `StabilizingScaleDown`,
+    /// `ChurnLimited`, `TenantQuota`, `InsufficientCapacity`.
+    pub reason: String,
+    pub message: String,
 }
 
 /// One agent's copy of the adapter.

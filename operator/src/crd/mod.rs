@@ -15,8 +15,9 @@ pub use base_model::{
 };
 pub use common::{Phase, condition_types};
 pub use lora_adapter::{
-    AdapterSource, BaseModelRef, HuggingFaceAdapter, LoraAdapter, LoraAdapterSpec,
-    LoraAdapterStatus, Placement, PlacementState,
+    AdapterReplicas, AdapterSource, AutoReplicas, BaseModelRef, HuggingFaceAdapter, LoraAdapter,
+    LoraAdapterSpec, LoraAdapterStatus, MAX_ADAPTER_REPLICAS, MAX_STABILIZATION_SECONDS, Placement,
+    PlacementState, ReplicaRange, Replicas, ScalingStatus,
 };
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;

@@ -230,7 +230,7 @@ spec:
     )
     .unwrap();
     assert_eq!(lora.spec.source.to_uri(), "hf://acme/sql-lora");
-    assert_eq!(lora.spec.replicas, Some(2));
+    assert_eq!(lora.spec.replicas, Some(AdapterReplicas::Fixed(2)));
 }
 
 #[test]

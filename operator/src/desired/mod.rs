@@ -69,6 +69,9 @@ pub mod annotations {
     pub const MAX_CONCURRENT_REQUESTS: &str = "loraplane.dev/max-concurrent-requests";
     /// On a tenant Namespace: the agents' per-tenant tokens-per-minute limit.
     pub const MAX_TOKENS_PER_MINUTE: &str = "loraplane.dev/max-tokens-per-minute";
+    /// On a tenant Namespace: pinned replicas per role the namespace's adapters may hold on
+    /// one base model; caps demand-following growth (`replicas: {min, max}`).
+    pub const MAX_ADAPTER_REPLICAS: &str = "loraplane.dev/max-adapter-replicas";
 }
 
 /// What the builders need beyond the BaseModel: operator-wide settings (Helm values).

@@ -21,6 +21,7 @@ fn agent(
         capacity_bytes: capacity_mib * MIB,
         pinned_bytes: pinned_mib * MIB,
         pinned_adapters: pinned,
+        pool_free_bytes: None,
     }
 }
 
@@ -33,6 +34,7 @@ fn demand<'a>(replicas: Option<u32>, size_mib: u64, holders: &'a BTreeSet<String
         replicas,
         size_bytes: size_mib * MIB,
         holders,
+        sticky: None,
     }
 }
 
@@ -225,4 +227,51 @@ fn many_adapters_spread_evenly() {
     let (min, max) = (*counts.iter().min().unwrap(), *counts.iter().max().unwrap());
     assert!(max - min <= 1, "{counts:?}");
     assert_eq!(counts.iter().sum::<u32>(), 4000);
+}
+
+#[test]
+fn sticky_placement_grows_and_shrinks_along_one_rendezvous_order() {
+    let agents: Vec<AgentLoad> = (0..6)
+        .map(|i| {
+            agent(
+                &format!("p{i}"),
+                Role::Unified,
+                &format!("n{i}"),
+                1000,
+                0,
+                0,
+            )
+        })
+        .collect();
+    let key = "team-a/sql";
+    let mut order: Vec<&str> = agents.iter().map(|a| a.pod.as_str()).collect();
+    order.sort_by_key(|p| Reverse(demand::rendezvous_score(key, p)));
+    let sticky = |k: u32, held: &BTreeSet<String>| {
+        let d = Demand {
+            sticky: Some(key),
+            ..demand(Some(k), 10, held)
+        };
+        place(&d, &agents, &[Role::Unified]).targets()
+    };
+    let none = holders(&[]);
+    let one = sticky(1, &none);
+    assert_eq!(one, holders(&order[..1]));
+    let three = sticky(3, &one);
+    assert_eq!(three, holders(&order[..3]), "grows along the order");
+    assert!(one.is_subset(&three));
+    let two = sticky(2, &three);
+    assert_eq!(two, holders(&order[..2]), "shrinks from the end of it");
+    // Headroom no longer decides, but an agent without room is skipped.
+    let mut full = agents.clone();
+    let first = full.iter_mut().find(|a| a.pod == order[0]).unwrap();
+    first.pool_free_bytes = Some(MIB);
+    let d = Demand {
+        sticky: Some(key),
+        ..demand(Some(1), 10, &none)
+    };
+    assert_eq!(
+        place(&d, &full, &[Role::Unified]).targets(),
+        holders(&order[1..2]),
+        "no device-pool room on the first choice"
+    );
 }

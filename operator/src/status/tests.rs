@@ -215,6 +215,8 @@ fn converged(placements: Vec<PlacementOutcome>, wanted: u32, shortfall: u32) -> 
         target_modules: vec!["q_proj".into(), "v_proj".into()],
         digest: Some("sha256:ab".into()),
         size_bytes: Some(1024),
+        scaling: None,
+        change: None,
     })
 }
 

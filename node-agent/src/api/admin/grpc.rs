@@ -139,6 +139,14 @@ impl<E: AdminEngine> Admin for AdminService<E> {
             device_resident_adapters: s.device_resident.iter().map(adapter_ref).collect(),
             draining: self.state.lifecycle.is_draining(),
             model: self.state.model.clone(),
+            adapter_requests: s
+                .adapter_requests
+                .iter()
+                .map(|(key, n)| pb::AdapterRequests {
+                    adapter: Some(adapter_ref(key)),
+                    requests_total: *n,
+                })
+                .collect(),
         }))
     }
 

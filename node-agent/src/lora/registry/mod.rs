@@ -110,6 +110,9 @@ pub struct Entry {
     /// not fit a page).
     placement: Option<usize>,
     last_used: u64,
+    /// Requests admitted on it since it was registered (the operator derives request rates
+    /// from successive reads, `GetStats.adapter_requests`).
+    requests_total: u64,
     /// Set by unload while requests still use it: new requests are refused, the entry goes
     /// with its last lease.
     unloading: bool,
@@ -174,6 +177,12 @@ impl Entry {
     /// The tick of its last admission (larger is more recent).
     pub fn last_used(&self) -> u64 {
         self.last_used
+    }
+
+    /// Requests admitted on it since it was registered (a counter that only grows until the
+    /// entry is replaced).
+    pub fn requests_total(&self) -> u64 {
+        self.requests_total
     }
 
     /// Whether the host copy was dropped and nothing resident replaces it: a request must
@@ -288,6 +297,7 @@ impl Registry {
                 known: None,
                 placement: None,
                 last_used: 0,
+                requests_total: 0,
                 unloading: false,
                 leases: Holders::default(),
                 reservations: Holders::default(),
@@ -436,7 +446,8 @@ impl Registry {
     ///
     /// Returns `None` for an unknown adapter or one being unloaded.
     pub fn lease(&mut self, key: &AdapterKey) -> Option<AdapterLease> {
-        let e = self.entries.get(key).filter(|e| !e.unloading)?;
+        let e = self.entries.get_mut(key).filter(|e| !e.unloading)?;
+        e.requests_total = e.requests_total.saturating_add(1);
         if e.usable() {
             self.stats.host_hits += 1;
         }

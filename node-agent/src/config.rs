@@ -179,9 +179,6 @@ pub struct RequestArgs {
     /// Longest stop string, bytes.
     #[arg(long, env = "LORAPLANE_MAX_STOP_STRING_BYTES", default_value_t = 256)]
     pub max_stop_string_bytes: usize,
-    /// Largest `n` (choices per request); only 1 is implemented.
-    #[arg(long, env = "LORAPLANE_MAX_N", default_value_t = 1)]
-    pub max_n: usize,
 }
 
 /// Where adapter (and model) sources may come from.
@@ -377,9 +374,6 @@ impl ServeArgs {
             return Err(invalid("pool-pages", "must fit in 32 bits"));
         }
         let r = &self.requests;
-        if r.max_n != 1 {
-            return Err(invalid("max-n", "only n = 1 is implemented"));
-        }
         if r.default_max_tokens == 0 {
             return Err(invalid("default-max-tokens", "must be at least 1"));
         }
@@ -454,7 +448,6 @@ impl ServeArgs {
                 default_max_tokens: r.default_max_tokens,
                 max_stop_strings: r.max_stop_strings,
                 max_stop_string_bytes: r.max_stop_string_bytes,
-                max_n: r.max_n,
                 max_request_bytes: usize_of("max-request-bytes", r.max_request_bytes)?,
                 ..RequestBounds::default()
             },

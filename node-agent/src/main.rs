@@ -25,10 +25,13 @@ enum Command {
     Fixtures(FixturesCommand),
 }
 
-fn main() -> anyhow::Result<()> {
+/// A failure prints one line (`error: …`), never a `Debug` dump with a backtrace, whatever
+/// `RUST_BACKTRACE` says: these are user errors (a missing model directory, a bad flag).
+fn main() -> std::process::ExitCode {
     let cli: Cli = config::parse_cli(std::env::args_os().collect()).unwrap_or_else(|e| e.exit());
-    match cli.command {
+    let result = match cli.command {
         Command::Serve(args) => loraplane_agent::serve::run_process(*args),
         Command::Fixtures(cmd) => cmd.run(),
-    }
+    };
+    loraplane_agent::serve::exit_code(result)
 }

@@ -15,6 +15,9 @@
 //! and whose labels `running_lora_adapters` / `waiting_lora_adapters` (comma-separated adapter
 //! names) and `max_lora` describe adapter residency. They are exported alongside ours.
 //!
+//! The router signals llm-d's `lora-load-state-scorer` reads (`vllm:lora_adapter_loaded` and
+//! its companions) are in [`router`], with their bound.
+//!
 //! Adapter names are tenants' data: the agent serves metrics on their own listener
 //! (`--metrics-addr`, loopback by default), never on the API port, and
 //! `--metrics-adapter-identity id` replaces the names in `vllm:lora_requests_info` with opaque
@@ -28,7 +31,10 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
-use crate::engine::{EngineStats, StepObserver};
+use crate::engine::{AdapterTransition, EngineStats, StepObserver};
+use crate::lora::registry::AdapterSummary;
+
+pub mod router;
 
 /// Metric names (one place, so dashboards and tests can refer to them).
 pub mod names {
@@ -59,6 +65,7 @@ pub mod names {
     pub const HOST_CACHE_USED: &str = "loraplane_adapter_host_cache_used_bytes";
     pub const HOST_CACHE_CAPACITY: &str = "loraplane_adapter_host_cache_capacity_bytes";
     pub const DRAINING: &str = "loraplane_draining";
+    pub const RATE_LIMITED: &str = "loraplane_rate_limited_total";
     /// Gateway API Inference Extension model-server protocol (vLLM names).
     pub const VLLM_WAITING: &str = "vllm:num_requests_waiting";
     pub const VLLM_RUNNING: &str = "vllm:num_requests_running";
@@ -103,6 +110,7 @@ pub mod names {
         HOST_CACHE_USED,
         HOST_CACHE_CAPACITY,
         DRAINING,
+        RATE_LIMITED,
         VLLM_WAITING,
         VLLM_RUNNING,
         VLLM_KV_USAGE,
@@ -171,12 +179,14 @@ pub struct Metrics {
     host_used: IntGauge,
     host_capacity: IntGauge,
     draining: IntGauge,
+    rate_limited: IntCounterVec,
     vllm_waiting: IntGauge,
     vllm_running: IntGauge,
     vllm_kv_usage: Gauge,
     vllm_lora_info: GaugeVec,
     seen: Mutex<Seen>,
     adapter_identity: AdapterIdentity,
+    router: router::RouterMetrics,
 }
 
 /// Latency buckets from 1 ms to 60 s.
@@ -404,6 +414,16 @@ impl Metrics {
                 &r,
                 int_gauge(DRAINING, "1 while the agent drains before shutting down.")?,
             )?,
+            rate_limited: reg(
+                &r,
+                IntCounterVec::new(
+                    Opts::new(
+                        RATE_LIMITED,
+                        "Requests refused with 429 / RESOURCE_EXHAUSTED by a tenant limit, by tenant.",
+                    ),
+                    &["tenant"],
+                )?,
+            )?,
             vllm_waiting: reg(
                 &r,
                 int_gauge(VLLM_WAITING, "Requests waiting (model-server protocol).")?,
@@ -429,6 +449,7 @@ impl Metrics {
                     &["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
                 )?,
             )?,
+            router: router::RouterMetrics::register(&r)?,
             registry: r,
             seen: Mutex::new(Seen::default()),
             adapter_identity,
@@ -465,6 +486,24 @@ impl Metrics {
         self.draining.set(i64::from(draining));
     }
 
+    /// Counts a request a tenant limit refused (429 / `RESOURCE_EXHAUSTED`).
+    pub fn rate_limited(&self, tenant: &str) {
+        self.rate_limited.with_label_values(&[tenant]).inc();
+    }
+
+    /// The KV cache's fixed geometry (`vllm:cache_config_info`) and the distinct adapters one
+    /// batch may hold (`vllm:max_gpu_lora_adapters`); set once at start-up.
+    pub fn set_cache_config(&self, block_size: usize, num_gpu_blocks: usize, max_lora: usize) {
+        self.router
+            .set_cache_config(block_size, num_gpu_blocks, max_lora);
+    }
+
+    /// Rebuilds the per-adapter router series (bounded by [`router::MAX_ADAPTER_SERIES`]).
+    pub fn refresh_adapters(&self, adapters: &[AdapterSummary]) {
+        self.router
+            .refresh_adapters(adapters, self.adapter_identity);
+    }
+
     /// Mirrors engine statistics into the gauges and advances the mirrored counters.
     /// `max_lora` is the number of distinct adapters a batch may hold.
     pub fn refresh(&self, s: &EngineStats, max_lora: usize) {
@@ -492,6 +531,7 @@ impl Metrics {
             f64::from(s.pool.kv) / f64::from(s.pool.total)
         };
         self.vllm_kv_usage.set(kv_usage);
+        self.router.kv_usage.set(kv_usage);
 
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
         let advance = |c: &IntCounter, last: &mut u64, now: u64| {
@@ -560,6 +600,12 @@ impl StepObserver for StepMetrics {
         self.0.batch_tokens.observe(batch_tokens as f64);
         self.0.step_duration.observe(elapsed.as_secs_f64());
     }
+
+    fn on_adapter_load(&self, transition: AdapterTransition, elapsed: Duration) {
+        self.0
+            .router
+            .observe_load(transition, elapsed.as_secs_f64());
+    }
 }
 
 #[cfg(test)]
@@ -607,10 +653,18 @@ mod tests {
         };
         m.refresh(&stats, 8);
         m.refresh(&stats, 8);
+        m.rate_limited("default");
+        m.set_cache_config(16, 5, 8);
+        StepMetrics(m.clone())
+            .on_adapter_load(AdapterTransition::HostToDevice, Duration::from_millis(3));
         let text = m.render();
-        for name in names::ALL {
+        for name in names::ALL.iter().chain(router::ALL) {
             assert!(text.contains(name), "{name} missing from:\n{text}");
         }
+        assert!(
+            text.contains(r#"vllm:cache_config_info{block_size="16",num_gpu_blocks="5"} 1"#),
+            "{text}"
+        );
         assert!(text.contains("loraplane_engine_steps_total 5"), "{text}");
         assert!(text.contains("vllm:gpu_cache_usage_perc 0.2"), "{text}");
         assert!(

@@ -166,6 +166,10 @@ async fn bad_digests_and_sources_are_refused() {
         format!("file://{outside}"),
         link.display().to_string(),
         "/etc".to_owned(),
+        // Issue 16 point 2's probes: through an existing file outside, and a missing path
+        // outside, answer alike (the same refusal as any path outside the roots).
+        "/etc/passwd/x".to_owned(),
+        "/nonexistent/x".to_owned(),
         "relative/path".to_owned(),
         "https://127.0.0.1/adapter".to_owned(),
         "https://169.254.169.254/latest".to_owned(),
@@ -178,6 +182,11 @@ async fn bad_digests_and_sources_are_refused() {
         assert_eq!(err.code(), Code::InvalidArgument, "{uri}: {err:?}");
         assert!(
             err.message().contains("refused"),
+            "{uri}: {}",
+            err.message()
+        );
+        assert!(
+            !err.message().contains("os error") && !err.message().contains("Not a directory"),
             "{uri}: {}",
             err.message()
         );

@@ -74,6 +74,7 @@ fn load(e: &mut Engine<CpuBackend>, name: &str, dir: &Path) {
     let key = AdapterKey::new("default", name);
     if e.begin_adapter_load(key.clone(), dir.to_owned(), None, false)
         .unwrap()
+        == loraplane_agent::engine::LoadWait::Load
     {
         let (_, source) = e.take_pending_loads().pop().unwrap();
         let model = e.model_config().clone();

@@ -350,6 +350,7 @@ impl Admin for FakeAdmin {
         self.with(&req, |a| {
             a.load(body).map(|info| pb::LoadAdapterResponse {
                 adapter: Some(info),
+                outcome: pb::LoadOutcome::Added as i32,
             })
         })
     }

@@ -114,6 +114,7 @@ fn admin_messages_round_trip() {
     });
     round_trip(LoadAdapterResponse {
         adapter: Some(adapter_info()),
+        outcome: LoadOutcome::Replaced as i32,
     });
     round_trip(UnloadAdapterRequest {
         adapter: Some(adapter_ref()),

@@ -37,7 +37,7 @@ use crate::api::error::{ApiError, ErrorReply};
 use crate::api::lifecycle::Lifecycle;
 use crate::disagg::config::Role;
 use crate::engine::actor::EngineHandle;
-use crate::engine::{EngineError, EngineStats};
+use crate::engine::{EngineError, EngineStats, Loaded};
 use crate::lora::ids::{AdapterKey, Digest};
 use crate::lora::registry::AdapterSummary;
 use crate::sources::{self, SourceError, SourceOptions};
@@ -66,7 +66,7 @@ pub trait AdminEngine: Send + Sync + 'static {
         dir: PathBuf,
         expected: Option<Digest>,
         pin: bool,
-    ) -> impl Future<Output = Result<AdapterSummary, EngineError>> + Send;
+    ) -> impl Future<Output = Result<Loaded, EngineError>> + Send;
     fn unload_adapter(
         &self,
         key: AdapterKey,
@@ -82,8 +82,8 @@ impl AdminEngine for EngineHandle {
         dir: PathBuf,
         expected: Option<Digest>,
         pin: bool,
-    ) -> impl Future<Output = Result<AdapterSummary, EngineError>> + Send {
-        EngineHandle::load_adapter(self, key, dir, expected, pin)
+    ) -> impl Future<Output = Result<Loaded, EngineError>> + Send {
+        EngineHandle::load(self, key, dir, expected, pin)
     }
     fn unload_adapter(
         &self,
@@ -354,7 +354,12 @@ impl<E: AdminEngine> AdminState<E> {
         .into())
     }
 
-    /// Resolves `uri` and loads the adapter; idempotent for the same source and digest.
+    /// Resolves `uri` and loads the adapter. Loading it again from the same source re-reads
+    /// and re-digests the files: the same digest changes nothing ([`LoadChange::Unchanged`]),
+    /// a new one replaces the weights ([`LoadChange::Replaced`]).
+    ///
+    /// [`LoadChange::Unchanged`]: crate::engine::LoadChange::Unchanged
+    /// [`LoadChange::Replaced`]: crate::engine::LoadChange::Replaced
     ///
     /// Errors: invalid arguments, the tenant's adapter quota, source refusals and failures, and
     /// engine refusals (invalid adapter, digest mismatch, adapter busy).
@@ -365,7 +370,7 @@ impl<E: AdminEngine> AdminState<E> {
         uri: &str,
         expected_sha256: &str,
         pin: bool,
-    ) -> Result<AdapterSummary, AdminError> {
+    ) -> Result<Loaded, AdminError> {
         check_name("tenant", "tenant", tenant)?;
         check_name("name", "adapter name", name)?;
         check_uri("source_uri", uri)?;
@@ -381,23 +386,40 @@ impl<E: AdminEngine> AdminState<E> {
             .engine
             .load_adapter(key.clone(), dir, expected, pin)
             .await;
-        let mut uris = self.uris.lock().unwrap_or_else(|e| e.into_inner());
-        let summary = match loaded {
-            Ok(summary) => {
-                uris.insert(key.clone(), sources::redact(uri));
-                summary
+        let loaded = match loaded {
+            Ok(loaded) => {
+                self.uris
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .insert(key.clone(), sources::redact(uri));
+                loaded
             }
             Err(e) => {
-                // A failed load forgets the adapter, except when it was busy and left as it was.
-                if !matches!(e, EngineError::AdapterBusy(_)) {
-                    uris.remove(&key);
+                // A failed load forgets the adapter, except when it was busy and left as it
+                // was, or when re-reading an adapter's own source failed (it keeps its
+                // weights): the engine still lists it then.
+                let kept = self
+                    .engine
+                    .adapters()
+                    .await
+                    .is_ok_and(|all| all.iter().any(|a| a.key == key));
+                if !kept {
+                    self.uris
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .remove(&key);
                 }
                 return Err(ApiError::from(e).into());
             }
         };
-        drop(uris);
-        tracing::info!(adapter = %key, source = %sources::redact(uri), digest = ?summary.digest, "adapter loaded");
-        Ok(summary)
+        tracing::info!(
+            adapter = %key,
+            source = %sources::redact(uri),
+            digest = %crate::lora::ids::digest_or_none(loaded.summary.digest),
+            change = ?loaded.change,
+            "adapter loaded"
+        );
+        Ok(loaded)
     }
 
     async fn check_quota(&self, key: &AdapterKey) -> Result<(), AdminError> {

@@ -34,7 +34,8 @@ pub enum ApiError {
     PayloadTooLarge { limit: usize },
     #[error("The model `{model}` does not exist.")]
     ModelNotFound { model: String },
-    #[error("{reason}; retry after {retry_after:?}")]
+    /// The message rounds the wait up to whole seconds, as the `Retry-After` header does.
+    #[error("{reason}; retry after {} s", secs(*retry_after).max(1))]
     RateLimited {
         reason: &'static str,
         retry_after: Duration,
@@ -52,6 +53,13 @@ pub enum ApiError {
         limit_bytes: usize,
         limit_count: usize,
     },
+    /// A prefill agent asked for a generation: it computes prompts for decode agents over
+    /// the KV channel only.
+    #[error(
+        "this is a prefill agent: it computes prompts for decode agents over the KV channel and \
+         serves no generation requests; send them to a decode or unified agent"
+    )]
+    PrefillRole,
     #[error(transparent)]
     Engine(#[from] EngineError),
 }
@@ -197,6 +205,13 @@ impl ApiError {
                 "headers_too_large",
                 INVALID,
                 None,
+            ),
+            ApiError::PrefillRole => r(
+                StatusCode::MISDIRECTED_REQUEST,
+                Code::Unimplemented,
+                "prefill_role",
+                INVALID,
+                Some("prefill_role"),
             ),
             ApiError::Engine(e) => match e {
                 // Same reply as `ModelNotFound`: a missing adapter and another tenant's adapter

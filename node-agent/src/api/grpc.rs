@@ -1,5 +1,5 @@
 //! gRPC surface: `loraplane.v1.Inference/Generate` (server streaming), generic over the
-//! [`Inference`] domain trait, plus server reflection. Health (`grpc.health.v1`) is wired in
+//! [`Inference`] domain trait, plus server reflection (v1 and v1alpha). Health (`grpc.health.v1`) is wired in
 //! `serve`, which owns the serving status.
 //!
 //! Requests are validated here, at the edge, into `INVALID_ARGUMENT` before anything reaches
@@ -43,19 +43,50 @@ pub fn inference_server<S: Inference>(service: S) -> InferenceServer<InferenceGr
         .max_encoding_message_size(limit.max(4 << 20))
 }
 
-/// Server reflection (v1) over the loraplane protos and `grpc.health.v1`.
+/// The services the client port serves, as reflection lists them. `KvTransfer` is in the
+/// same descriptor set but served only on a prefill agent's KV port, so it is not listed here.
+pub const CLIENT_PORT_SERVICES: &[&str] = &[
+    "loraplane.v1.Inference",
+    "loraplane.v1.Admin",
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1.ServerReflection",
+    "grpc.reflection.v1alpha.ServerReflection",
+];
+
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    CLIENT_PORT_SERVICES.iter().fold(
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(loraplane_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // Each version's own descriptors, so either one resolves both services.
+            .register_encoded_file_descriptor_set(tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(
+                tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+            )
+            .include_reflection_service(false),
+        |b, name| b.with_service_name(*name),
+    )
+}
+
+/// Server reflection, v1 and v1alpha (older clients such as grpcurl 1.8 speak only v1alpha),
+/// over the loraplane protos and `grpc.health.v1`, listing [`CLIENT_PORT_SERVICES`].
 ///
 /// Errors: a descriptor set that does not decode (a build problem).
-pub fn reflection_service() -> Result<
-    tonic_reflection::server::v1::ServerReflectionServer<
-        impl tonic_reflection::server::v1::ServerReflection,
-    >,
+pub fn reflection_services() -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
     tonic_reflection::server::Error,
 > {
-    tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(loraplane_proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()
+    Ok((
+        reflection_builder().build_v1()?,
+        reflection_builder().build_v1alpha()?,
+    ))
 }
 
 fn invalid(message: impl Into<String>) -> ApiError {
@@ -210,7 +241,7 @@ impl Stream for ResponseStream {
                         queue_us: micros(timings.queue),
                         time_to_first_token_us: micros(timings.time_to_first_token),
                         total_us: micros(timings.total),
-                        remote_prefill: false,
+                        remote_prefill: timings.remote_prefill,
                     });
                     m.error = error.unwrap_or_default();
                     self.finished = true;

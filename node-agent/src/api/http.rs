@@ -335,7 +335,7 @@ struct SseState<S> {
     kind: Kind,
     id: String,
     started: bool,
-    /// Bytes of text sent so far (completions' `text_offset`).
+    /// Characters of text sent so far (completions' `text_offset`).
     sent: usize,
     done: bool,
 }
@@ -424,7 +424,7 @@ impl<S: Inference> SseState<S> {
                     .then(|| (self.s.token_text(id), logprob.unwrap_or(f32::NAN)));
                 if !text.is_empty() || lp.is_some() {
                     out.push(data(&self.chunk(&text, lp, None)));
-                    self.sent += text.len();
+                    self.sent += text.chars().count();
                 }
             }
             Some(Event::Finished {

@@ -122,13 +122,18 @@ fn unsupported(param: &'static str, what: &str) -> ApiError {
     ApiError::invalid(param, format!("{what} is not supported"))
 }
 
-fn common(c: Common, bounds: &RequestBounds) -> Result<(String, Sampling, Shape), ApiError> {
-    let n = c.n.unwrap_or(1);
-    if n == 0 || n > bounds.max_n as u64 {
-        return Err(ApiError::invalid(
-            "n",
-            format!("n must be between 1 and {}", bounds.max_n),
-        ));
+fn common(c: Common, _bounds: &RequestBounds) -> Result<(String, Sampling, Shape), ApiError> {
+    // One choice per request: n > 1 would need parallel sampling over a shared prompt,
+    // which the engine does not do; send n requests (with different seeds) instead.
+    match c.n.unwrap_or(1) {
+        1 => {}
+        0 => return Err(ApiError::invalid("n", "n must be 1")),
+        _ => {
+            return Err(ApiError::invalid(
+                "n",
+                "n > 1 is not supported: one choice per request; send n requests instead",
+            ));
+        }
     }
     for (param, v) in [
         ("presence_penalty", c.presence_penalty),
@@ -363,13 +368,15 @@ pub fn usage_json(u: Usage) -> Value {
 /// The sampled tokens' log-probabilities: `(token text, logprob)` per token.
 pub type TokenLogprobs = Vec<(String, f32)>;
 
-/// Completions' `logprobs` object.
+/// Completions' `logprobs` object. `text_offset` counts characters (Unicode scalar values,
+/// as OpenAI's Python-side offsets do), not bytes; `offset` is the characters before the first
+/// item.
 pub fn completion_logprobs(items: &TokenLogprobs, offset: usize) -> Value {
     let mut at = offset;
     let mut offsets = Vec::with_capacity(items.len());
     for (t, _) in items {
         offsets.push(at);
-        at += t.len();
+        at += t.chars().count();
     }
     json!({
         "tokens": items.iter().map(|(t, _)| t).collect::<Vec<_>>(),

@@ -35,8 +35,6 @@ pub struct RequestBounds {
     pub max_stop_strings: usize,
     pub max_stop_string_bytes: usize,
     pub max_stop_token_ids: usize,
-    /// Largest `n` (choices per request) accepted.
-    pub max_n: usize,
     /// Largest request body / message, bytes.
     pub max_request_bytes: usize,
     /// Longest adapter (model) name, bytes.
@@ -50,7 +48,6 @@ impl Default for RequestBounds {
             max_stop_strings: 16,
             max_stop_string_bytes: 256,
             max_stop_token_ids: 64,
-            max_n: 1,
             max_request_bytes: 4 << 20,
             max_model_name_bytes: 256,
         }
@@ -185,6 +182,8 @@ struct ServiceInner {
     max_lora: usize,
     /// Decode role: remote prefill.
     router: Option<crate::disagg::decode::DecodeRouter>,
+    /// Prefill role: generation requests are refused ([`ApiError::PrefillRole`]).
+    prefill_only: bool,
 }
 
 fn epoch_secs() -> u64 {
@@ -225,6 +224,7 @@ impl AgentService {
                 id_prefix,
                 max_lora,
                 router: None,
+                prefill_only: false,
             }),
         }
     }
@@ -235,6 +235,17 @@ impl AgentService {
         match Arc::get_mut(&mut self.inner) {
             Some(inner) => inner.router = Some(router),
             None => tracing::error!("with_router on a shared service: remote prefill is off"),
+        }
+        self
+    }
+
+    /// Prefill role: generation requests on the public surfaces are refused with a clear
+    /// error (clients belong on decode or unified agents; the client Service selects only
+    /// those). Call it on a freshly built service, before it is cloned.
+    pub fn prefill_only(mut self) -> Self {
+        match Arc::get_mut(&mut self.inner) {
+            Some(inner) => inner.prefill_only = true,
+            None => tracing::error!("prefill_only on a shared service: generation stays open"),
         }
         self
     }
@@ -429,7 +440,13 @@ impl AgentService {
                 ),
             ));
         }
-        let admission = caller.admit(prompt.len(), Instant::now())?;
+        let admission = caller
+            .admit(prompt.len(), Instant::now())
+            .inspect_err(|e| {
+                if matches!(e, ApiError::RateLimited { .. }) {
+                    self.inner.metrics.rate_limited(&caller.tenant.0);
+                }
+            })?;
         let id = self.next_id();
         let prompt_tokens = prompt.len();
         let request = Request {
@@ -493,9 +510,13 @@ impl Inference for AgentService {
         spec: GenerateSpec,
         surface: Surface,
     ) -> Result<Generation, ApiError> {
-        let result = match self.inner.lifecycle.track() {
-            Ok(in_flight) => self.start(caller, spec, surface, in_flight).await,
-            Err(e) => Err(e),
+        let result = if self.inner.prefill_only {
+            Err(ApiError::PrefillRole)
+        } else {
+            match self.inner.lifecycle.track() {
+                Ok(in_flight) => self.start(caller, spec, surface, in_flight).await,
+                Err(e) => Err(e),
+            }
         };
         if let Err(e) = &result {
             self.refused(surface, e);
@@ -548,6 +569,10 @@ impl Inference for AgentService {
         match self.inner.engine.stats().await {
             Ok(stats) => m.refresh(&stats, self.inner.max_lora),
             Err(e) => tracing::warn!(error = %e, "engine statistics unavailable for /metrics"),
+        }
+        match self.inner.engine.adapters().await {
+            Ok(adapters) => m.refresh_adapters(&adapters),
+            Err(e) => tracing::warn!(error = %e, "adapter list unavailable for /metrics"),
         }
         m.render()
     }

@@ -7,12 +7,14 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use tokio::sync::mpsc::error::TryRecvError;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tokio::sync::oneshot;
 
 use crate::backend::Backend;
+use crate::engine::adapters::{LoadChange, LoadWait, Loaded};
 use crate::engine::core::{Engine, EngineConfig, EngineError, EngineStats};
 use crate::engine::request::{Event, KvImport, KvLayer, Request};
 use crate::lora::host::{self, AdapterError, AdapterLimits, HostAdapter};
@@ -49,11 +51,19 @@ enum Command {
         source: PathBuf,
         expected: Option<Digest>,
         pin: bool,
-        reply: Reply<AdapterSummary>,
+        reply: Reply<Loaded>,
     },
     AdapterLoaded {
         key: AdapterKey,
         result: Box<Result<HostAdapter, AdapterError>>,
+        elapsed: Duration,
+    },
+    /// A re-read of the source of an adapter already loaded from it.
+    AdapterVerified {
+        key: AdapterKey,
+        source: PathBuf,
+        result: Box<Result<HostAdapter, AdapterError>>,
+        elapsed: Duration,
     },
     UnloadAdapter {
         key: AdapterKey,
@@ -206,6 +216,19 @@ impl EngineHandle {
         expected: Option<Digest>,
         pin: bool,
     ) -> Result<AdapterSummary, EngineError> {
+        Ok(self.load(key, source, expected, pin).await?.summary)
+    }
+
+    /// [`EngineHandle::load_adapter`], saying what the load changed: loading an adapter again
+    /// from the same source re-reads and re-digests its files, and replaces the weights when
+    /// they changed ([`LoadChange`]).
+    pub async fn load(
+        &self,
+        key: AdapterKey,
+        source: PathBuf,
+        expected: Option<Digest>,
+        pin: bool,
+    ) -> Result<Loaded, EngineError> {
         self.call(|reply| Command::LoadAdapter {
             key,
             source,
@@ -241,7 +264,8 @@ struct Actor<B: Backend> {
     tx: UnboundedSender<Command>,
     model: Arc<ModelConfig>,
     limits: AdapterLimits,
-    waiters: Vec<(AdapterKey, Reply<AdapterSummary>)>,
+    /// Callers waiting for a load or a verify of an adapter.
+    waiters: Vec<(AdapterKey, LoadWait, Reply<Loaded>)>,
 }
 
 impl<B: Backend> Actor<B> {
@@ -273,35 +297,68 @@ impl<B: Backend> Actor<B> {
 
     fn start_loads(&mut self) {
         for (key, source) in self.engine.take_pending_loads() {
-            let (tx, model, limits) = (self.tx.clone(), self.model.clone(), self.limits);
-            let (job_key, job_source) = (key.clone(), source.clone());
-            let spawned = std::thread::Builder::new()
-                .name("loraplane-adapter-load".into())
-                .spawn(move || {
-                    let (key, source) = (job_key, job_source);
-                    tracing::info!(adapter = %key, source = %source.display(), "loading adapter");
-                    let result = host::load(&source, &*model, &limits);
-                    let _ = tx.send(Command::AdapterLoaded {
-                        key,
-                        result: Box::new(result),
-                    });
-                });
-            if let Err(e) = spawned {
-                // The load ends here, failed: its callers and queued requests get the error
-                // now instead of waiting for a result no thread will send.
-                tracing::error!(adapter = %key, error = %e, "cannot start an adapter loader thread");
-                let failure = AdapterError::Io {
-                    path: source,
-                    source: std::io::Error::new(
-                        e.kind(),
-                        format!("cannot start an adapter loader thread: {e}"),
-                    ),
-                };
-                self.handle(Command::AdapterLoaded {
-                    key,
-                    result: Box::new(Err(failure)),
-                });
-            }
+            self.spawn_loader(key, source, LoadWait::Load);
+        }
+    }
+
+    /// Reads and validates an adapter's files on a loader thread, which reports back with
+    /// [`Command::AdapterLoaded`] (a load) or [`Command::AdapterVerified`] (a re-read).
+    fn spawn_loader(&mut self, key: AdapterKey, source: PathBuf, kind: LoadWait) {
+        let (tx, model, limits) = (self.tx.clone(), self.model.clone(), self.limits);
+        let (job_key, job_source) = (key.clone(), source.clone());
+        let done = move |key, source, result: Result<HostAdapter, AdapterError>, elapsed| match kind
+        {
+            LoadWait::Load => Command::AdapterLoaded {
+                key,
+                result: Box::new(result),
+                elapsed,
+            },
+            LoadWait::Verify => Command::AdapterVerified {
+                key,
+                source,
+                result: Box::new(result),
+                elapsed,
+            },
+        };
+        let spawned = std::thread::Builder::new()
+            .name("loraplane-adapter-load".into())
+            .spawn(move || {
+                let (key, source) = (job_key, job_source);
+                tracing::info!(adapter = %key, source = %source.display(), ?kind, "reading adapter");
+                let started = Instant::now();
+                let result = host::load(&source, &*model, &limits);
+                let _ = tx.send(done(key, source, result, started.elapsed()));
+            });
+        if let Err(e) = spawned {
+            // The load ends here, failed: its callers and queued requests get the error
+            // now instead of waiting for a result no thread will send.
+            tracing::error!(adapter = %key, error = %e, "cannot start an adapter loader thread");
+            let failure = AdapterError::Io {
+                path: source.clone(),
+                source: std::io::Error::new(
+                    e.kind(),
+                    format!("cannot start an adapter loader thread: {e}"),
+                ),
+            };
+            self.handle(done(key, source, Err(failure), Duration::ZERO));
+        }
+    }
+
+    /// Times a successful read of an adapter's files (`source_to_cpu`).
+    fn observe_read(&self, result: &Result<HostAdapter, AdapterError>, elapsed: Duration) {
+        if let (Ok(_), Some(o)) = (result, &self.engine.config.observer) {
+            o.on_adapter_load(crate::engine::AdapterTransition::SourceToHost, elapsed);
+        }
+    }
+
+    /// Answers the callers waiting for `kind` on `key`.
+    fn answer(&mut self, key: &AdapterKey, kind: LoadWait, outcome: &Result<Loaded, EngineError>) {
+        let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiters)
+            .into_iter()
+            .partition(|(k, w, _)| k == key && *w == kind);
+        self.waiters = rest;
+        for (_, _, reply) in mine {
+            let _ = reply.send(shared_load_outcome(outcome));
         }
     }
 
@@ -340,30 +397,64 @@ impl<B: Backend> Actor<B> {
             } => {
                 match self
                     .engine
-                    .begin_adapter_load(key.clone(), source, expected, pin)
+                    .begin_adapter_load(key.clone(), source.clone(), expected, pin)
                 {
-                    Ok(true) => self.waiters.push((key, reply)),
-                    Ok(false) => {
-                        let summary = self.engine.adapters().into_iter().find(|a| a.key == key);
-                        let _ = reply.send(summary.ok_or(EngineError::AdapterNotFound(key.name)));
+                    Ok(LoadWait::Load) => self.waiters.push((key, LoadWait::Load, reply)),
+                    Ok(LoadWait::Verify) => {
+                        // Callers arriving while a re-read is in flight share its answer.
+                        let reading = self
+                            .waiters
+                            .iter()
+                            .any(|(k, w, _)| *k == key && *w == LoadWait::Verify);
+                        self.waiters.push((key.clone(), LoadWait::Verify, reply));
+                        if !reading {
+                            self.spawn_loader(key, source, LoadWait::Verify);
+                        }
                     }
                     Err(e) => {
                         let _ = reply.send(Err(e));
                     }
                 }
             }
-            Command::AdapterLoaded { key, result } => {
-                let outcome = self.engine.finish_adapter_load(&key, *result);
+            Command::AdapterLoaded {
+                key,
+                result,
+                elapsed,
+            } => {
+                self.observe_read(&result, elapsed);
+                let outcome = self
+                    .engine
+                    .finish_adapter_load(&key, *result)
+                    .map(|summary| Loaded {
+                        summary,
+                        change: LoadChange::Added,
+                    });
                 if let Err(e) = &outcome {
                     tracing::warn!(adapter = %key, error = %e, "adapter load failed");
                 }
-                let (mine, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiters)
-                    .into_iter()
-                    .partition(|(k, _)| *k == key);
-                self.waiters = rest;
-                for (_, reply) in mine {
-                    let _ = reply.send(shared_load_outcome(&outcome));
+                self.answer(&key, LoadWait::Load, &outcome);
+            }
+            Command::AdapterVerified {
+                key,
+                source,
+                result,
+                elapsed,
+            } => {
+                self.observe_read(&result, elapsed);
+                let outcome = self.engine.finish_adapter_verify(&key, &source, *result);
+                match &outcome {
+                    Ok(Loaded {
+                        change: LoadChange::Replaced { previous },
+                        summary,
+                    }) => {
+                        tracing::info!(adapter = %key, previous = %previous, digest = %crate::lora::ids::digest_or_none(summary.digest), "adapter files changed: new weights replace the old");
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(adapter = %key, error = %e, "re-reading an adapter failed; it keeps its weights");
+                    }
                 }
+                self.answer(&key, LoadWait::Verify, &outcome);
             }
             Command::UnloadAdapter { key, reply } => {
                 let _ = reply.send(self.engine.unload_adapter(&key));
@@ -384,12 +475,10 @@ impl<B: Backend> Actor<B> {
 
 /// The answer for one of the callers waiting on a load: the same for all of them (variant,
 /// hence status and metric kind, and message), whoever asked first. A load ends in a summary
-/// or one of three errors; anything else is the engine's bug.
-fn shared_load_outcome(
-    outcome: &Result<AdapterSummary, EngineError>,
-) -> Result<AdapterSummary, EngineError> {
+/// or one of four errors; anything else is the engine's bug.
+fn shared_load_outcome(outcome: &Result<Loaded, EngineError>) -> Result<Loaded, EngineError> {
     match outcome {
-        Ok(summary) => Ok(summary.clone()),
+        Ok(loaded) => Ok(loaded.clone()),
         Err(EngineError::AdapterLoad { name, source }) => Err(EngineError::AdapterLoad {
             name: name.clone(),
             source: source.clone(),
@@ -404,6 +493,7 @@ fn shared_load_outcome(
             actual: actual.clone(),
         }),
         Err(EngineError::AdapterNotFound(name)) => Err(EngineError::AdapterNotFound(name.clone())),
+        Err(EngineError::AdapterBusy(name)) => Err(EngineError::AdapterBusy(name.clone())),
         Err(other) => Err(EngineError::Invariant(format!(
             "an adapter load ended with {other}"
         ))),

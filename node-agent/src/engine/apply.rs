@@ -305,6 +305,7 @@ impl<B: Backend> Engine<B> {
     /// Copies an adapter's rows into pool pages (the plan freed them). Returns `false` when
     /// copying failed (the pages go back); admissions stop for the step then.
     fn make_resident(&mut self, key: &AdapterKey) -> Result<bool, ApplyError> {
+        let started = std::time::Instant::now();
         let not_placeable = || ApplyError::NotPlaceable(key.clone());
         let host = self
             .registry
@@ -338,6 +339,12 @@ impl<B: Backend> Engine<B> {
         };
         self.registry.set_resident(key, device)?;
         self.registry.touch(key);
+        if let Some(o) = &self.config.observer {
+            o.on_adapter_load(
+                crate::engine::AdapterTransition::HostToDevice,
+                started.elapsed(),
+            );
+        }
         Ok(true)
     }
 }

@@ -48,6 +48,18 @@ pub struct EngineConfig {
 pub trait StepObserver: Send + Sync + std::fmt::Debug {
     /// A step computed `batch_tokens` tokens (prefill chunks plus decodes) in `elapsed`.
     fn on_step(&self, batch_tokens: usize, elapsed: std::time::Duration);
+
+    /// An adapter moved one level closer to the kernels, taking `elapsed`.
+    fn on_adapter_load(&self, _transition: AdapterTransition, _elapsed: std::time::Duration) {}
+}
+
+/// The moves of an adapter's weights that [`StepObserver::on_adapter_load`] times.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AdapterTransition {
+    /// Files read, validated and digested into the host cache (on a loader thread).
+    SourceToHost,
+    /// Rows copied from the host cache into pool pages.
+    HostToDevice,
 }
 
 impl Default for EngineConfig {
@@ -456,6 +468,7 @@ impl<B: Backend> Engine<B> {
             stopped_on: None,
             events,
             export,
+            remote_prefill: import.is_some(),
             import,
             arrival: Instant::now(),
             scheduled: None,

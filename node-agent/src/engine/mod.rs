@@ -15,7 +15,10 @@ pub mod sampler;
 mod sequence;
 mod step;
 
-pub use self::core::{Engine, EngineConfig, EngineError, EngineStats, StepObserver};
+pub use self::core::{
+    AdapterTransition, Engine, EngineConfig, EngineError, EngineStats, StepObserver,
+};
+pub use adapters::{LoadChange, LoadWait, Loaded};
 pub use request::{
     Event, FinishReason, KvImport, KvLayer, Request, SamplingParams, Timings, Usage,
 };

@@ -104,6 +104,8 @@ pub struct Timings {
     pub total: Duration,
     /// Times the request was preempted and recomputed.
     pub preemptions: u32,
+    /// The prompt's KV was computed by a prefill agent and imported (decode role).
+    pub remote_prefill: bool,
 }
 
 /// One streamed event of a request.

@@ -50,6 +50,8 @@ pub(crate) struct Sequence {
     pub export: Option<UnboundedSender<KvLayer>>,
     /// Decode role: KV computed by a prefill agent, written into the pool at admission.
     pub import: Option<KvImport>,
+    /// Its prompt was prefilled by a prefill agent (`import` is consumed at admission).
+    pub remote_prefill: bool,
     pub arrival: Instant,
     pub scheduled: Option<Instant>,
     pub first_token: Option<Instant>,
@@ -186,6 +188,7 @@ impl Sequence {
             time_to_first_token: self.first_token.unwrap_or(now) - self.arrival,
             total: now - self.arrival,
             preemptions: self.preemptions,
+            remote_prefill: self.remote_prefill,
         };
         let usage = Usage {
             prompt_tokens: self.prompt_len,

@@ -139,12 +139,9 @@ pub fn load(
     check_config(&config, &config_path)?;
 
     if !weights_path.exists() {
-        let bin = dir.join("adapter_model.bin");
+        let bin = dir.join(peft::PICKLE_WEIGHTS_FILE);
         if bin.exists() {
-            return Err(unsupported(
-                &bin,
-                "pickle .bin weights are not supported; save the adapter with safetensors",
-            ));
+            return Err(unsupported(&bin, peft::PICKLE_REFUSED));
         }
     }
     let bytes = read_bounded(&weights_path, limits.max_bytes)?;

@@ -69,6 +69,12 @@ impl fmt::Debug for Digest {
     }
 }
 
+/// An optional digest as logs and messages show it: the digest, or `none` before the weights
+/// were read (never Rust's `Some(…)`).
+pub fn digest_or_none(d: Option<Digest>) -> String {
+    d.map_or_else(|| "none".to_owned(), |d| d.to_string())
+}
+
 /// An adapter's full identity: who, which name, which weights. The digest is `None` while the
 /// adapter is registered but its weights have not been read yet.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]

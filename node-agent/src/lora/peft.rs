@@ -12,6 +12,12 @@ use crate::lora::Module;
 /// File names of a PEFT adapter directory.
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
+/// PEFT's pickle weights, which are never read (unpickling runs code).
+pub const PICKLE_WEIGHTS_FILE: &str = "adapter_model.bin";
+/// The one refusal of a pickle-only adapter, wherever it is found (the admin API's source
+/// check and the loader behind `--adapters` both say this, with a 400).
+pub const PICKLE_REFUSED: &str =
+    "pickle .bin weights are not supported; save the adapter with safetensors";
 
 /// `target_modules` is a list of module names, or one regular expression string.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

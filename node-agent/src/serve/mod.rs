@@ -19,7 +19,7 @@ mod disagg;
 mod engine;
 mod process;
 
-pub use process::run_process;
+pub use process::{Logged, exit_code, run_process};
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -130,7 +130,7 @@ async fn preload_adapters(handle: &EngineHandle, dir: &Path) -> anyhow::Result<u
         match handle.load_adapter(key, path.clone(), None, false).await {
             Ok(a) => {
                 loaded += 1;
-                tracing::info!(adapter = %name, rank = a.rank, digest = ?a.digest, "adapter preloaded");
+                tracing::info!(adapter = %name, rank = a.rank, digest = %crate::lora::ids::digest_or_none(a.digest), "adapter preloaded");
             }
             Err(e) => tracing::error!(adapter = %name, error = %e, "adapter preload failed"),
         }
@@ -181,6 +181,9 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
 
     let lifecycle = Lifecycle::new(config.drain_timeout);
     let max_lora = config.max_running();
+    // A vLLM block holds every layer; a pool page holds one layer of one block.
+    let layers = handle.model_config().num_layers.max(1);
+    metrics.set_cache_config(config.block_size(), handle.num_pages() / layers, max_lora);
     let (stop_tx, stop_rx) = watch::channel(false);
     let role = disagg::start(&config, &handle, &metrics, stop_rx.clone()).await?;
     let service = AgentService::new(
@@ -195,6 +198,11 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let service = match role.router.clone() {
         Some(router) => service.with_router(router),
         None => service,
+    };
+    let service = if config.role == crate::disagg::config::Role::Prefill {
+        service.prefill_only()
+    } else {
+        service
     };
 
     // ---- Admin surfaces (api/admin.rs): gRPC `loraplane.v1.Admin` and the vLLM routes. ----
@@ -238,9 +246,12 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         let _ = rx.wait_for(|stop| *stop).await;
     };
 
+    let (reflection_v1, reflection_v1alpha) =
+        grpc::reflection_services().context("building gRPC reflection")?;
     let grpc_server = tonic::transport::Server::builder()
         .add_service(health_service)
-        .add_service(grpc::reflection_service().context("building gRPC reflection")?)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
         .add_service(grpc::inference_server(service.clone()))
         .add_service(admin_grpc)
         .serve_with_incoming_shutdown(nodelay_incoming(grpc_listener), stopped(stop_rx.clone()));

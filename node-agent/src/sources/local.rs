@@ -15,6 +15,7 @@
 use std::path::{Component, Path, PathBuf};
 
 use super::{Artifact, Ctx, SourceError, SourceOptions};
+use crate::lora::peft;
 
 /// The local path of a `file://` URI (the part after `file://`): `/abs/path` or
 /// `localhost/abs/path`, percent-decoded.
@@ -127,6 +128,17 @@ pub(crate) fn resolve(
         }
     }
     let (required, _) = artifact.files();
+    if artifact == Artifact::Adapter
+        && !canonical.join(super::ADAPTER_WEIGHTS).is_file()
+        && canonical.join(peft::PICKLE_WEIGHTS_FILE).is_file()
+    {
+        // The loader behind `--adapters` refuses the same directory with the same words.
+        return Err(ctx.unsupported(format!(
+            "{}: {}",
+            peft::PICKLE_WEIGHTS_FILE,
+            peft::PICKLE_REFUSED
+        )));
+    }
     if let Some(missing) = required.iter().find(|f| !canonical.join(f).is_file()) {
         return Err(ctx.not_found(format!("the directory has no {missing}")));
     }

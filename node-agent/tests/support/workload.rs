@@ -84,9 +84,10 @@ pub fn engine<B: Backend>(
     let mut e = Engine::new(backend, model, config).unwrap();
     for (i, dir) in adapters.iter().enumerate() {
         let key = AdapterKey::new("default", &format!("lora-{i}"));
-        assert!(
+        assert_eq!(
             e.begin_adapter_load(key.clone(), dir.clone(), None, false)
-                .unwrap()
+                .unwrap(),
+            loraplane_agent::engine::LoadWait::Load
         );
         let (k, source) = e.take_pending_loads().pop().unwrap();
         assert_eq!(k, key);

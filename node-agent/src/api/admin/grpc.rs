@@ -11,6 +11,7 @@ use tonic::{Request, Response as GrpcResponse, Status};
 use super::{AdminEngine, AdminError, AdminState, invalid};
 use crate::api::auth::TenantSpec;
 use crate::credential::bearer_from_metadata;
+use crate::engine::LoadChange;
 use crate::lora::ids::AdapterKey;
 use crate::lora::registry::{AdapterSummary, Residency};
 
@@ -50,7 +51,7 @@ impl<E: AdminEngine> Admin for AdminService<E> {
         self.authorize(&request)?;
         let req = request.into_inner();
         let r = required_ref(req.adapter)?;
-        let summary = self
+        let loaded = self
             .state
             .load(
                 &r.tenant,
@@ -60,8 +61,14 @@ impl<E: AdminEngine> Admin for AdminService<E> {
                 req.pin,
             )
             .await?;
+        let outcome = match loaded.change {
+            LoadChange::Added => pb::LoadOutcome::Added,
+            LoadChange::Replaced { .. } => pb::LoadOutcome::Replaced,
+            LoadChange::Unchanged => pb::LoadOutcome::Unchanged,
+        };
         Ok(GrpcResponse::new(pb::LoadAdapterResponse {
-            adapter: Some(adapter_info(&self.state, &summary)),
+            adapter: Some(adapter_info(&self.state, &loaded.summary)),
+            outcome: outcome as i32,
         }))
     }
 

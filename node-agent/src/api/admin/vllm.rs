@@ -13,11 +13,14 @@ use serde::Deserialize;
 use super::{AdminEngine, AdminError, AdminState};
 use crate::api::auth;
 use crate::api::error::ApiError;
-use crate::lora::ids::TenantId;
+use crate::engine::LoadChange;
+use crate::lora::ids::{TenantId, digest_or_none};
 
 /// The vLLM-compatible admin routes, admin-authenticated like the gRPC service:
 /// - `POST /v1/load_lora_adapter` `{"lora_name", "lora_path", "tenant"?, "expected_sha256"?,
-///   "pin"?}` → 200 `Success: LoRA adapter '<name>' added successfully.`
+///   "pin"?}` → 200 `Success: LoRA adapter '<name>' added successfully.`; loaded again from
+///   the same path, `… unchanged (sha256:…).` or `… replaced: its files changed (sha256:…
+///   replaces sha256:…).`
 /// - `POST /v1/unload_lora_adapter` `{"lora_name", "tenant"?}` → 200
 ///   `Success: LoRA adapter '<name>' removed successfully.`, 404 for an unknown adapter.
 ///
@@ -106,7 +109,7 @@ async fn load_lora<E: AdminEngine>(
     state.authorize(auth::bearer_from_headers(&headers))?;
     let b: LoadLoraBody = parse_body(&read_body(&state, body).await?)?;
     let tenant = b.tenant.unwrap_or_else(|| TenantId::default_tenant().0);
-    state
+    let loaded = state
         .load(
             &tenant,
             &b.lora_name,
@@ -115,10 +118,17 @@ async fn load_lora<E: AdminEngine>(
             b.pin,
         )
         .await?;
-    Ok(success(format!(
-        "Success: LoRA adapter '{}' added successfully.",
-        b.lora_name
-    )))
+    let name = &b.lora_name;
+    let digest = digest_or_none(loaded.summary.digest);
+    Ok(success(match loaded.change {
+        LoadChange::Added => format!("Success: LoRA adapter '{name}' added successfully."),
+        LoadChange::Unchanged => {
+            format!("Success: LoRA adapter '{name}' unchanged ({digest}).")
+        }
+        LoadChange::Replaced { previous } => format!(
+            "Success: LoRA adapter '{name}' replaced: its files changed ({digest} replaces {previous})."
+        ),
+    }))
 }
 
 async fn unload_lora<E: AdminEngine>(

@@ -18,6 +18,7 @@
 mod device;
 pub mod lease;
 mod placement;
+mod verify;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -30,6 +31,7 @@ use crate::lora::ids::{AdapterKey, Digest};
 pub use device::DeviceAdapter;
 pub use lease::{AdapterLease, ResidentReservation};
 pub use placement::{Placement, plan_placement};
+pub use verify::Verified;
 
 use lease::Holders;
 
@@ -93,6 +95,9 @@ pub enum RegistryError {
     Reserved { key: AdapterKey, running: usize },
     #[error("the lease on {0} was issued by an entry since replaced")]
     StaleLease(AdapterKey),
+    /// A re-read of the source finished after another load replaced or removed the entry.
+    #[error("adapter {0} was replaced or unloaded while its source was re-read")]
+    Superseded(AdapterKey),
 }
 
 /// One adapter. Read through its accessors; changed only through [`Registry`].
@@ -195,10 +200,14 @@ impl Entry {
 /// What [`Registry::register`] decided.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Registration {
-    /// The same adapter is already registered; `loading` says whether its load is in flight.
-    Unchanged { loading: bool },
+    /// The same adapter is being loaded from the same source: wait for that load.
+    InFlight,
     /// A new entry (or a replacement) whose weights must be loaded from its source.
     Load,
+    /// The same adapter is loaded from the same source: the files may have changed since, so
+    /// the caller re-reads and re-digests them and hands the result to
+    /// [`Registry::finish_verify`], which keeps or replaces the weights.
+    Verify,
 }
 
 /// All adapters of an agent.
@@ -256,10 +265,11 @@ impl Registry {
         self.entries.is_empty()
     }
 
-    /// Registers an adapter from `source`. Idempotent: the same source (and digest, when one
-    /// is expected) for an adapter that is already known changes nothing but `pin` (which
-    /// only ever turns pinning on). Otherwise the entry is (re)created, marked loading, and
-    /// the caller starts the load.
+    /// Registers an adapter from `source`. The same source (and digest, when one is expected)
+    /// for an adapter that is already known changes nothing but `pin` (which only ever turns
+    /// pinning on): a load in flight is joined ([`Registration::InFlight`]), a finished one is
+    /// verified against the files as they are now ([`Registration::Verify`]). Otherwise the
+    /// entry is (re)created, marked loading, and the caller starts the load.
     ///
     /// Errors: [`RegistryError::InUse`] when replacing an adapter that requests still use.
     pub fn register(
@@ -275,8 +285,10 @@ impl Registry {
                 && (expected.is_none() || e.known.as_ref().map(|k| k.0) == expected)
             {
                 e.pinned |= pin;
-                return Ok(Registration::Unchanged {
-                    loading: e.is_loading(),
+                return Ok(if e.is_loading() {
+                    Registration::InFlight
+                } else {
+                    Registration::Verify
                 });
             }
             let uses = e.uses();
@@ -687,13 +699,14 @@ pub(super) mod tests {
         );
         assert_eq!(
             r.register(a.clone(), "src".into(), None, true),
-            Ok(Registration::Unchanged { loading: true })
+            Ok(Registration::InFlight)
         );
         assert!(r.get(&a).unwrap().is_pinned());
         assert!(r.finish_load(&a, host(1, 10)));
         assert_eq!(
             r.register(a.clone(), "src".into(), Some(Digest([1; 32])), false),
-            Ok(Registration::Unchanged { loading: false })
+            Ok(Registration::Verify),
+            "a loaded adapter's source is read again: its files may have changed"
         );
         let lease = r.lease(&a).unwrap();
         assert_eq!(

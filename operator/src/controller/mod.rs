@@ -205,3 +205,5 @@ impl Context {
 mod tests;
 #[cfg(test)]
 mod tests_autoscaling;
+#[cfg(test)]
+mod tests_claims;

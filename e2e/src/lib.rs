@@ -27,6 +27,9 @@ use loraplane_agent::engine::{EngineConfig, Event, Request, SamplingParams};
 use loraplane_agent::lora::ids::{AdapterKey, TenantId};
 use loraplane_agent::model::tokenizer::ChatMessage;
 
+pub mod s3;
+pub mod servers;
+
 /// `target/<profile>/loraplane-agent`, next to the directory holding this test executable.
 ///
 /// Panics with the command to run when the binary is missing.
@@ -132,6 +135,21 @@ impl Agent {
     /// Starts `serve --model <model> --grpc-addr 127.0.0.1:0 --http-addr 127.0.0.1:0 <args>`
     /// and waits for its `listening` line.
     pub fn start(world: &World, args: &[&str]) -> Agent {
+        Agent::start_with_env(world, args, &[])
+    }
+
+    /// [`Agent::start`] with extra environment variables (credentials, `SSL_CERT_FILE`).
+    pub fn start_with_env(world: &World, args: &[&str], env: &[(&str, &str)]) -> Agent {
+        Agent::start_from(world, world.model.as_os_str(), args, env)
+    }
+
+    /// [`Agent::start_with_env`] with `--model <model>` (a directory or a source URI).
+    pub fn start_from(
+        world: &World,
+        model: &std::ffi::OsStr,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Agent {
         static STARTED: AtomicUsize = AtomicUsize::new(0);
         let stderr_log = world.dir.path().join(format!(
             "agent-{}.log",
@@ -141,10 +159,11 @@ impl Agent {
         let mut child = Command::new(agent_binary())
             .arg("serve")
             .arg("--model")
-            .arg(&world.model)
+            .arg(model)
             .args(["--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
             .args(["--log-format", "text", "--log-level", "info"])
             .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))

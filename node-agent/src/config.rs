@@ -21,7 +21,7 @@ use crate::disagg::config::{DisaggArgs, DisaggConfig, DisaggConfigError, Role};
 use crate::engine::EngineConfig;
 use crate::lora::host::AdapterLimits;
 use crate::metrics::AdapterIdentity;
-use crate::sources::SourceOptions;
+use crate::sources::{CaBundle, SourceOptions};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -114,7 +114,8 @@ pub struct TenancyArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct AdapterArgs {
     /// Preload every PEFT adapter directory in this directory (tenant `default`, named after
-    /// the directory).
+    /// the directory); or in an `s3://bucket/prefix` or `pvc://claim/dir` (each sub-prefix or
+    /// subdirectory holding an `adapter_config.json`).
     #[arg(long, env = "LORAPLANE_ADAPTERS")]
     pub adapters: Option<PathBuf>,
     /// Largest adapter rank accepted.
@@ -211,6 +212,17 @@ pub struct SourceArgs {
     /// A file holding the Hub token (falls back to `HF_TOKEN`).
     #[arg(long, env = "LORAPLANE_HF_TOKEN_FILE")]
     pub hf_token_file: Option<PathBuf>,
+    /// A PEM bundle of extra CAs trusted by `https://` and `s3://` sources (falls back to
+    /// `SSL_CERT_FILE`); the public roots stay trusted.
+    #[arg(long, env = "LORAPLANE_SOURCE_CA_FILE")]
+    pub source_ca_file: Option<PathBuf>,
+    /// An AWS shared-credentials file (`[default]` profile) for `s3://` sources, read at every
+    /// fetch; without it the `AWS_*` environment (or the instance's role) is used.
+    #[arg(long, env = "LORAPLANE_S3_CREDENTIALS_FILE")]
+    pub s3_credentials_file: Option<PathBuf>,
+    /// Where PersistentVolumeClaims are mounted (`<dir>/<claim>`) for `pvc://` sources.
+    #[arg(long, env = "LORAPLANE_PVC_MOUNT_DIR")]
+    pub pvc_mount_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -337,7 +349,8 @@ impl ServeConfig {
 
 impl ServeArgs {
     /// Validates the flags. `env` reads the conventional variables the flags fall back on
-    /// (`HF_ENDPOINT`, `HF_TOKEN`); pass `|k| std::env::var(k).ok()` in the binary.
+    /// (`HF_ENDPOINT`, `HF_TOKEN`, `SSL_CERT_FILE`, the `AWS_*` of
+    /// [`crate::sources::s3::ENVIRONMENT`]); pass `|k| std::env::var(k).ok()` in the binary.
     ///
     /// Errors: an unsupported role, a missing model, out-of-range sizes, unreadable key files.
     pub fn validate(
@@ -412,6 +425,39 @@ impl ServeArgs {
             Some(path) => Some(read_secret(&path)?),
             None => env("HF_TOKEN").filter(|t| !t.is_empty()),
         };
+        let ca_file = match s.source_ca_file {
+            Some(path) => Some((path, "--source-ca-file")),
+            None => env("SSL_CERT_FILE")
+                .filter(|p| !p.is_empty())
+                .map(|p| (PathBuf::from(p), "SSL_CERT_FILE")),
+        };
+        if let Some((path, from)) = ca_file {
+            sources.ca = Some(CaBundle::read(&path).map_err(|reason| ConfigError::File {
+                path,
+                reason: format!("{reason} (the CA bundle of {from})"),
+            })?);
+        }
+        sources.s3.settings = crate::sources::s3::ENVIRONMENT
+            .iter()
+            .filter_map(|&(var, key)| {
+                env(var)
+                    .filter(|v| !v.is_empty())
+                    .map(|v| (key.to_owned(), v))
+            })
+            .collect();
+        if let Some(path) = s.s3_credentials_file {
+            // Checked now so a typo stops the agent; read again at every fetch (rotation).
+            let text = std::fs::read_to_string(&path).map_err(|e| ConfigError::File {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
+            crate::sources::s3::parse_credentials(&text).map_err(|reason| ConfigError::File {
+                path: path.clone(),
+                reason,
+            })?;
+            sources.s3.credentials_file = Some(path);
+        }
+        sources.pvc_mount_dir = s.pvc_mount_dir;
         let a = &self.adapters;
         let engine = EngineConfig {
             block_size: e.block_size,
@@ -631,7 +677,7 @@ mod tests {
         );
         let a = serve(&["--model", "/m", "--pool-bytes", "1MiB"]).unwrap();
         let c = a
-            .validate(|_| Some("https://mirror.example/".into()))
+            .validate(|k| (k == "HF_ENDPOINT").then(|| "https://mirror.example/".into()))
             .unwrap();
         assert_eq!(c.pool, PoolSize::Bytes(1 << 20));
         assert_eq!(c.sources.hf_endpoint, "https://mirror.example");

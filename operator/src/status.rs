@@ -255,8 +255,8 @@ pub fn base_model_status(
 /// Why an adapter is not placed at all.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Blocked {
-    /// `BaseModelNotFound`, `NamespaceNotAdmitted`, `QuotaExceeded`, `NoAgents`,
-    /// `InvalidSpec` (phase `Failed`).
+    /// `BaseModelNotFound`, `NamespaceNotAdmitted`, `ClaimOutsideModelNamespace`,
+    /// `QuotaExceeded`, `NoAgents`, `InvalidSpec` (phase `Failed`).
     pub reason: &'static str,
     pub message: String,
 }

@@ -18,6 +18,7 @@
 mod disagg;
 mod engine;
 mod process;
+mod remote_adapters;
 
 pub use process::{Logged, exit_code, run_process};
 
@@ -175,7 +176,10 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
         tracing::warn!("no admin credential configured: the admin API refuses every call");
     }
     if let Some(adapters) = &config.adapters_dir {
-        let n = preload_adapters(&handle, adapters).await?;
+        let n = match adapters.to_str().filter(|s| remote_adapters::is_uri(s)) {
+            Some(uri) => remote_adapters::preload(&handle, uri, &config.sources).await?,
+            None => preload_adapters(&handle, adapters).await?,
+        };
         tracing::info!(adapters = n, dir = %adapters.display(), "adapters preloaded for tenant `default`");
     }
 

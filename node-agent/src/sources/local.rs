@@ -74,43 +74,11 @@ pub(crate) fn resolve(
     artifact: Artifact,
     opts: &SourceOptions,
 ) -> Result<PathBuf, SourceError> {
-    const OUTSIDE: &str = "the path is outside the allowed roots";
     if opts.local_roots.is_empty() {
         return Err(ctx.forbidden("local sources are disabled: no local roots are configured"));
     }
-    if !path.is_absolute() {
-        return Err(ctx.forbidden("local sources must be absolute paths"));
-    }
-    if path.components().any(|c| matches!(c, Component::ParentDir)) {
-        return Err(ctx.forbidden("the path contains a '..' component"));
-    }
-    // The roots are trusted configuration: resolving them reveals nothing to the caller.
-    let roots: Vec<PathBuf> = opts
-        .local_roots
-        .iter()
-        .filter_map(|r| std::fs::canonicalize(r).ok())
-        .collect();
-    if !inside(path, &opts.local_roots) && !inside(path, &roots) {
-        return Err(ctx.forbidden(OUTSIDE));
-    }
-    let canonical = match std::fs::canonicalize(path) {
-        Ok(p) => p,
-        Err(_) => {
-            // Through a symlink out of the roots, the path is outside whether its target exists
-            // or not; otherwise it is simply not there (or not a directory, or unreadable).
-            return Err(if escapes_through_prefix(path, &roots) {
-                ctx.forbidden(OUTSIDE)
-            } else {
-                ctx.not_found("no such directory under the allowed roots")
-            });
-        }
-    };
-    if !inside(&canonical, &roots) {
-        return Err(ctx.forbidden(OUTSIDE));
-    }
-    if !canonical.is_dir() {
-        return Err(ctx.not_found("not a directory"));
-    }
+    let canonical = confine(ctx, path, &opts.local_roots)?;
+    let roots = canonical_roots(&opts.local_roots);
     let unreadable = || ctx.not_found("the directory cannot be listed");
     let entries = std::fs::read_dir(&canonical).map_err(|_| unreadable())?;
     for entry in entries {
@@ -141,6 +109,50 @@ pub(crate) fn resolve(
     }
     if let Some(missing) = required.iter().find(|f| !canonical.join(f).is_file()) {
         return Err(ctx.not_found(format!("the directory has no {missing}")));
+    }
+    Ok(canonical)
+}
+
+/// The roots, canonicalised; the roots are trusted configuration, so resolving them reveals
+/// nothing to the caller.
+fn canonical_roots(roots: &[PathBuf]) -> Vec<PathBuf> {
+    roots
+        .iter()
+        .filter_map(|r| std::fs::canonicalize(r).ok())
+        .collect()
+}
+
+/// The canonical form of the directory `path`, which must lie inside one of `roots` lexically
+/// and after every symlink is resolved (see [`resolve`] for the order of the checks).
+pub(crate) fn confine(ctx: &Ctx, path: &Path, roots: &[PathBuf]) -> Result<PathBuf, SourceError> {
+    const OUTSIDE: &str = "the path is outside the allowed roots";
+    if !path.is_absolute() {
+        return Err(ctx.forbidden("local sources must be absolute paths"));
+    }
+    if path.components().any(|c| matches!(c, Component::ParentDir)) {
+        return Err(ctx.forbidden("the path contains a '..' component"));
+    }
+    let canonical_roots = canonical_roots(roots);
+    if !inside(path, roots) && !inside(path, &canonical_roots) {
+        return Err(ctx.forbidden(OUTSIDE));
+    }
+    let canonical = match std::fs::canonicalize(path) {
+        Ok(p) => p,
+        Err(_) => {
+            // Through a symlink out of the roots, the path is outside whether its target exists
+            // or not; otherwise it is simply not there (or not a directory, or unreadable).
+            return Err(if escapes_through_prefix(path, &canonical_roots) {
+                ctx.forbidden(OUTSIDE)
+            } else {
+                ctx.not_found("no such directory under the allowed roots")
+            });
+        }
+    };
+    if !inside(&canonical, &canonical_roots) {
+        return Err(ctx.forbidden(OUTSIDE));
+    }
+    if !canonical.is_dir() {
+        return Err(ctx.not_found("not a directory"));
     }
     Ok(canonical)
 }

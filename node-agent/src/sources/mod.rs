@@ -5,6 +5,9 @@
 //! |---|---|
 //! | `/abs/path`, `file:///abs/path` | a directory under one of [`SourceOptions::local_roots`] |
 //! | `https://host/dir` | `dir/<file>` for each file, into [`SourceOptions::cache_dir`]`/https` |
+//! | `https://host/dir/a.tar[.gz]` | one archive, unpacked safely ([`tarball`]) into the same cache |
+//! | `s3://bucket/prefix` | `prefix/<file>` (or one archive key) via `object_store`, into `cache_dir/s3` |
+//! | `pvc://claim/path` | `path` on a claim mounted at [`SourceOptions::pvc_mount_dir`]`/claim`, confined to it |
 //! | `hf://org/repo[@revision]` | the Hugging Face Hub at [`SourceOptions::hf_endpoint`], via `hf-hub` |
 //!
 //! Guarantees:
@@ -17,6 +20,11 @@
 //!   [`SourceOptions::allowed_private_hosts`]; the size cap is enforced while streaming; a
 //!   download lands in a temporary directory renamed into place only when complete and verified,
 //!   so a failed or cancelled download leaves nothing behind.
+//! - `s3://` talks to the configured endpoint (AWS, or an S3-compatible server named by
+//!   `AWS_ENDPOINT_URL`), trusted configuration like the Hub endpoint; the bucket and key are
+//!   validated, and the download goes through the same size cap and cache as `https://`.
+//! - An archive is unpacked with no path escapes (`..`, absolute paths, links), within the size
+//!   cap and [`tarball::MAX_ENTRIES`] entries.
 //! - `hf://` talks to the configured Hub endpoint, which is trusted configuration (like the
 //!   operator's own address): it is *not* subject to the private-address rule, so an in-cluster
 //!   Hub mirror works and tests can use a loopback server. The size cap is checked against the
@@ -24,11 +32,15 @@
 //! - Errors name the URI with credentials and query strings removed ([`redact`]) and a reason;
 //!   tokens never appear in messages.
 
+mod download;
 mod hf;
 mod https;
 mod local;
 pub mod net;
 mod progress;
+mod pvc;
+pub mod s3;
+pub mod tarball;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -37,6 +49,7 @@ use std::time::Duration;
 use crate::lora::ids::Digest;
 
 pub use net::{AddressPolicy, HostResolver, StaticResolver, SystemResolver};
+pub use s3::S3Options;
 
 /// What a source holds: the files fetched differ.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -101,6 +114,57 @@ pub struct SourceOptions {
     /// Resolves host names for `https://`; [`SystemResolver`] in production, a static table in
     /// tests.
     pub resolver: Arc<dyn HostResolver>,
+    /// Extra trust anchors for `https://` and `s3://` servers, beside the public roots.
+    pub ca: Option<CaBundle>,
+    /// The object store of `s3://` sources.
+    pub s3: S3Options,
+    /// Where PersistentVolumeClaims are mounted (`<dir>/<claim>`), for `pvc://`. `None`:
+    /// `pvc://` is refused.
+    pub pvc_mount_dir: Option<PathBuf>,
+}
+
+/// A PEM bundle of CA certificates, checked when read.
+#[derive(Clone)]
+pub struct CaBundle {
+    path: PathBuf,
+    pem: Arc<[u8]>,
+}
+
+impl CaBundle {
+    /// Reads and checks `path`: at least one certificate, every one usable as a trust anchor.
+    pub fn read(path: &Path) -> Result<CaBundle, String> {
+        let pem = std::fs::read(path).map_err(|e| e.to_string())?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| format!("not a PEM certificate bundle: {e}"))?;
+        if certs.is_empty() {
+            return Err("no PEM certificates in the file".into());
+        }
+        let mut builder = reqwest::Client::builder();
+        for cert in certs {
+            builder = builder.add_root_certificate(cert);
+        }
+        builder
+            .build()
+            .map_err(|e| format!("unusable CA certificates: {e}"))?;
+        Ok(CaBundle {
+            path: path.to_owned(),
+            pem: pem.into(),
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn pem(&self) -> &[u8] {
+        &self.pem
+    }
+}
+
+impl std::fmt::Debug for CaBundle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("CaBundle").field(&self.path).finish()
+    }
 }
 
 impl std::fmt::Debug for SourceOptions {
@@ -115,6 +179,9 @@ impl std::fmt::Debug for SourceOptions {
             .field("allow_http", &self.allow_http)
             .field("hf_endpoint", &self.hf_endpoint)
             .field("hf_token", &self.hf_token.as_ref().map(|_| "<redacted>"))
+            .field("ca", &self.ca)
+            .field("s3", &self.s3)
+            .field("pvc_mount_dir", &self.pvc_mount_dir)
             .finish_non_exhaustive()
     }
 }
@@ -134,6 +201,9 @@ impl SourceOptions {
             hf_endpoint: "https://huggingface.co".to_owned(),
             hf_token: None,
             resolver: Arc::new(SystemResolver),
+            ca: None,
+            s3: S3Options::default(),
+            pvc_mount_dir: None,
         }
     }
 
@@ -318,16 +388,51 @@ async fn fetch(
         )
         .await;
     }
+    if let Some(rest) = uri.strip_prefix("s3://") {
+        return with_timeout(&ctx, opts, s3::fetch(&ctx, rest, artifact, expected, opts)).await;
+    }
     if let Some(rest) = uri.strip_prefix("file://") {
         let path = local::file_uri_path(&ctx, rest)?;
         return local::resolve(&ctx, &path, artifact, opts);
     }
+    if let Some(rest) = uri.strip_prefix("pvc://") {
+        return pvc::resolve(&ctx, rest, artifact, opts);
+    }
     if let Some((scheme, _)) = uri.split_once("://") {
         return Err(ctx.unsupported(format!(
-            "scheme {scheme:?} is not one of file://, https://, hf://"
+            "scheme {scheme:?} is not one of file://, https://, s3://, pvc://, hf://"
         )));
     }
     local::resolve(&ctx, Path::new(uri), artifact, opts)
+}
+
+/// The adapters directly under a directory-like remote source, as `(name, uri)` pairs sorted by
+/// name: what `--adapters` preloads when given a URI. `s3://bucket/prefix` lists the prefix's
+/// sub-prefixes and `pvc://claim/dir` the directory's subdirectories, keeping those holding an
+/// `adapter_config.json`; other schemes cannot be listed ([`SourceError::Unsupported`]).
+pub async fn list_adapters(
+    uri: &str,
+    opts: &SourceOptions,
+) -> Result<Vec<(String, String)>, SourceError> {
+    let ctx = Ctx::new(uri);
+    if uri.chars().any(char::is_control) {
+        return Err(ctx.unsupported("the source URI contains control characters"));
+    }
+    if let Some(rest) = uri.strip_prefix("s3://") {
+        let listing = tokio::time::timeout(opts.timeout, s3::list(&ctx, rest, opts)).await;
+        return listing.unwrap_or_else(|_| {
+            Err(SourceError::Timeout {
+                uri: ctx.uri.clone(),
+                after: opts.timeout,
+            })
+        });
+    }
+    if let Some(rest) = uri.strip_prefix("pvc://") {
+        return pvc::list(&ctx, rest, opts);
+    }
+    Err(ctx.unsupported(
+        "only s3:// and pvc:// directories (and local directories) can be listed for adapters",
+    ))
 }
 
 async fn with_timeout(
@@ -406,7 +511,13 @@ mod tests {
     #[tokio::test]
     async fn unknown_schemes_and_empty_uris_are_unsupported() {
         let opts = SourceOptions::new(std::env::temp_dir());
-        for uri in ["", "s3://bucket/key", "ftp://x/y", "hf\u{0}://x"] {
+        for uri in [
+            "",
+            "gs://bucket/key",
+            "ftp://x/y",
+            "hf\u{0}://x",
+            "pvc://claim/x",
+        ] {
             let err = resolve(uri, &opts).await.err();
             assert!(
                 matches!(err, Some(SourceError::Unsupported { .. })),

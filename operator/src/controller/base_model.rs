@@ -16,6 +16,7 @@
 //! Children are garbage-collected with the BaseModel through owner references, so there is no
 //! finalizer.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -58,13 +59,26 @@ pub struct Children {
     pub scaled_objects: Vec<ScaledObject>,
 }
 
-/// Builds every child of `model` (pure).
+/// Builds every child of `model` (pure) when no `pvc://` adapter needs a claim mounted.
 ///
 /// Errors: a spec the agents' configuration cannot express.
 pub fn children(
     model: &BaseModel,
     params: &AgentParams,
     creds: &Credentials,
+) -> Result<Children, SpecError> {
+    children_with(model, params, creds, &BTreeSet::new())
+}
+
+/// Builds every child of `model` (pure), the agents mounting `adapter_claims`
+/// ([`desired::claims`]).
+///
+/// Errors: a spec the agents' configuration cannot express.
+pub fn children_with(
+    model: &BaseModel,
+    params: &AgentParams,
+    creds: &Credentials,
+    adapter_claims: &BTreeSet<String>,
 ) -> Result<Children, SpecError> {
     let fingerprint = secret::fingerprint(creds);
     let roles = role::roles(model);
@@ -92,10 +106,12 @@ pub fn children(
         }
     }
     Ok(Children {
-        config: config::agent_config(model, params)?,
+        config: config::agent_config_with(model, params, adapter_claims)?,
         statefulsets: roles
             .iter()
-            .map(|(r, _)| statefulset::statefulset(model, *r, params, &fingerprint))
+            .map(|(r, _)| {
+                statefulset::statefulset_with(model, *r, params, &fingerprint, adapter_claims)
+            })
             .collect::<Result<_, _>>()?,
         services,
         pdbs: roles.iter().map(|(r, _)| pdb::pdb(model, *r)).collect(),
@@ -323,7 +339,11 @@ async fn reconcile_model(model: &BaseModel, ctx: &Context) -> Result<Action, Err
     } else {
         Vec::new()
     };
-    let (statefulsets, spec_error) = match children(model, &ctx.settings.agent, &creds) {
+    // Claims of `pvc://` adapters, from the cache (no API call).
+    let adapters = ctx.stores.adapters.state();
+    let claims = desired::claims::adapter_claims(model, adapters.iter().map(AsRef::as_ref));
+    let built = children_with(model, &ctx.settings.agent, &creds, &claims);
+    let (statefulsets, spec_error) = match built {
         Ok(c) => {
             let m = &ctx.metrics;
             sync_children(&cm_api, vec![c.config], observed_cm, &uid, m).await?;

@@ -182,6 +182,18 @@ pub async fn place(adapter: &LoraAdapter, ctx: &Context) -> Result<AdapterOutcom
             ),
         ));
     }
+    // A pod mounts claims of its own namespace only: a `pvc://` adapter elsewhere would name a
+    // claim of the model's namespace, which is not the tenant's to read.
+    if adapter.spec.source.pvc_claim().is_some() && ns != model_ns {
+        evict(ctx, &model, adapter).await?;
+        return Ok(blocked(
+            "ClaimOutsideModelNamespace",
+            format!(
+                "a pvc:// adapter must live in the BaseModel's namespace {model_ns}: its agents \
+                 can only mount claims there"
+            ),
+        ));
+    }
     let limits = tenancy::limits(ns_obj.as_deref());
     // The namespace's adapters are only needed (and only listed) when it has a quota.
     let over_quota = limits.max_adapters > 0 && {

@@ -211,3 +211,5 @@ mod tests;
 mod tests_autoscaling;
 #[cfg(test)]
 mod tests_demand;
+#[cfg(test)]
+mod tests_claims;

@@ -5,6 +5,8 @@
 //!   fan their changes out as reconcile triggers: a pod change re-reconciles the adapters of
 //!   its model (re-placement after a restart or scale-up); a namespace or API-key change
 //!   re-reconciles the models that admit it (tenant tables) and the namespace's adapters.
+//! - LoraAdapters have a reflector of their own too (the cache both reconcilers read): a
+//!   `pvc://` adapter re-reconciles its BaseModel, whose agents mount the claim.
 //! - Controllers start only once the caches they read are complete, so a restarted operator
 //!   never reports "BaseModel not found" for a model it has not listed yet.
 //! - Shutdown stops new reconciles, lets running ones finish, and returns.
@@ -138,6 +140,8 @@ pub async fn run<S>(
     let (ns_bm_tx, ns_bm_rx) = unbounded::<Namespace>();
     let (ns_lora_tx, ns_lora_rx) = unbounded::<Namespace>();
     let (key_tx, key_rx) = unbounded::<Secret>();
+    let (adapter_cache, adapter_writer) = reflector::store::<LoraAdapter>();
+    let (adapter_bm_tx, adapter_bm_rx) = unbounded::<LoraAdapter>();
     tokio::spawn(drive(
         Api::<Pod>::all(client.clone()),
         managed(),
@@ -155,6 +159,13 @@ pub async fn run<S>(
         watcher::Config::default().labels(&format!("{}=true", labels::API_KEY)),
         key_writer,
         vec![key_tx],
+    ));
+
+    tokio::spawn(drive(
+        Api::<LoraAdapter>::all(client.clone()),
+        watcher::Config::default(),
+        adapter_writer,
+        vec![adapter_bm_tx],
     ));
 
     let bm_controller = Controller::new(
@@ -185,6 +196,13 @@ pub async fn run<S>(
             let ns = s.namespace().unwrap_or_default();
             let ns_obj = ns_for_keys.get(&ObjectRef::new(&ns));
             models_admitting(&models_for_keys, &ns, ns_obj.as_deref())
+        })
+        // pvc:// adapters (created, changed or deleted): the claims the agents mount. An
+        // adapter switched from pvc:// to another scheme unmounts its claim at the next resync.
+        .watches_stream(as_watch(adapter_bm_rx), |a: LoraAdapter| {
+            a.spec.source.pvc_claim()?;
+            let (ns, name) = model_ref_borrowed(&a);
+            Some(ObjectRef::new(name).within(ns))
         })
         .graceful_shutdown_on(shutdown.clone());
 
@@ -237,13 +255,14 @@ pub async fn run<S>(
     if pods.wait_until_ready().await.is_err()
         || namespaces.wait_until_ready().await.is_err()
         || api_keys.wait_until_ready().await.is_err()
+        || adapter_cache.wait_until_ready().await.is_err()
     {
         tracing::error!("a cache writer was dropped before it was ready");
         return;
     }
     let stores = Stores {
         base_models: base_models.clone(),
-        adapters,
+        adapters: adapter_cache,
         pods,
         namespaces,
         api_keys,

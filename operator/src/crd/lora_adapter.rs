@@ -202,9 +202,12 @@ pub struct BaseModelRef {
 pub struct AdapterSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hugging_face: Option<HuggingFaceAdapter>,
-    /// `https://…`, `file:///…` (under the agents' adapter roots) or `hf://org/repo[@rev]`.
+    /// `https://…` (a directory, or a `.tar`/`.tar.gz` archive), `s3://bucket/prefix` (the
+    /// agents' object-store credentials), `pvc://<claim>/<path>` (a claim in the BaseModel's
+    /// namespace, mounted read-only into its agents; the adapter must live in that namespace),
+    /// `file:///…` (under the agents' adapter roots) or `hf://org/repo[@rev]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^(https|file|hf)://.+$"), length(max = 4096))]
+    #[schemars(regex(pattern = r"^(https|s3|pvc|file|hf)://.+$"), length(max = 4096))]
     pub uri: Option<String>,
     /// Expected hex SHA-256 of `adapter_model.safetensors` (optionally `sha256:`-prefixed); a
     /// load whose files differ fails.
@@ -238,6 +241,14 @@ impl AdapterSource {
             // Unreachable through the API server (CEL rule); an empty URI is refused by the agent.
             (None, None) => String::new(),
         }
+    }
+
+    /// The claim of a `pvc://<claim>/<path>` URI (no validation beyond the shape; the agents
+    /// refuse a malformed one).
+    pub fn pvc_claim(&self) -> Option<&str> {
+        let rest = self.uri.as_deref()?.strip_prefix("pvc://")?;
+        let (claim, path) = rest.split_once('/')?;
+        (!claim.is_empty() && !path.is_empty()).then_some(claim)
     }
 
     /// The expected digest as bare lowercase hex, if one is given.

@@ -14,6 +14,7 @@
 //! | or, with `--autoscaler keda`, a KEDA ScaledObject | `<model>-<role>` | [`autoscaling::scaled_object`] |
 
 pub mod autoscaling;
+pub mod claims;
 pub mod config;
 pub mod keda;
 pub mod pdb;

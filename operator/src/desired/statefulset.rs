@@ -8,7 +8,7 @@
 //! The pod template carries the hash of the agent configuration and a fingerprint of the
 //! credentials, so changing either rolls the pods (the agent reads both only at start-up).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{
@@ -22,7 +22,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::config::{
     CACHE_DIR, CONFIG_DIR, CONFIG_KEY, CREDENTIALS_DIR, HF_TOKEN_DIR, PVC_DIR, SpecError,
-    agent_toml, pvc_source,
+    agent_toml_with, pvc_source,
 };
 use super::{
     AgentParams, GRPC_PORT, HTTP_PORT, KV_PORT, METRICS_PORT, annotations, child_meta, config_name,
@@ -100,7 +100,10 @@ fn mount(name: &str, path: &str, read_only: bool) -> VolumeMount {
     }
 }
 
-fn volumes(model: &BaseModel) -> Result<(Vec<Volume>, Vec<VolumeMount>), SpecError> {
+fn volumes(
+    model: &BaseModel,
+    adapter_claims: &BTreeSet<String>,
+) -> Result<(Vec<Volume>, Vec<VolumeMount>), SpecError> {
     let model_name = kube::ResourceExt::name_any(model);
     let mut vols = vec![
         Volume {
@@ -171,10 +174,13 @@ fn volumes(model: &BaseModel) -> Result<(Vec<Volume>, Vec<VolumeMount>), SpecErr
         });
         mounts.push(mount("model", &format!("{PVC_DIR}/{claim}"), true));
     }
+    let (claim_vols, claim_mounts) = super::claims::volumes(model, adapter_claims)?;
+    vols.extend(claim_vols);
+    mounts.extend(claim_mounts);
     Ok((vols, mounts))
 }
 
-/// The StatefulSet `<model>-<role>`.
+/// The StatefulSet `<model>-<role>` when no `pvc://` adapter needs a claim mounted.
 ///
 /// Errors: a spec the agent configuration cannot express ([`SpecError`]).
 pub fn statefulset(
@@ -183,13 +189,26 @@ pub fn statefulset(
     params: &AgentParams,
     fingerprint: &str,
 ) -> Result<StatefulSet, SpecError> {
+    statefulset_with(model, role, params, fingerprint, &BTreeSet::new())
+}
+
+/// The StatefulSet `<model>-<role>`, mounting `adapter_claims` ([`super::claims`]).
+///
+/// Errors: a spec the agent configuration cannot express ([`SpecError`]).
+pub fn statefulset_with(
+    model: &BaseModel,
+    role: Role,
+    params: &AgentParams,
+    fingerprint: &str,
+    adapter_claims: &BTreeSet<String>,
+) -> Result<StatefulSet, SpecError> {
     let spec = role::roles(model)
         .into_iter()
         .find(|(r, _)| *r == role)
         .map(|(_, s)| s)
         .unwrap_or_default();
-    let (volumes, volume_mounts) = volumes(model)?;
-    let config_hash = hash_json(&agent_toml(model, params)?);
+    let (volumes, volume_mounts) = volumes(model, adapter_claims)?;
+    let config_hash = hash_json(&agent_toml_with(model, params, adapter_claims)?);
     let grace = params.drain_timeout + params.termination_margin;
     let container = Container {
         name: CONTAINER.into(),

@@ -1,0 +1,95 @@
+"""A real S3-protocol server for the agent's s3:// source tests: moto in server mode on a
+loopback port, with authentication enforced (an IAM user whose key may use S3; any other key
+or a wrong secret is refused the way AWS refuses it).
+
+    python3 e2e/clients/s3_server.py [--put BUCKET/KEY=FILE ...] [--bucket NAME ...]
+
+Creates the buckets, uploads the files with the user's key, prints one JSON line
+{"endpoint", "access_key_id", "secret_access_key"} and serves until stdin closes or the
+process is killed (the Rust tests own the process). Pinned by e2e/clients/requirements.txt.
+"""
+
+import argparse
+import json
+import os
+import socket
+import sys
+
+# Requests without valid credentials are accepted only for the first N actions: the three IAM
+# calls below that create the user, its key and its policy. Must be set before moto loads.
+os.environ["INITIAL_NO_AUTH_ACTION_COUNT"] = "3"
+os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
+
+import boto3  # noqa: E402
+from moto.server import ThreadedMotoServer  # noqa: E402
+
+POLICY = json.dumps(
+    {
+        "Version": "2012-10-17",
+        "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}],
+    }
+)
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--bucket", action="append", default=[])
+    parser.add_argument("--put", action="append", default=[], help="BUCKET/KEY=FILE")
+    args = parser.parse_args()
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    bootstrap = dict(
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="bootstrap",
+        aws_secret_access_key="bootstrap",
+    )
+    iam = boto3.client("iam", **bootstrap)
+    iam.create_user(UserName="loader")
+    key = iam.create_access_key(UserName="loader")["AccessKey"]
+    iam.put_user_policy(UserName="loader", PolicyName="s3", PolicyDocument=POLICY)
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=key["AccessKeyId"],
+        aws_secret_access_key=key["SecretAccessKey"],
+    )
+    buckets = set(args.bucket)
+    puts = []
+    for spec in args.put:
+        target, path = spec.split("=", 1)
+        bucket, key_name = target.split("/", 1)
+        buckets.add(bucket)
+        puts.append((bucket, key_name, path))
+    for bucket in sorted(buckets):
+        s3.create_bucket(Bucket=bucket)
+    for bucket, key_name, path in puts:
+        with open(path, "rb") as f:
+            s3.put_object(Bucket=bucket, Key=key_name, Body=f.read())
+    print(
+        json.dumps(
+            {
+                "endpoint": endpoint,
+                "access_key_id": key["AccessKeyId"],
+                "secret_access_key": key["SecretAccessKey"],
+            }
+        ),
+        flush=True,
+    )
+    # Serve until the owner closes stdin (or kills us).
+    sys.stdin.read()
+    server.stop()
+
+
+if __name__ == "__main__":
+    main()

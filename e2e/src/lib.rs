@@ -465,6 +465,7 @@ impl Oracle {
                     max_tokens,
                     ..SamplingParams::default()
                 },
+                cache_salt: None,
             })
             .await
             .unwrap();

@@ -235,6 +235,7 @@ fn request(i: usize) -> Request {
             ..SamplingParams::default()
         },
     }
+    cache_salt: None,
 }
 
 async fn tokens(

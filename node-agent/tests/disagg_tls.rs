@@ -126,6 +126,7 @@ async fn kv_streams_over_mutual_tls_and_refuses_clients_without_a_certificate() 
             ignore_eos: true,
             ..SamplingParams::default()
         },
+        cache_salt: None,
     };
     let with_cert = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&pki.ca))
@@ -154,6 +155,7 @@ async fn kv_streams_over_mutual_tls_and_refuses_clients_without_a_certificate() 
         .submit(Request {
             id: "local".into(),
             ..request.clone()
+            cache_salt: None,
         })
         .await
         .unwrap();
@@ -184,6 +186,7 @@ async fn kv_streams_over_mutual_tls_and_refuses_clients_without_a_certificate() 
         .submit(Request {
             id: "nocert".into(),
             ..request.clone()
+            cache_salt: None,
         })
         .await
         .unwrap_err();
@@ -208,6 +211,7 @@ async fn kv_streams_over_mutual_tls_and_refuses_clients_without_a_certificate() 
         .submit(Request {
             id: "wrong-ca".into(),
             ..request
+            cache_salt: None,
         })
         .await
         .unwrap_err();

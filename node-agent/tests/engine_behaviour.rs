@@ -60,6 +60,7 @@ fn request(id: &str, adapter: Option<&str>, params: SamplingParams) -> Request {
         prompt: vec![12, 250, 31, 77, 5, 300],
         params,
     }
+    cache_salt: None,
 }
 
 fn greedy(max_tokens: usize) -> SamplingParams {

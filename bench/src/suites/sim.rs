@@ -144,6 +144,7 @@ pub fn request(id: usize, job: &Job, adapter: Option<String>) -> Request {
             ..SamplingParams::default()
         },
     }
+    cache_salt: None,
 }
 
 /// Latency targets a request must meet to count towards goodput.

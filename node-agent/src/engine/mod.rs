@@ -9,6 +9,7 @@
 pub mod actor;
 mod adapters;
 mod apply;
+mod prefix;
 pub mod core;
 pub mod request;
 pub mod sampler;
@@ -16,6 +17,8 @@ mod sequence;
 mod step;
 
 pub use self::core::{Engine, EngineConfig, EngineError, EngineStats, StepObserver};
+pub use prefix::{PrefixCaching, PrefixStats};
 pub use request::{
-    Event, FinishReason, KvImport, KvLayer, Request, SamplingParams, Timings, Usage,
+    Event, FinishReason, KvImport, KvLayer, MAX_CACHE_SALT_BYTES, Request, SamplingParams,
+    Timings, Usage, check_cache_salt,
 };

@@ -111,6 +111,7 @@ pub fn request(case: &Case, max_new: usize) -> Request {
             ..SamplingParams::default()
         },
     }
+    cache_salt: None,
 }
 
 /// Eight adapter shapes (ranks 4–32, different targets, one rank_pattern, one rsLoRA); the 16

@@ -61,7 +61,10 @@ async fn load_shared(agent: &Agent, dir: &std::path::Path) {
             expected_sha256: String::new(),
             pin: false,
         };
-        admin.load_adapter(with_key(req, ADMIN_TOKEN)).await.unwrap();
+        admin
+            .load_adapter(with_key(req, ADMIN_TOKEN))
+            .await
+            .unwrap();
     }
 }
 
@@ -201,5 +204,8 @@ async fn the_cache_can_be_turned_off() {
         assert_eq!(cached(&complete(&agent, "key-a", json!({})).await), 0);
     }
     let text = scrape(agent.metrics).await;
-    assert_eq!(metric(&text, "loraplane_prefix_cache_hit_tokens_total"), Some(0.0));
+    assert_eq!(
+        metric(&text, "loraplane_prefix_cache_hit_tokens_total"),
+        Some(0.0)
+    );
 }

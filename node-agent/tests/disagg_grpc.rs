@@ -234,8 +234,8 @@ fn request(i: usize) -> Request {
             ignore_eos: true,
             ..SamplingParams::default()
         },
+        cache_salt: None,
     }
-    cache_salt: None,
 }
 
 async fn tokens(

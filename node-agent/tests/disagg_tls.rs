@@ -155,7 +155,6 @@ async fn kv_streams_over_mutual_tls_and_refuses_clients_without_a_certificate() 
         .submit(Request {
             id: "local".into(),
             ..request.clone()
-            cache_salt: None,
         })
         .await
         .unwrap();
@@ -186,7 +185,6 @@ async fn kv_streams_over_mutual_tls_and_refuses_clients_without_a_certificate() 
         .submit(Request {
             id: "nocert".into(),
             ..request.clone()
-            cache_salt: None,
         })
         .await
         .unwrap_err();
@@ -211,7 +209,6 @@ async fn kv_streams_over_mutual_tls_and_refuses_clients_without_a_certificate() 
         .submit(Request {
             id: "wrong-ca".into(),
             ..request
-            cache_salt: None,
         })
         .await
         .unwrap_err();

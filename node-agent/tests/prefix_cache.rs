@@ -198,8 +198,16 @@ fn tenants_salts_and_adapters_partition_the_cache() {
     assert_eq!(cached(&mut e, ask("a", None)), 0);
     assert_eq!(cached(&mut e, ask("a", None)), 32);
     assert_eq!(cached(&mut e, ask("b", None)), 0, "another tenant's blocks");
-    assert_eq!(cached(&mut e, ask("a", Some("x"))), 0, "the base model's blocks");
-    assert_eq!(cached(&mut e, ask("b", Some("x"))), 0, "another tenant's adapter");
+    assert_eq!(
+        cached(&mut e, ask("a", Some("x"))),
+        0,
+        "the base model's blocks"
+    );
+    assert_eq!(
+        cached(&mut e, ask("b", Some("x"))),
+        0,
+        "another tenant's adapter"
+    );
     assert_eq!(cached(&mut e, ask("b", Some("x"))), 32);
     let salted = |salt| Ask {
         salt: Some(salt),
@@ -244,7 +252,8 @@ fn under_pressure_idle_blocks_and_adapters_go_before_any_preemption() {
     let start = e.stats().pool;
     // Fill the cache: distinct prompts of 64 tokens (4 blocks of 2 layers each), one of them
     // on the adapter, which stays resident and idle after.
-    let distinct = |seed: u32| -> Vec<u32> { (0..64).map(|i| (i * 13 + seed * 101) % 500).collect() };
+    let distinct =
+        |seed: u32| -> Vec<u32> { (0..64).map(|i| (i * 13 + seed * 101) % 500).collect() };
     for seed in 0..5 {
         let a = Ask {
             prompt: distinct(seed),
@@ -272,7 +281,10 @@ fn under_pressure_idle_blocks_and_adapters_go_before_any_preemption() {
         after.preemptions, 0,
         "idle cached blocks and adapters are evicted before any preemption"
     );
-    assert_eq!(after.adapter_device_evictions, 1, "the idle adapter made room");
+    assert_eq!(
+        after.adapter_device_evictions, 1,
+        "the idle adapter made room"
+    );
     assert!(after.pool.is_consistent(), "{:?}", after.pool);
     assert_eq!(after.pool.kv, 0);
     // Least recently used first: the adapter, then the blocks of its request (the oldest);
@@ -290,6 +302,10 @@ fn under_pressure_idle_blocks_and_adapters_go_before_any_preemption() {
     assert_eq!(again(&mut e, 0, Some("x")), 0, "evicted");
 
     e.trim();
-    assert_eq!(e.stats().pool, start, "the accounting returns to its baseline");
+    assert_eq!(
+        e.stats().pool,
+        start,
+        "the accounting returns to its baseline"
+    );
     assert_eq!(e.stats().prefix.blocks, 0);
 }

@@ -143,8 +143,8 @@ pub fn request(id: usize, job: &Job, adapter: Option<String>) -> Request {
             ignore_eos: true,
             ..SamplingParams::default()
         },
+        cache_salt: None,
     }
-    cache_salt: None,
 }
 
 /// Latency targets a request must meet to count towards goodput.

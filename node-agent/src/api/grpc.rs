@@ -305,10 +305,7 @@ mod tests {
                 ..req(Some(pb::generate_request::Prompt::Text("hi".into())))
             })
         };
-        assert!(matches!(
-            salted(""),
-            Err(ApiError::InvalidArgument { .. })
-        ));
+        assert!(matches!(salted(""), Err(ApiError::InvalidArgument { .. })));
         assert!(salted(&"s".repeat(crate::engine::MAX_CACHE_SALT_BYTES + 1)).is_err());
         assert_eq!(
             spec.prompt,

@@ -74,7 +74,8 @@ pub struct Affinity {
 impl Affinity {
     /// The peer that last prefilled the longest of `keys` (longest first).
     pub fn lookup(&self, keys: &[PrefixKey]) -> Option<SocketAddr> {
-        keys.iter().find_map(|k| self.peers.get(k).map(|(addr, _)| *addr))
+        keys.iter()
+            .find_map(|k| self.peers.get(k).map(|(addr, _)| *addr))
     }
 
     /// Remembers that `peer` prefilled every prefix of `keys`.
@@ -128,8 +129,10 @@ mod tests {
 
     #[test]
     fn the_longest_remembered_prefix_wins_within_its_partition() {
-        let (p1, p2): (SocketAddr, SocketAddr) =
-            ("127.0.0.1:1".parse().unwrap(), "127.0.0.1:2".parse().unwrap());
+        let (p1, p2): (SocketAddr, SocketAddr) = (
+            "127.0.0.1:1".parse().unwrap(),
+            "127.0.0.1:2".parse().unwrap(),
+        );
         let system: Vec<u32> = (0..64).collect();
         let ask = |tail: u32| {
             let mut p = system.clone();
@@ -146,7 +149,10 @@ mod tests {
         // The first four blocks are shared by both; p2 was recorded for them last.
         assert_eq!(aff.lookup(&keys(&ask(3))), Some(p2));
         assert_eq!(aff.lookup(&keys(&request("b", ask(1).prompt, None))), None);
-        assert_eq!(aff.lookup(&keys(&request("a", ask(1).prompt, Some("s")))), None);
+        assert_eq!(
+            aff.lookup(&keys(&request("a", ask(1).prompt, Some("s")))),
+            None
+        );
         let adapter = Some(AdapterId {
             key: AdapterKey::new("a", "x"),
             digest: Some(Digest([7; 32])),

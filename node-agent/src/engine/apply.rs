@@ -17,8 +17,8 @@ use crate::engine::prefix::PrefixCaching;
 use crate::engine::request::FinishReason;
 use crate::lora::ids::AdapterKey;
 use crate::lora::registry::{DeviceAdapter, Entry, RegistryError, plan_placement};
-use crate::memory::prefix::BlockHash;
 use crate::memory::kv::SeqKv;
+use crate::memory::prefix::BlockHash;
 use crate::scheduler::{AdapterState, Decision, SeqId, Snapshot};
 
 /// The plan disagreed with the engine's state: a bug, since the plan is computed from a

@@ -9,8 +9,8 @@
 pub mod actor;
 mod adapters;
 mod apply;
-mod prefix;
 pub mod core;
+mod prefix;
 pub mod request;
 pub mod sampler;
 mod sequence;
@@ -19,6 +19,6 @@ mod step;
 pub use self::core::{Engine, EngineConfig, EngineError, EngineStats, StepObserver};
 pub use prefix::{PrefixCaching, PrefixStats};
 pub use request::{
-    Event, FinishReason, KvImport, KvLayer, MAX_CACHE_SALT_BYTES, Request, SamplingParams,
-    Timings, Usage, check_cache_salt,
+    Event, FinishReason, KvImport, KvLayer, MAX_CACHE_SALT_BYTES, Request, SamplingParams, Timings,
+    Usage, check_cache_salt,
 };

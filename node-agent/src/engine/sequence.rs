@@ -5,13 +5,13 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::engine::prefix::WeightsId;
 use crate::engine::request::{
     Event, FinishReason, KvImport, KvLayer, SamplingParams, Timings, Usage,
 };
 use crate::engine::sampler::Sampler;
 use crate::lora::ids::{AdapterKey, TenantId};
 use crate::lora::registry::{AdapterLease, ResidentReservation};
-use crate::engine::prefix::WeightsId;
 use crate::memory::kv::SeqKv;
 use crate::memory::prefix::BlockHash;
 use crate::model::tokenizer::{Detokenizer, TokenizerBundle};

@@ -39,10 +39,7 @@ pub struct PoolStats {
 
 impl PoolStats {
     pub fn is_consistent(&self) -> bool {
-        u64::from(self.free)
-            + u64::from(self.kv)
-            + u64::from(self.adapter)
-            + u64::from(self.cached)
+        u64::from(self.free) + u64::from(self.kv) + u64::from(self.adapter) + u64::from(self.cached)
             == u64::from(self.total)
     }
 

@@ -212,7 +212,12 @@ impl PrefixCache {
         self.slots.values().all(|s| {
             let only_cache = Arc::strong_count(&s.block) == 1;
             only_cache == s.idle_since.is_some()
-        }) && self.idle.len() == self.slots.values().filter(|s| s.idle_since.is_some()).count()
+        }) && self.idle.len()
+            == self
+                .slots
+                .values()
+                .filter(|s| s.idle_since.is_some())
+                .count()
     }
 }
 

@@ -207,8 +207,8 @@ fn admit(sim: &mut Sim<'_>, pos: usize, budget: usize) -> Admission {
     }
     // Its own adapter's pages are no room for it (it is about to use them), nor are the idle
     // cached blocks it reuses.
-    let evictable = sim.idle_pages_except(adapter) + sim.idle_cached_pages()
-        - sim.idle_hit_pages(&seq, hit);
+    let evictable =
+        sim.idle_pages_except(adapter) + sim.idle_cached_pages() - sim.idle_hit_pages(&seq, hit);
     if sim.free + evictable < need_kv + adapter_pages {
         return Admission::Blocked;
     }

@@ -110,8 +110,8 @@ pub fn request(case: &Case, max_new: usize) -> Request {
             return_logits: true,
             ..SamplingParams::default()
         },
+        cache_salt: None,
     }
-    cache_salt: None,
 }
 
 /// Eight adapter shapes (ranks 4–32, different targets, one rank_pattern, one rsLoRA); the 16

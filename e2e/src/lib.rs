@@ -484,6 +484,7 @@ impl Oracle {
                     max_tokens,
                     ..SamplingParams::default()
                 },
+                cache_salt: None,
             })
             .await
             .unwrap();

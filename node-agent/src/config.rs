@@ -18,10 +18,29 @@ use crate::api::auth::{self, AdminAuth, AuthError, TenantSpec};
 use crate::api::service::RequestBounds;
 use crate::backend::device::Device;
 use crate::disagg::config::{DisaggArgs, DisaggConfig, DisaggConfigError, Role};
-use crate::engine::EngineConfig;
+use crate::engine::{EngineConfig, PrefixCaching};
 use crate::lora::host::AdapterLimits;
 use crate::metrics::AdapterIdentity;
 use crate::sources::{CaBundle, SourceOptions};
+
+/// `--prefix-cache`: whether prompt prefixes' KV blocks are reused, and within what.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PrefixCacheMode {
+    /// Every prompt is computed in full.
+    Off,
+    /// Reused within a tenant (and a request's `cache_salt`): no tenant ever hits another's
+    /// blocks.
+    PerTenant,
+}
+
+impl From<PrefixCacheMode> for PrefixCaching {
+    fn from(m: PrefixCacheMode) -> Self {
+        match m {
+            PrefixCacheMode::Off => PrefixCaching::Off,
+            PrefixCacheMode::PerTenant => PrefixCaching::PerTenant,
+        }
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum LogFormat {
@@ -163,6 +182,10 @@ pub struct EngineArgs {
     /// Sequences running at once.
     #[arg(long, env = "LORAPLANE_MAX_RUNNING", default_value_t = 128)]
     pub max_running: usize,
+    /// Reuse the KV blocks of shared prompt prefixes (`off`, or `per-tenant`: within a tenant
+    /// and a request's `cache_salt`, for the same adapter weights).
+    #[arg(long, env = "LORAPLANE_PREFIX_CACHE", value_enum, default_value_t = PrefixCacheMode::PerTenant)]
+    pub prefix_cache: PrefixCacheMode,
 }
 
 /// Bounds on what one request may ask for.
@@ -471,6 +494,7 @@ impl ServeArgs {
                 max_rank: a.max_adapter_rank,
                 max_bytes: a.max_adapter_bytes,
             },
+            prefix_caching: e.prefix_cache.into(),
             observer: None,
         };
         Ok(ServeConfig {

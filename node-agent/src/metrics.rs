@@ -66,6 +66,12 @@ pub mod names {
     pub const HOST_CACHE_CAPACITY: &str = "loraplane_adapter_host_cache_capacity_bytes";
     pub const DRAINING: &str = "loraplane_draining";
     pub const RATE_LIMITED: &str = "loraplane_rate_limited_total";
+    /// Prefix cache, in prompt tokens (counted at each request's first admission).
+    pub const PREFIX_QUERIES: &str = "loraplane_prefix_cache_queried_tokens_total";
+    pub const PREFIX_HITS: &str = "loraplane_prefix_cache_hit_tokens_total";
+    /// The same counters under vLLM's names (`vllm:prefix_cache_queries` / `_hits`, tokens).
+    pub const VLLM_PREFIX_QUERIES: &str = "vllm:prefix_cache_queries_total";
+    pub const VLLM_PREFIX_HITS: &str = "vllm:prefix_cache_hits_total";
     /// Gateway API Inference Extension model-server protocol (vLLM names).
     pub const VLLM_WAITING: &str = "vllm:num_requests_waiting";
     pub const VLLM_RUNNING: &str = "vllm:num_requests_running";
@@ -111,6 +117,10 @@ pub mod names {
         HOST_CACHE_CAPACITY,
         DRAINING,
         RATE_LIMITED,
+        PREFIX_QUERIES,
+        PREFIX_HITS,
+        VLLM_PREFIX_QUERIES,
+        VLLM_PREFIX_HITS,
         VLLM_WAITING,
         VLLM_RUNNING,
         VLLM_KV_USAGE,
@@ -146,6 +156,8 @@ struct Seen {
     evictions: u64,
     hits: u64,
     misses: u64,
+    prefix_queries: u64,
+    prefix_hits: u64,
 }
 
 /// The agent's metrics and their registry.
@@ -180,6 +192,8 @@ pub struct Metrics {
     host_capacity: IntGauge,
     draining: IntGauge,
     rate_limited: IntCounterVec,
+    prefix_queries: [IntCounter; 2],
+    prefix_hits: [IntCounter; 2],
     vllm_waiting: IntGauge,
     vllm_running: IntGauge,
     vllm_kv_usage: Gauge,
@@ -188,6 +202,9 @@ pub struct Metrics {
     adapter_identity: AdapterIdentity,
     router: router::RouterMetrics,
 }
+
+const PREFIX_QUERIES_HELP: &str = "Prompt tokens looked up in the prefix cache.";
+const PREFIX_HITS_HELP: &str = "Prompt tokens whose KV came from the prefix cache.";
 
 /// Latency buckets from 1 ms to 60 s.
 const LATENCY_BUCKETS: &[f64] = &[
@@ -399,6 +416,14 @@ impl Metrics {
                     "Requests whose adapter had to be reloaded from its source.",
                 )?,
             )?,
+            prefix_queries: [
+                reg(&r, counter(PREFIX_QUERIES, PREFIX_QUERIES_HELP)?)?,
+                reg(&r, counter(VLLM_PREFIX_QUERIES, PREFIX_QUERIES_HELP)?)?,
+            ],
+            prefix_hits: [
+                reg(&r, counter(PREFIX_HITS, PREFIX_HITS_HELP)?)?,
+                reg(&r, counter(VLLM_PREFIX_HITS, PREFIX_HITS_HELP)?)?,
+            ],
             host_used: reg(
                 &r,
                 int_gauge(
@@ -520,6 +545,9 @@ impl Metrics {
         self.pool_used
             .with_label_values(&["adapter"])
             .set(i64::from(s.pool.adapter));
+        self.pool_used
+            .with_label_values(&["prefix_cache"])
+            .set(i64::from(s.pool.cached));
         self.page_bytes.set(clamp(s.page_bytes));
         self.adapters.set(clamp(s.adapters));
         self.adapters_resident.set(clamp(s.device_resident.len()));
@@ -548,6 +576,15 @@ impl Metrics {
         );
         advance(&self.host_hits, &mut seen.hits, s.adapter_host_hits);
         advance(&self.host_misses, &mut seen.misses, s.adapter_host_misses);
+        let (queried, hit) = (s.prefix.queried_tokens, s.prefix.hit_tokens);
+        for c in &self.prefix_queries {
+            c.inc_by(queried.saturating_sub(seen.prefix_queries));
+        }
+        for c in &self.prefix_hits {
+            c.inc_by(hit.saturating_sub(seen.prefix_hits));
+        }
+        seen.prefix_queries = seen.prefix_queries.max(queried);
+        seen.prefix_hits = seen.prefix_hits.max(hit);
         drop(seen);
 
         // One series only: the label values change with residency, so drop the old one.
@@ -629,6 +666,12 @@ mod tests {
                 free: 7,
                 kv: 2,
                 adapter: 1,
+                cached: 0,
+            },
+            prefix: crate::engine::PrefixStats {
+                queried_tokens: 40,
+                hit_tokens: 16,
+                blocks: 1,
             },
             page_bytes: 4096,
             waiting: 1,
@@ -666,6 +709,11 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("loraplane_engine_steps_total 5"), "{text}");
+        assert!(
+            text.contains("loraplane_prefix_cache_hit_tokens_total 16")
+                && text.contains("vllm:prefix_cache_queries_total 40"),
+            "{text}"
+        );
         assert!(text.contains("vllm:gpu_cache_usage_perc 0.2"), "{text}");
         assert!(
             text.contains(r#"running_lora_adapters="b""#) && text.contains(r#"max_lora="8""#),

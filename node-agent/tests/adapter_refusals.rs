@@ -316,6 +316,7 @@ fn a_refused_adapter_affects_nothing_else() {
             ignore_eos: true,
             ..SamplingParams::default()
         },
+        cache_salt: None,
     };
     assert!(matches!(
         e.submit(request("bad"), tx.clone()),

@@ -234,6 +234,7 @@ fn request(i: usize) -> Request {
             ignore_eos: true,
             ..SamplingParams::default()
         },
+        cache_salt: None,
     }
 }
 

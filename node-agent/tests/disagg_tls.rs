@@ -126,6 +126,7 @@ async fn kv_streams_over_mutual_tls_and_refuses_clients_without_a_certificate() 
             ignore_eos: true,
             ..SamplingParams::default()
         },
+        cache_salt: None,
     };
     let with_cert = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&pki.ca))

@@ -59,6 +59,7 @@ fn request(id: &str, adapter: Option<&str>, params: SamplingParams) -> Request {
         adapter: adapter.map(str::to_owned),
         prompt: vec![12, 250, 31, 77, 5, 300],
         params,
+        cache_salt: None,
     }
 }
 

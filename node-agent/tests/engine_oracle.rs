@@ -22,7 +22,9 @@ use std::path::PathBuf;
 use workload::{Case, Workload, request, workload};
 
 use loraplane_agent::backend::cpu::CpuBackend;
-use loraplane_agent::engine::{Engine, EngineConfig, Event, FinishReason, KvImport, KvLayer};
+use loraplane_agent::engine::{
+    Engine, EngineConfig, Event, FinishReason, KvImport, KvLayer, PrefixCaching,
+};
 use loraplane_agent::fixtures::tensor::FixtureDtype;
 use loraplane_agent::model::config::Arch;
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
@@ -44,12 +46,20 @@ struct World {
 }
 
 fn world(arch: Arch, dtype: FixtureDtype) -> World {
+    world_with_prefix(arch, dtype, &[])
+}
+
+/// The workload with `prefix` put before every case's prompt (a shared system prompt).
+fn world_with_prefix(arch: Arch, dtype: FixtureDtype, prefix: &[u32]) -> World {
     let Workload {
         dir,
         model,
         adapters,
-        cases,
+        mut cases,
     } = workload(arch, dtype, ADAPTERS);
+    for case in &mut cases {
+        case.prompt.splice(0..0, prefix.iter().copied());
+    }
     let mut expected = HashMap::new();
     for case in &cases {
         let merged = dir.path().join(format!("merged-{}", case.id));
@@ -93,6 +103,24 @@ fn run(
     max_new: usize,
 ) -> HashMap<String, (Vec<u32>, Vec<Vec<f32>>)> {
     let start = e.stats().pool;
+    let out = run_keeping_cache(e, w, arrive_at, max_new);
+    e.trim();
+    assert_eq!(
+        e.stats().pool,
+        start,
+        "the pool returns to where it started"
+    );
+    assert!(e.stats().host_cache_used <= e.stats().host_cache_capacity);
+    out
+}
+
+/// As [`run`], leaving idle adapters and cached blocks in the pool for the next run.
+fn run_keeping_cache(
+    e: &mut Engine<CpuBackend>,
+    w: &World,
+    arrive_at: &[usize],
+    max_new: usize,
+) -> HashMap<String, (Vec<u32>, Vec<Vec<f32>>)> {
     let mut streams: Vec<(String, UnboundedReceiver<Event>)> = Vec::new();
     let mut step = 0;
     loop {
@@ -133,15 +161,9 @@ fn run(
     assert_eq!(
         (s.running, s.waiting, s.pool.kv),
         (0, 0, 0),
-        "every KV page is returned"
+        "every KV page is returned (or idle in the prefix cache)"
     );
-    e.trim();
-    assert_eq!(
-        e.stats().pool,
-        start,
-        "the pool returns to where it started"
-    );
-    assert!(e.stats().host_cache_used <= e.stats().host_cache_capacity);
+    assert!(s.pool.is_consistent(), "{:?}", s.pool);
     out
 }
 
@@ -151,6 +173,7 @@ fn run_disaggregated(
     p: &mut Engine<CpuBackend>,
     d: &mut Engine<CpuBackend>,
     w: &World,
+    keep_prefill_cache: bool,
 ) -> HashMap<String, (Vec<u32>, Vec<Vec<f32>>)> {
     let (p_start, d_start) = (p.stats().pool, d.stats().pool);
     let mut pending = Vec::new();
@@ -188,12 +211,14 @@ fn run_disaggregated(
         streams.push((case.id.clone(), rx));
     }
     assert_eq!(p.stats().pool.kv, 0, "the prefill side frees its KV");
-    p.trim();
-    assert_eq!(
-        p.stats().pool,
-        p_start,
-        "and everything else once idle adapters go"
-    );
+    if !keep_prefill_cache {
+        p.trim();
+        assert_eq!(
+            p.stats().pool,
+            p_start,
+            "and everything else once idle adapters and cached blocks go"
+        );
+    }
     while d.has_work() {
         d.step().unwrap();
     }
@@ -247,6 +272,13 @@ fn config(chunk: usize, pages: usize) -> EngineConfig {
     }
 }
 
+fn config_without_prefix_cache(chunk: usize, pages: usize) -> EngineConfig {
+    EngineConfig {
+        prefix_caching: PrefixCaching::Off,
+        ..config(chunk, pages)
+    }
+}
+
 fn suite(arch: Arch, dtype: FixtureDtype) {
     let w = world(arch, dtype);
     // Adapters must matter, or the comparison proves nothing about LoRA: every adapter moves
@@ -273,7 +305,7 @@ fn suite(arch: Arch, dtype: FixtureDtype) {
 
     let together = vec![0; w.cases.len()];
     for chunk in [1, 7, 64] {
-        let mut e = engine(&w, config(chunk, 2048));
+        let mut e = engine(&w, config_without_prefix_cache(chunk, 2048));
         let got = run(&mut e, &w, &together, MAX_NEW);
         check(&w, &got, &format!("{arch} chunk {chunk}"));
     }
@@ -286,7 +318,7 @@ fn suite(arch: Arch, dtype: FixtureDtype) {
 
     // Disaggregated: prompts on one engine, KV streamed layer by layer into another.
     let (mut p, mut d) = (engine(&w, config(7, 2048)), engine(&w, config(16, 2048)));
-    let got = run_disaggregated(&mut p, &mut d, &w);
+    let got = run_disaggregated(&mut p, &mut d, &w, false);
     check(&w, &got, &format!("{arch} disaggregated"));
 
     // A pool so small that decodes must preempt (and adapters be evicted).
@@ -333,4 +365,88 @@ fn mistral_matches_the_oracle() {
 fn low_precision_checkpoints_match_the_oracle() {
     suite(Arch::Llama, FixtureDtype::Bf16);
     suite(Arch::Qwen2, FixtureDtype::F16);
+}
+
+/// Prefix caching changes no result: with a shared system prompt before every case, runs that
+/// reuse cached blocks (of the base model and of each adapter, alone and mixed, chunked,
+/// staggered, preempted, prefilled elsewhere) give the oracle's greedy tokens and logits, and
+/// the same tokens as the run without the cache.
+fn prefix_suite(arch: Arch) {
+    // Two and a half blocks of 16: the reused prefix ends inside a block, so every case
+    // computes the rest of that block itself.
+    let system = workload::prompt(7, 40, 512);
+    let w = world_with_prefix(arch, FixtureDtype::F32, &system);
+    let together = vec![0; w.cases.len()];
+    let staggered: Vec<usize> = (0..w.cases.len()).map(|i| (i % 6) * 3).collect();
+
+    let mut off = engine(&w, config_without_prefix_cache(7, 2048));
+    let baseline = run(&mut off, &w, &together, MAX_NEW);
+    check(&w, &baseline, &format!("{arch} prefix cache off"));
+    assert_eq!(off.stats().prefix.hit_tokens, 0);
+
+    for (chunk, arrivals, label) in [(7, &together, "together"), (16, &staggered, "staggered")] {
+        let mut e = engine(&w, config(chunk, 2048));
+        let start = e.stats().pool;
+        // Cold: requests of the base model reuse each other's blocks once published.
+        let cold = run_keeping_cache(&mut e, &w, arrivals, MAX_NEW);
+        check(&w, &cold, &format!("{arch} {label} cold cache"));
+        // Warm: every case finds its own prefix (and its adapter's) cached.
+        let warm = run_keeping_cache(&mut e, &w, arrivals, MAX_NEW);
+        check(&w, &warm, &format!("{arch} {label} warm cache"));
+        let stats = e.stats();
+        let each_case = (system.len() / 16 * 16) as u64;
+        assert!(
+            stats.prefix.hit_tokens >= each_case * w.cases.len() as u64,
+            "{arch} {label}: {:?}",
+            stats.prefix
+        );
+        assert!(stats.pool.cached > 0, "idle blocks stay in the pool");
+        for (id, (tokens, _)) in &warm {
+            assert_eq!(tokens, &baseline[id].0, "{arch} {label}: {id} differs");
+        }
+        e.trim();
+        assert_eq!(
+            e.stats().pool,
+            start,
+            "clearing the cache restores the pool"
+        );
+    }
+
+    // A pool so small that decodes preempt and cached blocks are evicted (a preempted request
+    // reuses whatever of its own blocks is still cached when it returns).
+    let mut e = engine(&w, config(16, 100));
+    let start = e.stats().pool;
+    let first = run_keeping_cache(&mut e, &w, &together, MAX_NEW_LONG);
+    let again = run_keeping_cache(&mut e, &w, &together, MAX_NEW_LONG);
+    let stats = e.stats();
+    e.trim();
+    assert_eq!(
+        e.stats().pool,
+        start,
+        "{arch}: the small pool returns to its baseline"
+    );
+    assert!(stats.preemptions > 0, "{arch}: the small pool must preempt");
+    check(&w, &first, &format!("{arch} preempted with the cache"));
+    check(&w, &again, &format!("{arch} preempted with a warm cache"));
+
+    // Disaggregated: the prefill engine reuses its cache on the second pass.
+    let mut p = engine(&w, config(7, 2048));
+    let mut d = engine(&w, config(16, 2048));
+    let p_start = p.stats().pool;
+    for pass in ["cold", "warm"] {
+        let got = run_disaggregated(&mut p, &mut d, &w, true);
+        check(
+            &w,
+            &got,
+            &format!("{arch} disaggregated, {pass} prefill cache"),
+        );
+    }
+    assert!(p.stats().prefix.hit_tokens > 0, "{:?}", p.stats().prefix);
+    p.trim();
+    assert_eq!(p.stats().pool, p_start);
+}
+
+#[test]
+fn prefix_caching_matches_the_oracle() {
+    prefix_suite(Arch::Llama);
 }

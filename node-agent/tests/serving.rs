@@ -73,6 +73,7 @@ impl Inference for Scripted {
                 usage: Usage {
                     prompt_tokens: 4,
                     completion_tokens: 3,
+                    cached_prompt_tokens: 0,
                 },
                 timings: Timings {
                     total: Duration::from_millis(2),

@@ -60,6 +60,7 @@ fn generate_request() -> GenerateRequest {
         }),
         logprobs: true,
         skip_special_tokens: true,
+        cache_salt: Some("conversation-7".into()),
     }
 }
 
@@ -194,6 +195,7 @@ fn kv_messages_round_trip() {
             num_blocks: 3,
         }),
         max_chunk_bytes: 1 << 20,
+        tenant: "team-a".into(),
     });
     let data: Vec<u8> = (0..=255).collect();
     round_trip(PrefillResponse {

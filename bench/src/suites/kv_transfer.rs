@@ -100,6 +100,7 @@ fn prefill_request(
         adapter: None,
         layout: Some(layout.to_proto(prompt.len())),
         max_chunk_bytes: CHUNK as u32,
+        tenant: String::new(),
     });
     if let Ok(v) = format!("Bearer {TOKEN}").parse() {
         req.metadata_mut().insert("authorization", v);
@@ -265,6 +266,7 @@ async fn compute_time(engine: &EngineHandle, id: &str, prompt: &[u32]) -> anyhow
             max_tokens: 1,
             ..SamplingParams::default()
         },
+        cache_salt: None,
     };
     let t = Instant::now();
     let (mut events, mut kv) = engine.submit_prefill(req).await?;

@@ -143,6 +143,7 @@ pub fn request(id: usize, job: &Job, adapter: Option<String>) -> Request {
             ignore_eos: true,
             ..SamplingParams::default()
         },
+        cache_salt: None,
     }
 }
 

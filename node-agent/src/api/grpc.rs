@@ -152,6 +152,7 @@ pub fn to_spec(req: pb::GenerateRequest) -> Result<(String, GenerateSpec), ApiEr
             model: req.adapter,
             prompt,
             sampling,
+            cache_salt: crate::api::service::cache_salt(req.cache_salt)?,
         },
     ))
 }
@@ -235,7 +236,8 @@ impl Stream for ResponseStream {
                         prompt_tokens: u32::try_from(usage.prompt_tokens).unwrap_or(u32::MAX),
                         completion_tokens: u32::try_from(usage.completion_tokens)
                             .unwrap_or(u32::MAX),
-                        cached_prompt_tokens: 0,
+                        cached_prompt_tokens: u32::try_from(usage.cached_prompt_tokens)
+                            .unwrap_or(u32::MAX),
                     });
                     m.timings = Some(pb::Timings {
                         queue_us: micros(timings.queue),
@@ -322,10 +324,20 @@ mod tests {
             }),
             logprobs: true,
             skip_special_tokens: true,
+            cache_salt: Some("s".into()),
         })
         .unwrap();
         assert_eq!(id, "r1");
         assert_eq!(spec.model, "a");
+        assert_eq!(spec.cache_salt.as_deref(), Some("s"));
+        let salted = |salt: &str| {
+            to_spec(pb::GenerateRequest {
+                cache_salt: Some(salt.into()),
+                ..req(Some(pb::generate_request::Prompt::Text("hi".into())))
+            })
+        };
+        assert!(matches!(salted(""), Err(ApiError::InvalidArgument { .. })));
+        assert!(salted(&"s".repeat(crate::engine::MAX_CACHE_SALT_BYTES + 1)).is_err());
         assert_eq!(
             spec.prompt,
             Prompt::Text {

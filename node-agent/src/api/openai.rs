@@ -52,6 +52,8 @@ pub struct Common {
     pub top_k: Option<i64>,
     pub ignore_eos: Option<bool>,
     pub stop_token_ids: Option<Vec<u32>>,
+    /// Partitions the prefix cache within the tenant (vLLM's field).
+    pub cache_salt: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -122,7 +124,14 @@ fn unsupported(param: &'static str, what: &str) -> ApiError {
     ApiError::invalid(param, format!("{what} is not supported"))
 }
 
-fn common(c: Common, _bounds: &RequestBounds) -> Result<(String, Sampling, Shape), ApiError> {
+/// The fields of [`Common`] a spec carries besides sampling.
+struct Routing {
+    model: String,
+    cache_salt: Option<String>,
+}
+
+fn common(c: Common, _bounds: &RequestBounds) -> Result<(Routing, Sampling, Shape), ApiError> {
+    let cache_salt = crate::api::service::cache_salt(c.cache_salt)?;
     // One choice per request: n > 1 would need parallel sampling over a shared prompt,
     // which the engine does not do; send n requests (with different seeds) instead.
     match c.n.unwrap_or(1) {
@@ -188,7 +197,11 @@ fn common(c: Common, _bounds: &RequestBounds) -> Result<(String, Sampling, Shape
         include_usage: stream && include_usage,
         logprobs: false,
     };
-    Ok((c.model, sampling, shape))
+    let routing = Routing {
+        model: c.model,
+        cache_salt,
+    };
+    Ok((routing, sampling, shape))
 }
 
 /// `/v1/completions` → the serving core's request.
@@ -218,14 +231,15 @@ pub fn completion_spec(
         }
     };
     let prompt = completion_prompt(req.prompt)?;
-    let (model, mut sampling, mut shape) = common(req.common, bounds)?;
+    let (routing, mut sampling, mut shape) = common(req.common, bounds)?;
     sampling.logprobs = logprobs;
     shape.logprobs = logprobs;
     Ok((
         GenerateSpec {
-            model,
+            model: routing.model,
             prompt,
             sampling,
+            cache_salt: routing.cache_salt,
         },
         shape,
     ))
@@ -330,13 +344,14 @@ pub fn chat_spec(
     if common_fields.max_tokens.is_none() {
         common_fields.max_tokens = req.max_completion_tokens;
     }
-    let (model, mut sampling, mut shape) = common(common_fields, bounds)?;
+    let (routing, mut sampling, mut shape) = common(common_fields, bounds)?;
     let logprobs = req.logprobs.unwrap_or(false);
     sampling.logprobs = logprobs;
     shape.logprobs = logprobs;
     Ok((
         GenerateSpec {
-            model,
+            model: routing.model,
+            cache_salt: routing.cache_salt,
             prompt: Prompt::Chat {
                 messages,
                 add_generation_prompt: req.add_generation_prompt.unwrap_or(true),
@@ -362,6 +377,7 @@ pub fn usage_json(u: Usage) -> Value {
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.prompt_tokens + u.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": u.cached_prompt_tokens},
     })
 }
 

@@ -93,6 +93,17 @@ pub struct GenerateSpec {
     pub model: String,
     pub prompt: Prompt,
     pub sampling: Sampling,
+    /// Partitions the prefix cache further than the tenant (vLLM's `cache_salt`).
+    pub cache_salt: Option<String>,
+}
+
+/// Checks a request's `cache_salt` (`engine::check_cache_salt`).
+///
+/// Errors: a 400 / `INVALID_ARGUMENT` naming `cache_salt`.
+pub fn cache_salt(salt: Option<String>) -> Result<Option<String>, ApiError> {
+    crate::engine::check_cache_salt(salt.as_deref())
+        .map_err(|message| ApiError::invalid("cache_salt", message))?;
+    Ok(salt)
 }
 
 /// Where an accepted request streams from.
@@ -466,6 +477,7 @@ impl AgentService {
                 logprobs: s.logprobs,
                 return_logits: false,
             },
+            cache_salt: spec.cache_salt,
         };
         let arrival = Instant::now();
         let stream = match &self.inner.router {
@@ -619,6 +631,7 @@ impl Stream for Tracked {
                 usage: Usage {
                     prompt_tokens: self.prompt_tokens,
                     completion_tokens: self.generated,
+                    cached_prompt_tokens: 0,
                 },
                 timings: Timings {
                     total: self.arrival.elapsed(),

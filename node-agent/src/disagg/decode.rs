@@ -3,8 +3,11 @@
 //! allowed) prefill locally.
 //!
 //! Peers come from `--prefill-peers`: addresses or DNS names (a Kubernetes headless Service
-//! resolves to every prefill pod), re-resolved periodically. Choice: peers already known to hold
-//! the request's adapter first, then the fewest prompt tokens this agent has in flight to them.
+//! resolves to every prefill pod), re-resolved periodically. Choice: the peer that last
+//! prefilled the longest prefix of the prompt (bounded, hash-based prefix affinity,
+//! `affinity.rs`: its prefix cache probably still holds the blocks), then peers already known
+//! to hold the request's adapter, then the fewest prompt tokens this agent has in flight to
+//! them.
 //!
 //! A failing peer is backed off (a circuit breaker per peer): after a failed attempt it is not
 //! tried again for [`BREAKER_BASE`], doubling with each further consecutive failure up to
@@ -26,6 +29,7 @@ use loraplane_proto::v1::{
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
 use crate::credential::ClusterCredential;
+use crate::disagg::affinity::{self, Affinity};
 use crate::disagg::channel;
 use crate::disagg::stats::DisaggStats;
 use crate::disagg::transfer::{Assembler, TransferError, WireLayout};
@@ -116,6 +120,8 @@ impl Breaker {
 #[derive(Debug, Default)]
 pub struct PeerSet {
     peers: Mutex<Vec<Arc<Peer>>>,
+    /// Which peer last prefilled which prompt prefix.
+    affinity: Mutex<Affinity>,
 }
 
 impl PeerSet {
@@ -165,9 +171,19 @@ impl PeerSet {
         *self.peers.lock().unwrap_or_else(|e| e.into_inner()) = next;
     }
 
-    /// Peers in the order to try for an adapter: those known to hold it, then the fewest
-    /// prompt tokens in flight, then the configured order.
-    fn ranked(&self, adapter: &Option<AdapterId>) -> Vec<Arc<Peer>> {
+    /// Peers in the order to try for an adapter: the one that last prefilled the longest of
+    /// `prefixes`, then those known to hold the adapter, then the fewest prompt tokens in
+    /// flight, then the configured order.
+    fn ranked(
+        &self,
+        adapter: &Option<AdapterId>,
+        prefixes: &[affinity::PrefixKey],
+    ) -> Vec<Arc<Peer>> {
+        let preferred = self
+            .affinity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .lookup(prefixes);
         let mut keyed: Vec<_> = self
             .snapshot()
             .into_iter()
@@ -178,7 +194,11 @@ impl PeerSet {
                     .lock()
                     .map(|a| a.contains(adapter))
                     .unwrap_or(false);
-                ((!has, p.in_flight_tokens.load(Ordering::Relaxed), i), p)
+                let affine = Some(p.addr) == preferred;
+                (
+                    (!affine, !has, p.in_flight_tokens.load(Ordering::Relaxed), i),
+                    p,
+                )
             })
             .collect();
         keyed.sort_by_key(|(k, _)| *k);
@@ -345,7 +365,8 @@ impl DecodeRouter {
             Some((id, wire)) => (Some(id), Some(wire)),
             None => (None, None),
         };
-        let peers = self.peers.ranked(&adapter_id);
+        let prefixes = affinity::prefix_keys(&request, &adapter_id, self.layout.block_size);
+        let peers = self.peers.ranked(&adapter_id, &prefixes);
         let mut backed_off = 0;
         for peer in &peers {
             let admitted = peer
@@ -378,6 +399,11 @@ impl DecodeRouter {
                     if let Ok(mut a) = peer.adapters.lock() {
                         a.insert(adapter_id.clone());
                     }
+                    self.peers
+                        .affinity
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .record(&prefixes, peer.addr);
                     return self.engine.submit_prefilled(request, import).await;
                 }
                 Err(e) => {
@@ -458,12 +484,14 @@ impl DecodeRouter {
                     max_tokens: Some(p.max_tokens as u32),
                     ..WireSampling::default()
                 }),
+                cache_salt: request.cache_salt.clone(),
                 ..GenerateRequest::default()
             }),
             prompt_token_ids: request.prompt.clone(),
             adapter,
             layout: Some(self.layout.to_proto(request.prompt.len())),
             max_chunk_bytes: self.opts.max_chunk_bytes as u32,
+            tenant: request.tenant.0.clone(),
         };
         let mut grpc = tonic::Request::new(wire);
         if let Some(credential) = &self.opts.credential {

@@ -9,6 +9,7 @@
 //! peer, a slow or dying prefill agent can never hold decode pages hostage, and a failed
 //! transfer has nothing on the device to clean up; admission control stays where it is.
 
+pub mod affinity;
 pub mod channel;
 pub mod config;
 pub mod decode;

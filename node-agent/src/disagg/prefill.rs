@@ -173,14 +173,22 @@ impl KvTransfer for PrefillService {
             }
             _ => None,
         };
+        // The prefix cache here is partitioned like the decode agent's: by the caller's
+        // tenant (the adapter's, which is the same) and salt.
+        let tenant = match &adapter {
+            Some((t, _)) => t.clone(),
+            None if req.tenant.is_empty() => TenantId::default_tenant(),
+            None => TenantId(req.tenant.clone()),
+        };
+        let cache_salt = req.request.as_ref().and_then(|r| r.cache_salt.clone());
+        crate::engine::check_cache_salt(cache_salt.as_deref()).map_err(Status::invalid_argument)?;
         let engine_req = Request {
             id: format!("prefill-{}", req.request_id),
-            tenant: adapter
-                .as_ref()
-                .map_or_else(TenantId::default_tenant, |(t, _)| t.clone()),
+            tenant,
             adapter: adapter.map(|(_, n)| n),
             prompt: req.prompt_token_ids.clone(),
             params: sampling(&req),
+            cache_salt,
         };
         let started = Instant::now();
         let (mut events, mut kv) =

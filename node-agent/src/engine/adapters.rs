@@ -190,8 +190,10 @@ impl<B: Backend> Engine<B> {
         self.registry.summaries()
     }
 
-    /// Evicts every resident adapter no running request uses (returns their pages).
+    /// Evicts every resident adapter no running request uses and every idle prefix-cache
+    /// block (returns their pages).
     pub fn trim(&mut self) {
         while self.registry.evict_idle_lru().is_some() {}
+        self.clear_prefix_cache();
     }
 }

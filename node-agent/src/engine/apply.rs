@@ -1,7 +1,8 @@
 //! Carrying out the scheduler's plan: the engine shows the scheduler a [`Snapshot`] of its
 //! sequences, adapters and free pages, gets a [`StepPlan`] back and applies its decisions in
-//! order — evicting adapters, preempting, growing KV, copying adapters into the pool, moving
-//! sequences between the queues, importing prefilled KV. The policy itself is in
+//! order — evicting adapters and idle prefix-cache blocks, preempting, growing KV, copying
+//! adapters into the pool, moving sequences between the queues (reusing cached blocks at
+//! admission), importing prefilled KV. The policy itself is in
 //! `crate::scheduler`; nothing here decides anything.
 //!
 //! The plan is computed from exactly the state it is applied to, and the scheduler mirrors the
@@ -12,10 +13,12 @@
 
 use crate::backend::Backend;
 use crate::engine::core::{Engine, EngineError};
+use crate::engine::prefix::PrefixCaching;
 use crate::engine::request::FinishReason;
 use crate::lora::ids::AdapterKey;
 use crate::lora::registry::{DeviceAdapter, Entry, RegistryError, plan_placement};
 use crate::memory::kv::SeqKv;
+use crate::memory::prefix::BlockHash;
 use crate::scheduler::{AdapterState, Decision, SeqId, Snapshot};
 
 /// The plan disagreed with the engine's state: a bug, since the plan is computed from a
@@ -30,6 +33,10 @@ enum ApplyError {
     NoPages { seq: SeqId, tokens: usize },
     #[error("adapter {0} cannot be placed in the pool")]
     NotPlaceable(AdapterKey),
+    #[error("{0:?} is not an idle cached block")]
+    NotEvictable(BlockHash),
+    #[error("{seq}'s first {blocks} blocks are not cached")]
+    NotCached { seq: SeqId, blocks: usize },
     #[error("the plan spends more than the step's token budget")]
     OverBudget,
     #[error(transparent)]
@@ -41,8 +48,11 @@ impl ApplyError {
     fn seq(&self) -> Option<SeqId> {
         match self {
             ApplyError::NotRunning(s) | ApplyError::NotWaiting(s) => Some(*s),
-            ApplyError::NoPages { seq, .. } => Some(*seq),
-            ApplyError::NotPlaceable(_) | ApplyError::OverBudget | ApplyError::Registry(_) => None,
+            ApplyError::NoPages { seq, .. } | ApplyError::NotCached { seq, .. } => Some(*seq),
+            ApplyError::NotPlaceable(_)
+            | ApplyError::NotEvictable(_)
+            | ApplyError::OverBudget
+            | ApplyError::Registry(_) => None,
         }
     }
 }
@@ -86,6 +96,7 @@ impl<B: Backend> Engine<B> {
                 .map(|e| (e.key(), adapter_state(e)))
                 .collect(),
             free_pages: self.pages.free_pages(),
+            cache: (self.config.prefix_caching != PrefixCaching::Off).then_some(&self.prefix),
         }
     }
 
@@ -115,6 +126,7 @@ impl<B: Backend> Engine<B> {
     }
 
     fn apply_plan(&mut self, batch: &mut Batch) -> Result<(), ApplyError> {
+        self.prepare_prefixes();
         let plan = self.scheduler.plan(self.snapshot());
         let mut decisions = plan.decisions.into_iter();
         loop {
@@ -137,6 +149,11 @@ impl<B: Backend> Engine<B> {
     fn apply(&mut self, decision: Decision, batch: &mut Batch) -> Result<Outcome, ApplyError> {
         match decision {
             Decision::Evict(key) => self.registry.evict_resident(&key)?,
+            Decision::EvictBlock(block) => {
+                if !self.prefix.evict(&block) {
+                    return Err(ApplyError::NotEvictable(block));
+                }
+            }
             Decision::Preempt(id) => self.preempt(id)?,
             Decision::Run { seq: id, tokens } => {
                 let seq = self.seqs.get(&id).ok_or(ApplyError::NotRunning(id))?;
@@ -173,7 +190,8 @@ impl<B: Backend> Engine<B> {
                 seq,
                 tokens,
                 reserve,
-            } => return self.admit(seq, tokens, reserve, batch),
+                cached,
+            } => return self.admit(seq, tokens, reserve, cached, batch),
         }
         Ok(Outcome::Applied)
     }
@@ -198,8 +216,9 @@ impl<B: Backend> Engine<B> {
             self.utilisation_at_first_preemption = Some(self.pages.stats().utilisation());
         }
         self.running.retain(|x| *x != id);
+        let kv = self.seqs.get_mut(&id).and_then(|s| s.kv.take());
+        self.release_kv(kv);
         if let Some(seq) = self.seqs.get_mut(&id) {
-            seq.kv = None;
             seq.resident = None;
             seq.computed = 0;
             seq.preemptions += 1;
@@ -211,12 +230,14 @@ impl<B: Backend> Engine<B> {
     }
 
     /// Moves a waiting sequence to the running set: its adapter stays resident while it runs,
-    /// its KV holds `reserve` tokens, and `tokens` of them join the batch.
+    /// its KV starts with its first `cached` blocks from the prefix cache and holds `reserve`
+    /// tokens, and `tokens` of them join the batch.
     fn admit(
         &mut self,
         id: SeqId,
         tokens: usize,
         reserve: usize,
+        cached: usize,
         batch: &mut Batch,
     ) -> Result<Outcome, ApplyError> {
         let seq = self
@@ -228,12 +249,33 @@ impl<B: Backend> Engine<B> {
             seq.resident = Some(self.registry.reserve_resident(lease)?);
             self.registry.touch(lease.key());
         }
-        let importing = seq.import.is_some();
-        if !self.reserve(id, reserve) {
+        let Some(kv) = self.reuse_prefix(id, cached) else {
             if let Some(seq) = self.seqs.get_mut(&id) {
                 seq.resident = None;
-                seq.kv = None;
             }
+            return Err(ApplyError::NotCached {
+                seq: id,
+                blocks: cached,
+            });
+        };
+        let done = cached * self.geometry.block_size;
+        self.count_prefix_query(id, done);
+        let Some(seq) = self.seqs.get_mut(&id) else {
+            self.release_kv(Some(kv));
+            return Err(ApplyError::NotWaiting(id));
+        };
+        let importing = seq.import.is_some();
+        seq.kv = Some(kv);
+        seq.computed = done;
+        // Reused tokens cost no compute: they are not charged to the tenant again.
+        seq.charged = seq.charged.max(done.min(seq.prompt_len));
+        if !self.reserve(id, reserve) {
+            let kv = self.seqs.get_mut(&id).and_then(|seq| {
+                seq.resident = None;
+                seq.computed = 0;
+                seq.kv.take()
+            });
+            self.release_kv(kv);
             return Err(ApplyError::NoPages {
                 seq: id,
                 tokens: reserve,

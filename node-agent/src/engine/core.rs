@@ -10,6 +10,7 @@ use std::time::Instant;
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::backend::{Backend, BackendError};
+use crate::engine::prefix::{PrefixCaching, PrefixStats};
 use crate::engine::request::{Event, FinishReason, KvImport, KvLayer, Request};
 use crate::engine::sampler::Sampler;
 use crate::engine::sequence::Sequence;
@@ -18,6 +19,7 @@ use crate::lora::ids::AdapterKey;
 use crate::lora::registry::{Entry, Registry};
 use crate::memory::kv::KvGeometry;
 use crate::memory::pool::{PageAllocator, PoolStats};
+use crate::memory::prefix::PrefixCache;
 use crate::model::ModelError;
 use crate::model::llama::Model;
 use crate::model::tokenizer::{Detokenizer, TokenizerBundle};
@@ -39,6 +41,8 @@ pub struct EngineConfig {
     /// Host-memory adapter cache bound, bytes.
     pub host_cache_bytes: usize,
     pub adapter_limits: AdapterLimits,
+    /// Whether KV blocks of shared prompt prefixes are reused, and within what.
+    pub prefix_caching: PrefixCaching,
     /// Told about every step (the serving layer feeds its metrics from it); the engine never
     /// imports a metrics library.
     pub observer: Option<Arc<dyn StepObserver>>,
@@ -72,6 +76,7 @@ impl Default for EngineConfig {
             max_running: 128,
             host_cache_bytes: 1 << 30,
             adapter_limits: AdapterLimits::default(),
+            prefix_caching: PrefixCaching::default(),
             observer: None,
         }
     }
@@ -140,7 +145,9 @@ impl EngineError {
 /// A point-in-time view of the engine.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EngineStats {
+    /// The pool's pages; `cached` are the idle prefix-cache blocks' (not counted in `kv`).
     pub pool: PoolStats,
+    pub prefix: PrefixStats,
     pub page_bytes: usize,
     pub waiting: usize,
     pub running: usize,
@@ -202,6 +209,9 @@ pub struct Engine<B: Backend> {
     /// The policy and the tenants' fairness counters; the queues below are its input.
     pub(super) scheduler: Scheduler,
     pub(super) seqs: HashMap<SeqId, Sequence>,
+    /// Cached KV blocks, in the same pool (`memory/prefix.rs`, `engine/prefix.rs`).
+    pub(super) prefix: PrefixCache,
+    pub(super) prefix_stats: PrefixStats,
     pub(super) by_request: HashMap<String, SeqId>,
     pub(super) waiting: VecDeque<SeqId>,
     /// In admission order (admissions append, removals keep the order).
@@ -273,6 +283,8 @@ impl<B: Backend> Engine<B> {
             config,
             scheduler,
             seqs: HashMap::new(),
+            prefix: PrefixCache::new(geometry.num_layers),
+            prefix_stats: PrefixStats::default(),
             by_request: HashMap::new(),
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -475,6 +487,12 @@ impl<B: Backend> Engine<B> {
             first_token: None,
             preemptions: 0,
             admitted: 0,
+            cache_salt: req.cache_salt,
+            prefix_identity: None,
+            prefix_root: None,
+            block_keys: Vec::new(),
+            queried: false,
+            cached_prompt_tokens: 0,
         };
         self.by_request.insert(req.id, id);
         self.seqs.insert(id, seq);
@@ -512,7 +530,7 @@ impl<B: Backend> Engine<B> {
         self.by_request.remove(&seq.request_id);
         self.running.retain(|x| *x != id);
         self.waiting.retain(|x| *x != id);
-        seq.kv = None;
+        self.release_kv(seq.kv.take());
         seq.resident = None;
         if let Some(lease) = seq.adapter.take() {
             self.registry.release(lease);
@@ -537,8 +555,17 @@ impl<B: Backend> Engine<B> {
             .collect();
         device_resident.sort();
         let registry = self.registry.stats();
+        let mut pool = self.pages.stats();
+        // Idle cached blocks' pages are reported apart from the KV that sequences hold.
+        let cached = (self.prefix.idle_blocks() * self.geometry.num_layers) as u32;
+        pool.cached = cached.min(pool.kv);
+        pool.kv -= pool.cached;
         EngineStats {
-            pool: self.pages.stats(),
+            pool,
+            prefix: PrefixStats {
+                blocks: self.prefix.blocks(),
+                ..self.prefix_stats
+            },
             page_bytes: self.geometry.page_elems * size_of::<f32>(),
             waiting: self.waiting.len(),
             running: self.running.len(),

@@ -10,6 +10,7 @@ pub mod actor;
 mod adapters;
 mod apply;
 pub mod core;
+mod prefix;
 pub mod request;
 pub mod sampler;
 mod sequence;
@@ -19,6 +20,8 @@ pub use self::core::{
     AdapterTransition, Engine, EngineConfig, EngineError, EngineStats, StepObserver,
 };
 pub use adapters::{LoadChange, LoadWait, Loaded};
+pub use prefix::{PrefixCaching, PrefixStats};
 pub use request::{
-    Event, FinishReason, KvImport, KvLayer, Request, SamplingParams, Timings, Usage,
+    Event, FinishReason, KvImport, KvLayer, MAX_CACHE_SALT_BYTES, Request, SamplingParams, Timings,
+    Usage, check_cache_salt,
 };

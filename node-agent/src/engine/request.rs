@@ -48,6 +48,26 @@ pub struct Request {
     pub adapter: Option<String>,
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
+    /// Partitions the prefix cache further than the tenant (vLLM's `cache_salt`): only
+    /// requests with the same salt share cached blocks.
+    pub cache_salt: Option<String>,
+}
+
+/// Longest `cache_salt` accepted, bytes.
+pub const MAX_CACHE_SALT_BYTES: usize = 1024;
+
+/// Checks a request's `cache_salt`: absent, or a non-empty string of at most
+/// [`MAX_CACHE_SALT_BYTES`].
+///
+/// Errors: why it is refused (the surfaces answer 400 / `INVALID_ARGUMENT`).
+pub fn check_cache_salt(salt: Option<&str>) -> Result<(), String> {
+    match salt {
+        Some("") => Err("cache_salt must not be empty when given".to_owned()),
+        Some(s) if s.len() > MAX_CACHE_SALT_BYTES => Err(format!(
+            "cache_salt is longer than {MAX_CACHE_SALT_BYTES} bytes"
+        )),
+        _ => Ok(()),
+    }
 }
 
 /// One layer's KV cache of a prefilled prompt, streamed by a prefill agent as soon as the
@@ -93,6 +113,8 @@ impl FinishReason {
 pub struct Usage {
     pub prompt_tokens: usize,
     pub completion_tokens: usize,
+    /// Prompt tokens whose KV came from the prefix cache.
+    pub cached_prompt_tokens: usize,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq)]

@@ -5,6 +5,7 @@ use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::engine::prefix::WeightsId;
 use crate::engine::request::{
     Event, FinishReason, KvImport, KvLayer, SamplingParams, Timings, Usage,
 };
@@ -12,6 +13,7 @@ use crate::engine::sampler::Sampler;
 use crate::lora::ids::{AdapterKey, TenantId};
 use crate::lora::registry::{AdapterLease, ResidentReservation};
 use crate::memory::kv::SeqKv;
+use crate::memory::prefix::BlockHash;
 use crate::model::tokenizer::{Detokenizer, TokenizerBundle};
 use crate::scheduler::{SeqId, SeqState};
 
@@ -58,6 +60,17 @@ pub(crate) struct Sequence {
     pub preemptions: u32,
     /// Admission order; the largest running value is the newest (preempted first).
     pub admitted: u64,
+    /// The request's prefix-cache salt.
+    pub cache_salt: Option<String>,
+    /// The weights its prefix keys were computed for (`None`: no keys, it does not cache).
+    pub prefix_identity: Option<WeightsId>,
+    /// The root of its key chain, and the keys of its full blocks computed so far.
+    pub prefix_root: Option<BlockHash>,
+    pub block_keys: Vec<BlockHash>,
+    /// Its prompt was looked up in the prefix cache (at its first admission), and how many of
+    /// its tokens were found.
+    pub queried: bool,
+    pub cached_prompt_tokens: usize,
 }
 
 impl Sequence {
@@ -76,6 +89,12 @@ impl Sequence {
             max_tokens: self.params.max_tokens,
             computed: self.computed,
             pages: self.kv.as_ref().map_or(0, SeqKv::pages),
+            shared_pages: self.kv.as_ref().map_or(0, SeqKv::shared_pages),
+            prefix: if self.prefix_root.is_some() {
+                &self.block_keys
+            } else {
+                &[]
+            },
             admitted: self.admitted,
             importing: self.import.is_some(),
         }
@@ -193,6 +212,7 @@ impl Sequence {
         let usage = Usage {
             prompt_tokens: self.prompt_len,
             completion_tokens: self.generated(),
+            cached_prompt_tokens: self.cached_prompt_tokens,
         };
         let _ = self.events.send(Event::Finished {
             reason,

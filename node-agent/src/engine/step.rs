@@ -1,7 +1,8 @@
 //! One engine step: the scheduler plans it (`crate::scheduler`: continuous batching, chunked
 //! prefill, memory admission, preemption by recompute), the engine carries the plan out
 //! (`apply.rs`: pages, adapter residency, queues), runs the model once over the mixed batch,
-//! then samples and streams.
+//! publishes the blocks it filled into the prefix cache (`prefix.rs`), then samples and
+//! streams.
 
 use std::time::Instant;
 
@@ -76,6 +77,11 @@ impl<B: Backend> Engine<B> {
                 continue;
             };
             seq.computed += n;
+            // Blocks this step filled join the prefix cache (hashed once each).
+            self.publish(id);
+            let Some(seq) = self.seqs.get_mut(&id) else {
+                continue;
+            };
             let fresh = seq.computed.min(seq.prompt_len).saturating_sub(seq.charged);
             seq.charged += fresh;
             let tenant = seq.tenant.clone();

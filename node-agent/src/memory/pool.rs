@@ -8,7 +8,9 @@
 //! - every page id is in exactly one place: the free list or one live [`Pages`] allocation;
 //! - an allocation is a guard that returns its pages on `Drop`, so an early return, a cancelled
 //!   request or a panic in a step never leaks pages;
-//! - `free + kv + adapter == total` at all times ([`PoolStats::is_consistent`]).
+//! - `free + kv + adapter == total` at all times ([`PoolStats::is_consistent`]). The engine
+//!   reports the KV pages of idle prefix-cache blocks apart (`cached`, taken out of `kv`), so
+//!   `free + kv + cached + adapter == total` holds for its figures too.
 //!
 //! Design after TGI's `BlockAllocation` and mistral.rs' block pool. The free list is shared
 //! with the guards through an `Arc<Mutex<_>>` so a guard can be dropped on any thread; the lock
@@ -30,11 +32,15 @@ pub struct PoolStats {
     pub free: u32,
     pub kv: u32,
     pub adapter: u32,
+    /// KV pages of prefix-cache blocks no running sequence holds (evictable). The allocator
+    /// counts them as `kv`; the engine moves them here when it reports (always 0 here).
+    pub cached: u32,
 }
 
 impl PoolStats {
     pub fn is_consistent(&self) -> bool {
-        u64::from(self.free) + u64::from(self.kv) + u64::from(self.adapter) == u64::from(self.total)
+        u64::from(self.free) + u64::from(self.kv) + u64::from(self.adapter) + u64::from(self.cached)
+            == u64::from(self.total)
     }
 
     /// Fraction of pages in use.
@@ -94,6 +100,7 @@ impl PageAllocator {
             free: total,
             kv: 0,
             adapter: 0,
+            cached: 0,
         };
         PageAllocator {
             inner: Arc::new(Mutex::new(FreeList { free, stats })),
@@ -180,6 +187,18 @@ impl Pages {
         self.pages.extend(more);
         true
     }
+
+    /// Moves the first `n` page ids into a new allocation of the same kind (all of them when
+    /// fewer are held). The pool's counts do not change: the pages stay allocated.
+    pub fn take_front(&mut self, n: usize) -> Pages {
+        let n = n.min(self.pages.len());
+        let rest = self.pages.split_off(n);
+        Pages {
+            pages: std::mem::replace(&mut self.pages, rest),
+            kind: self.kind,
+            pool: self.pool.clone(),
+        }
+    }
 }
 
 impl Drop for Pages {
@@ -217,7 +236,8 @@ mod tests {
                 total: 10,
                 free: 10,
                 kv: 0,
-                adapter: 0
+                adapter: 0,
+                cached: 0,
             }
         );
     }
@@ -241,6 +261,20 @@ mod tests {
     }
 
     #[test]
+    fn taking_the_front_moves_ids_and_keeps_the_counts() {
+        let pool = PageAllocator::new(8);
+        let mut a = pool.allocate(5, PageKind::Kv).unwrap();
+        let ids = a.ids().to_vec();
+        let front = a.take_front(2);
+        assert_eq!((front.ids(), a.ids()), (&ids[..2], &ids[2..]));
+        assert_eq!((pool.stats().kv, pool.stats().free), (5, 3));
+        drop(front);
+        assert_eq!((pool.stats().kv, pool.stats().free), (3, 5));
+        assert_eq!(a.take_front(9).len(), 3);
+        assert!(a.is_empty());
+    }
+
+    #[test]
     fn guards_can_be_dropped_on_other_threads() {
         let pool = PageAllocator::new(64);
         let guards: Vec<Pages> = (0..8)
@@ -258,7 +292,8 @@ mod tests {
                 total: 64,
                 free: 64,
                 kv: 0,
-                adapter: 0
+                adapter: 0,
+                cached: 0,
             }
         );
     }

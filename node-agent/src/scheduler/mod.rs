@@ -19,6 +19,8 @@ pub mod plan;
 pub mod policy;
 mod sim;
 pub mod state;
+#[cfg(test)]
+mod tests;
 
 pub use plan::{Decision, StepPlan};
 pub use policy::Scheduler;

@@ -1,6 +1,7 @@
 //! The step plan: the scheduler's decisions for one step, in the order the engine applies them.
 
 use crate::lora::ids::AdapterKey;
+use crate::memory::prefix::BlockHash;
 use crate::scheduler::state::SeqId;
 
 /// One decision. The order matters: each one is taken in the pool state that the earlier
@@ -9,6 +10,8 @@ use crate::scheduler::state::SeqId;
 pub enum Decision {
     /// Free the pool pages of this idle resident adapter (no running sequence uses it).
     Evict(AdapterKey),
+    /// Free the pages of this idle prefix-cache block (no running sequence reads it).
+    EvictBlock(BlockHash),
     /// Free a running sequence's pages and queue it first in line, to be recomputed.
     Preempt(SeqId),
     /// Compute `tokens` more tokens of a running sequence (its KV grows to hold them).
@@ -22,13 +25,15 @@ pub enum Decision {
     },
     /// Copy this adapter's rows into pool pages (the next admission uses it).
     Place(AdapterKey),
-    /// Admit a waiting sequence: reserve KV for `reserve` tokens and compute `tokens` of them
-    /// this step. An importing sequence reserves its whole prompt plus one token and computes
-    /// one token (its first decode).
+    /// Admit a waiting sequence: reuse its first `cached` blocks from the prefix cache,
+    /// reserve KV for `reserve` tokens (the reused ones included) and compute `tokens` of them
+    /// this step, from the first one not reused. An importing sequence reserves its whole
+    /// prompt plus one token and computes one token (its first decode).
     Admit {
         seq: SeqId,
         tokens: usize,
         reserve: usize,
+        cached: usize,
     },
 }
 

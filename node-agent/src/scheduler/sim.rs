@@ -1,15 +1,25 @@
-//! The pool as a plan unfolds: free pages, the sequences' KV pages, and each adapter's
-//! residency and use counts, changed decision by decision exactly as the engine's allocator,
-//! KV caches and registry will change when the decisions are applied. Each change that the
-//! engine will repeat is recorded as a [`Decision`].
+//! The pool as a plan unfolds: free pages, the sequences' KV pages, each adapter's residency
+//! and use counts, and the prefix cache's idle blocks, changed decision by decision exactly as
+//! the engine's allocator, KV caches, prefix cache and registry will change when the decisions
+//! are applied. Each change that the engine will repeat is recorded as a [`Decision`].
 //!
 //! Invariants (by construction): an adapter's use counts are counted from the snapshot's
 //! sequences and only decremented for a sequence that was counted; an adapter some running
-//! sequence uses is never evicted; pages only move between `free` and a sequence or adapter.
+//! sequence uses is never evicted, nor is a cached block a sequence reads; pages only move
+//! between `free` and a sequence, an adapter or an idle cached block.
+//!
+//! Idle adapters and idle cached blocks are evicted under one least-recently-used order: the
+//! smallest stamp goes first (adapters are stamped when admissions use them, blocks when their
+//! last reader lets go, from one clock); at equal stamps a block goes before an adapter (a
+//! block costs one prefill chunk to recompute, an adapter a copy of all its rows), blocks
+//! deeper in a prefix before shallower ones, then the smaller key. Blocks that sequences let go
+//! of during the plan (a preemption) count as neither free nor evictable until the next step,
+//! which only makes the plan more careful.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 
 use crate::lora::ids::AdapterKey;
+use crate::memory::prefix::{BlockHash, PrefixCache};
 use crate::scheduler::plan::Decision;
 use crate::scheduler::state::{AdapterState, Limits, SeqState, Snapshot};
 
@@ -31,6 +41,13 @@ pub(super) struct Sim<'a> {
     pub running: Vec<SeqState<'a>>,
     pub waiting: VecDeque<SeqState<'a>>,
     pub decisions: Vec<Decision>,
+    cache: Option<&'a PrefixCache>,
+    /// Blocks of the cache this plan evicts.
+    evicted: HashSet<BlockHash>,
+    /// Blocks idle at the snapshot that this plan's admissions reuse (no longer evictable).
+    taken: HashSet<BlockHash>,
+    /// Pages of the blocks still idle and evictable.
+    idle_cached: usize,
 }
 
 impl<'a> Sim<'a> {
@@ -55,6 +72,9 @@ impl<'a> Sim<'a> {
         };
         snapshot.running.iter().for_each(|s| count(s, true));
         snapshot.waiting.iter().for_each(|s| count(s, false));
+        let idle_cached = snapshot
+            .cache
+            .map_or(0, |c| c.idle_blocks() * c.pages_per_block());
         Sim {
             limits,
             free: snapshot.free_pages,
@@ -62,12 +82,19 @@ impl<'a> Sim<'a> {
             running: snapshot.running,
             waiting: snapshot.waiting.into(),
             decisions: Vec::new(),
+            cache: snapshot.cache,
+            evicted: HashSet::new(),
+            taken: HashSet::new(),
+            idle_cached,
         }
     }
 
     /// Grows `seq`'s KV to hold `tokens` tokens, all or nothing (`SeqKv::reserve`).
     pub fn reserve(&mut self, seq: &mut SeqState<'a>, tokens: usize) -> bool {
-        let need = self.limits.pages_for(tokens).saturating_sub(seq.pages);
+        let need = self
+            .limits
+            .pages_for(tokens)
+            .saturating_sub(seq.pages + seq.shared_pages);
         if need > self.free {
             return false;
         }
@@ -78,37 +105,117 @@ impl<'a> Sim<'a> {
 
     /// Tokens `seq` could hold with its pages plus every free page.
     pub fn fits(&self, seq: &SeqState<'_>) -> usize {
-        self.limits.tokens_in(seq.pages) + self.limits.tokens_in(self.free)
+        self.limits.tokens_in(seq.pages + seq.shared_pages) + self.limits.tokens_in(self.free)
     }
 
-    /// Evicts the least recently used resident adapter that no running sequence uses;
-    /// `false` when there is none. Ties (never two resident adapters with one `last_used` in
-    /// the engine, whose admissions stamp distinct ticks) go to the smaller key.
+    /// The least recently released idle block still evictable in this plan.
+    fn lru_block(&self) -> Option<(u64, BlockHash)> {
+        self.cache?
+            .idle_lru()
+            .find(|(_, h)| !self.evicted.contains(*h) && !self.taken.contains(*h))
+            .map(|(stamp, h)| (stamp, *h))
+    }
+
+    /// Evicts the least recently used idle thing: a resident adapter no running sequence uses,
+    /// or a cached block no sequence reads (the order is in the module header); `false` when
+    /// there is none.
     pub fn evict_lru(&mut self) -> bool {
-        let victim = self
+        let adapter = self
             .adapters
             .iter()
             .filter(|(_, a)| a.running == 0 && a.state.resident.is_some())
             .min_by(|(ka, a), (kb, b)| {
                 (a.state.last_used.cmp(&b.state.last_used)).then_with(|| ka.cmp(kb))
             })
-            .map(|(k, _)| *k);
-        let Some(key) = victim else {
-            return false;
-        };
-        if let Some(a) = self.adapters.get_mut(key) {
-            self.free += a.state.resident.take().unwrap_or(0);
+            .map(|(k, a)| (a.state.last_used, *k));
+        match (self.lru_block(), adapter) {
+            (Some((stamp, block)), Some((used, _))) if stamp <= used => self.evict_block(block),
+            (Some((_, block)), None) => self.evict_block(block),
+            (_, Some((_, key))) => {
+                if let Some(a) = self.adapters.get_mut(key) {
+                    self.free += a.state.resident.take().unwrap_or(0);
+                }
+                self.decisions.push(Decision::Evict(key.clone()));
+            }
+            (None, None) => return false,
         }
-        self.decisions.push(Decision::Evict(key.clone()));
         true
     }
 
-    /// Preempts `running[i]`: frees its pages and queues it first in line, recomputed from
-    /// scratch.
+    fn evict_block(&mut self, block: BlockHash) {
+        let pages = self.cache.map_or(0, PrefixCache::pages_per_block);
+        self.evicted.insert(block);
+        self.idle_cached -= pages;
+        self.free += pages;
+        self.decisions.push(Decision::EvictBlock(block));
+    }
+
+    /// Pages of idle cached blocks that evictions could still free.
+    pub fn idle_cached_pages(&self) -> usize {
+        self.idle_cached
+    }
+
+    /// Cached blocks `seq` would reuse if admitted now: the longest run of its keys that is
+    /// cached (and not evicted by this plan), leaving at least its last token to compute so
+    /// that it has logits to sample from.
+    pub fn prefix_hit(&self, seq: &SeqState<'_>) -> usize {
+        let Some(cache) = self.cache else { return 0 };
+        if seq.importing {
+            return 0;
+        }
+        let most = seq.tokens.saturating_sub(1) / self.limits.block_size;
+        seq.prefix
+            .iter()
+            .take(most)
+            .take_while(|h| cache.contains(h) && !self.evicted.contains(*h))
+            .count()
+    }
+
+    /// Pages of `seq`'s first `hit` blocks that are idle now (reusing them makes them
+    /// unevictable).
+    pub fn idle_hit_pages(&self, seq: &SeqState<'_>, hit: usize) -> usize {
+        let Some(cache) = self.cache else { return 0 };
+        let idle = seq.prefix[..hit]
+            .iter()
+            .filter(|h| cache.is_idle(h) && !self.taken.contains(*h))
+            .count();
+        idle * cache.pages_per_block()
+    }
+
+    /// Reuses `seq`'s first `hit` blocks: the idle ones leave the evictable set. Returns the
+    /// ones it took, for [`Sim::untake`].
+    pub fn take(&mut self, seq: &SeqState<'a>, hit: usize) -> Vec<BlockHash> {
+        let Some(cache) = self.cache else {
+            return Vec::new();
+        };
+        let mut took = Vec::new();
+        for h in &seq.prefix[..hit] {
+            if cache.is_idle(h) && self.taken.insert(*h) {
+                self.idle_cached -= cache.pages_per_block();
+                took.push(*h);
+            }
+        }
+        took
+    }
+
+    /// Undoes [`Sim::take`] for an admission that did not happen.
+    pub fn untake(&mut self, took: Vec<BlockHash>) {
+        let pages = self.cache.map_or(0, PrefixCache::pages_per_block);
+        for h in took {
+            if self.taken.remove(&h) {
+                self.idle_cached += pages;
+            }
+        }
+    }
+
+    /// Preempts `running[i]`: frees its private pages, lets go of its shared blocks and
+    /// queues it first in line, recomputed (less what the cache still holds) when admitted
+    /// again.
     pub fn preempt(&mut self, i: usize) {
         let mut seq = self.running.remove(i);
         self.free += seq.pages;
         seq.pages = 0;
+        seq.shared_pages = 0;
         seq.computed = 0;
         if let Some(a) = seq.adapter.and_then(|k| self.adapters.get_mut(k)) {
             // Counted when the plan started: `seq` was running then.
@@ -257,6 +364,8 @@ mod tests {
             max_tokens: 4,
             computed: 3,
             pages: 2,
+            shared_pages: 0,
+            prefix: &[],
             admitted: 0,
             importing: false,
         };
@@ -269,6 +378,7 @@ mod tests {
                 (&c, AdapterState::resident(4, 2)),
             ]),
             free_pages: 10,
+            cache: None,
         };
         let mut sim = Sim::new(snapshot, limits());
         assert_eq!(sim.idle_pages_except(None), 7, "a is running");
@@ -302,6 +412,8 @@ mod tests {
             max_tokens: 1,
             computed: 0,
             pages: 0,
+            shared_pages: 0,
+            prefix: &[],
             admitted: 0,
             importing: false,
         };
@@ -316,190 +428,5 @@ mod tests {
         assert!(!sim.reserve(&mut seq, 9), "a third block needs 2 pages");
         assert_eq!((seq.pages, sim.free), (4, 1));
         assert_eq!(sim.fits(&seq), 8);
-    }
-
-    /// Random states, planned, then applied to a real pool: every reservation, placement and
-    /// eviction the plan makes must succeed exactly as the plan's arithmetic said, and the plan
-    /// must keep the step's budgets.
-    #[test]
-    fn plans_hold_on_the_real_allocator() {
-        use crate::memory::kv::{KvGeometry, SeqKv};
-        use crate::memory::pool::{PageAllocator, PageKind, Pages};
-        use crate::scheduler::Scheduler;
-
-        let geometry = KvGeometry {
-            num_layers: 2,
-            block_size: 4,
-            num_kv_heads: 1,
-            head_dim: 8,
-            page_elems: 64,
-        };
-        let tenants: Vec<TenantId> = (0..3).map(|i| TenantId(format!("t{i}"))).collect();
-        let keys: Vec<AdapterKey> = (0..4)
-            .map(|i| AdapterKey::new("t", &format!("a{i}")))
-            .collect();
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut rand = |n: usize| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            (x % n as u64) as usize
-        };
-        let (mut preemptions, mut admissions, mut evictions) = (0, 0, 0);
-        for _ in 0..2_000 {
-            let total = 10 + rand(30);
-            let limits = Limits {
-                max_batch_tokens: 1 + rand(40),
-                max_prefill_chunk: 1 + rand(12),
-                max_running: 1 + rand(6),
-                pool_pages: total,
-                block_size: 4,
-                num_layers: 2,
-            };
-            let pool = PageAllocator::new(total as u32);
-            let mut scheduler = Scheduler::new(limits);
-            for t in &tenants {
-                scheduler.charge(t, rand(50), rand(5));
-            }
-            let mut adapter_pages: HashMap<&AdapterKey, Pages> = HashMap::new();
-            let mut adapters = HashMap::new();
-            for (i, k) in keys.iter().enumerate() {
-                let placement = 1 + rand(4);
-                let mut state = AdapterState {
-                    host_ready: rand(4) > 0,
-                    resident: None,
-                    placement: Some(placement),
-                    unloading: false,
-                    last_used: i as u64 * 3 + rand(3) as u64,
-                };
-                if rand(2) == 0
-                    && let Some(p) = pool.allocate(placement, PageKind::Adapter)
-                {
-                    state.resident = Some(p.len());
-                    adapter_pages.insert(k, p);
-                }
-                adapters.insert(k, state);
-            }
-            let mut kv: HashMap<SeqId, SeqKv> = HashMap::new();
-            let mut running = Vec::new();
-            for i in 0..rand(6) {
-                let tokens = 1 + rand(30);
-                let computed = tokens - 1 - rand(tokens.min(8));
-                let mut seq_kv = SeqKv::new(&pool, geometry);
-                if !seq_kv.reserve(computed) {
-                    continue;
-                }
-                let resident: Vec<&AdapterKey> = adapter_pages.keys().copied().collect();
-                let adapter =
-                    (rand(2) == 0 && !resident.is_empty()).then(|| resident[rand(resident.len())]);
-                let id = SeqId(i as u64);
-                running.push(SeqState {
-                    id,
-                    tenant: &tenants[rand(3)],
-                    adapter,
-                    tokens,
-                    prompt_len: tokens - rand(tokens),
-                    max_tokens: 1 + rand(20),
-                    computed,
-                    pages: seq_kv.pages(),
-                    admitted: i as u64,
-                    importing: false,
-                });
-                kv.insert(id, seq_kv);
-            }
-            let waiting: Vec<SeqState<'_>> = (0..rand(7))
-                .map(|i| {
-                    let tokens = 1 + rand(30);
-                    SeqState {
-                        id: SeqId(100 + i as u64),
-                        tenant: &tenants[rand(3)],
-                        adapter: (rand(2) == 0).then(|| &keys[rand(keys.len())]),
-                        tokens,
-                        prompt_len: tokens,
-                        max_tokens: 1 + rand(40),
-                        computed: 0,
-                        pages: 0,
-                        admitted: 0,
-                        importing: rand(5) == 0,
-                    }
-                })
-                .collect();
-            let snapshot = Snapshot {
-                running: running.clone(),
-                waiting: waiting.clone(),
-                adapters: adapters.clone(),
-                free_pages: pool.free_pages(),
-            };
-            let plan = scheduler.plan(snapshot);
-
-            // Apply it to the real pool.
-            let seq = |id: SeqId| {
-                running
-                    .iter()
-                    .chain(&waiting)
-                    .find(|s| s.id == id)
-                    .unwrap()
-                    .clone()
-            };
-            let mut live: Vec<SeqId> = running.iter().map(|s| s.id).collect();
-            let mut spent = 0;
-            for d in &plan.decisions {
-                match d {
-                    Decision::Evict(k) => {
-                        let uses = live.iter().filter(|id| seq(**id).adapter == Some(k));
-                        assert_eq!(uses.count(), 0, "evicted {k} while in use");
-                        assert!(adapter_pages.remove(k).is_some());
-                        evictions += 1;
-                    }
-                    Decision::Preempt(id) => {
-                        assert!(kv.remove(id).is_some());
-                        live.retain(|s| s != id);
-                        preemptions += 1;
-                    }
-                    Decision::Run { seq: id, tokens } => {
-                        let to = seq(*id).computed + tokens;
-                        assert!(kv.get_mut(id).unwrap().reserve(to), "{d:?}");
-                        spent += tokens;
-                    }
-                    Decision::Refuse { seq: id, .. } => assert!(!live.contains(id)),
-                    Decision::Place(k) => {
-                        let placement = adapters[k].placement.unwrap();
-                        let pages = pool.allocate(placement, PageKind::Adapter);
-                        assert!(pages.is_some(), "{d:?}");
-                        assert!(adapter_pages.insert(k, pages.unwrap()).is_none());
-                    }
-                    Decision::Admit {
-                        seq: id,
-                        tokens,
-                        reserve,
-                    } => {
-                        let s = seq(*id);
-                        if let Some(k) = s.adapter {
-                            assert!(adapter_pages.contains_key(k), "{k} not resident");
-                        }
-                        let mut seq_kv = SeqKv::new(&pool, geometry);
-                        assert!(seq_kv.reserve(*reserve), "{d:?}");
-                        kv.insert(*id, seq_kv);
-                        live.push(*id);
-                        spent += tokens;
-                        admissions += 1;
-                    }
-                }
-            }
-            assert!(spent <= limits.max_batch_tokens);
-            let admitted = plan.admitted().len();
-            assert!(admitted == 0 || live.len() <= limits.max_running);
-            let batch = plan.batch();
-            let mut ids: Vec<SeqId> = batch.iter().map(|(id, _)| *id).collect();
-            ids.sort();
-            ids.dedup();
-            assert_eq!(ids.len(), batch.len(), "a sequence twice in one batch");
-            assert!(pool.stats().is_consistent());
-        }
-        // The random states exercise every path.
-        assert!(
-            preemptions > 50 && admissions > 500 && evictions > 50,
-            "{preemptions} preemptions, {admissions} admissions, {evictions} evictions"
-        );
     }
 }

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 
 use crate::lora::ids::{AdapterKey, TenantId};
+use crate::memory::prefix::{BlockHash, PrefixCache};
 
 /// A sequence's identity inside one engine (assigned at submission, never reused).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -27,8 +28,14 @@ pub struct SeqState<'a> {
     pub max_tokens: usize,
     /// Tokens whose KV is in the pool (0 for a waiting sequence).
     pub computed: usize,
-    /// KV pages it holds (0 for a waiting sequence).
+    /// Private KV pages it holds (0 for a waiting sequence).
     pub pages: usize,
+    /// Pages of prefix-cache blocks it reads (0 for a waiting sequence). They stay cached when
+    /// it lets go of them.
+    pub shared_pages: usize,
+    /// Keys of its full blocks, first to last, when it may reuse cached blocks (empty
+    /// otherwise). Only waiting sequences' keys are read.
+    pub prefix: &'a [BlockHash],
     /// Admission order of a running sequence: the largest is the newest, preempted first.
     pub admitted: u64,
     /// Its prompt's KV was computed elsewhere and is written into the pool at admission.
@@ -89,6 +96,9 @@ pub struct Snapshot<'a> {
     pub adapters: HashMap<&'a AdapterKey, AdapterState>,
     /// Free pages of the unified pool.
     pub free_pages: usize,
+    /// The prefix cache: its idle blocks are eviction candidates beside idle adapters, and
+    /// waiting sequences reuse its blocks. `None` when caching is off.
+    pub cache: Option<&'a PrefixCache>,
 }
 
 /// The engine's fixed budgets and page geometry.

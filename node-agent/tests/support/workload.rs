@@ -111,6 +111,7 @@ pub fn request(case: &Case, max_new: usize) -> Request {
             return_logits: true,
             ..SamplingParams::default()
         },
+        cache_salt: None,
     }
 }
 

@@ -335,6 +335,9 @@ fn step(
                 max_tokens: s.max_tokens,
                 computed: s.computed,
                 pages: s.pages,
+                // Traces carry lengths, not contents: no prefix is shared (caching off).
+                shared_pages: 0,
+                prefix: &[],
                 admitted: s.admitted,
                 importing: s.importing,
             }
@@ -359,6 +362,7 @@ fn step(
                 })
                 .collect(),
             free_pages: agent.free,
+            cache: None,
         };
         agent.sched.plan(snapshot)
     };
@@ -414,10 +418,13 @@ fn step(
                 s.compute(tokens, &mut shape);
                 in_batch.push(seq);
             }
+            // No prefix cache in the simulation, so no cached block is reused or evicted.
+            Decision::EvictBlock(_) => {}
             Decision::Admit {
                 seq,
                 tokens,
                 reserve,
+                cached: _,
             } => {
                 let s = agent.seqs.get_mut(&seq).expect("planned sequence");
                 let pages = limits.pages_for(reserve);

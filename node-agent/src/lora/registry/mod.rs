@@ -156,6 +156,16 @@ impl Entry {
         self.ready().is_some() || self.device.is_some()
     }
 
+    /// The digest of the weights a request would run with now: the pool copy's, else the host
+    /// copy's; `None` while neither is there.
+    pub fn digest(&self) -> Option<Digest> {
+        match (&self.device, &self.host) {
+            (Some(d), _) => Some(d.digest),
+            (None, HostState::Ready(a)) => Some(a.digest),
+            (None, HostState::Loading | HostState::Evicted) => None,
+        }
+    }
+
     /// Pool pages placing its host weights takes (`None`: not loaded, or cannot be placed).
     pub fn placement_pages(&self) -> Option<usize> {
         self.ready().and(self.placement)
@@ -482,11 +492,17 @@ impl Registry {
 
     /// Marks a use (for LRU order).
     pub fn touch(&mut self, key: &AdapterKey) {
-        self.tick += 1;
-        let tick = self.tick;
+        let tick = self.stamp();
         if let Some(e) = self.entries.get_mut(key) {
             e.last_used = tick;
         }
+    }
+
+    /// The next tick of the clock adapters' last uses are stamped with; the engine stamps
+    /// prefix-cache blocks with it too, so that both are evicted in one LRU order.
+    pub fn stamp(&mut self) -> u64 {
+        self.tick += 1;
+        self.tick
     }
 
     pub fn summaries(&self) -> Vec<AdapterSummary> {

@@ -1,0 +1,187 @@
+//! The engine's side of prefix caching (`memory/prefix.rs` keeps the blocks): which chain a
+//! sequence's blocks belong to, publishing its full blocks as they are computed, reusing
+//! cached ones at admission, and giving its holds back when it lets go of its KV.
+//!
+//! A chain's root hashes the partition and the adapter identity:
+//! - the partition is the tenant (so no tenant can ever hit, or time, another tenant's
+//!   blocks) plus the request's optional `cache_salt`, which partitions further;
+//! - the adapter identity is the SHA-256 digest of the weights the KV is computed with (a
+//!   reload under the same name with other weights starts a new chain), or the base model.
+//!
+//! Hashing happens once per full block: a sequence's keys are kept and extended as blocks
+//! fill, and recomputed only if its adapter's digest changed while it waited.
+
+use crate::backend::Backend;
+use crate::engine::core::Engine;
+use crate::engine::sequence::Sequence;
+use crate::lora::ids::Digest;
+use crate::memory::kv::SeqKv;
+use crate::memory::prefix::BlockHash;
+use crate::scheduler::SeqId;
+
+/// Whether and how KV blocks are shared between requests (`--prefix-cache`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PrefixCaching {
+    /// Every prompt is computed in full.
+    Off,
+    /// Blocks are reused within a tenant (and a `cache_salt`, when a request gives one).
+    #[default]
+    PerTenant,
+}
+
+/// The weights a sequence's KV is computed with: the base model, or an adapter's digest.
+/// `None` (in [`Sequence::prefix_identity`]) while the adapter's digest is not known yet.
+pub(crate) type WeightsId = Option<Digest>;
+
+/// Prefix-cache counters since start, in prompt tokens, counted once per request at its first
+/// admission.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PrefixStats {
+    /// Prompt tokens of admitted requests (looked up in the cache).
+    pub queried_tokens: u64,
+    /// Of those, tokens whose KV came from the cache.
+    pub hit_tokens: u64,
+    /// Blocks cached (held by a running sequence or idle).
+    pub blocks: usize,
+}
+
+fn root(seq: &Sequence, weights: WeightsId) -> BlockHash {
+    let salt: &[u8] = match &seq.cache_salt {
+        Some(s) => s.as_bytes(),
+        None => &[],
+    };
+    let salted: &[u8] = if seq.cache_salt.is_some() { b"1" } else { b"0" };
+    let adapter: &[u8] = match &weights {
+        Some(d) => &d.0,
+        None => b"base",
+    };
+    // The marker keeps "no salt" apart from every salt; a digest (32 bytes) is never "base".
+    BlockHash::root(&[seq.tenant.0.as_bytes(), salted, salt, adapter])
+}
+
+impl<B: Backend> Engine<B> {
+    /// The weights `seq`'s KV would be computed with now; `None` when caching is off or its
+    /// adapter's digest is not known (then it neither reuses nor publishes blocks).
+    fn weights_of(&self, seq: &Sequence) -> Option<WeightsId> {
+        if self.config.prefix_caching == PrefixCaching::Off {
+            return None;
+        }
+        match seq.adapter_key() {
+            None => Some(None),
+            Some(key) => self.registry.get(key)?.digest().map(Some),
+        }
+    }
+
+    /// Brings every waiting sequence's keys up to date before a plan: the chain of its
+    /// current weights, one key per full block of its tokens.
+    pub(super) fn prepare_prefixes(&mut self) {
+        if self.config.prefix_caching == PrefixCaching::Off {
+            return;
+        }
+        let bs = self.geometry.block_size;
+        for i in 0..self.waiting.len() {
+            let id = self.waiting[i];
+            let Some(seq) = self.seqs.get(&id) else {
+                continue;
+            };
+            let weights = self.weights_of(seq);
+            let Some(seq) = self.seqs.get_mut(&id) else {
+                continue;
+            };
+            if seq.prefix_identity != weights {
+                seq.prefix_identity = weights;
+                seq.prefix_root = weights.map(|w| root(seq, w));
+                seq.block_keys.clear();
+            }
+            extend_keys(seq, seq.tokens.len() / bs, bs);
+        }
+    }
+
+    /// Publishes `id`'s newly completed blocks into the prefix cache (after a step computed
+    /// them); a block already cached replaces the sequence's own copy.
+    pub(super) fn publish(&mut self, id: SeqId) {
+        let bs = self.geometry.block_size;
+        let Some(seq) = self.seqs.get_mut(&id) else {
+            return;
+        };
+        if seq.prefix_root.is_none() {
+            return;
+        }
+        let full = seq.computed / bs;
+        extend_keys(seq, full, bs);
+        let Some(kv) = seq.kv.as_mut() else { return };
+        while kv.shared().len() < full {
+            let b = kv.shared().len();
+            let (Some(key), Some(pages)) = (seq.block_keys.get(b), kv.take_first_private()) else {
+                return;
+            };
+            kv.push_shared(self.prefix.insert(*key, pages, b));
+        }
+    }
+
+    /// A new KV cache for an admitted sequence that starts with its first `cached` blocks
+    /// from the prefix cache. `None` when one of them is gone (the plan disagreed).
+    pub(super) fn reuse_prefix(&mut self, id: SeqId, cached: usize) -> Option<SeqKv> {
+        let seq = self.seqs.get(&id)?;
+        let keys = seq.block_keys.get(..cached)?;
+        let mut blocks = Vec::with_capacity(cached);
+        for key in keys {
+            match self.prefix.acquire(key) {
+                Some(b) => blocks.push(b),
+                None => {
+                    let stamp = self.registry.stamp();
+                    self.prefix.release(blocks, stamp);
+                    return None;
+                }
+            }
+        }
+        Some(SeqKv::with_shared(&self.pages, self.geometry, blocks))
+    }
+
+    /// Lets go of a sequence's KV: private pages return to the pool, shared blocks nobody
+    /// else reads become idle (evictable) in the cache, stamped now.
+    pub(super) fn release_kv(&mut self, kv: Option<SeqKv>) {
+        let Some(kv) = kv else { return };
+        let shared = kv.into_shared();
+        if !shared.is_empty() {
+            let stamp = self.registry.stamp();
+            self.prefix.release(shared, stamp);
+        }
+    }
+
+    /// Counts a request's first admission: its prompt tokens were looked up, `hit` of them
+    /// reused.
+    pub(super) fn count_prefix_query(&mut self, id: SeqId, hit_tokens: usize) {
+        let Some(seq) = self.seqs.get_mut(&id) else {
+            return;
+        };
+        if seq.queried || seq.import.is_some() {
+            return;
+        }
+        seq.queried = true;
+        let hit = hit_tokens.min(seq.prompt_len);
+        seq.cached_prompt_tokens = hit;
+        if self.config.prefix_caching != PrefixCaching::Off {
+            self.prefix_stats.queried_tokens += seq.prompt_len as u64;
+            self.prefix_stats.hit_tokens += hit as u64;
+        }
+    }
+
+    /// Evicts every idle cached block (their pages return to the pool); returns how many.
+    pub fn clear_prefix_cache(&mut self) -> usize {
+        self.prefix.clear_idle()
+    }
+}
+
+/// Extends `seq`'s keys to cover its first `blocks` full blocks.
+fn extend_keys(seq: &mut Sequence, blocks: usize, bs: usize) {
+    let Some(root) = seq.prefix_root else { return };
+    while seq.block_keys.len() < blocks {
+        let b = seq.block_keys.len();
+        let prev = seq.block_keys.last().copied().unwrap_or(root);
+        let Some(tokens) = seq.tokens.get(b * bs..(b + 1) * bs) else {
+            return;
+        };
+        seq.block_keys.push(prev.next(tokens));
+    }
+}

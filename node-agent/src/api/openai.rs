@@ -6,10 +6,11 @@
 //! `max_completion_tokens`, `temperature`, `top_p`, `seed`, `stop`, `n` up to the configured
 //! maximum (1), `stream` with `stream_options.include_usage`, the sampled token's log-probability
 //! (`logprobs: 0` for completions, `logprobs: true` for chat), and vLLM's extras `top_k`,
-//! `ignore_eos`, `stop_token_ids`, `add_generation_prompt`. Anything that would change the
-//! output and is not implemented (`echo`, `suffix`, `best_of > 1`, penalties, `logit_bias`,
-//! tools, `top_logprobs`) is refused with a 400 rather than silently ignored. Unknown fields
-//! are ignored, as OpenAI does.
+//! `ignore_eos`, `stop_token_ids`, `add_generation_prompt`, and structured outputs
+//! (`response_format`: `json_object` or `json_schema`, on both endpoints). Anything that would
+//! change the output and is not implemented (`echo`, `suffix`, `best_of > 1`, penalties,
+//! `logit_bias`, tools, `top_logprobs`) is refused with a 400 rather than silently ignored.
+//! Unknown fields are ignored, as OpenAI does.
 
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -18,6 +19,7 @@ use crate::api::error::ApiError;
 use crate::api::service::{GenerateSpec, Prompt, RequestBounds, Sampling};
 use crate::engine::{FinishReason, Usage};
 use crate::model::tokenizer::ChatMessage;
+use crate::structured::ResponseFormat;
 
 /// `stop`: a string or a list of strings.
 #[derive(Debug, Deserialize)]
@@ -52,6 +54,8 @@ pub struct Common {
     pub top_k: Option<i64>,
     pub ignore_eos: Option<bool>,
     pub stop_token_ids: Option<Vec<u32>>,
+    /// Structured outputs (chat in OpenAI's API; completions too, as vLLM accepts it).
+    pub response_format: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -97,7 +101,7 @@ pub struct ChatRequest {
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<u32>,
     pub tools: Option<Vec<Value>>,
-    pub response_format: Option<Value>,
+    pub tool_choice: Option<Value>,
     pub add_generation_prompt: Option<bool>,
 }
 
@@ -122,7 +126,56 @@ fn unsupported(param: &'static str, what: &str) -> ApiError {
     ApiError::invalid(param, format!("{what} is not supported"))
 }
 
-fn common(c: Common, bounds: &RequestBounds) -> Result<(String, Sampling, Shape), ApiError> {
+/// OpenAI's `response_format`: `{"type": "text"}` (free text), `{"type": "json_object"}`, or
+/// `{"type": "json_schema", "json_schema": {"name", "schema", "strict", "description"}}`.
+///
+/// Errors: a 400 naming what is malformed (the schema itself is checked when it compiles).
+pub fn response_format(v: Option<Value>) -> Result<Option<ResponseFormat>, ApiError> {
+    let bad = |m: &str| ApiError::invalid("response_format", m.to_owned());
+    let Some(v) = v else { return Ok(None) };
+    let Value::Object(mut o) = v else {
+        return Err(bad("response_format must be an object with a type"));
+    };
+    match o.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(ResponseFormat::JsonObject)),
+        Some("json_schema") => {
+            let Some(Value::Object(mut js)) = o.remove("json_schema") else {
+                return Err(bad(
+                    "response_format.json_schema must be an object with a name and a schema",
+                ));
+            };
+            let name = match js.remove("name") {
+                None => String::new(),
+                Some(Value::String(n)) => n,
+                Some(_) => return Err(bad("response_format.json_schema.name must be a string")),
+            };
+            let strict = match js.remove("strict") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => b,
+                Some(_) => return Err(bad("response_format.json_schema.strict must be a boolean")),
+            };
+            let schema = match js.remove("schema") {
+                Some(schema @ Value::Object(_)) => schema,
+                Some(_) => return Err(bad("response_format.json_schema.schema must be an object")),
+                None => return Err(bad("response_format.json_schema.schema is required")),
+            };
+            Ok(Some(ResponseFormat::JsonSchema {
+                name,
+                schema,
+                strict,
+            }))
+        }
+        _ => Err(bad(
+            "response_format.type must be text, json_object or json_schema",
+        )),
+    }
+}
+
+fn common(
+    c: Common,
+    bounds: &RequestBounds,
+) -> Result<(String, Sampling, Shape, Option<ResponseFormat>), ApiError> {
     let n = c.n.unwrap_or(1);
     if n == 0 || n > bounds.max_n as u64 {
         return Err(ApiError::invalid(
@@ -183,7 +236,8 @@ fn common(c: Common, bounds: &RequestBounds) -> Result<(String, Sampling, Shape)
         include_usage: stream && include_usage,
         logprobs: false,
     };
-    Ok((c.model, sampling, shape))
+    let format = response_format(c.response_format)?;
+    Ok((c.model, sampling, shape, format))
 }
 
 /// `/v1/completions` → the serving core's request.
@@ -213,7 +267,7 @@ pub fn completion_spec(
         }
     };
     let prompt = completion_prompt(req.prompt)?;
-    let (model, mut sampling, mut shape) = common(req.common, bounds)?;
+    let (model, mut sampling, mut shape, response_format) = common(req.common, bounds)?;
     sampling.logprobs = logprobs;
     shape.logprobs = logprobs;
     Ok((
@@ -221,6 +275,7 @@ pub fn completion_spec(
             model,
             prompt,
             sampling,
+            response_format,
         },
         shape,
     ))
@@ -275,16 +330,14 @@ pub fn chat_spec(
     if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
         return Err(unsupported("tools", "tool calling"));
     }
+    // "none" and "auto" without tools ask for nothing; anything else asks for a tool call.
+    if let Some(choice) = &req.tool_choice
+        && !matches!(choice.as_str(), Some("none" | "auto"))
+    {
+        return Err(unsupported("tool_choice", "tool calling"));
+    }
     if req.top_logprobs.is_some_and(|n| n > 0) {
         return Err(unsupported("top_logprobs", "top_logprobs above 0"));
-    }
-    if let Some(f) = &req.response_format
-        && f.get("type").and_then(Value::as_str) != Some("text")
-    {
-        return Err(unsupported(
-            "response_format",
-            "a response_format other than text",
-        ));
     }
     if req.messages.is_empty() {
         return Err(ApiError::invalid("messages", "messages must not be empty"));
@@ -325,7 +378,7 @@ pub fn chat_spec(
     if common_fields.max_tokens.is_none() {
         common_fields.max_tokens = req.max_completion_tokens;
     }
-    let (model, mut sampling, mut shape) = common(common_fields, bounds)?;
+    let (model, mut sampling, mut shape, response_format) = common(common_fields, bounds)?;
     let logprobs = req.logprobs.unwrap_or(false);
     sampling.logprobs = logprobs;
     shape.logprobs = logprobs;
@@ -337,6 +390,7 @@ pub fn chat_spec(
                 add_generation_prompt: req.add_generation_prompt.unwrap_or(true),
             },
             sampling,
+            response_format,
         },
         shape,
     ))
@@ -435,6 +489,59 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn response_formats() {
+        let f = |v: Value| response_format(Some(v));
+        assert_eq!(response_format(None).unwrap(), None);
+        assert_eq!(f(json!({"type": "text"})).unwrap(), None);
+        assert_eq!(
+            f(json!({"type": "json_object"})).unwrap(),
+            Some(ResponseFormat::JsonObject)
+        );
+        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        assert_eq!(
+            f(json!({"type": "json_schema", "json_schema": {"name": "n", "schema": schema, "strict": true}}))
+                .unwrap(),
+            Some(ResponseFormat::JsonSchema {
+                name: "n".into(),
+                schema,
+                strict: true
+            })
+        );
+        for bad in [
+            json!("json_object"),
+            json!({"type": "yaml"}),
+            json!({"type": "json_schema"}),
+            json!({"type": "json_schema", "json_schema": {"name": "n"}}),
+            json!({"type": "json_schema", "json_schema": {"schema": [1]}}),
+            json!({"type": "json_schema", "json_schema": {"schema": {}, "strict": "yes"}}),
+        ] {
+            let e = f(bad.clone()).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    ApiError::InvalidArgument {
+                        param: Some("response_format"),
+                        ..
+                    }
+                ),
+                "{bad}: {e}"
+            );
+        }
+        // Both endpoints carry it.
+        let req = parse::<CompletionRequest>(
+            br#"{"model":"m","prompt":"x","response_format":{"type":"json_object"}}"#,
+        )
+        .unwrap();
+        let (spec, _) = completion_spec(req, &bounds()).unwrap();
+        assert_eq!(spec.response_format, Some(ResponseFormat::JsonObject));
+        let req = parse::<ChatRequest>(
+            br#"{"model":"m","messages":[{"role":"user","content":"x"}],"tool_choice":"required"}"#,
+        )
+        .unwrap();
+        assert!(chat_spec(req, &bounds()).is_err());
     }
 
     #[test]

@@ -142,6 +142,7 @@ def test_a_mixed_batch(client, expected):
             max_tokens=c["max_tokens"],
             temperature=0,
             stream=True,
+            extra_body={"ignore_eos": True},
         )
         text = ""
         for chunk in stream:

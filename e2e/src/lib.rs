@@ -454,6 +454,20 @@ impl Oracle {
         prompt: Vec<u32>,
         max_tokens: usize,
     ) -> Expected {
+        let params = SamplingParams {
+            max_tokens,
+            ..SamplingParams::default()
+        };
+        self.generate(adapter, prompt, params).await
+    }
+
+    /// The engine's output for `prompt` under `params`.
+    pub async fn generate(
+        &self,
+        adapter: Option<&str>,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+    ) -> Expected {
         let mut stream = self
             .handle
             .submit(Request {
@@ -461,10 +475,7 @@ impl Oracle {
                 tenant: TenantId::default_tenant(),
                 adapter: adapter.map(str::to_owned),
                 prompt: prompt.clone(),
-                params: SamplingParams {
-                    max_tokens,
-                    ..SamplingParams::default()
-                },
+                params,
             })
             .await
             .unwrap();

@@ -7,11 +7,12 @@
 // Test helpers fail loudly by design.
 #![allow(clippy::unwrap_used)]
 
+use loraplane_agent::engine::SamplingParams;
 use loraplane_e2e::{Agent, Oracle, World, metric, run_pytest, scrape};
 use serde_json::json;
 
-/// Free chat requests (long, so constrained requests sent while they stream share their
-/// steps) and the engine's direct greedy output for each.
+/// Free chat requests (long, ignoring EOS, so constrained requests sent while they stream
+/// share their steps) and the engine's direct greedy output for each.
 async fn expected(world: &World) -> serde_json::Value {
     let oracle = Oracle::new(&world.model);
     oracle.load("sql", &world.path("adapters/sql")).await;
@@ -31,7 +32,12 @@ async fn expected(world: &World) -> serde_json::Value {
     let mut out = Vec::new();
     for (name, adapter, messages) in cases {
         let prompt = oracle.encode_chat(&messages);
-        let e = oracle.greedy(adapter, prompt, max_tokens).await;
+        let params = SamplingParams {
+            max_tokens,
+            ignore_eos: true,
+            ..SamplingParams::default()
+        };
+        let e = oracle.generate(adapter, prompt, params).await;
         assert_eq!(
             e.tokens.len(),
             max_tokens,

@@ -16,7 +16,8 @@ use serde_json::json;
 async fn expected(world: &World) -> serde_json::Value {
     let oracle = Oracle::new(&world.model);
     oracle.load("sql", &world.path("adapters/sql")).await;
-    let cases: [(&str, Option<&str>, Vec<(&str, &str)>); 2] = [
+    type Case<'a> = (&'a str, Option<&'a str>, Vec<(&'a str, &'a str)>);
+    let cases: [Case<'_>; 2] = [
         (
             "free_base",
             None,

@@ -218,6 +218,7 @@ async fn check_grpc(agent: &Agent, c: &Case) {
         sampling,
         logprobs: true,
         skip_special_tokens: false,
+        response_format: None,
     };
     let (ids, text, last) = grpc_generate(&mut client, req.clone()).await;
     assert_eq!(ids, c.expected.tokens, "{}: gRPC tokens", c.name);

@@ -473,6 +473,20 @@ impl Oracle {
         prompt: Vec<u32>,
         max_tokens: usize,
     ) -> Expected {
+        let params = SamplingParams {
+            max_tokens,
+            ..SamplingParams::default()
+        };
+        self.generate(adapter, prompt, params).await
+    }
+
+    /// The engine's output for `prompt` under `params`.
+    pub async fn generate(
+        &self,
+        adapter: Option<&str>,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+    ) -> Expected {
         let mut stream = self
             .handle
             .submit(Request {
@@ -480,10 +494,7 @@ impl Oracle {
                 tenant: TenantId::default_tenant(),
                 adapter: adapter.map(str::to_owned),
                 prompt: prompt.clone(),
-                params: SamplingParams {
-                    max_tokens,
-                    ..SamplingParams::default()
-                },
+                params,
                 cache_salt: None,
             })
             .await
@@ -525,4 +536,33 @@ where
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// Runs the Python clients (`pytest` on `target`, relative to the repository root, e.g.
+/// `e2e/clients` or one file in it) against `agent`, with the expected outputs in `expected`
+/// (the JSON file `e2e/clients/conftest.py` reads) and `scratch` for the generated gRPC stubs.
+/// Prints pytest's report and fails with it when a test fails.
+pub fn run_pytest(target: &str, agent: &Agent, expected: &Path, scratch: &Path) {
+    let root = workspace_root();
+    let out = Command::new("python3")
+        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", target])
+        .current_dir(&root)
+        .env("LORAPLANE_E2E_HTTP", agent.http.to_string())
+        .env("LORAPLANE_E2E_GRPC", agent.grpc.to_string())
+        .env("LORAPLANE_E2E_EXPECTED", expected)
+        .env("LORAPLANE_E2E_PROTO_ROOT", root.join("proto"))
+        .env("LORAPLANE_E2E_TMP", scratch)
+        .output()
+        .expect("running python3 -m pytest (install e2e/clients/requirements.txt; scripts/test.sh does)");
+    let report = format!(
+        "{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    println!("{report}");
+    assert!(
+        out.status.success(),
+        "the Python clients failed (pip install -r e2e/clients/requirements.txt if modules are missing):\n{report}\nthe agent's log:\n{}",
+        agent.log()
+    );
 }

@@ -9,10 +9,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use std::process::Command;
-
 use futures::StreamExt;
-use loraplane_e2e::{Agent, Expected, Oracle, World, post_json, sse_data, workspace_root};
+use loraplane_e2e::{Agent, Expected, Oracle, World, post_json, sse_data};
 use loraplane_proto::v1 as pb;
 use loraplane_proto::v1::inference_client::InferenceClient;
 use serde_json::{Value, json};
@@ -221,6 +219,7 @@ async fn check_grpc(agent: &Agent, c: &Case) {
         logprobs: true,
         skip_special_tokens: false,
         cache_salt: None,
+        response_format: None,
     };
     let (ids, text, last) = grpc_generate(&mut client, req.clone()).await;
     assert_eq!(ids, c.expected.tokens, "{}: gRPC tokens", c.name);
@@ -316,27 +315,7 @@ fn run_python_clients(agent: &Agent, world: &World, cases: &[Case]) {
     });
     let path = world.path("expected.json");
     std::fs::write(&path, expected.to_string()).unwrap();
-    let root = workspace_root();
-    let out = Command::new("python3")
-        .args(["-m", "pytest", "-q", "-p", "no:cacheprovider", "e2e/clients"])
-        .current_dir(&root)
-        .env("LORAPLANE_E2E_HTTP", agent.http.to_string())
-        .env("LORAPLANE_E2E_GRPC", agent.grpc.to_string())
-        .env("LORAPLANE_E2E_EXPECTED", &path)
-        .env("LORAPLANE_E2E_PROTO_ROOT", root.join("proto"))
-        .env("LORAPLANE_E2E_TMP", world.path("python"))
-        .output()
-        .expect("running python3 -m pytest (install e2e/clients/requirements.txt; scripts/test.sh does)");
-    let report = format!(
-        "{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    println!("{report}");
-    assert!(
-        out.status.success(),
-        "the Python clients failed (pip install -r e2e/clients/requirements.txt if modules are missing):\n{report}"
-    );
+    loraplane_e2e::run_pytest("e2e/clients", agent, &path, &world.path("python"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

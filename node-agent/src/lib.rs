@@ -19,3 +19,4 @@ pub mod rng;
 pub mod scheduler;
 pub mod serve;
 pub mod sources;
+pub mod structured;

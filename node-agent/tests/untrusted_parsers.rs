@@ -1,6 +1,7 @@
 //! Randomized property tests of every parser of untrusted bytes (issue 16 point 11): the
 //! safetensors header and offsets and `adapter_config.json` of an adapter, the KV chunk stream
-//! and its assembler, the OpenAI request bodies, and the tenants / API-keys file.
+//! and its assembler, the OpenAI request bodies, the tenants / API-keys file, and the JSON schemas
+//! of structured outputs (compiled into grammars).
 //!
 //! The property is the same for each: any input — mutations of a valid one, or generated
 //! structure — gives `Ok` or a clear `Err`, never a panic, and a length field never makes the
@@ -14,18 +15,22 @@
 #![allow(clippy::unwrap_used)]
 
 use std::path::Path;
+use std::sync::Arc;
 
 use loraplane_agent::api::auth::{self, Tenants};
 use loraplane_agent::api::openai::{self, ChatRequest, CompletionRequest};
 use loraplane_agent::api::service::RequestBounds;
 use loraplane_agent::disagg::transfer::{Assembler, WireLayout};
+use loraplane_agent::engine::actor::grammars_for;
 use loraplane_agent::fixtures::adapter::{self, AdapterSpec};
 use loraplane_agent::fixtures::model::{self, ModelSpec, Preset};
 use loraplane_agent::fixtures::tensor::FixtureDtype;
 use loraplane_agent::lora::Module;
 use loraplane_agent::lora::host::{self as lora_host, AdapterLimits};
 use loraplane_agent::model::config::{Arch, ModelConfig};
+use loraplane_agent::model::tokenizer::TokenizerBundle;
 use loraplane_agent::rng::SplitMix64;
+use loraplane_agent::structured::ResponseFormat;
 use loraplane_proto::v1::{KvChunk, PrefillDone};
 use serde_json::{Map, Value, json};
 
@@ -358,19 +363,26 @@ fn openai_bodies_never_panic() {
         "logit_bias",
         "ignore_eos",
         "tools",
+        "tool_choice",
         "response_format",
+        "json_schema",
+        "json_object",
+        "schema",
+        "name",
+        "strict",
         "add_generation_prompt",
         "user",
     ];
-    let valid: [&[u8]; 2] = [
+    let valid: [&[u8]; 3] = [
         br#"{"model":"m","prompt":"hi","max_tokens":4,"stop":["x"],"stream":true,"stream_options":{"include_usage":true}}"#,
         br#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}],"logprobs":true}"#,
+        br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"response_format":{"type":"json_schema","json_schema":{"name":"p","schema":{"type":"object"},"strict":true}}}"#,
     ];
     let bounds = RequestBounds::default();
     let mut r = rng("openai");
     for _ in 0..cases() {
         let body = if r.below(2) == 0 {
-            let which = r.below(2);
+            let which = r.below(valid.len());
             mutate(&mut r, valid[which])
         } else {
             serde_json::to_vec(&Value::Object(object(&mut r, &keys, 3))).unwrap()
@@ -380,6 +392,85 @@ fn openai_bodies_never_panic() {
         }
         if let Ok(req) = openai::parse::<ChatRequest>(&body) {
             let _ = openai::chat_spec(req, &bounds);
+        }
+    }
+}
+
+/// JSON schemas are compiled into grammars (structured outputs): random and mutated schemas
+/// compile or are refused with an error, and a compiled one gives a mask and takes a token.
+#[test]
+fn json_schemas_never_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("model");
+    let spec = ModelSpec {
+        arch: Arch::Llama,
+        preset: Preset::Tiny,
+        dtype: FixtureDtype::F32,
+        seed: 3,
+        shards: 1,
+    };
+    model::write(&spec, &out).unwrap();
+    let config = ModelConfig::read(&out).unwrap();
+    let tokenizer = Arc::new(TokenizerBundle::load(&out, &config.eos_token_ids).unwrap());
+    let grammars = grammars_for(tokenizer, config.vocab_size);
+    let keys = [
+        "type",
+        "object",
+        "string",
+        "integer",
+        "number",
+        "boolean",
+        "array",
+        "null",
+        "properties",
+        "required",
+        "items",
+        "enum",
+        "const",
+        "minimum",
+        "maximum",
+        "exclusiveMinimum",
+        "minLength",
+        "maxLength",
+        "pattern",
+        "format",
+        "anyOf",
+        "oneOf",
+        "allOf",
+        "$ref",
+        "$defs",
+        "#/$defs/a",
+        "additionalProperties",
+        "minItems",
+        "maxItems",
+        "prefixItems",
+        "x-guidance",
+        "whitespace_flexible",
+        "lenient",
+    ];
+    let valid: &[u8] = br##"{"type":"object","properties":{"a":{"type":"string","pattern":"[a-z]+","maxLength":4},"b":{"$ref":"#/$defs/n"}},"required":["a"],"$defs":{"n":{"type":"integer","minimum":0,"maximum":9}}}"##;
+    let mut r = rng("json-schema");
+    for _ in 0..cases() {
+        let schema = if r.below(2) == 0 {
+            match serde_json::from_slice::<Value>(&mutate(&mut r, valid)) {
+                Ok(v) => v,
+                Err(_) => continue,
+            }
+        } else {
+            Value::Object(object(&mut r, &keys, 3))
+        };
+        let format = ResponseFormat::JsonSchema {
+            name: "fuzz".into(),
+            schema,
+            strict: r.below(2) == 0,
+        };
+        if let Ok(mut c) = grammars.compile(&format)
+            && let Ok(mask) = c.mask()
+        {
+            let allowed = (0..config.vocab_size as u32).find(|t| mask.is_allowed(*t));
+            if let Some(t) = allowed {
+                assert!(c.advance(t).is_ok(), "an allowed token is taken");
+            }
         }
     }
 }

@@ -61,6 +61,13 @@ fn generate_request() -> GenerateRequest {
         logprobs: true,
         skip_special_tokens: true,
         cache_salt: Some("conversation-7".into()),
+        response_format: Some(ResponseFormat {
+            format: Some(response_format::Format::JsonSchema(JsonSchema {
+                name: "person".into(),
+                schema: r#"{"type":"object","properties":{"n":{"type":"integer"}}}"#.into(),
+                strict: true,
+            })),
+        }),
     }
 }
 

@@ -23,6 +23,7 @@ use crate::credential::bearer_from_metadata;
 use crate::engine::{Event, FinishReason};
 use crate::metrics::Surface;
 use crate::model::tokenizer::ChatMessage;
+use crate::structured::ResponseFormat;
 
 /// Longest caller-chosen request id echoed back.
 const MAX_REQUEST_ID_BYTES: usize = 256;
@@ -134,6 +135,11 @@ pub fn to_spec(req: pb::GenerateRequest) -> Result<(String, GenerateSpec), ApiEr
             }
         }
     };
+    let response_format = req
+        .response_format
+        .and_then(|f| f.format)
+        .map(response_format)
+        .transpose()?;
     let s = req.sampling.unwrap_or_default();
     let sampling = Sampling {
         temperature: s.temperature,
@@ -153,8 +159,22 @@ pub fn to_spec(req: pb::GenerateRequest) -> Result<(String, GenerateSpec), ApiEr
             prompt,
             sampling,
             cache_salt: crate::api::service::cache_salt(req.cache_salt)?,
+            response_format,
         },
     ))
+}
+
+/// The wire's response format as the domain's.
+///
+/// Errors: a schema that is not a JSON object.
+pub fn response_format(f: pb::response_format::Format) -> Result<ResponseFormat, ApiError> {
+    match f {
+        pb::response_format::Format::JsonObject(_) => Ok(ResponseFormat::JsonObject),
+        pb::response_format::Format::JsonSchema(js) => {
+            ResponseFormat::json_schema_text(js.name, &js.schema, js.strict)
+                .map_err(|e| invalid(e.to_string()))
+        }
+    }
 }
 
 fn finish_reason(r: FinishReason) -> pb::FinishReason {
@@ -325,6 +345,7 @@ mod tests {
             logprobs: true,
             skip_special_tokens: true,
             cache_salt: Some("s".into()),
+            response_format: None,
         })
         .unwrap();
         assert_eq!(id, "r1");
@@ -354,5 +375,38 @@ mod tests {
             (None, None, Some(3))
         );
         assert!(spec.sampling.logprobs);
+        assert_eq!(spec.response_format, None);
+    }
+
+    #[test]
+    fn response_formats_at_the_edge() {
+        let with = |format| pb::GenerateRequest {
+            prompt: Some(pb::generate_request::Prompt::Text("hi".into())),
+            response_format: Some(pb::ResponseFormat {
+                format: Some(format),
+            }),
+            ..Default::default()
+        };
+        let (_, spec) = to_spec(with(pb::response_format::Format::JsonObject(
+            pb::JsonObject {},
+        )))
+        .unwrap();
+        assert_eq!(spec.response_format, Some(ResponseFormat::JsonObject));
+        let schema = |text: &str| {
+            pb::response_format::Format::JsonSchema(pb::JsonSchema {
+                name: "n".into(),
+                schema: text.into(),
+                strict: false,
+            })
+        };
+        let (_, spec) = to_spec(with(schema(r#"{"type":"integer"}"#))).unwrap();
+        assert!(matches!(
+            spec.response_format,
+            Some(ResponseFormat::JsonSchema { .. })
+        ));
+        for bad in ["not json", "[1]", ""] {
+            let e = to_spec(with(schema(bad))).unwrap_err();
+            assert!(e.to_string().contains("schema"), "{bad}: {e}");
+        }
     }
 }

@@ -6,10 +6,11 @@
 //! `max_completion_tokens`, `temperature`, `top_p`, `seed`, `stop`, `n` up to the configured
 //! maximum (1), `stream` with `stream_options.include_usage`, the sampled token's log-probability
 //! (`logprobs: 0` for completions, `logprobs: true` for chat), and vLLM's extras `top_k`,
-//! `ignore_eos`, `stop_token_ids`, `add_generation_prompt`. Anything that would change the
-//! output and is not implemented (`echo`, `suffix`, `best_of > 1`, penalties, `logit_bias`,
-//! tools, `top_logprobs`) is refused with a 400 rather than silently ignored. Unknown fields
-//! are ignored, as OpenAI does.
+//! `ignore_eos`, `stop_token_ids`, `add_generation_prompt`, and structured outputs
+//! (`response_format`: `json_object` or `json_schema`, on both endpoints). Anything that would
+//! change the output and is not implemented (`echo`, `suffix`, `best_of > 1`, penalties,
+//! `logit_bias`, tools, `top_logprobs`) is refused with a 400 rather than silently ignored.
+//! Unknown fields are ignored, as OpenAI does.
 
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -18,6 +19,7 @@ use crate::api::error::ApiError;
 use crate::api::service::{GenerateSpec, Prompt, RequestBounds, Sampling};
 use crate::engine::{FinishReason, Usage};
 use crate::model::tokenizer::ChatMessage;
+use crate::structured::ResponseFormat;
 
 /// `stop`: a string or a list of strings.
 #[derive(Debug, Deserialize)]
@@ -54,6 +56,8 @@ pub struct Common {
     pub stop_token_ids: Option<Vec<u32>>,
     /// Partitions the prefix cache within the tenant (vLLM's field).
     pub cache_salt: Option<String>,
+    /// Structured outputs (chat in OpenAI's API; completions too, as vLLM accepts it).
+    pub response_format: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -99,7 +103,7 @@ pub struct ChatRequest {
     pub logprobs: Option<bool>,
     pub top_logprobs: Option<u32>,
     pub tools: Option<Vec<Value>>,
-    pub response_format: Option<Value>,
+    pub tool_choice: Option<Value>,
     pub add_generation_prompt: Option<bool>,
 }
 
@@ -124,10 +128,57 @@ fn unsupported(param: &'static str, what: &str) -> ApiError {
     ApiError::invalid(param, format!("{what} is not supported"))
 }
 
+/// OpenAI's `response_format`: `{"type": "text"}` (free text), `{"type": "json_object"}`, or
+/// `{"type": "json_schema", "json_schema": {"name", "schema", "strict", "description"}}`.
+///
+/// Errors: a 400 naming what is malformed (the schema itself is checked when it compiles).
+pub fn response_format(v: Option<Value>) -> Result<Option<ResponseFormat>, ApiError> {
+    let bad = |m: &str| ApiError::invalid("response_format", m.to_owned());
+    let Some(v) = v else { return Ok(None) };
+    let Value::Object(mut o) = v else {
+        return Err(bad("response_format must be an object with a type"));
+    };
+    match o.get("type").and_then(Value::as_str) {
+        Some("text") => Ok(None),
+        Some("json_object") => Ok(Some(ResponseFormat::JsonObject)),
+        Some("json_schema") => {
+            let Some(Value::Object(mut js)) = o.remove("json_schema") else {
+                return Err(bad(
+                    "response_format.json_schema must be an object with a name and a schema",
+                ));
+            };
+            let name = match js.remove("name") {
+                None => String::new(),
+                Some(Value::String(n)) => n,
+                Some(_) => return Err(bad("response_format.json_schema.name must be a string")),
+            };
+            let strict = match js.remove("strict") {
+                None | Some(Value::Null) => false,
+                Some(Value::Bool(b)) => b,
+                Some(_) => return Err(bad("response_format.json_schema.strict must be a boolean")),
+            };
+            let schema = match js.remove("schema") {
+                Some(schema @ Value::Object(_)) => schema,
+                Some(_) => return Err(bad("response_format.json_schema.schema must be an object")),
+                None => return Err(bad("response_format.json_schema.schema is required")),
+            };
+            Ok(Some(ResponseFormat::JsonSchema {
+                name,
+                schema,
+                strict,
+            }))
+        }
+        _ => Err(bad(
+            "response_format.type must be text, json_object or json_schema",
+        )),
+    }
+}
+
 /// The fields of [`Common`] a spec carries besides sampling.
 struct Routing {
     model: String,
     cache_salt: Option<String>,
+    response_format: Option<ResponseFormat>,
 }
 
 fn common(c: Common, _bounds: &RequestBounds) -> Result<(Routing, Sampling, Shape), ApiError> {
@@ -200,6 +251,7 @@ fn common(c: Common, _bounds: &RequestBounds) -> Result<(Routing, Sampling, Shap
     let routing = Routing {
         model: c.model,
         cache_salt,
+        response_format: response_format(c.response_format)?,
     };
     Ok((routing, sampling, shape))
 }
@@ -240,6 +292,7 @@ pub fn completion_spec(
             prompt,
             sampling,
             cache_salt: routing.cache_salt,
+            response_format: routing.response_format,
         },
         shape,
     ))
@@ -294,16 +347,14 @@ pub fn chat_spec(
     if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
         return Err(unsupported("tools", "tool calling"));
     }
+    // "none" and "auto" without tools ask for nothing; anything else asks for a tool call.
+    if let Some(choice) = &req.tool_choice
+        && !matches!(choice.as_str(), Some("none" | "auto"))
+    {
+        return Err(unsupported("tool_choice", "tool calling"));
+    }
     if req.top_logprobs.is_some_and(|n| n > 0) {
         return Err(unsupported("top_logprobs", "top_logprobs above 0"));
-    }
-    if let Some(f) = &req.response_format
-        && f.get("type").and_then(Value::as_str) != Some("text")
-    {
-        return Err(unsupported(
-            "response_format",
-            "a response_format other than text",
-        ));
     }
     if req.messages.is_empty() {
         return Err(ApiError::invalid("messages", "messages must not be empty"));
@@ -357,6 +408,7 @@ pub fn chat_spec(
                 add_generation_prompt: req.add_generation_prompt.unwrap_or(true),
             },
             sampling,
+            response_format: routing.response_format,
         },
         shape,
     ))
@@ -458,6 +510,59 @@ mod tests {
                 ..
             })
         ));
+    }
+
+    #[test]
+    fn response_formats() {
+        let f = |v: Value| response_format(Some(v));
+        assert_eq!(response_format(None).unwrap(), None);
+        assert_eq!(f(json!({"type": "text"})).unwrap(), None);
+        assert_eq!(
+            f(json!({"type": "json_object"})).unwrap(),
+            Some(ResponseFormat::JsonObject)
+        );
+        let schema = json!({"type": "object", "properties": {"a": {"type": "integer"}}});
+        assert_eq!(
+            f(json!({"type": "json_schema", "json_schema": {"name": "n", "schema": schema, "strict": true}}))
+                .unwrap(),
+            Some(ResponseFormat::JsonSchema {
+                name: "n".into(),
+                schema,
+                strict: true
+            })
+        );
+        for bad in [
+            json!("json_object"),
+            json!({"type": "yaml"}),
+            json!({"type": "json_schema"}),
+            json!({"type": "json_schema", "json_schema": {"name": "n"}}),
+            json!({"type": "json_schema", "json_schema": {"schema": [1]}}),
+            json!({"type": "json_schema", "json_schema": {"schema": {}, "strict": "yes"}}),
+        ] {
+            let e = f(bad.clone()).unwrap_err();
+            assert!(
+                matches!(
+                    e,
+                    ApiError::InvalidArgument {
+                        param: Some("response_format"),
+                        ..
+                    }
+                ),
+                "{bad}: {e}"
+            );
+        }
+        // Both endpoints carry it.
+        let req = parse::<CompletionRequest>(
+            br#"{"model":"m","prompt":"x","response_format":{"type":"json_object"}}"#,
+        )
+        .unwrap();
+        let (spec, _) = completion_spec(req, &bounds()).unwrap();
+        assert_eq!(spec.response_format, Some(ResponseFormat::JsonObject));
+        let req = parse::<ChatRequest>(
+            br#"{"model":"m","messages":[{"role":"user","content":"x"}],"tool_choice":"required"}"#,
+        )
+        .unwrap();
+        assert!(chat_spec(req, &bounds()).is_err());
     }
 
     #[test]

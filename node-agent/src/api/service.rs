@@ -26,6 +26,7 @@ use crate::engine::actor::{EngineHandle, RequestStream};
 use crate::engine::{Event, FinishReason, Request, SamplingParams, Timings, Usage};
 use crate::metrics::{Metrics, Surface};
 use crate::model::tokenizer::ChatMessage;
+use crate::structured::{Constraint, ResponseFormat};
 
 /// Bounds on what one request may ask for (from the `serve` flags).
 #[derive(Debug, Clone)]
@@ -95,6 +96,8 @@ pub struct GenerateSpec {
     pub sampling: Sampling,
     /// Partitions the prefix cache further than the tenant (vLLM's `cache_salt`).
     pub cache_salt: Option<String>,
+    /// Structured outputs: the output must be JSON of this shape; `None` is free text.
+    pub response_format: Option<ResponseFormat>,
 }
 
 /// Checks a request's `cache_salt` (`engine::check_cache_salt`).
@@ -420,6 +423,31 @@ impl AgentService {
         Ok(ids)
     }
 
+    /// Compiles a request's response format on a blocking thread (the first one also builds
+    /// the vocabulary's token trie).
+    ///
+    /// Errors: a 400 naming the schema's problem; `ignore_eos` (the grammar decides where a
+    /// structured output ends).
+    async fn compile_format(
+        &self,
+        format: ResponseFormat,
+        ignore_eos: bool,
+    ) -> Result<Constraint, ApiError> {
+        if ignore_eos {
+            return Err(ApiError::invalid(
+                "ignore_eos",
+                "ignore_eos cannot be combined with response_format: the format decides where \
+                 the output ends",
+            ));
+        }
+        let engine = self.inner.engine.clone();
+        tokio::task::spawn_blocking(move || engine.compile_format(&format))
+            .await
+            // The compiler panicked on this schema: still the schema's problem to the caller.
+            .map_err(|_| ApiError::invalid("response_format", "the schema could not be compiled"))?
+            .map_err(|e| ApiError::invalid("response_format", e.to_string()))
+    }
+
     fn next_id(&self) -> String {
         let n = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         format!("{:016x}{n:08x}", self.inner.id_prefix)
@@ -451,6 +479,10 @@ impl AgentService {
                 ),
             ));
         }
+        let constraint = match spec.response_format {
+            None => None,
+            Some(format) => Some(self.compile_format(format, s.ignore_eos).await?),
+        };
         let admission = caller
             .admit(prompt.len(), Instant::now())
             .inspect_err(|e| {
@@ -476,6 +508,7 @@ impl AgentService {
                 ignore_eos: s.ignore_eos,
                 logprobs: s.logprobs,
                 return_logits: false,
+                constraint,
             },
             cache_salt: spec.cache_salt,
         };

@@ -23,8 +23,9 @@ use std::time::{Duration, Instant};
 
 use loraplane_proto::v1::kv_transfer_client::KvTransferClient;
 use loraplane_proto::v1::{
-    AdapterIdentity, GenerateRequest, PrefillRequest, SamplingParams as WireSampling,
-    prefill_response,
+    AdapterIdentity, GenerateRequest, JsonObject, JsonSchema, PrefillRequest,
+    ResponseFormat as WireFormat, SamplingParams as WireSampling, prefill_response,
+    response_format as wire_format,
 };
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 
@@ -36,6 +37,7 @@ use crate::disagg::transfer::{Assembler, TransferError, WireLayout};
 use crate::engine::actor::{EngineHandle, RequestStream};
 use crate::engine::{EngineError, KvImport, Request};
 use crate::lora::ids::{AdapterId, AdapterKey};
+use crate::structured::ResponseFormat;
 
 /// How a decode agent reaches its prefill peers.
 #[derive(Debug, Clone)]
@@ -485,6 +487,8 @@ impl DecodeRouter {
                     ..WireSampling::default()
                 }),
                 cache_salt: request.cache_salt.clone(),
+                // The prefill agent samples the first token under the same grammar.
+                response_format: p.constraint.as_ref().map(|c| format_to_wire(c.format())),
                 ..GenerateRequest::default()
             }),
             prompt_token_ids: request.prompt.clone(),
@@ -520,6 +524,25 @@ impl DecodeRouter {
             self.layout.num_layers
         ))
         .into())
+    }
+}
+
+/// A request's response format as its prefill peer is told it.
+fn format_to_wire(f: &ResponseFormat) -> WireFormat {
+    let format = match f {
+        ResponseFormat::JsonObject => wire_format::Format::JsonObject(JsonObject {}),
+        ResponseFormat::JsonSchema {
+            name,
+            schema,
+            strict,
+        } => wire_format::Format::JsonSchema(JsonSchema {
+            name: name.clone(),
+            schema: schema.to_string(),
+            strict: *strict,
+        }),
+    };
+    WireFormat {
+        format: Some(format),
     }
 }
 

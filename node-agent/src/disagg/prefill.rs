@@ -14,7 +14,9 @@ use std::time::Instant;
 
 use futures::Stream;
 use loraplane_proto::v1::kv_transfer_server::KvTransfer;
-use loraplane_proto::v1::{PrefillDone, PrefillRequest, PrefillResponse, prefill_response};
+use loraplane_proto::v1::{
+    PrefillDone, PrefillRequest, PrefillResponse, prefill_response, response_format as wire_format,
+};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request as GrpcRequest, Response, Status};
@@ -26,6 +28,7 @@ use crate::engine::actor::EngineHandle;
 use crate::engine::{Event, FinishReason, Request, SamplingParams};
 use crate::lora::ids::{AdapterKey, Digest, TenantId};
 use crate::sources::{SourceOptions, resolve_adapter};
+use crate::structured::{Constraint, ResponseFormat};
 
 /// Responses buffered per stream before the producer waits for the decode agent.
 const STREAM_BUFFER: usize = 4;
@@ -111,6 +114,37 @@ impl PrefillService {
     }
 }
 
+impl PrefillService {
+    /// The decode agent's response format, compiled here, so the first token is sampled under
+    /// the same grammar the decode agent continues.
+    ///
+    /// Errors: a format that does not compile (`INVALID_ARGUMENT`; the decode agent compiled
+    /// it already, so this means the agents disagree).
+    async fn constraint(&self, req: &PrefillRequest) -> Result<Option<Constraint>, Status> {
+        let Some(format) = req
+            .request
+            .as_ref()
+            .and_then(|r| r.response_format.clone())
+            .and_then(|f| f.format)
+        else {
+            return Ok(None);
+        };
+        let format = match format {
+            wire_format::Format::JsonObject(_) => ResponseFormat::JsonObject,
+            wire_format::Format::JsonSchema(js) => {
+                ResponseFormat::json_schema_text(js.name, &js.schema, js.strict)
+                    .map_err(|e| Status::invalid_argument(e.to_string()))?
+            }
+        };
+        let engine = self.engine.clone();
+        tokio::task::spawn_blocking(move || engine.compile_format(&format))
+            .await
+            .map_err(|_| Status::invalid_argument("the response format could not be compiled"))?
+            .map(Some)
+            .map_err(|e| Status::invalid_argument(e.to_string()))
+    }
+}
+
 fn parse_digest(s: &str) -> Option<Digest> {
     let hex_str = s.strip_prefix("sha256:")?;
     let bytes: [u8; 32] = hex::decode(hex_str).ok()?.try_into().ok()?;
@@ -182,12 +216,14 @@ impl KvTransfer for PrefillService {
         };
         let cache_salt = req.request.as_ref().and_then(|r| r.cache_salt.clone());
         crate::engine::check_cache_salt(cache_salt.as_deref()).map_err(Status::invalid_argument)?;
+        let mut params = sampling(&req);
+        params.constraint = self.constraint(&req).await?;
         let engine_req = Request {
             id: format!("prefill-{}", req.request_id),
             tenant,
             adapter: adapter.map(|(_, n)| n),
             prompt: req.prompt_token_ids.clone(),
-            params: sampling(&req),
+            params,
             cache_salt,
         };
         let started = Instant::now();

@@ -22,6 +22,27 @@ use crate::lora::ids::{AdapterKey, Digest};
 use crate::lora::registry::AdapterSummary;
 use crate::model::config::ModelConfig;
 use crate::model::tokenizer::TokenizerBundle;
+use crate::structured::{
+    Constraint, Encoder, GrammarError, Grammars, ResponseFormat, SharedGrammars,
+};
+
+/// The grammar compiler of a model's tokenizer (the engine's), built on first use.
+pub fn grammars_for(tokenizer: Arc<TokenizerBundle>, vocab_size: usize) -> SharedGrammars {
+    SharedGrammars::new(move || {
+        let json = tokenizer
+            .tokenizer
+            .to_string(false)
+            .map_err(|e| GrammarError::Unavailable(format!("serialising the tokenizer: {e}")))
+            .and_then(|text| {
+                serde_json::from_str(&text)
+                    .map_err(|e| GrammarError::Unavailable(format!("reading the tokenizer: {e}")))
+            })?;
+        let bundle = tokenizer.clone();
+        let encode: Encoder =
+            Arc::new(move |text: &str| bundle.encode(text, false).unwrap_or_default());
+        Grammars::new(&json, vocab_size, &tokenizer.eos_ids, encode)
+    })
+}
 
 type Reply<T> = oneshot::Sender<Result<T, EngineError>>;
 
@@ -87,6 +108,8 @@ pub struct EngineHandle {
     tokenizer: Arc<TokenizerBundle>,
     model: Arc<ModelConfig>,
     num_pages: usize,
+    /// Compiles requests' response formats against this model's tokenizer.
+    grammars: Arc<SharedGrammars>,
 }
 
 /// The events of one request, in order; the last is [`Event::Finished`]. Dropping it cancels
@@ -122,12 +145,23 @@ impl EngineHandle {
             .name("loraplane-engine".into())
             .spawn(move || actor.run())
             .map_err(EngineError::ThreadSpawn)?;
+        let grammars = Arc::new(grammars_for(tokenizer.clone(), model.vocab_size));
         Ok(EngineHandle {
             tx,
             tokenizer,
             model,
             num_pages,
+            grammars,
         })
+    }
+
+    /// Compiles a response format into a request's grammar (structured outputs). Blocks: the
+    /// first call builds the vocabulary's token trie, and a schema can take milliseconds to
+    /// compile, so call it from a blocking task.
+    ///
+    /// Errors: an invalid schema, or a tokenizer the grammar engine cannot describe.
+    pub fn compile_format(&self, format: &ResponseFormat) -> Result<Constraint, GrammarError> {
+        self.grammars.compile(format)
     }
 
     pub fn tokenizer(&self) -> &Arc<TokenizerBundle> {

@@ -328,7 +328,7 @@ impl<B: Backend> Engine<B> {
         seq.sampler.skip_draw();
         let max_context = self.model.config.max_position_embeddings;
         self.tokens_generated += 1;
-        let finish = seq.push_token(
+        let finish = seq.take_token(
             import.first_token,
             import.first_logprob,
             None,
@@ -336,8 +336,8 @@ impl<B: Backend> Engine<B> {
             max_context,
         );
         match finish {
-            Some(reason) => {
-                self.finish(id, reason, None);
+            Some((reason, error)) => {
+                self.finish(id, reason, error);
                 false
             }
             None => true,

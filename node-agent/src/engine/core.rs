@@ -386,7 +386,7 @@ impl<B: Backend> Engine<B> {
 
     fn enqueue(
         &mut self,
-        req: Request,
+        mut req: Request,
         events: UnboundedSender<Event>,
         export: Option<UnboundedSender<KvLayer>>,
         import: Option<KvImport>,
@@ -462,6 +462,8 @@ impl<B: Backend> Engine<B> {
         let id = SeqId(self.next_seq);
         self.next_seq += 1;
         let prompt_len = req.prompt.len();
+        // The grammar's state lives in the sampler; the parameters keep the rest.
+        let constraint = req.params.constraint.take();
         let seq = Sequence {
             request_id: req.id.clone(),
             tenant: req.tenant,
@@ -472,7 +474,7 @@ impl<B: Backend> Engine<B> {
             computed: 0,
             charged: 0,
             kv: None,
-            sampler: Sampler::new(&req.params, id.0 ^ 0x5eed),
+            sampler: Sampler::new(&req.params, constraint, id.0 ^ 0x5eed),
             params: req.params,
             detok: Detokenizer::default(),
             text: String::new(),

@@ -3,9 +3,10 @@
 use std::time::Duration;
 
 use crate::lora::ids::TenantId;
+use crate::structured::Constraint;
 
 /// Sampling and stopping parameters of one request.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub struct SamplingParams {
     /// 0 is greedy.
     pub temperature: f32,
@@ -20,6 +21,9 @@ pub struct SamplingParams {
     /// Attach the full logits row to every token event (for numerical checks and debugging;
     /// not exposed through the public APIs).
     pub return_logits: bool,
+    /// Structured outputs: every sampled token must keep the output inside this grammar, and
+    /// generation stops when the grammar is complete.
+    pub constraint: Option<Constraint>,
 }
 
 impl Default for SamplingParams {
@@ -35,6 +39,7 @@ impl Default for SamplingParams {
             ignore_eos: false,
             logprobs: false,
             return_logits: false,
+            constraint: None,
         }
     }
 }

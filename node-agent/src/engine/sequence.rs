@@ -113,8 +113,36 @@ impl Sequence {
             .unwrap_or(0)
     }
 
+    /// Takes a sampled (or received) token: advances the request's grammar, if it has one,
+    /// then appends the token ([`Sequence::push_token`]). Returns why generation ends, if it
+    /// does: a grammar that is complete ends it with `Stop`; a token the grammar refuses (a
+    /// prefill peer that ignored the constraint) fails the request with the reason.
+    pub fn take_token(
+        &mut self,
+        token: u32,
+        logprob: Option<f32>,
+        logits: Option<Vec<f32>>,
+        tok: &TokenizerBundle,
+        max_context: usize,
+    ) -> Option<(FinishReason, Option<String>)> {
+        let complete = match self.sampler.advance(token) {
+            Ok(complete) => complete,
+            Err(e) => {
+                return Some((
+                    FinishReason::Error,
+                    Some(format!("token {token} breaks the response format: {e}")),
+                ));
+            }
+        };
+        match self.push_token(token, logprob, logits, tok, max_context) {
+            Some(reason) => Some((reason, None)),
+            None if complete => Some((FinishReason::Stop, None)),
+            None => None,
+        }
+    }
+
     /// Appends a sampled token; returns the reason generation ends, if it does.
-    pub fn push_token(
+    fn push_token(
         &mut self,
         token: u32,
         logprob: Option<f32>,

@@ -12,6 +12,7 @@ use crate::engine::request::{FinishReason, KvLayer};
 use crate::lora::batch::LoraBatch;
 use crate::model::llama::{SeqRows, StepInput};
 use crate::scheduler::SeqId;
+use crate::structured::Constraint;
 
 impl<B: Backend> Engine<B> {
     /// Runs one step. Returns the number of tokens computed (0 when there was nothing to do).
@@ -40,7 +41,7 @@ impl<B: Backend> Engine<B> {
                 seq.scheduled.get_or_insert(now);
             }
         }
-        let (logits, sample_rows) = match self.run(&plan) {
+        let (logits, sample_rows) = match self.run_with_masks(&plan) {
             Ok(out) => out,
             Err(e) => {
                 tracing::error!(error = %e, "step failed; failing its requests");
@@ -96,8 +97,7 @@ impl<B: Backend> Engine<B> {
                     self.tokens_generated += 1;
                     self.scheduler.charge(&tenant, 0, 1);
                     let logits = seq.params.return_logits.then(|| logits_row.to_vec());
-                    seq.push_token(token, logprob, logits, &self.tokenizer, max_context)
-                        .map(|r| (r, None))
+                    seq.take_token(token, logprob, logits, &self.tokenizer, max_context)
                 }
                 // Only this request fails (rows are independent); name its adapter, the
                 // likely cause of non-finite logits.
@@ -114,6 +114,45 @@ impl<B: Backend> Engine<B> {
             }
         }
         Ok(computed)
+    }
+
+    /// [`Engine::run`], while another thread computes the token masks of the constrained
+    /// sequences that sample this step: a mask depends only on the tokens already taken, so it
+    /// is ready when the logits are, and a batch without constrained rows pays nothing.
+    fn run_with_masks(
+        &mut self,
+        plan: &[(SeqId, usize)],
+    ) -> Result<(Vec<f32>, Vec<SeqId>), EngineError> {
+        let mut lent: Vec<(SeqId, Constraint)> = plan
+            .iter()
+            .filter_map(|&(id, n)| {
+                let seq = self.seqs.get_mut(&id)?;
+                let samples = seq.computed + n == seq.tokens.len();
+                samples
+                    .then(|| seq.sampler.take_constraint())
+                    .flatten()
+                    .map(|c| (id, c))
+            })
+            .collect();
+        if lent.is_empty() {
+            return self.run(plan);
+        }
+        let (out, masks) = std::thread::scope(|scope| {
+            let masks = scope.spawn(|| lent.iter_mut().map(|(_, c)| c.mask()).collect::<Vec<_>>());
+            let out = self.run(plan);
+            (out, masks.join())
+        });
+        let masks = masks.unwrap_or_else(|_| {
+            (0..lent.len())
+                .map(|_| Err("computing the token mask panicked".to_owned()))
+                .collect()
+        });
+        for ((id, constraint), mask) in lent.into_iter().zip(masks) {
+            if let Some(seq) = self.seqs.get_mut(&id) {
+                seq.sampler.restore_constraint(constraint, mask);
+            }
+        }
+        out
     }
 
     /// Builds the step input and runs the model. Returns the logits and the sequences that

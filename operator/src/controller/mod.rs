@@ -210,6 +210,6 @@ mod tests;
 #[cfg(test)]
 mod tests_autoscaling;
 #[cfg(test)]
-mod tests_demand;
-#[cfg(test)]
 mod tests_claims;
+#[cfg(test)]
+mod tests_demand;

@@ -385,6 +385,7 @@ async fn stats_and_drain() {
                     max_tokens: 2,
                     ..SamplingParams::default()
                 },
+                cache_salt: None,
             })
             .await
             .unwrap();

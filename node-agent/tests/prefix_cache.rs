@@ -75,13 +75,21 @@ fn engine(w: &World, config: EngineConfig) -> Engine<CpuBackend> {
 /// Loads (or re-points) `tenant`'s adapter `name` at `dir`, as the actor would.
 fn load(e: &mut Engine<CpuBackend>, tenant: &str, name: &str, dir: &Path) {
     let key = AdapterKey::new(tenant, name);
-    if e.begin_adapter_load(key.clone(), dir.to_owned(), None, false)
+    let model = e.model_config().clone();
+    match e
+        .begin_adapter_load(key.clone(), dir.to_owned(), None, false)
         .unwrap()
     {
-        let (_, source) = e.take_pending_loads().pop().unwrap();
-        let model = e.model_config().clone();
-        e.finish_adapter_load(&key, host::load(&source, &model, &AdapterLimits::default()))
-            .unwrap();
+        loraplane_agent::engine::LoadWait::Load => {
+            let (_, source) = e.take_pending_loads().pop().unwrap();
+            e.finish_adapter_load(&key, host::load(&source, &model, &AdapterLimits::default()))
+                .unwrap();
+        }
+        // The same source again: re-read it, as the actor does (changed files replace).
+        loraplane_agent::engine::LoadWait::Verify => {
+            let read = host::load(dir, &model, &AdapterLimits::default());
+            e.finish_adapter_verify(&key, dir, read).unwrap();
+        }
     }
 }
 

@@ -81,6 +81,7 @@ fn request(id: &str, max_tokens: usize, constraint: Option<Constraint>) -> Reque
             constraint,
             ..SamplingParams::default()
         },
+        cache_salt: None,
     }
 }
 

@@ -168,6 +168,7 @@ mod tests {
             prompt_format: PromptFormat::TokenIds,
             base_model: "model".into(),
             vocab_size: None,
+            shared_prefix_tokens: 0,
         }
     }
 

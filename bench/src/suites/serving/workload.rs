@@ -142,6 +142,10 @@ pub struct Workload {
     /// vocabulary (set it when driving a server that runs another model).
     #[serde(default)]
     pub vocab_size: Option<usize>,
+    /// Tokens of a system prompt every request of one adapter (or of the base model) starts
+    /// with, before its own `prompt_tokens` (0: none). What a prefix cache reuses.
+    #[serde(default)]
+    pub shared_prefix_tokens: usize,
 }
 
 fn default_prompt_format() -> PromptFormat {
@@ -237,6 +241,14 @@ impl Workload {
             self.vocab_size.is_none_or(|v| v > 16),
             "`vocab_size` must be above 16"
         );
+        anyhow::ensure!(
+            self.shared_prefix_tokens == 0 || self.prompt_format == PromptFormat::TokenIds,
+            "`shared_prefix_tokens` needs `prompt_format = \"token-ids\"`"
+        );
+        anyhow::ensure!(
+            self.shared_prefix_tokens <= 1 << 20,
+            "`shared_prefix_tokens` must be at most 1048576"
+        );
         Ok(())
     }
 
@@ -279,7 +291,7 @@ impl Workload {
             vocab: self.vocab_size.unwrap_or(vocab),
             seed: self.seed,
         };
-        sim::generate(&spec)
+        let jobs: Vec<Planned> = sim::generate(&spec)
             .into_iter()
             .enumerate()
             .map(|(i, job)| Planned {
@@ -292,7 +304,32 @@ impl Workload {
                 prompt: job.prompt,
                 max_tokens: job.max_tokens,
             })
-            .collect()
+            .collect();
+        self.with_shared_prefixes(jobs, spec.vocab)
+    }
+
+    /// Puts each adapter's (and the base model's) system prompt of `shared_prefix_tokens`
+    /// seeded tokens before every prompt that goes to it.
+    fn with_shared_prefixes(&self, mut jobs: Vec<Planned>, vocab: usize) -> Vec<Planned> {
+        if self.shared_prefix_tokens == 0 {
+            return jobs;
+        }
+        let mut prefixes: std::collections::HashMap<Option<usize>, Vec<u32>> = Default::default();
+        for job in &mut jobs {
+            let prefix = prefixes.entry(job.adapter).or_insert_with(|| {
+                let key = job.adapter.map_or(0, |a| a as u64 + 1);
+                let mut rng = loraplane_agent::rng::SplitMix64::new(
+                    self.seed ^ 0x7072_6566_6978 ^ key.wrapping_mul(0x9e37_79b9_7f4a_7c15),
+                );
+                (0..self.shared_prefix_tokens)
+                    .map(|_| rng.below(vocab.saturating_sub(16).max(1)) as u32)
+                    .collect()
+            });
+            let mut prompt = prefix.clone();
+            prompt.append(&mut job.prompt);
+            job.prompt = prompt;
+        }
+        jobs
     }
 
     /// The `model` field of a request.
@@ -328,6 +365,32 @@ popularity = { kind = "uniform" }
         let w: Workload = toml::from_str(text)?;
         w.validate()?;
         Ok(w)
+    }
+
+    #[test]
+    fn shared_prefixes_are_per_adapter_and_come_first() {
+        let w = parse(&format!("shared_prefix_tokens = 6\n{CANONICAL}")).unwrap();
+        let jobs = w.expand(512);
+        let plain = parse(CANONICAL).unwrap().expand(512);
+        for (j, p) in jobs.iter().zip(&plain) {
+            assert_eq!(j.prompt.len(), 6 + p.prompt.len());
+            assert_eq!(
+                &j.prompt[6..],
+                &p.prompt[..],
+                "the request's own tokens follow"
+            );
+            for k in &jobs {
+                let same = j.prompt[..6] == k.prompt[..6];
+                assert_eq!(
+                    same,
+                    j.adapter == k.adapter,
+                    "one system prompt per adapter"
+                );
+            }
+        }
+        let text = format!("shared_prefix_tokens = 6\nprompt_format = \"text\"\n{CANONICAL}");
+        let err = parse(&text).unwrap_err().to_string();
+        assert!(err.contains("token-ids"), "{err}");
     }
 
     #[test]

@@ -135,6 +135,7 @@ fn run_disaggregated<B: Backend>(p: &mut Engine<B>, d: &mut Engine<B>, w: &World
             panic!("no first token")
         };
         let import = KvImport {
+            first_block: 0,
             layers: layers.into_iter().map(|l| l.data).collect(),
             first_token: id,
             first_logprob: logprob,

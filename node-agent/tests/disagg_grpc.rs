@@ -22,7 +22,9 @@ use loraplane_agent::disagg::prefill::PrefillService;
 use loraplane_agent::disagg::stats::DisaggStats;
 use loraplane_agent::disagg::transfer::WireLayout;
 use loraplane_agent::engine::actor::EngineHandle;
-use loraplane_agent::engine::{EngineConfig, EngineError, Event, Request, SamplingParams};
+use loraplane_agent::engine::{
+    EngineConfig, EngineError, Event, PrefixCaching, Request, SamplingParams,
+};
 use loraplane_agent::fixtures::adapter::{self, AdapterSpec};
 use loraplane_agent::fixtures::model::{self, ModelSpec, Preset};
 use loraplane_agent::fixtures::tensor::FixtureDtype;
@@ -451,4 +453,122 @@ async fn the_kv_channel_requires_the_cluster_credential() {
         0,
         "nothing was computed for an intruder"
     );
+}
+
+/// The tokens of a request and its usage's cached prompt tokens.
+async fn tokens_and_cached(
+    stream: Result<loraplane_agent::engine::actor::RequestStream, EngineError>,
+) -> (Vec<u32>, usize) {
+    let mut stream = stream.unwrap();
+    let mut out = Vec::new();
+    while let Some(ev) = stream.recv().await {
+        match ev {
+            Event::Token { id, .. } => out.push(id),
+            Event::Finished { error, usage, .. } => {
+                assert!(error.is_none(), "{error:?}");
+                return (out, usage.cached_prompt_tokens);
+            }
+        }
+    }
+    panic!("no Finished event");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_decode_agent_fetches_only_the_blocks_its_own_cache_lacks() {
+    let w = world();
+    // The reference computes every prompt in full.
+    let reference = EngineHandle::spawn(
+        CpuBackend,
+        &w.model,
+        EngineConfig {
+            num_pages: 1024,
+            prefix_caching: PrefixCaching::Off,
+            ..EngineConfig::default()
+        },
+    )
+    .unwrap();
+    for (i, dir) in w.adapters.iter().enumerate() {
+        let key = AdapterKey::new("default", &format!("lora-{i}"));
+        reference
+            .load_adapter(key, dir.clone(), None, false)
+            .await
+            .unwrap();
+    }
+    let (addr, prefill, prefill_stats) = serve_prefill(&w, Fault::None).await;
+    let decode = engine(&w, true).await;
+    let stats = Arc::new(DisaggStats::default());
+    let router = DecodeRouter::start(
+        decode.clone(),
+        layout(&decode),
+        options(vec![addr], false),
+        stats.clone(),
+    )
+    .await;
+    let l = layout(&decode);
+    let block_bytes = (l.block_elems() * 4 * l.num_layers) as u64;
+    // A 64-token system prompt (four blocks of 16), then each request's own tokens.
+    let system: Vec<u32> = (0..64).map(|j| ((j * 29 + 3) % 500) as u32).collect();
+    let ask = |id: &str, own: &[u32]| Request {
+        id: id.into(),
+        tenant: TenantId::default_tenant(),
+        adapter: Some("lora-0".into()),
+        prompt: system.iter().chain(own).copied().collect(),
+        params: SamplingParams {
+            max_tokens: 6,
+            ignore_eos: true,
+            ..SamplingParams::default()
+        },
+        cache_salt: None,
+    };
+    let own_a: Vec<u32> = (0..20).map(|j| 400 + j).collect();
+    let own_b: Vec<u32> = (0..20).map(|j| 300 + 2 * j).collect();
+    // (request, blocks on the wire, cached prompt tokens, prefilled remotely)
+    let cases = [
+        // Nothing cached here yet: all six blocks of 84 tokens travel.
+        (ask("first", &own_a), 6, 0, true),
+        // The system prompt's four blocks are cached here now: blocks 4 and 5 travel.
+        (ask("second", &own_b), 2, 64, true),
+        // Two tokens beyond the cached blocks: below the local-prefill threshold (4), computed
+        // here, nothing travels.
+        (ask("third", &own_a[..2]), 0, 64, false),
+    ];
+    for (req, blocks, cached, remote) in cases {
+        let remote_before = stats.remote_prefills.load(Ordering::Relaxed);
+        let bytes_before = stats.bytes_received.load(Ordering::Relaxed);
+        let expected = tokens(reference.submit(req.clone()).await).await;
+        let (got, got_cached) = tokens_and_cached(router.submit(req.clone()).await).await;
+        assert_eq!(got, expected, "{}", req.id);
+        assert_eq!(got_cached, cached, "{}: cached prompt tokens", req.id);
+        let remote_now = stats.remote_prefills.load(Ordering::Relaxed) - remote_before;
+        assert_eq!(
+            remote_now,
+            u64::from(remote),
+            "{}: prefilled remotely",
+            req.id
+        );
+        assert_eq!(
+            stats.bytes_received.load(Ordering::Relaxed) - bytes_before,
+            blocks * block_bytes,
+            "{}: KV bytes received",
+            req.id
+        );
+    }
+    assert_eq!(
+        stats.bytes_received.load(Ordering::Relaxed),
+        prefill_stats.bytes_sent.load(Ordering::Relaxed)
+    );
+
+    // A remote prefill that fails (no peer listens, no local fallback) lets go of the blocks
+    // pinned for it: the pool settles back to empty below.
+    let dead = DecodeRouter::start(
+        decode.clone(),
+        layout(&decode),
+        options(vec!["127.0.0.1:1".into()], false),
+        Arc::new(DisaggStats::default()),
+    )
+    .await;
+    let err = dead.submit(ask("fourth", &own_b)).await.unwrap_err();
+    assert!(matches!(err, EngineError::Unavailable(_)), "{err:?}");
+    settle(&prefill).await;
+    settle(&decode).await;
 }

@@ -201,6 +201,7 @@ fn run_disaggregated(
             panic!("no first token")
         };
         let import = KvImport {
+            first_block: 0,
             layers: layers.into_iter().map(|l| l.data).collect(),
             first_token: id,
             first_logprob: logprob,

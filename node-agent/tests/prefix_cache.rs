@@ -317,3 +317,51 @@ fn under_pressure_idle_blocks_and_adapters_go_before_any_preemption() {
     );
     assert_eq!(e.stats().prefix.blocks, 0);
 }
+
+/// A decode agent's pin (before a remote prefill) holds the prompt's cached blocks: clearing
+/// the cache leaves them, a submission hands them to the request, which reuses them at
+/// admission, and unpinning lets go of what no request took.
+#[test]
+fn pinned_blocks_stay_until_the_request_takes_them_or_lets_go() {
+    let w = world(1);
+    let mut e = engine(&w, EngineConfig::default());
+    load(&mut e, "default", "x", &w.adapters[0]);
+    let start = e.stats().pool;
+    one(&mut e, ask("default", Some("x")));
+    assert_eq!(e.stats().prefix.blocks, 2);
+
+    // Another tenant's request, or the base model, finds nothing of them to pin.
+    assert_eq!(e.pin_prefix(&request(7, &ask("other", None))), 0);
+    assert_eq!(e.pin_prefix(&request(8, &ask("default", None))), 0);
+    // The same prompt and adapter: both full blocks (40 tokens leave the last one computed).
+    let pinned = request(9, &ask("default", Some("x")));
+    assert_eq!(e.pin_prefix(&pinned), 2);
+    assert_eq!(e.clear_prefix_cache(), 0, "pinned blocks are not idle");
+    e.unpin(&pinned.id);
+    assert_eq!(e.clear_prefix_cache(), 2, "unpinned, they are idle again");
+
+    // Cached again, pinned, then submitted: the request reuses them.
+    one(&mut e, ask("default", Some("x")));
+    assert_eq!(e.pin_prefix(&pinned), 2);
+    let (tx, mut rx) = unbounded_channel();
+    e.submit(pinned, tx).unwrap();
+    e.unpin("r9"); // as the decode router does after a submission: nothing left to let go of
+    assert_eq!(e.clear_prefix_cache(), 0, "the waiting request holds them");
+    while e.has_work() {
+        e.step().unwrap();
+    }
+    let usage = loop {
+        if let Event::Finished { usage, .. } = rx.try_recv().unwrap() {
+            break usage;
+        }
+    };
+    assert_eq!(usage.cached_prompt_tokens, 32);
+
+    e.trim();
+    assert_eq!(
+        e.stats().pool,
+        start,
+        "the accounting returns to its baseline"
+    );
+    assert_eq!(e.stats().prefix.blocks, 0);
+}

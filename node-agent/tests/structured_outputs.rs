@@ -215,6 +215,7 @@ fn the_prefill_side_samples_the_first_token_under_the_grammar() {
             panic!("no first token")
         };
         KvImport {
+            first_block: 0,
             layers: layers.into_iter().map(|l| l.data).collect(),
             first_token: id,
             first_logprob: logprob,

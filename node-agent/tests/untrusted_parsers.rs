@@ -284,7 +284,7 @@ fn kv_chunk_streams_never_panic() {
         _ => sane,
     };
     for _ in 0..cases() {
-        let mut a = Assembler::new(layout, tokens);
+        let mut a = Assembler::new(layout, tokens, 0);
         let mut pushed = 0;
         for _ in 0..r.below(8) {
             let first = r.below(blocks + 1) as u32;

@@ -203,6 +203,7 @@ fn kv_messages_round_trip() {
         }),
         max_chunk_bytes: 1 << 20,
         tenant: "team-a".into(),
+        skip_blocks: 2,
     });
     let data: Vec<u8> = (0..=255).collect();
     round_trip(PrefillResponse {

@@ -101,6 +101,7 @@ fn prefill_request(
         layout: Some(layout.to_proto(prompt.len())),
         max_chunk_bytes: CHUNK as u32,
         tenant: String::new(),
+        skip_blocks: 0,
     });
     if let Ok(v) = format!("Bearer {TOKEN}").parse() {
         req.metadata_mut().insert("authorization", v);
@@ -151,7 +152,7 @@ async fn grpc_prefill(
         // Let the service's forwarding task fill its buffers.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let mut assembler = Assembler::new(*layout, prompt.len());
+    let mut assembler = Assembler::new(*layout, prompt.len(), 0);
     let mut arrivals = Vec::new();
     let vocab = engine.model_config().vocab_size;
     while let Some(msg) = stream.message().await? {
@@ -210,11 +211,11 @@ fn codec_time(layout: &WireLayout, tokens: usize, repeats: usize) -> anyhow::Res
         let t = Instant::now();
         let chunks = layers
             .iter()
-            .map(|l| encode_layer(layout, l, CHUNK))
+            .map(|l| encode_layer(layout, l, CHUNK, 0))
             .collect::<Result<Vec<_>, _>>()?;
         enc = enc.min(t.elapsed().as_secs_f64());
         let t = Instant::now();
-        let mut a = Assembler::new(*layout, tokens);
+        let mut a = Assembler::new(*layout, tokens, 0);
         for c in chunks.iter().flatten() {
             a.push(c)?;
         }

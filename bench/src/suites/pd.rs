@@ -109,6 +109,7 @@ fn serve_disaggregated(
                         clock_p,
                         p.job,
                         KvImport {
+                            first_block: 0,
                             layers: p.layers,
                             first_token,
                             first_logprob,

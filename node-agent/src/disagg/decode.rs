@@ -9,6 +9,12 @@
 //! to hold the request's adapter, then the fewest prompt tokens this agent has in flight to
 //! them.
 //!
+//! Blocks of the prompt this agent's own prefix cache holds are not fetched again: they are
+//! pinned for the request, the prefill agent is asked to leave them out of its stream
+//! (`PrefillRequest.skip_blocks`), and at admission the engine reuses them under the received
+//! rest. When what is left to compute is shorter than `--local-prefill-threshold`, the prompt
+//! is prefilled here instead.
+//!
 //! A failing peer is backed off (a circuit breaker per peer): after a failed attempt it is not
 //! tried again for [`BREAKER_BASE`], doubling with each further consecutive failure up to
 //! [`BREAKER_MAX`]; once that time has passed, ONE request probes it (half-open) while the
@@ -367,6 +373,18 @@ impl DecodeRouter {
             Some((id, wire)) => (Some(id), Some(wire)),
             None => (None, None),
         };
+        // What this agent's prefix cache holds of the prompt stays here; the guard lets go of
+        // it when submission ends, unless a submitted request took it.
+        let _pin = PinGuard {
+            engine: self.engine.clone(),
+            request_id: request.id.clone(),
+        };
+        let cached = self.engine.pin_prefix(&request).await?;
+        let uncached = request.prompt.len() - cached * self.layout.block_size;
+        if uncached < self.opts.local_prefill_threshold {
+            self.stats.local_prefills.fetch_add(1, Ordering::Relaxed);
+            return self.engine.submit(request).await;
+        }
         let prefixes = affinity::prefix_keys(&request, &adapter_id, self.layout.block_size);
         let peers = self.peers.ranked(&adapter_id, &prefixes);
         let mut backed_off = 0;
@@ -387,7 +405,7 @@ impl DecodeRouter {
             let started = Instant::now();
             let result = tokio::time::timeout(
                 self.opts.timeout,
-                self.attempt(peer, &request, identity.clone()),
+                self.attempt(peer, &request, identity.clone(), cached),
             )
             .await;
             peer.in_flight_tokens.fetch_sub(tokens, Ordering::Relaxed);
@@ -464,11 +482,14 @@ impl DecodeRouter {
         Ok(Some((id, wire)))
     }
 
+    /// One remote prefill on `peer`, asking it to leave out the prompt's first `skip` blocks
+    /// (this agent holds them).
     async fn attempt(
         &self,
         peer: &Peer,
         request: &Request,
         adapter: Option<AdapterIdentity>,
+        skip: usize,
     ) -> Result<(KvImport, u64), AttemptError> {
         let mut client = KvTransferClient::new(peer.channel.clone())
             .max_decoding_message_size(self.opts.max_chunk_bytes + (1 << 16));
@@ -496,6 +517,7 @@ impl DecodeRouter {
             layout: Some(self.layout.to_proto(request.prompt.len())),
             max_chunk_bytes: self.opts.max_chunk_bytes as u32,
             tenant: request.tenant.0.clone(),
+            skip_blocks: skip as u32,
         };
         let mut grpc = tonic::Request::new(wire);
         if let Some(credential) = &self.opts.credential {
@@ -506,7 +528,7 @@ impl DecodeRouter {
             grpc.metadata_mut().insert("authorization", value);
         }
         let mut stream = client.prefill(grpc).await?.into_inner();
-        let mut assembler = Assembler::new(self.layout, request.prompt.len());
+        let mut assembler = Assembler::new(self.layout, request.prompt.len(), skip);
         let vocab = self.engine.model_config().vocab_size;
         while let Some(msg) = stream.message().await? {
             match msg.msg {
@@ -524,6 +546,20 @@ impl DecodeRouter {
             self.layout.num_layers
         ))
         .into())
+    }
+}
+
+/// Lets go of a request's pinned prefix blocks when its submission path ends, whichever way it
+/// ends. After a submission the engine's sequence holds them and the unpin, queued behind the
+/// submission, finds nothing.
+struct PinGuard {
+    engine: EngineHandle,
+    request_id: String,
+}
+
+impl Drop for PinGuard {
+    fn drop(&mut self) {
+        self.engine.unpin(&self.request_id);
     }
 }
 

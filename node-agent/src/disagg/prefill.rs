@@ -193,6 +193,15 @@ impl KvTransfer for PrefillService {
         self.layout
             .check(layout, tokens)
             .map_err(|e| Status::failed_precondition(e.to_string()))?;
+        // Blocks the decode agent holds already: computed here, not sent.
+        let skip = req.skip_blocks as usize;
+        let most = (tokens - 1) / self.layout.block_size;
+        if skip > most {
+            return Err(Status::invalid_argument(format!(
+                "skip_blocks {skip}: at most {most} of this {tokens}-token prompt's blocks can be \
+                 left out (the last token's block is always sent)"
+            )));
+        }
         let max_chunk = req.max_chunk_bytes as usize;
         let page_bytes = self.layout.block_elems() * 4;
         if max_chunk < page_bytes {
@@ -244,7 +253,7 @@ impl KvTransfer for PrefillService {
             let mut chunks = 0u32;
             // Layers arrive as the engine computes them; forward each at once.
             while let Some(layer) = kv.recv().await {
-                let encoded = match encode_layer(&layout, &layer, max_chunk) {
+                let encoded = match encode_layer(&layout, &layer, max_chunk, skip) {
                     Ok(c) => c,
                     Err(e) => {
                         let _ = tx.send(Err(Status::internal(e.to_string()))).await;

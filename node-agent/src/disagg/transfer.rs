@@ -1,7 +1,9 @@
 //! The KV-transfer wire format, as pure functions: a prefill agent cuts each layer's KV pages
 //! into chunks below the gRPC message limit, each carrying its byte length and a CRC-32; a
 //! decode agent reassembles them, checking every chunk against the layout it declared, and
-//! refuses anything corrupted, truncated, duplicated or out of place.
+//! refuses anything corrupted, truncated, duplicated or out of place. A stream may leave out
+//! the prompt's first blocks, which the decode agent holds already (its own prefix cache):
+//! chunks then start at that block, and the reassembled KV covers only the rest.
 
 use loraplane_proto::v1::{Dtype, KvChunk, KvLayout, PrefillDone};
 
@@ -80,11 +82,13 @@ impl WireLayout {
     }
 }
 
-/// Splits one layer into chunks of whole pages, each at most `max_chunk_bytes` of data.
+/// Splits one layer into chunks of whole pages, each at most `max_chunk_bytes` of data,
+/// leaving out its first `skip` blocks (the receiver holds them).
 pub fn encode_layer(
     layout: &WireLayout,
     layer: &KvLayer,
     max_chunk_bytes: usize,
+    skip: usize,
 ) -> Result<Vec<KvChunk>, TransferError> {
     let block_elems = layout.block_elems();
     let page_bytes = block_elems * 4;
@@ -102,8 +106,14 @@ pub fn encode_layer(
             layer.data.len()
         )));
     }
-    Ok(layer
-        .data
+    let Some(sent) = layer.data.get(skip * block_elems..) else {
+        return Err(TransferError::Layout(format!(
+            "{skip} blocks to skip, layer {} has {}",
+            layer.layer,
+            layer.data.len() / block_elems
+        )));
+    };
+    Ok(sent
         .chunks(pages_per_chunk * block_elems)
         .enumerate()
         .map(|(i, values)| {
@@ -115,7 +125,7 @@ pub fn encode_layer(
             }
             KvChunk {
                 layer: layer.layer as u32,
-                first_block: (i * pages_per_chunk) as u32,
+                first_block: (skip + i * pages_per_chunk) as u32,
                 num_blocks: (values.len() / block_elems) as u32,
                 num_tokens: layer.num_tokens as u32,
                 dtype: Dtype::F32 as i32,
@@ -133,22 +143,30 @@ pub struct Assembler {
     layout: WireLayout,
     tokens: usize,
     blocks: usize,
+    /// The prompt's first blocks, which the stream leaves out (the decode agent holds them).
+    skip: usize,
+    /// Blocks `skip..blocks` of each layer.
     layers: Vec<Vec<f32>>,
-    /// `received[layer][block]`.
+    /// `received[layer][block - skip]`.
     received: Vec<Vec<bool>>,
     chunks: u32,
     pub bytes: u64,
 }
 
 impl Assembler {
-    pub fn new(layout: WireLayout, tokens: usize) -> Self {
+    /// A stream of a `tokens`-token prompt's KV that leaves out its first `skip` blocks
+    /// (fewer than the prompt has).
+    pub fn new(layout: WireLayout, tokens: usize, skip: usize) -> Self {
         let blocks = layout.blocks_for(tokens);
+        let skip = skip.min(blocks.saturating_sub(1));
+        let sent = blocks - skip;
         Assembler {
             layout,
             tokens,
             blocks,
-            layers: vec![vec![0.0; blocks * layout.block_elems()]; layout.num_layers],
-            received: vec![vec![false; blocks]; layout.num_layers],
+            skip,
+            layers: vec![vec![0.0; sent * layout.block_elems()]; layout.num_layers],
+            received: vec![vec![false; sent]; layout.num_layers],
             chunks: 0,
             bytes: 0,
         }
@@ -178,6 +196,14 @@ impl Assembler {
                 self.blocks
             )));
         }
+        if first < self.skip {
+            return Err(corrupt(format!(
+                "blocks {first}+{n} start before block {}, the first one asked for",
+                self.skip
+            )));
+        }
+        // Index within what is sent.
+        let first = first - self.skip;
         if chunk.dtype != Dtype::F32 as i32 {
             return Err(corrupt(format!(
                 "dtype {} is not the declared f32",
@@ -250,6 +276,7 @@ impl Assembler {
             });
         }
         Ok(KvImport {
+            first_block: self.skip,
             layers: self.layers,
             first_token: done.first_token,
             first_logprob: Some(done.first_token_logprob),
@@ -291,7 +318,7 @@ mod tests {
 
     fn all_chunks(tokens: usize, max: usize) -> Vec<KvChunk> {
         (0..2)
-            .flat_map(|l| encode_layer(&layout(), &layer(l, tokens), max).unwrap())
+            .flat_map(|l| encode_layer(&layout(), &layer(l, tokens), max, 0).unwrap())
             .collect()
     }
 
@@ -301,7 +328,7 @@ mod tests {
         let chunks = all_chunks(tokens, 192 * 3); // three 192-byte pages per chunk
         assert!(chunks.iter().all(|c| c.data.len() <= 192 * 3));
         assert_eq!(chunks.len(), 4);
-        let mut a = Assembler::new(layout(), tokens);
+        let mut a = Assembler::new(layout(), tokens, 0);
         for c in chunks.iter().rev() {
             a.push(c).unwrap(); // any order
         }
@@ -336,11 +363,11 @@ mod tests {
             (far, "outside"),
             (layer9, "beyond"),
         ] {
-            let err = Assembler::new(layout(), tokens).push(&bad).unwrap_err();
+            let err = Assembler::new(layout(), tokens, 0).push(&bad).unwrap_err();
             assert_eq!(err.kind(), "corrupt");
             assert!(err.to_string().contains(expect), "{err}");
         }
-        let mut a = Assembler::new(layout(), tokens);
+        let mut a = Assembler::new(layout(), tokens, 0);
         a.push(&chunks[0]).unwrap();
         assert!(
             a.push(&chunks[0])
@@ -349,12 +376,54 @@ mod tests {
                 .contains("twice")
         );
 
-        let mut a = Assembler::new(layout(), tokens);
+        let mut a = Assembler::new(layout(), tokens, 0);
         for c in &chunks[..chunks.len() - 1] {
             a.push(c).unwrap();
         }
         let n = chunks.len() as u32;
         assert_eq!(a.finish(&done(n, 9), 100).unwrap_err().kind(), "truncated");
+    }
+
+    #[test]
+    fn a_stream_can_leave_out_the_blocks_the_receiver_holds() {
+        let tokens = 13; // 4 blocks
+        let page = layout().block_elems();
+        let chunks: Vec<KvChunk> = (0..2)
+            .flat_map(|l| encode_layer(&layout(), &layer(l, tokens), page * 4, 2).unwrap())
+            .collect();
+        assert_eq!(
+            chunks.len(),
+            4,
+            "blocks 2 and 3 of two layers, one page each"
+        );
+        assert!(chunks.iter().all(|c| c.first_block >= 2));
+        let mut a = Assembler::new(layout(), tokens, 2);
+        for c in &chunks {
+            a.push(c).unwrap();
+        }
+        let import = a.finish(&done(4, 13), 100).unwrap();
+        assert_eq!(import.first_block, 2);
+        assert_eq!(import.layers[0], layer(0, tokens).data[2 * page..]);
+        assert_eq!(import.layers[1], layer(1, tokens).data[2 * page..]);
+
+        // A block the receiver holds is refused, and so is a stream missing one it lacks.
+        let full = all_chunks(tokens, page * 4);
+        let err = Assembler::new(layout(), tokens, 2)
+            .push(&full[0])
+            .unwrap_err();
+        assert!(err.to_string().contains("first one asked for"), "{err}");
+        let mut a = Assembler::new(layout(), tokens, 1);
+        for c in &chunks {
+            a.push(c).unwrap();
+        }
+        assert_eq!(a.finish(&done(4, 13), 100).unwrap_err().kind(), "truncated");
+        // Leaving out more blocks than the layer has is a layout error.
+        assert_eq!(
+            encode_layer(&layout(), &layer(0, tokens), page * 4, 5)
+                .unwrap_err()
+                .kind(),
+            "layout"
+        );
     }
 
     #[test]
@@ -367,7 +436,7 @@ mod tests {
         assert!(ours.check(&theirs.to_proto(10), 10).is_err());
         assert!(ours.check(&ours.to_proto(10), 10).is_ok());
         assert_eq!(
-            encode_layer(&ours, &layer(0, 4), 10).unwrap_err().kind(),
+            encode_layer(&ours, &layer(0, 4), 10, 0).unwrap_err().kind(),
             "chunk_limit"
         );
     }

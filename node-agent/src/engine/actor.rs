@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 use crate::backend::Backend;
 use crate::engine::adapters::{LoadChange, LoadWait, Loaded};
 use crate::engine::core::{Engine, EngineConfig, EngineError, EngineStats};
-use crate::engine::request::{Event, KvImport, KvLayer, Request};
+use crate::engine::request::{Event, KvImport, KvLayer, Request, SamplingParams};
 use crate::lora::host::{self, AdapterError, AdapterLimits, HostAdapter};
 use crate::lora::ids::{AdapterKey, Digest};
 use crate::lora::registry::AdapterSummary;
@@ -65,6 +65,13 @@ enum Command {
         reply: Reply<()>,
     },
     Cancel {
+        request_id: String,
+    },
+    PinPrefix {
+        request: Box<Request>,
+        reply: oneshot::Sender<usize>,
+    },
+    Unpin {
         request_id: String,
     },
     LoadAdapter {
@@ -282,6 +289,33 @@ impl EngineHandle {
         self.call(|reply| Command::ListAdapters { reply }).await
     }
 
+    /// Decode role, before a remote prefill: holds the longest run of `request`'s prompt
+    /// blocks this engine has cached, for the request (`Engine::pin_prefix`); returns how
+    /// many, which the prefill agent then leaves out of its KV stream. Submitting the request
+    /// (locally or with the import) hands them to it; [`EngineHandle::unpin`] lets go of them
+    /// otherwise, and is harmless after a submission.
+    pub async fn pin_prefix(&self, request: &Request) -> Result<usize, EngineError> {
+        // Only what the keys are made of travels (not the request's compiled grammar).
+        let request = Box::new(Request {
+            id: request.id.clone(),
+            tenant: request.tenant.clone(),
+            adapter: request.adapter.clone(),
+            prompt: request.prompt.clone(),
+            params: SamplingParams::default(),
+            cache_salt: request.cache_salt.clone(),
+        });
+        self.call(|reply| Command::PinPrefix { request, reply })
+            .await
+    }
+
+    /// Lets go of what [`EngineHandle::pin_prefix`] holds for `request_id` and no submitted
+    /// request took.
+    pub fn unpin(&self, request_id: &str) {
+        let _ = self.tx.send(Command::Unpin {
+            request_id: request_id.to_owned(),
+        });
+    }
+
     pub async fn stats(&self) -> Result<EngineStats, EngineError> {
         self.call(|reply| Command::Stats { reply }).await
     }
@@ -422,6 +456,10 @@ impl<B: Backend> Actor<B> {
                 let _ = reply.send(self.engine.submit(request, events));
             }
             Command::Cancel { request_id } => self.engine.cancel(&request_id),
+            Command::PinPrefix { request, reply } => {
+                let _ = reply.send(self.engine.pin_prefix(&request));
+            }
+            Command::Unpin { request_id } => self.engine.unpin(&request_id),
             Command::LoadAdapter {
                 key,
                 source,

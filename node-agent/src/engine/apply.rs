@@ -264,9 +264,15 @@ impl<B: Backend> Engine<B> {
             self.release_kv(Some(kv));
             return Err(ApplyError::NotWaiting(id));
         };
+        // Its KV holds the blocks now; what was pinned for it (a remote prefill) is let go.
+        let pinned = std::mem::take(&mut seq.pinned);
         let importing = seq.import.is_some();
         seq.kv = Some(kv);
         seq.computed = done;
+        self.release_blocks(pinned);
+        let Some(seq) = self.seqs.get_mut(&id) else {
+            return Err(ApplyError::NotWaiting(id));
+        };
         // Reused tokens cost no compute: they are not charged to the tenant again.
         seq.charged = seq.charged.max(done.min(seq.prompt_len));
         if !self.reserve(id, reserve) {
@@ -307,10 +313,25 @@ impl<B: Backend> Engine<B> {
         let (Some(import), Some(kv)) = (seq.import.take(), seq.kv.as_ref()) else {
             return false;
         };
+        // The blocks the import leaves out must be exactly those reused from the cache (they
+        // were pinned; only a reload of the adapter under the request can change its keys).
+        if kv.shared().len() != import.first_block {
+            let reused = kv.shared().len();
+            self.finish(
+                id,
+                FinishReason::Error,
+                Some(format!(
+                    "the received KV starts at block {}, but {reused} blocks of this agent's \
+                     prefix cache were reused (was the adapter reloaded meanwhile?); retry",
+                    import.first_block
+                )),
+            );
+            return false;
+        }
         for (l, data) in import.layers.iter().enumerate() {
             let table = kv.block_table(l);
             let blocks = seq.prompt_len.div_ceil(self.geometry.block_size);
-            let pages = table.get(..blocks).unwrap_or(&table);
+            let pages = table.get(import.first_block..blocks).unwrap_or(&[]);
             if let Err(e) = self
                 .backend
                 .scatter_kv(&layout, data, pages, &mut self.pool)

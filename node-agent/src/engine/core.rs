@@ -19,7 +19,7 @@ use crate::lora::ids::AdapterKey;
 use crate::lora::registry::{Entry, Registry};
 use crate::memory::kv::KvGeometry;
 use crate::memory::pool::{PageAllocator, PoolStats};
-use crate::memory::prefix::PrefixCache;
+use crate::memory::prefix::{CachedBlock, PrefixCache};
 use crate::model::ModelError;
 use crate::model::llama::Model;
 use crate::model::tokenizer::{Detokenizer, TokenizerBundle};
@@ -212,6 +212,9 @@ pub struct Engine<B: Backend> {
     /// Cached KV blocks, in the same pool (`memory/prefix.rs`, `engine/prefix.rs`).
     pub(super) prefix: PrefixCache,
     pub(super) prefix_stats: PrefixStats,
+    /// Decode role: cached blocks held for requests being prefilled remotely, by request id,
+    /// until the request is submitted (its sequence takes them) or unpinned.
+    pub(super) pins: HashMap<String, Vec<Arc<CachedBlock>>>,
     pub(super) by_request: HashMap<String, SeqId>,
     pub(super) waiting: VecDeque<SeqId>,
     /// In admission order (admissions append, removals keep the order).
@@ -285,6 +288,7 @@ impl<B: Backend> Engine<B> {
             seqs: HashMap::new(),
             prefix: PrefixCache::new(geometry.num_layers),
             prefix_stats: PrefixStats::default(),
+            pins: HashMap::new(),
             by_request: HashMap::new(),
             waiting: VecDeque::new(),
             running: Vec::new(),
@@ -356,10 +360,12 @@ impl<B: Backend> Engine<B> {
 
     /// Decode role: admits a request whose prompt KV was computed by a prefill agent. At
     /// admission the KV is written into this pool and generation continues from the first
-    /// token; should the request later be preempted, it is recomputed locally.
+    /// token; should the request later be preempted, it is recomputed locally. An import that
+    /// leaves out the prompt's first blocks (`KvImport::first_block`) takes them from this
+    /// engine's prefix cache, where [`Engine::pin_prefix`] holds them for the request.
     ///
-    /// Errors: KV whose layout disagrees with this model and block size, plus everything
-    /// [`Engine::submit`] refuses.
+    /// Errors: KV whose layout disagrees with this model and block size, an import that leaves
+    /// out blocks not pinned for the request, plus everything [`Engine::submit`] refuses.
     pub fn submit_prefilled(
         &mut self,
         req: Request,
@@ -367,7 +373,15 @@ impl<B: Backend> Engine<B> {
         import: KvImport,
     ) -> Result<(), EngineError> {
         let blocks = req.prompt.len().div_ceil(self.geometry.block_size);
-        let expected = blocks * self.geometry.kv_elems_per_page();
+        let pinned = self.pins.get(&req.id).map_or(0, Vec::len);
+        if import.first_block > pinned || (import.first_block > 0 && import.first_block >= blocks) {
+            return Err(EngineError::InvalidRequest(format!(
+                "received KV leaves out the prompt's first {} blocks, but only {pinned} are \
+                 held in this agent's prefix cache for the request",
+                import.first_block
+            )));
+        }
+        let expected = (blocks - import.first_block) * self.geometry.kv_elems_per_page();
         if import.layers.len() != self.geometry.num_layers
             || import.layers.iter().any(|l| l.len() != expected)
         {
@@ -462,6 +476,8 @@ impl<B: Backend> Engine<B> {
         let id = SeqId(self.next_seq);
         self.next_seq += 1;
         let prompt_len = req.prompt.len();
+        // Blocks pinned for it before a remote prefill: held by the sequence until admission.
+        let pinned = self.pins.remove(&req.id).unwrap_or_default();
         // The grammar's state lives in the sampler; the parameters keep the rest.
         let constraint = req.params.constraint.take();
         let seq = Sequence {
@@ -495,6 +511,7 @@ impl<B: Backend> Engine<B> {
             block_keys: Vec::new(),
             queried: false,
             cached_prompt_tokens: 0,
+            pinned,
         };
         self.by_request.insert(req.id, id);
         self.seqs.insert(id, seq);
@@ -533,6 +550,7 @@ impl<B: Backend> Engine<B> {
         self.running.retain(|x| *x != id);
         self.waiting.retain(|x| *x != id);
         self.release_kv(seq.kv.take());
+        self.release_blocks(std::mem::take(&mut seq.pinned));
         seq.resident = None;
         if let Some(lease) = seq.adapter.take() {
             self.registry.release(lease);

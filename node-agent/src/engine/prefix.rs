@@ -10,13 +10,20 @@
 //!
 //! Hashing happens once per full block: a sequence's keys are kept and extended as blocks
 //! fill, and recomputed only if its adapter's digest changed while it waited.
+//!
+//! Decode role: before a remote prefill, [`Engine::pin_prefix`] holds the longest run of the
+//! prompt's blocks this engine has cached, so the prefill agent sends only the rest; the held
+//! blocks pass to the request's sequence when it is submitted and become its KV at admission.
+
+use std::sync::Arc;
 
 use crate::backend::Backend;
 use crate::engine::core::Engine;
+use crate::engine::request::Request;
 use crate::engine::sequence::Sequence;
-use crate::lora::ids::Digest;
+use crate::lora::ids::{AdapterKey, Digest, TenantId};
 use crate::memory::kv::SeqKv;
-use crate::memory::prefix::BlockHash;
+use crate::memory::prefix::{BlockHash, CachedBlock};
 use crate::scheduler::SeqId;
 
 /// Whether and how KV blocks are shared between requests (`--prefix-cache`).
@@ -45,18 +52,18 @@ pub struct PrefixStats {
     pub blocks: usize,
 }
 
-fn root(seq: &Sequence, weights: WeightsId) -> BlockHash {
-    let salt: &[u8] = match &seq.cache_salt {
+fn root(tenant: &TenantId, cache_salt: Option<&str>, weights: WeightsId) -> BlockHash {
+    let salt: &[u8] = match cache_salt {
         Some(s) => s.as_bytes(),
         None => &[],
     };
-    let salted: &[u8] = if seq.cache_salt.is_some() { b"1" } else { b"0" };
+    let salted: &[u8] = if cache_salt.is_some() { b"1" } else { b"0" };
     let adapter: &[u8] = match &weights {
         Some(d) => &d.0,
         None => b"base",
     };
     // The marker keeps "no salt" apart from every salt; a digest (32 bytes) is never "base".
-    BlockHash::root(&[seq.tenant.0.as_bytes(), salted, salt, adapter])
+    BlockHash::root(&[tenant.0.as_bytes(), salted, salt, adapter])
 }
 
 impl<B: Backend> Engine<B> {
@@ -90,7 +97,7 @@ impl<B: Backend> Engine<B> {
             };
             if seq.prefix_identity != weights {
                 seq.prefix_identity = weights;
-                seq.prefix_root = weights.map(|w| root(seq, w));
+                seq.prefix_root = weights.map(|w| root(&seq.tenant, seq.cache_salt.as_deref(), w));
                 seq.block_keys.clear();
             }
             extend_keys(seq, seq.tokens.len() / bs, bs);
@@ -155,7 +162,7 @@ impl<B: Backend> Engine<B> {
         let Some(seq) = self.seqs.get_mut(&id) else {
             return;
         };
-        if seq.queried || seq.import.is_some() {
+        if seq.queried {
             return;
         }
         seq.queried = true;
@@ -164,6 +171,62 @@ impl<B: Backend> Engine<B> {
         if self.config.prefix_caching != PrefixCaching::Off {
             self.prefix_stats.queried_tokens += seq.prompt_len as u64;
             self.prefix_stats.hit_tokens += hit as u64;
+        }
+    }
+
+    /// Decode role, before a remote prefill: holds the longest run of `req`'s prompt blocks
+    /// this engine has cached (never the block of its last token, whose logits the prefill
+    /// agent computes anyway) until `req` is submitted, when its sequence takes them, or
+    /// [`Engine::unpin`]. Returns how many; 0 when caching is off or the adapter is unknown.
+    /// Pinning again under the same request id lets go of the earlier pin.
+    pub fn pin_prefix(&mut self, req: &Request) -> usize {
+        self.unpin(&req.id);
+        if self.config.prefix_caching == PrefixCaching::Off {
+            return 0;
+        }
+        let weights = match &req.adapter {
+            None => None,
+            Some(name) => {
+                let key = AdapterKey {
+                    tenant: req.tenant.clone(),
+                    name: name.clone(),
+                };
+                match self.registry.get(&key).and_then(|e| e.digest()) {
+                    Some(d) => Some(d),
+                    None => return 0,
+                }
+            }
+        };
+        let bs = self.geometry.block_size;
+        let most = req.prompt.len().saturating_sub(1) / bs;
+        let mut key = root(&req.tenant, req.cache_salt.as_deref(), weights);
+        let mut held = Vec::new();
+        for tokens in req.prompt.chunks_exact(bs).take(most) {
+            key = key.next(tokens);
+            match self.prefix.acquire(&key) {
+                Some(b) => held.push(b),
+                None => break,
+            }
+        }
+        let n = held.len();
+        if n > 0 {
+            self.pins.insert(req.id.clone(), held);
+        }
+        n
+    }
+
+    /// Lets go of what [`Engine::pin_prefix`] holds for `request_id` and no sequence took.
+    pub fn unpin(&mut self, request_id: &str) {
+        if let Some(blocks) = self.pins.remove(request_id) {
+            self.release_blocks(blocks);
+        }
+    }
+
+    /// Gives back holds on cached blocks (idle ones become evictable, stamped now).
+    pub(super) fn release_blocks(&mut self, blocks: Vec<Arc<CachedBlock>>) {
+        if !blocks.is_empty() {
+            let stamp = self.registry.stamp();
+            self.prefix.release(blocks, stamp);
         }
     }
 

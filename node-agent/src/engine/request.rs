@@ -88,7 +88,10 @@ pub struct KvLayer {
 /// A prompt's KV cache computed elsewhere, and the first token sampled from it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct KvImport {
-    /// One entry per layer, as [`KvLayer::data`].
+    /// The prompt's first blocks, which this import leaves out: the receiving engine holds
+    /// them in its prefix cache (pinned, see `Engine::pin_prefix`). 0: every block is here.
+    pub first_block: usize,
+    /// One entry per layer, as [`KvLayer::data`], from block `first_block` on.
     pub layers: Vec<Vec<f32>>,
     pub first_token: u32,
     pub first_logprob: Option<f32>,

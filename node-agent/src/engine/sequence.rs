@@ -1,6 +1,7 @@
 //! One request inside the engine: its tokens, how many have KV in the pool, its KV pages, its
 //! sampler and its output stream.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use tokio::sync::mpsc::UnboundedSender;
@@ -13,7 +14,7 @@ use crate::engine::sampler::Sampler;
 use crate::lora::ids::{AdapterKey, TenantId};
 use crate::lora::registry::{AdapterLease, ResidentReservation};
 use crate::memory::kv::SeqKv;
-use crate::memory::prefix::BlockHash;
+use crate::memory::prefix::{BlockHash, CachedBlock};
 use crate::model::tokenizer::{Detokenizer, TokenizerBundle};
 use crate::scheduler::{SeqId, SeqState};
 
@@ -71,6 +72,9 @@ pub(crate) struct Sequence {
     /// its tokens were found.
     pub queried: bool,
     pub cached_prompt_tokens: usize,
+    /// Decode role: cached blocks its import leaves out, held for it from before the remote
+    /// prefill until its admission reuses them (`Engine::pin_prefix`).
+    pub pinned: Vec<Arc<CachedBlock>>,
 }
 
 impl Sequence {
@@ -97,6 +101,7 @@ impl Sequence {
             },
             admitted: self.admitted,
             importing: self.import.is_some(),
+            import_cached: self.import.as_ref().map_or(0, |i| i.first_block),
         }
     }
 

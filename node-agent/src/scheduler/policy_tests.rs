@@ -48,6 +48,7 @@ fn waiting(w: &World, id: u64, tenant: usize, prompt: usize) -> SeqState<'_> {
         prefix: &[],
         admitted: 0,
         importing: false,
+        import_cached: 0,
     }
 }
 
@@ -394,6 +395,7 @@ fn imported_prompts_reserve_their_pages_and_decode_one_token() {
     let s = Scheduler::new(limits());
     let imported = SeqState {
         importing: true,
+        import_cached: 0,
         ..waiting(&w, 1, 0, 12)
     };
     assert_eq!(

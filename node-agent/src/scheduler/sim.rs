@@ -161,7 +161,14 @@ impl<'a> Sim<'a> {
     pub fn prefix_hit(&self, seq: &SeqState<'_>) -> usize {
         let Some(cache) = self.cache else { return 0 };
         if seq.importing {
-            return 0;
+            // Exactly the blocks its import leaves out (pinned for it, so cached): the import
+            // is written over every later block.
+            return seq
+                .prefix
+                .iter()
+                .take(seq.import_cached)
+                .take_while(|h| cache.contains(h) && !self.evicted.contains(*h))
+                .count();
         }
         let most = seq.tokens.saturating_sub(1) / self.limits.block_size;
         seq.prefix
@@ -368,6 +375,7 @@ mod tests {
             prefix: &[],
             admitted: 0,
             importing: false,
+            import_cached: 0,
         };
         let snapshot = Snapshot {
             running: vec![runner],
@@ -416,6 +424,7 @@ mod tests {
             prefix: &[],
             admitted: 0,
             importing: false,
+            import_cached: 0,
         };
         let snapshot = Snapshot {
             free_pages: 5,

@@ -40,6 +40,9 @@ pub struct SeqState<'a> {
     pub admitted: u64,
     /// Its prompt's KV was computed elsewhere and is written into the pool at admission.
     pub importing: bool,
+    /// Of an importing sequence: its first blocks, which the import leaves out because the
+    /// prefix cache holds them (pinned for it); exactly these are reused at admission.
+    pub import_cached: usize,
 }
 
 impl SeqState<'_> {

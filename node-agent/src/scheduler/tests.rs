@@ -136,6 +136,7 @@ fn plans_hold_on_the_real_allocator_and_prefix_cache() {
                 prefix: &chain[..(tokens / BLOCK).min(CHAIN_BLOCKS)],
                 admitted: i as u64,
                 importing: false,
+                import_cached: 0,
             });
             kv.insert(id, seq_kv);
         }
@@ -156,6 +157,7 @@ fn plans_hold_on_the_real_allocator_and_prefix_cache() {
                     prefix: &chain[..(tokens / BLOCK).min(CHAIN_BLOCKS)],
                     admitted: 0,
                     importing: rand(5) == 0,
+                    import_cached: 0,
                 }
             })
             .collect();

@@ -340,6 +340,7 @@ fn step(
                 prefix: &[],
                 admitted: s.admitted,
                 importing: s.importing,
+                import_cached: 0,
             }
         };
         let snapshot = Snapshot {

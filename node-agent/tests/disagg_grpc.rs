@@ -15,6 +15,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
+use loraplane_agent::api::lifecycle::Lifecycle;
 use loraplane_agent::backend::cpu::CpuBackend;
 use loraplane_agent::credential::ClusterCredential;
 use loraplane_agent::disagg::decode::{DecodeOptions, DecodeRouter};
@@ -571,4 +572,81 @@ async fn a_decode_agent_fetches_only_the_blocks_its_own_cache_lacks() {
     assert!(matches!(err, EngineError::Unavailable(_)), "{err:?}");
     settle(&prefill).await;
     settle(&decode).await;
+}
+
+/// A prefill agent's drain: once its drain timeout has passed, an open KV stream ends with an
+/// explicit `UNAVAILABLE` saying so (not a connection cut at exit) and its pages are freed; a
+/// draining prefill agent refuses new prefills as retryable (`UNAVAILABLE`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_prefill_agent_refuses_prefills_and_ends_open_streams_explicitly() {
+    let w = world();
+    let h = engine(&w, false).await;
+    let lifecycle = Lifecycle::new(Duration::from_secs(1));
+    let service = PrefillService::new(
+        h.clone(),
+        layout(&h),
+        ClusterCredential::new(TOKEN).unwrap(),
+        sources(&w),
+        Arc::new(DisaggStats::default()),
+    )
+    .with_lifecycle(lifecycle.clone());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(service.into_server())
+            .serve_with_incoming(incoming),
+    );
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut client = loraplane_proto::v1::kv_transfer_client::KvTransferClient::new(channel);
+    let l = layout(&h);
+    let prompt: Vec<u32> = (0..40).map(|i| (i * 11 % 500) as u32).collect();
+    let ask = |id: &str| {
+        let mut req = tonic::Request::new(PrefillRequest {
+            request_id: id.into(),
+            prompt_token_ids: prompt.clone(),
+            layout: Some(l.to_proto(prompt.len())),
+            max_chunk_bytes: 1 << 20,
+            ..PrefillRequest::default()
+        });
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
+        req
+    };
+    // Last message of a stream: the final `PrefillDone` or the status it ended with.
+    async fn last(
+        mut stream: tonic::Streaming<PrefillResponse>,
+    ) -> Result<Option<prefill_response::Msg>, Status> {
+        let mut last = None;
+        while let Some(msg) = stream.message().await? {
+            last = msg.msg;
+        }
+        Ok(last)
+    }
+
+    // In service: a stream counts in flight while it runs and ends with its `PrefillDone`.
+    let ok = client.prefill(ask("before")).await.unwrap().into_inner();
+    assert!(matches!(
+        last(ok).await,
+        Ok(Some(prefill_response::Msg::Done(_)))
+    ));
+    // The drain timeout passed: a stream still open (here, accepted just then) ends with an
+    // explicit status, and the engine cancels its prefill.
+    lifecycle.end_in_flight();
+    let cut = client.prefill(ask("cut")).await.unwrap().into_inner();
+    let status = last(cut).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status:?}");
+    assert!(status.message().contains("drain timeout"), "{status:?}");
+    // Draining: new prefills are refused, retryable.
+    lifecycle.start_drain();
+    let refused = client.prefill(ask("after")).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(refused.message().contains("draining"), "{refused:?}");
+    assert_eq!(lifecycle.wait_idle(Duration::from_secs(5)).await, 0);
+    settle(&h).await;
 }

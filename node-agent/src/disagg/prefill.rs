@@ -7,6 +7,11 @@
 //! exactly this agent's; chunks stay below the caller's declared limit and carry lengths and
 //! checksums; the response channel is bounded, so a slow decode agent slows the producer
 //! instead of growing memory; a caller that goes away cancels the prefill and frees its pages.
+//!
+//! Drain: with the agent's lifecycle attached, each stream counts as a request in flight, so a
+//! draining prefill agent refuses new prefills (`UNAVAILABLE`; the decode agent tries another
+//! peer) and waits for the streams it has; at the drain timeout each stream still open ends
+//! with an explicit `UNAVAILABLE` status saying so, rather than a connection cut at exit.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -21,6 +26,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request as GrpcRequest, Response, Status};
 
+use crate::api::lifecycle::Lifecycle;
 use crate::credential::{ClusterCredential, bearer_from_metadata};
 use crate::disagg::stats::DisaggStats;
 use crate::disagg::transfer::{WireLayout, encode_layer};
@@ -41,6 +47,7 @@ pub struct PrefillService {
     credential: ClusterCredential,
     sources: Arc<SourceOptions>,
     stats: Arc<DisaggStats>,
+    lifecycle: Option<Lifecycle>,
 }
 
 impl std::fmt::Debug for PrefillService {
@@ -66,7 +73,15 @@ impl PrefillService {
             credential,
             sources,
             stats,
+            lifecycle: None,
         }
+    }
+
+    /// Counts each stream as a request in flight of `lifecycle`: refused while draining, ended
+    /// explicitly at the drain timeout.
+    pub fn with_lifecycle(mut self, lifecycle: Lifecycle) -> Self {
+        self.lifecycle = Some(lifecycle);
+        self
     }
 
     pub fn into_server(self) -> loraplane_proto::v1::kv_transfer_server::KvTransferServer<Self> {
@@ -181,6 +196,12 @@ impl KvTransfer for PrefillService {
         request: GrpcRequest<PrefillRequest>,
     ) -> Result<Response<PrefillStream>, Status> {
         self.authorize(&request)?;
+        let flight = match &self.lifecycle {
+            Some(l) => Some(l.track().map_err(|_| {
+                Status::unavailable("the prefill agent is draining and accepts no new prefills")
+            })?),
+            None => None,
+        };
         let req = request.into_inner();
         if req.prompt_token_ids.is_empty() {
             return Err(Status::invalid_argument("the prompt is empty"));
@@ -249,7 +270,9 @@ impl KvTransfer for PrefillService {
         self.stats.prefill_started();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let (layout, stats) = (self.layout, self.stats.clone());
-        tokio::spawn(async move {
+        let ended = flight.as_ref().map(|f| f.ended());
+        let tx_end = tx.clone();
+        let stream = async move {
             let mut chunks = 0u32;
             // Layers arrive as the engine computes them; forward each at once.
             while let Some(layer) = kv.recv().await {
@@ -296,6 +319,26 @@ impl KvTransfer for PrefillService {
                         return;
                     }
                 }
+            }
+        };
+        tokio::spawn(async move {
+            // Counted in flight until the stream's last message is queued.
+            let _flight = flight;
+            match ended {
+                None => stream.await,
+                Some(ended) => tokio::select! {
+                    biased;
+                    () = ended => {
+                        // Dropping the stream drops `events` and `kv`: the engine cancels it.
+                        let _ = tx_end
+                            .send(Err(Status::unavailable(
+                                "the prefill agent is stopping: its drain timeout passed \
+                                 before this prefill finished",
+                            )))
+                            .await;
+                    }
+                    () = stream => {}
+                },
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))

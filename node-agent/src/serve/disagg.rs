@@ -12,6 +12,7 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::api::lifecycle::Lifecycle;
 use crate::config::ServeConfig;
 use crate::disagg::config::Role;
 use crate::disagg::decode::DecodeRouter;
@@ -35,6 +36,7 @@ pub(super) async fn start(
     config: &ServeConfig,
     handle: &EngineHandle,
     metrics: &Arc<Metrics>,
+    lifecycle: &Lifecycle,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<RoleParts> {
     if config.role == Role::Unified {
@@ -86,7 +88,8 @@ pub(super) async fn start(
                 token,
                 Arc::new(config.sources.clone()),
                 stats,
-            );
+            )
+            .with_lifecycle(lifecycle.clone());
             let listener = TcpListener::bind(d.kv_addr)
                 .await
                 .with_context(|| format!("binding --kv-addr {}", d.kv_addr))?;

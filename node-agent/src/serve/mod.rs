@@ -189,7 +189,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let layers = handle.model_config().num_layers.max(1);
     metrics.set_cache_config(config.block_size(), handle.num_pages() / layers, max_lora);
     let (stop_tx, stop_rx) = watch::channel(false);
-    let role = disagg::start(&config, &handle, &metrics, stop_rx.clone()).await?;
+    let role = disagg::start(&config, &handle, &metrics, &lifecycle, stop_rx.clone()).await?;
     let service = AgentService::new(
         handle.clone(),
         tenants.clone(),

@@ -63,11 +63,13 @@ fn block_on<F: Future<Output = anyhow::Result<()>>>(f: F) -> anyhow::Result<()> 
         .block_on(f)
 }
 
-fn main() -> anyhow::Result<()> {
+fn main() -> std::process::ExitCode {
     // `serve --config FILE` reads the file as the agent does.
     let cli: Cli = config::parse_cli(std::env::args_os().collect()).unwrap_or_else(|e| e.exit());
     let suite = |suite, args: Box<BenchArgs>| args.run(suite);
-    match cli.command {
+    // A failure prints one line (`error: …` with its causes), never a backtrace, whatever
+    // RUST_BACKTRACE says: the agent's own exit path.
+    let result = match cli.command {
         Command::Hetero(args) => suite(Suite::Hetero, args),
         Command::Adapters(args) => suite(Suite::Adapters, args),
         Command::Roofline(args) => suite(Suite::Roofline, args),
@@ -81,5 +83,6 @@ fn main() -> anyhow::Result<()> {
         Command::Placement(args) => block_on(placement::run(args)),
         Command::Serve(args) => loraplane_agent::serve::run_process(*args),
         Command::FakeAgents(args) => block_on(placement::fake_agents(args)),
-    }
+    };
+    loraplane_agent::serve::exit_code(result)
 }

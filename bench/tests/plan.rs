@@ -17,6 +17,9 @@ fn bench(args: &[&str], out: &std::path::Path, cache: &std::path::Path) -> Outpu
         .arg("--cache-dir")
         .arg(cache)
         .args(args)
+        // User errors must still print one clean line (no backtrace) with these set.
+        .env("RUST_BACKTRACE", "full")
+        .env("RUST_LIB_BACKTRACE", "1")
         .output()
         .unwrap()
 }
@@ -161,4 +164,8 @@ fn bad_traces_and_profiles_fail_with_the_reason() {
     let stderr = String::from_utf8_lossy(&run.stderr);
     assert!(!run.status.success());
     assert!(stderr.contains("needs --trace"), "{stderr}");
+    // One clean line, even with RUST_BACKTRACE set.
+    assert!(stderr.starts_with("error: "), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "{stderr}");
+    assert!(!stderr.to_lowercase().contains("backtrace"), "{stderr}");
 }

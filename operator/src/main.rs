@@ -146,14 +146,22 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
-    match cli.command {
+    let result = match cli.command {
         Command::Run(args) => run(*args).await,
         Command::Crds(args) => crds(&args),
-        Command::Rbac => {
-            print!("{}", serde_yaml::to_string(&desired::rbac::cluster_role())?);
-            Ok(())
+        Command::Rbac => serde_yaml::to_string(&desired::rbac::cluster_role())
+            .map(|yaml| print!("{yaml}"))
+            .map_err(Into::into),
+    };
+    // A failure prints one line (`error: …` with its causes), never a backtrace, whatever
+    // RUST_BACKTRACE says (anyhow's `Debug` for `main`'s error would print one).
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
         }
     }
 }

@@ -32,6 +32,7 @@ use prometheus::{
 };
 
 use crate::engine::{AdapterTransition, EngineStats, StepObserver};
+use crate::lora::ids::TenantId;
 use crate::lora::registry::AdapterSummary;
 
 pub mod router;
@@ -509,6 +510,14 @@ impl Metrics {
 
     pub fn set_draining(&self, draining: bool) {
         self.draining.set(i64::from(draining));
+    }
+
+    /// Exports each tenant's rate-limit count at 0 before its first refusal, so dashboards and
+    /// alerts read 0 rather than no data.
+    pub fn tenants_known(&self, tenants: &[TenantId]) {
+        for t in tenants {
+            let _ = self.rate_limited.with_label_values(&[t.0.as_str()]);
+        }
     }
 
     /// Counts a request a tenant limit refused (429 / `RESOURCE_EXHAUSTED`).

@@ -190,7 +190,8 @@ async fn hostile_bodies_and_sources_get_clear_400s() {
         json!({"lora_name": "sql", "lora_path": "https://10.0.0.1/x"})
             .to_string()
             .into_bytes(),
-        json!({"lora_name": "sql", "lora_path": "s3://bucket/key"})
+        // s3:// is a supported scheme; a key path that climbs out of its prefix is not.
+        json!({"lora_name": "sql", "lora_path": "s3://bucket/adapters/../key"})
             .to_string()
             .into_bytes(),
     ];

@@ -167,6 +167,7 @@ pub async fn run(config: ServeConfig) -> anyhow::Result<()> {
     let served = served_name(&config, &dir);
 
     let tenants = Tenants::new(config.tenants.clone())?;
+    metrics.tenants_known(&tenants.ids());
     if tenants.is_open() {
         tracing::info!("no API keys configured: serving a single `default` tenant to every caller");
     } else {

@@ -373,6 +373,12 @@ pub async fn post_json(
         .unwrap()
 }
 
+/// `POST /v1/load_lora_adapter` of adapter `name` from `path`, with the admin token `admin`.
+pub async fn load_lora(agent: &Agent, admin: &str, name: &str, path: &str) -> HttpResponse {
+    let body = serde_json::json!({"lora_name": name, "lora_path": path});
+    post_json(agent.http, "/v1/load_lora_adapter", Some(admin), &body).await
+}
+
 /// The `data:` payloads of an SSE body, in order.
 pub fn sse_data(body: &[u8]) -> Vec<String> {
     String::from_utf8_lossy(body)

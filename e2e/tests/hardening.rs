@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-use loraplane_e2e::{Agent, HttpResponse, World, http, key_hash};
+use loraplane_e2e::{Agent, HttpResponse, World, http, key_hash, load_lora, post_json};
 use loraplane_proto::v1 as pb;
 use prost::Message as _;
 use prost::bytes::{Buf as _, BufMut as _};
@@ -251,25 +251,10 @@ async fn huge_finite_adapter_weights_are_refused_at_load() {
             roots.to_str().unwrap(),
         ],
     );
-    let auth = format!("Bearer {ADMIN}");
+    let agent = &agent;
     let load = |name: &'static str| {
-        let auth = auth.clone();
         let path = roots.join(name).display().to_string();
-        async move {
-            let body = serde_json::json!({"lora_name": name, "lora_path": path}).to_string();
-            http(
-                agent.http,
-                "POST",
-                "/v1/load_lora_adapter",
-                &[
-                    ("Authorization", auth.as_str()),
-                    ("Content-Type", "application/json"),
-                ],
-                body.as_bytes(),
-            )
-            .await
-            .unwrap()
-        }
+        async move { load_lora(agent, ADMIN, name, &path).await }
     };
     for (name, file) in [
         ("huge", "adapter_model.safetensors"),
@@ -300,19 +285,7 @@ async fn huge_finite_adapter_weights_are_refused_at_load() {
 
 /// POSTs a JSON body to the admin route with the admin token.
 async fn admin_post(agent: &Agent, route: &str, body: serde_json::Value) -> HttpResponse {
-    let auth = format!("Bearer {ADMIN}");
-    http(
-        agent.http,
-        "POST",
-        route,
-        &[
-            ("Authorization", auth.as_str()),
-            ("Content-Type", "application/json"),
-        ],
-        body.to_string().as_bytes(),
-    )
-    .await
-    .unwrap()
+    post_json(agent.http, route, Some(ADMIN), &body).await
 }
 
 /// Point 1: tenant B cannot learn tenant A's adapter names from metrics. The API port serves

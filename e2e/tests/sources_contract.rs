@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use kube::CustomResourceExt;
 use loraplane_e2e::s3::MotoS3;
 use loraplane_e2e::servers::{self, Files};
-use loraplane_e2e::{Agent, HttpResponse, World, http, key_hash, post_json};
+use loraplane_e2e::{Agent, HttpResponse, World, key_hash, load_lora, post_json};
 use loraplane_operator::crd::{AdapterSource, BaseModel, LoraAdapter};
 use loraplane_operator::desired::config::{PVC_DIR, model_arg};
 
@@ -64,20 +64,7 @@ fn copy_dir(from: &Path, to: &Path) {
 }
 
 async fn admin_load(agent: &Agent, name: &str, path: &str) -> HttpResponse {
-    let auth = format!("Bearer {ADMIN}");
-    let body = serde_json::json!({"lora_name": name, "lora_path": path}).to_string();
-    http(
-        agent.http,
-        "POST",
-        "/v1/load_lora_adapter",
-        &[
-            ("Authorization", auth.as_str()),
-            ("Content-Type", "application/json"),
-        ],
-        body.as_bytes(),
-    )
-    .await
-    .unwrap()
+    load_lora(agent, ADMIN, name, path).await
 }
 
 async fn complete(agent: &Agent, model: &str) -> String {

@@ -12,26 +12,13 @@ use std::path::Path;
 use std::process::Command;
 
 use loraplane_e2e::s3::MotoS3;
-use loraplane_e2e::{Agent, HttpResponse, World, http, key_hash, post_json};
+use loraplane_e2e::{Agent, HttpResponse, World, key_hash, load_lora, post_json};
 
 const ADMIN: &str = "sources-admin";
 const PROMPT: &str = "The adapter under test says";
 
 async fn admin_load(agent: &Agent, name: &str, path: &str) -> HttpResponse {
-    let auth = format!("Bearer {ADMIN}");
-    let body = serde_json::json!({"lora_name": name, "lora_path": path}).to_string();
-    http(
-        agent.http,
-        "POST",
-        "/v1/load_lora_adapter",
-        &[
-            ("Authorization", auth.as_str()),
-            ("Content-Type", "application/json"),
-        ],
-        body.as_bytes(),
-    )
-    .await
-    .unwrap()
+    load_lora(agent, ADMIN, name, path).await
 }
 
 /// Greedy completion text and token count of `model`.

@@ -187,15 +187,27 @@ impl KvTransfer for Faulty {
 
 /// Serves a (possibly faulty) prefill agent on 127.0.0.1:0.
 async fn serve_prefill(w: &World, fault: Fault) -> (String, EngineHandle, Arc<DisaggStats>) {
+    serve_prefill_in(w, fault, None).await
+}
+
+/// [`serve_prefill`], its streams counted in `lifecycle` when given (drain).
+async fn serve_prefill_in(
+    w: &World,
+    fault: Fault,
+    lifecycle: Option<Lifecycle>,
+) -> (String, EngineHandle, Arc<DisaggStats>) {
     let h = engine(w, false).await;
     let stats = Arc::new(DisaggStats::default());
-    let service = PrefillService::new(
+    let mut service = PrefillService::new(
         h.clone(),
         layout(&h),
         ClusterCredential::new(TOKEN).unwrap(),
         sources(w),
         stats.clone(),
     );
+    if let Some(lifecycle) = lifecycle {
+        service = service.with_lifecycle(lifecycle);
+    }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
@@ -580,24 +592,8 @@ async fn a_decode_agent_fetches_only_the_blocks_its_own_cache_lacks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_draining_prefill_agent_refuses_prefills_and_ends_open_streams_explicitly() {
     let w = world();
-    let h = engine(&w, false).await;
     let lifecycle = Lifecycle::new(Duration::from_secs(1));
-    let service = PrefillService::new(
-        h.clone(),
-        layout(&h),
-        ClusterCredential::new(TOKEN).unwrap(),
-        sources(&w),
-        Arc::new(DisaggStats::default()),
-    )
-    .with_lifecycle(lifecycle.clone());
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .add_service(service.into_server())
-            .serve_with_incoming(incoming),
-    );
+    let (addr, h, _) = serve_prefill_in(&w, Fault::None, Some(lifecycle.clone())).await;
     let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
         .unwrap()
         .connect()

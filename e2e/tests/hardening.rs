@@ -271,7 +271,7 @@ async fn huge_finite_adapter_weights_are_refused_at_load() {
     let r = load("good").await;
     assert_eq!(r.status, 200, "{}", r.text());
     for model in ["good", "huge"] {
-        let r = loraplane_e2e::post_json(
+        let r = post_json(
             agent.http,
             "/v1/completions",
             None,
@@ -337,7 +337,7 @@ async fn tenants_cannot_read_adapter_names_from_metrics() {
         let http_addr = agent.http;
         async move {
             for _ in 0..40 {
-                let r = loraplane_e2e::post_json(
+                let r = post_json(
                     http_addr,
                     "/v1/completions",
                     Some("key-a"),
@@ -373,14 +373,14 @@ async fn tenants_cannot_read_adapter_names_from_metrics() {
         "the router series never showed the running adapter's opaque id {expected_id}"
     );
     // Tenant B asking for A's adapter still gets exactly a missing model's answer.
-    let r = loraplane_e2e::post_json(
+    let r = post_json(
         agent.http,
         "/v1/completions",
         Some("key-b"),
         &serde_json::json!({"model": "secret-sauce", "prompt": "hi", "max_tokens": 2}),
     )
     .await;
-    let missing = loraplane_e2e::post_json(
+    let missing = post_json(
         agent.http,
         "/v1/completions",
         Some("key-b"),
@@ -426,7 +426,7 @@ async fn a_request_that_can_never_fit_is_refused_up_front() {
         "lora_path": roots.join("big").display().to_string(),
     });
     let complete = |agent: std::net::SocketAddr, model: &'static str, max_tokens: u32| async move {
-        loraplane_e2e::post_json(
+        post_json(
             agent,
             "/v1/completions",
             None,
@@ -505,7 +505,7 @@ async fn set_tenants_validates_like_the_rest_and_refuses_key_reuse() {
         assert_eq!(e.code(), Code::InvalidArgument, "{what}: {e:?}");
     }
     // Nothing changed: the agent is still open (no tenants), and the admin token is no key.
-    let r = loraplane_e2e::post_json(
+    let r = post_json(
         agent.http,
         "/v1/completions",
         None,
@@ -520,7 +520,7 @@ async fn set_tenants_validates_like_the_rest_and_refuses_key_reuse() {
         .into_inner()
         .tenants;
     assert_eq!(n, 1);
-    let r = loraplane_e2e::post_json(
+    let r = post_json(
         agent.http,
         "/v1/completions",
         Some(ADMIN),
@@ -652,7 +652,7 @@ async fn a_dead_prefill_peer_is_backed_off() {
     );
     let n = 20;
     for i in 0..n {
-        let r = loraplane_e2e::post_json(
+        let r = post_json(
             agent.http,
             "/v1/completions",
             None,

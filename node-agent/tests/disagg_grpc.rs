@@ -206,7 +206,7 @@ async fn serve_prefill_in(
         stats.clone(),
     );
     if let Some(lifecycle) = lifecycle {
-        service = service.with_lifecycle(lifecycle);
+        service = service.with_drain(move || lifecycle.drain_ticket());
     }
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();

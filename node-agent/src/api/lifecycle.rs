@@ -20,6 +20,7 @@ use std::time::Duration;
 use tokio::sync::Notify;
 
 use crate::api::error::ApiError;
+use crate::disagg::prefill::DrainTicket;
 
 #[derive(Debug)]
 struct Inner {
@@ -140,6 +141,14 @@ impl Lifecycle {
             });
         }
         Ok(guard)
+    }
+
+    /// A prefill stream's place in this lifecycle (`PrefillService::with_drain`): counted in
+    /// flight while held, ended with the others at the drain timeout; `None` while draining.
+    pub fn drain_ticket(&self) -> Option<DrainTicket> {
+        let flight = self.track().ok()?;
+        let ended = flight.ended();
+        Some(DrainTicket::new(flight, ended))
     }
 
     /// Ends every request in flight (and any accepted later) with an explicit error event: the

@@ -8,11 +8,13 @@
 //! checksums; the response channel is bounded, so a slow decode agent slows the producer
 //! instead of growing memory; a caller that goes away cancels the prefill and frees its pages.
 //!
-//! Drain: with the agent's lifecycle attached, each stream counts as a request in flight, so a
+//! Drain: with the agent's drain attached ([`PrefillService::with_drain`]; the serving layer
+//! passes its lifecycle, `api::lifecycle`), each stream counts as a request in flight, so a
 //! draining prefill agent refuses new prefills (`UNAVAILABLE`; the decode agent tries another
 //! peer) and waits for the streams it has; at the drain timeout each stream still open ends
 //! with an explicit `UNAVAILABLE` status saying so, rather than a connection cut at exit.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
@@ -26,7 +28,6 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request as GrpcRequest, Response, Status};
 
-use crate::api::lifecycle::Lifecycle;
 use crate::credential::{ClusterCredential, bearer_from_metadata};
 use crate::disagg::stats::DisaggStats;
 use crate::disagg::transfer::{WireLayout, encode_layer};
@@ -39,6 +40,28 @@ use crate::structured::{Constraint, ResponseFormat};
 /// Responses buffered per stream before the producer waits for the decode agent.
 const STREAM_BUFFER: usize = 4;
 
+/// One stream's place in the agent's drain: held while the stream runs (it counts as in
+/// flight); `ended` resolves when the stream must end now.
+pub struct DrainTicket {
+    _held: Box<dyn Send + Sync>,
+    ended: Pin<Box<dyn Future<Output = ()> + Send>>,
+}
+
+impl DrainTicket {
+    pub fn new(
+        held: impl Send + Sync + 'static,
+        ended: impl Future<Output = ()> + Send + 'static,
+    ) -> Self {
+        DrainTicket {
+            _held: Box::new(held),
+            ended: Box::pin(ended),
+        }
+    }
+}
+
+/// Issues a [`DrainTicket`] per stream, or `None` while the agent drains (refused).
+type Drain = Arc<dyn Fn() -> Option<DrainTicket> + Send + Sync>;
+
 /// The prefill agent's KV-transfer service.
 #[derive(Clone)]
 pub struct PrefillService {
@@ -47,7 +70,7 @@ pub struct PrefillService {
     credential: ClusterCredential,
     sources: Arc<SourceOptions>,
     stats: Arc<DisaggStats>,
-    lifecycle: Option<Lifecycle>,
+    drain: Option<Drain>,
 }
 
 impl std::fmt::Debug for PrefillService {
@@ -73,14 +96,17 @@ impl PrefillService {
             credential,
             sources,
             stats,
-            lifecycle: None,
+            drain: None,
         }
     }
 
-    /// Counts each stream as a request in flight of `lifecycle`: refused while draining, ended
-    /// explicitly at the drain timeout.
-    pub fn with_lifecycle(mut self, lifecycle: Lifecycle) -> Self {
-        self.lifecycle = Some(lifecycle);
+    /// Takes each stream's ticket from `drain`: a stream without one (the agent drains) is
+    /// refused, and a stream whose ticket ends is ended explicitly.
+    pub fn with_drain(
+        mut self,
+        drain: impl Fn() -> Option<DrainTicket> + Send + Sync + 'static,
+    ) -> Self {
+        self.drain = Some(Arc::new(drain));
         self
     }
 
@@ -196,8 +222,8 @@ impl KvTransfer for PrefillService {
         request: GrpcRequest<PrefillRequest>,
     ) -> Result<Response<PrefillStream>, Status> {
         self.authorize(&request)?;
-        let flight = match &self.lifecycle {
-            Some(l) => Some(l.track().map_err(|_| {
+        let ticket = match &self.drain {
+            Some(drain) => Some(drain().ok_or_else(|| {
                 Status::unavailable("the prefill agent is draining and accepts no new prefills")
             })?),
             None => None,
@@ -270,7 +296,6 @@ impl KvTransfer for PrefillService {
         self.stats.prefill_started();
         let (tx, rx) = mpsc::channel(STREAM_BUFFER);
         let (layout, stats) = (self.layout, self.stats.clone());
-        let ended = flight.as_ref().map(|f| f.ended());
         let tx_end = tx.clone();
         let stream = async move {
             let mut chunks = 0u32;
@@ -323,10 +348,9 @@ impl KvTransfer for PrefillService {
         };
         tokio::spawn(async move {
             // Counted in flight until the stream's last message is queued.
-            let _flight = flight;
-            match ended {
+            match ticket {
                 None => stream.await,
-                Some(ended) => tokio::select! {
+                Some(DrainTicket { _held, ended }) => tokio::select! {
                     biased;
                     () = ended => {
                         // Dropping the stream drops `events` and `kv`: the engine cancels it.

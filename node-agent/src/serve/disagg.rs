@@ -89,7 +89,10 @@ pub(super) async fn start(
                 Arc::new(config.sources.clone()),
                 stats,
             )
-            .with_lifecycle(lifecycle.clone());
+            .with_drain({
+                let lifecycle = lifecycle.clone();
+                move || lifecycle.drain_ticket()
+            });
             let listener = TcpListener::bind(d.kv_addr)
                 .await
                 .with_context(|| format!("binding --kv-addr {}", d.kv_addr))?;

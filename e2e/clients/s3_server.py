@@ -20,8 +20,42 @@ import sys
 os.environ["INITIAL_NO_AUTH_ACTION_COUNT"] = "3"
 os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 
+from urllib.parse import quote, unquote  # noqa: E402
+
 import boto3  # noqa: E402
+import moto.iam.access_control as access_control  # noqa: E402
 from moto.server import ThreadedMotoServer  # noqa: E402
+
+
+def _aws_canonical_query(path):
+    """`path` with its query values encoded as SigV4 canonicalises them.
+
+    moto rebuilds the signed request from the URL its web framework decoded (`prefix=acme%2F`
+    arrives as `prefix=acme/`), while botocore's signer, which moto reuses to check the
+    signature, takes a URL's query as already encoded: a list request with a `/` in its prefix
+    is then refused as SignatureDoesNotMatch although AWS accepts it. Re-encoding each value
+    (decoded first, so an encoded one is not encoded twice) gives back the client's canonical
+    query, as AWS computes it.
+    """
+    base, sep, query = path.partition("?")
+    if not sep:
+        return path
+    pairs = []
+    for pair in query.split("&"):
+        key, eq, value = pair.partition("=")
+        pairs.append(quote(unquote(key), safe="-_.~") + eq + quote(unquote(value), safe="-_.~"))
+    return base + "?" + "&".join(pairs)
+
+
+_iam_request_init = access_control.IAMRequestBase.__init__
+
+
+def _init_with_canonical_query(self, *args, **kwargs):
+    _iam_request_init(self, *args, **kwargs)
+    self._path = _aws_canonical_query(self._path)
+
+
+access_control.IAMRequestBase.__init__ = _init_with_canonical_query
 
 POLICY = json.dumps(
     {

@@ -1,7 +1,8 @@
 //! `s3://` adapter sources against a real S3-protocol server (moto in server mode, with
 //! authentication enforced; `e2e/clients/s3_server.py`), through the real agent binary: single
-//! adapters and a `.tar.gz` loaded through the admin API, all serving exactly what the same
-//! files loaded from a local path serve; credentials
+//! adapters and a `.tar.gz` loaded through the admin API, and a prefix preloaded with
+//! `--adapters s3://bucket/prefix`, all serving exactly what the same files loaded from a
+//! local path serve; credentials
 //! from the environment and from a mounted credentials file; a missing bucket or key, refused
 //! credentials and the size cap as clear 4xx errors that never show a secret.
 
@@ -12,7 +13,7 @@ use std::path::Path;
 use std::process::Command;
 
 use loraplane_e2e::s3::MotoS3;
-use loraplane_e2e::{Agent, HttpResponse, World, key_hash, load_lora, post_json};
+use loraplane_e2e::{Agent, HttpResponse, World, http, key_hash, load_lora, post_json};
 
 const ADMIN: &str = "sources-admin";
 const PROMPT: &str = "The adapter under test says";
@@ -213,4 +214,61 @@ async fn s3_credentials_errors_and_limits() {
     let r = admin_load(&agent, "sql", "s3://adapters/acme/sql").await;
     assert_eq!(r.status, 400, "{}", r.text());
     assert!(r.text().contains("download limit"), "{}", r.text());
+}
+
+/// `--adapters s3://bucket/prefix` lists the prefix through the object store and preloads
+/// every adapter directory below it, each serving exactly what its local files serve; what
+/// lies outside the prefix is not loaded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_s3_prefix_preloads_every_adapter_below_it() {
+    let w = World::tiny();
+    let sql = w.adapter("local/sql", 7);
+    let tone = w.adapter("local/tone", 8);
+    let mut puts = uploads("adapters/acme/sql", &sql);
+    puts.extend(uploads("adapters/acme/tone", &tone));
+    puts.extend(uploads("adapters/elsewhere/other", &sql));
+    let puts: Vec<(String, &Path)> = puts.iter().map(|(k, p)| (k.clone(), p.as_path())).collect();
+    let s3 = MotoS3::start(&[], &puts);
+    let env = s3.env();
+    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let roots = w.path("local");
+    let agent = Agent::start_with_env(
+        &w,
+        &[
+            "--adapters",
+            "s3://adapters/acme",
+            "--adapter-roots",
+            roots.to_str().unwrap(),
+            "--admin-token-sha256",
+            &key_hash(ADMIN),
+            "--source-cache-dir",
+            w.path("cache").to_str().unwrap(),
+        ],
+        &env,
+    );
+
+    let models = http(agent.http, "GET", "/v1/models", &[], b"")
+        .await
+        .unwrap();
+    assert_eq!(models.status, 200, "{}", models.text());
+    let mut ids: Vec<String> = models.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_owned())
+        .collect();
+    ids.sort();
+    assert_eq!(ids, ["sql", "tiny", "tone"], "preloaded: {ids:?}");
+    for (name, path) in [("sql-local", &sql), ("tone-local", &tone)] {
+        let r = admin_load(&agent, name, path.to_str().unwrap()).await;
+        assert_eq!(r.status, 200, "{name}: {}", r.text());
+    }
+    assert_eq!(
+        complete(&agent, "sql").await,
+        complete(&agent, "sql-local").await
+    );
+    assert_eq!(
+        complete(&agent, "tone").await,
+        complete(&agent, "tone-local").await
+    );
 }

@@ -264,15 +264,9 @@ impl<B: Backend> Engine<B> {
             self.release_kv(Some(kv));
             return Err(ApplyError::NotWaiting(id));
         };
-        // Its KV holds the blocks now; what was pinned for it (a remote prefill) is let go.
-        let pinned = std::mem::take(&mut seq.pinned);
         let importing = seq.import.is_some();
         seq.kv = Some(kv);
         seq.computed = done;
-        self.release_blocks(pinned);
-        let Some(seq) = self.seqs.get_mut(&id) else {
-            return Err(ApplyError::NotWaiting(id));
-        };
         // Reused tokens cost no compute: they are not charged to the tenant again.
         seq.charged = seq.charged.max(done.min(seq.prompt_len));
         if !self.reserve(id, reserve) {
@@ -291,6 +285,10 @@ impl<B: Backend> Engine<B> {
         self.running.push(id);
         if let Some(seq) = self.seqs.get_mut(&id) {
             seq.admitted = self.next_admit;
+            // Its KV holds the reused blocks now: what was pinned for it before a remote
+            // prefill is let go (not earlier: a failed admission keeps its pins).
+            let pinned = std::mem::take(&mut seq.pinned);
+            self.release_blocks(pinned);
         }
         self.next_admit += 1;
         if importing && !self.import_kv(id) {

@@ -88,11 +88,20 @@ fn world() -> World {
 }
 
 async fn engine(w: &World, load_adapters: bool) -> EngineHandle {
+    engine_with(w, load_adapters, PrefixCaching::default()).await
+}
+
+async fn engine_with(
+    w: &World,
+    load_adapters: bool,
+    prefix_caching: PrefixCaching,
+) -> EngineHandle {
     let h = EngineHandle::spawn(
         CpuBackend,
         &w.model,
         EngineConfig {
             num_pages: 1024,
+            prefix_caching,
             ..EngineConfig::default()
         },
     )
@@ -236,6 +245,16 @@ fn options(peers: Vec<String>, local_fallback: bool) -> DecodeOptions {
     }
 }
 
+/// A decode router over `decode` with `opts`, and its counters.
+async fn router_with(
+    decode: &EngineHandle,
+    opts: DecodeOptions,
+) -> (DecodeRouter, Arc<DisaggStats>) {
+    let stats = Arc::new(DisaggStats::default());
+    let router = DecodeRouter::start(decode.clone(), layout(decode), opts, stats.clone()).await;
+    (router, stats)
+}
+
 fn request(i: usize) -> Request {
     Request {
         id: format!("r{i}"),
@@ -256,18 +275,7 @@ fn request(i: usize) -> Request {
 async fn tokens(
     stream: Result<loraplane_agent::engine::actor::RequestStream, EngineError>,
 ) -> Vec<u32> {
-    let mut stream = stream.unwrap();
-    let mut out = Vec::new();
-    while let Some(ev) = stream.recv().await {
-        match ev {
-            Event::Token { id, .. } => out.push(id),
-            Event::Finished { error, .. } => {
-                assert!(error.is_none(), "{error:?}");
-                break;
-            }
-        }
-    }
-    out
+    tokens_and_cached(stream).await.0
 }
 
 async fn settle(h: &EngineHandle) {
@@ -290,14 +298,7 @@ async fn disaggregated_matches_unified_token_for_token() {
     let unified = engine(&w, true).await;
     let (addr, prefill, prefill_stats) = serve_prefill(&w, Fault::None).await;
     let decode = engine(&w, true).await;
-    let stats = Arc::new(DisaggStats::default());
-    let router = DecodeRouter::start(
-        decode.clone(),
-        layout(&decode),
-        options(vec![addr], false),
-        stats.clone(),
-    )
-    .await;
+    let (router, stats) = router_with(&decode, options(vec![addr], false)).await;
 
     let requests: Vec<Request> = (0..18).map(request).collect();
     let expected = futures::future::join_all(
@@ -336,15 +337,9 @@ async fn faults_fail_over_to_the_next_peer_and_free_everything() {
         let (bad, bad_engine, _) = serve_prefill(&w, fault).await;
         let (good, good_engine, _) = serve_prefill(&w, Fault::None).await;
         let decode = engine(&w, true).await;
-        let stats = Arc::new(DisaggStats::default());
         // Idle peers tie on load, so the configured order decides: the faulty one goes first.
-        let router = DecodeRouter::start(
-            decode.clone(),
-            layout(&decode),
-            options(vec![bad.clone(), good.clone()], false),
-            stats.clone(),
-        )
-        .await;
+        let (router, stats) =
+            router_with(&decode, options(vec![bad.clone(), good.clone()], false)).await;
         let r = request(3);
         let expected = tokens(unified.submit(r.clone()).await).await;
         assert_eq!(
@@ -416,14 +411,7 @@ async fn no_reachable_peer_prefills_locally_or_fails_clearly() {
         l.local_addr().unwrap().to_string()
     };
     let decode = engine(&w, true).await;
-    let stats = Arc::new(DisaggStats::default());
-    let router = DecodeRouter::start(
-        decode.clone(),
-        layout(&decode),
-        options(vec![closed.clone()], true),
-        stats.clone(),
-    )
-    .await;
+    let (router, stats) = router_with(&decode, options(vec![closed.clone()], true)).await;
     let r = request(5);
     assert_eq!(
         tokens(router.submit(r.clone()).await).await,
@@ -455,10 +443,9 @@ async fn the_kv_channel_requires_the_cluster_credential() {
     let w = world();
     let (addr, prefill, _) = serve_prefill(&w, Fault::None).await;
     let decode = engine(&w, true).await;
-    let stats = Arc::new(DisaggStats::default());
     let mut opts = options(vec![addr], false);
     opts.credential = Some(ClusterCredential::new("wrong").unwrap());
-    let router = DecodeRouter::start(decode.clone(), layout(&decode), opts, stats.clone()).await;
+    let (router, stats) = router_with(&decode, opts).await;
     assert!(router.submit(request(2)).await.is_err());
     assert_eq!(stats.failures().get("status"), Some(&1));
     assert_eq!(
@@ -490,33 +477,10 @@ async fn tokens_and_cached(
 async fn a_decode_agent_fetches_only_the_blocks_its_own_cache_lacks() {
     let w = world();
     // The reference computes every prompt in full.
-    let reference = EngineHandle::spawn(
-        CpuBackend,
-        &w.model,
-        EngineConfig {
-            num_pages: 1024,
-            prefix_caching: PrefixCaching::Off,
-            ..EngineConfig::default()
-        },
-    )
-    .unwrap();
-    for (i, dir) in w.adapters.iter().enumerate() {
-        let key = AdapterKey::new("default", &format!("lora-{i}"));
-        reference
-            .load_adapter(key, dir.clone(), None, false)
-            .await
-            .unwrap();
-    }
+    let reference = engine_with(&w, true, PrefixCaching::Off).await;
     let (addr, prefill, prefill_stats) = serve_prefill(&w, Fault::None).await;
     let decode = engine(&w, true).await;
-    let stats = Arc::new(DisaggStats::default());
-    let router = DecodeRouter::start(
-        decode.clone(),
-        layout(&decode),
-        options(vec![addr], false),
-        stats.clone(),
-    )
-    .await;
+    let (router, stats) = router_with(&decode, options(vec![addr], false)).await;
     let l = layout(&decode);
     let block_bytes = (l.block_elems() * 4 * l.num_layers) as u64;
     // A 64-token system prompt (four blocks of 16), then each request's own tokens.
@@ -573,13 +537,7 @@ async fn a_decode_agent_fetches_only_the_blocks_its_own_cache_lacks() {
 
     // A remote prefill that fails (no peer listens, no local fallback) lets go of the blocks
     // pinned for it: the pool settles back to empty below.
-    let dead = DecodeRouter::start(
-        decode.clone(),
-        layout(&decode),
-        options(vec!["127.0.0.1:1".into()], false),
-        Arc::new(DisaggStats::default()),
-    )
-    .await;
+    let (dead, _) = router_with(&decode, options(vec!["127.0.0.1:1".into()], false)).await;
     let err = dead.submit(ask("fourth", &own_b)).await.unwrap_err();
     assert!(matches!(err, EngineError::Unavailable(_)), "{err:?}");
     settle(&prefill).await;

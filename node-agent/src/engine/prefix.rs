@@ -67,13 +67,14 @@ fn root(tenant: &TenantId, cache_salt: Option<&str>, weights: WeightsId) -> Bloc
 }
 
 impl<B: Backend> Engine<B> {
-    /// The weights `seq`'s KV would be computed with now; `None` when caching is off or its
-    /// adapter's digest is not known (then it neither reuses nor publishes blocks).
-    fn weights_of(&self, seq: &Sequence) -> Option<WeightsId> {
+    /// The weights KV of the adapter `key` (`None`: the base model) would be computed with
+    /// now; `None` when caching is off or the adapter's digest is not known (then a sequence
+    /// neither reuses nor publishes blocks).
+    fn weights_of(&self, key: Option<&AdapterKey>) -> Option<WeightsId> {
         if self.config.prefix_caching == PrefixCaching::Off {
             return None;
         }
-        match seq.adapter_key() {
+        match key {
             None => Some(None),
             Some(key) => self.registry.get(key)?.digest().map(Some),
         }
@@ -91,7 +92,7 @@ impl<B: Backend> Engine<B> {
             let Some(seq) = self.seqs.get(&id) else {
                 continue;
             };
-            let weights = self.weights_of(seq);
+            let weights = self.weights_of(seq.adapter_key());
             let Some(seq) = self.seqs.get_mut(&id) else {
                 continue;
             };
@@ -136,8 +137,7 @@ impl<B: Backend> Engine<B> {
             match self.prefix.acquire(key) {
                 Some(b) => blocks.push(b),
                 None => {
-                    let stamp = self.registry.stamp();
-                    self.prefix.release(blocks, stamp);
+                    self.release_blocks(blocks);
                     return None;
                 }
             }
@@ -148,11 +148,8 @@ impl<B: Backend> Engine<B> {
     /// Lets go of a sequence's KV: private pages return to the pool, shared blocks nobody
     /// else reads become idle (evictable) in the cache, stamped now.
     pub(super) fn release_kv(&mut self, kv: Option<SeqKv>) {
-        let Some(kv) = kv else { return };
-        let shared = kv.into_shared();
-        if !shared.is_empty() {
-            let stamp = self.registry.stamp();
-            self.prefix.release(shared, stamp);
+        if let Some(kv) = kv {
+            self.release_blocks(kv.into_shared());
         }
     }
 
@@ -181,28 +178,18 @@ impl<B: Backend> Engine<B> {
     /// Pinning again under the same request id lets go of the earlier pin.
     pub fn pin_prefix(&mut self, req: &Request) -> usize {
         self.unpin(&req.id);
-        if self.config.prefix_caching == PrefixCaching::Off {
+        let key = req.adapter.as_ref().map(|name| AdapterKey {
+            tenant: req.tenant.clone(),
+            name: name.clone(),
+        });
+        let Some(weights) = self.weights_of(key.as_ref()) else {
             return 0;
-        }
-        let weights = match &req.adapter {
-            None => None,
-            Some(name) => {
-                let key = AdapterKey {
-                    tenant: req.tenant.clone(),
-                    name: name.clone(),
-                };
-                match self.registry.get(&key).and_then(|e| e.digest()) {
-                    Some(d) => Some(d),
-                    None => return 0,
-                }
-            }
         };
         let bs = self.geometry.block_size;
         let most = req.prompt.len().saturating_sub(1) / bs;
-        let mut key = root(&req.tenant, req.cache_salt.as_deref(), weights);
+        let root = root(&req.tenant, req.cache_salt.as_deref(), weights);
         let mut held = Vec::new();
-        for tokens in req.prompt.chunks_exact(bs).take(most) {
-            key = key.next(tokens);
+        for key in chain(root, &req.prompt[..most * bs], bs) {
             match self.prefix.acquire(&key) {
                 Some(b) => held.push(b),
                 None => break,
@@ -236,15 +223,24 @@ impl<B: Backend> Engine<B> {
     }
 }
 
+/// The keys of the full blocks of `tokens`, chained from `from` (a root, or the key of the
+/// block before `tokens`).
+fn chain(from: BlockHash, tokens: &[u32], bs: usize) -> impl Iterator<Item = BlockHash> + '_ {
+    tokens.chunks_exact(bs).scan(from, |prev, block| {
+        *prev = prev.next(block);
+        Some(*prev)
+    })
+}
+
 /// Extends `seq`'s keys to cover its first `blocks` full blocks.
 fn extend_keys(seq: &mut Sequence, blocks: usize, bs: usize) {
     let Some(root) = seq.prefix_root else { return };
-    while seq.block_keys.len() < blocks {
-        let b = seq.block_keys.len();
-        let prev = seq.block_keys.last().copied().unwrap_or(root);
-        let Some(tokens) = seq.tokens.get(b * bs..(b + 1) * bs) else {
-            return;
-        };
-        seq.block_keys.push(prev.next(tokens));
+    let have = seq.block_keys.len();
+    if have >= blocks {
+        return;
     }
+    let from = seq.block_keys.last().copied().unwrap_or(root);
+    let end = (blocks * bs).min(seq.tokens.len());
+    let tokens = seq.tokens.get(have * bs..end).unwrap_or_default();
+    seq.block_keys.extend(chain(from, tokens, bs));
 }

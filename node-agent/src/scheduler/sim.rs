@@ -160,17 +160,13 @@ impl<'a> Sim<'a> {
     /// that it has logits to sample from.
     pub fn prefix_hit(&self, seq: &SeqState<'_>) -> usize {
         let Some(cache) = self.cache else { return 0 };
-        if seq.importing {
+        let most = if seq.importing {
             // Exactly the blocks its import leaves out (pinned for it, so cached): the import
             // is written over every later block.
-            return seq
-                .prefix
-                .iter()
-                .take(seq.import_cached)
-                .take_while(|h| cache.contains(h) && !self.evicted.contains(*h))
-                .count();
-        }
-        let most = seq.tokens.saturating_sub(1) / self.limits.block_size;
+            seq.import_cached
+        } else {
+            seq.tokens.saturating_sub(1) / self.limits.block_size
+        };
         seq.prefix
             .iter()
             .take(most)

@@ -133,6 +133,23 @@ impl<'a, R: Remote> Staging<'a, R> {
     }
 }
 
+/// Fetches an artifact from `remote` into the cache under `root`: the archive `archive` when
+/// the source names one ([`download_tarball`]), else the artifact's files ([`download`]).
+pub(crate) async fn fetch<R: Remote>(
+    ctx: &Ctx,
+    remote: &R,
+    archive: Option<&str>,
+    artifact: Artifact,
+    expected: Option<&Digest>,
+    opts: &SourceOptions,
+    root: &Path,
+) -> Result<PathBuf, SourceError> {
+    match archive {
+        Some(name) => download_tarball(ctx, remote, name, artifact, expected, opts, root).await,
+        None => download(ctx, remote, artifact, expected, opts, root).await,
+    }
+}
+
 /// Fetches an artifact's files one by one from `remote` into the cache under `root`.
 pub(crate) async fn download<R: Remote>(
     ctx: &Ctx,
@@ -249,10 +266,9 @@ pub(crate) async fn download_tarball<R: Remote>(
         }
     }
     // `dir` lies inside the partial directory: moving it into place leaves the rest (the
-    // tree's wrapper directory, if any) to be removed with the partial directory.
-    let result = commit(ctx, dir, &root.join(cache_key(&files)));
-    drop(dl);
-    result
+    // tree's wrapper directory, if any) to be removed with the partial directory, when `dl`
+    // drops after the move.
+    commit(ctx, dir, &root.join(cache_key(&files)))
 }
 
 /// `(relative path, sha256)` of every regular file under `dir`, for the cache key.
@@ -271,20 +287,24 @@ fn hash_tree(ctx: &Ctx, dir: &Path) -> Result<Vec<(String, Digest)>, SourceError
                 stack.push(path);
                 continue;
             }
-            let mut file =
-                std::fs::File::open(&path).map_err(|e| ctx.io("hashing the unpacked files", e))?;
-            let mut h = sha2::Sha256::new();
-            std::io::copy(&mut file, &mut h)
-                .map_err(|e| ctx.io("hashing the unpacked files", e))?;
+            let digest = sha256_path(&path).map_err(|e| ctx.io("hashing the unpacked files", e))?;
             let rel = path
                 .strip_prefix(dir)
                 .map_err(|e| ctx.io("hashing the unpacked files", e))?
                 .to_string_lossy()
                 .into_owned();
-            out.push((rel, Digest(h.finalize().into())));
+            out.push((rel, digest));
         }
     }
     Ok(out)
+}
+
+/// The sha256 of the file at `path`, read to its end.
+pub(crate) fn sha256_path(path: &Path) -> std::io::Result<Digest> {
+    let mut file = std::fs::File::open(path)?;
+    let mut h = sha2::Sha256::new();
+    std::io::copy(&mut file, &mut h)?;
+    Ok(Digest(h.finalize().into()))
 }
 
 /// The cache directory name for a set of files: `sha256-<hex>` over sorted `name\0sha256\n`.

@@ -18,7 +18,6 @@ use std::sync::{Arc, Mutex};
 
 use hf_hub::api::tokio::{ApiBuilder, ApiError, ApiRepo};
 use hf_hub::{Cache, Repo, RepoType};
-use sha2::Digest as _;
 use tokio::sync::Notify;
 
 use super::progress::ProgressLog;
@@ -235,14 +234,9 @@ fn describe(e: &ApiError) -> String {
 
 async fn sha256_file(ctx: &Ctx, path: &Path) -> Result<Digest, SourceError> {
     let path = path.to_owned();
-    let hashed = tokio::task::spawn_blocking(move || -> std::io::Result<Digest> {
-        let mut file = std::fs::File::open(path)?;
-        let mut h = sha2::Sha256::new();
-        std::io::copy(&mut file, &mut h)?;
-        Ok(Digest(h.finalize().into()))
-    })
-    .await
-    .map_err(|e| ctx.io("hashing the weights", e))?;
+    let hashed = tokio::task::spawn_blocking(move || super::download::sha256_path(&path))
+        .await
+        .map_err(|e| ctx.io("hashing the weights", e))?;
     hashed.map_err(|e| ctx.io("hashing the weights", e))
 }
 

@@ -58,12 +58,16 @@ pub(crate) async fn fetch(
         base: &base,
     };
     let root = opts.cache_dir.join("https");
-    match archive {
-        Some(name) => {
-            download::download_tarball(ctx, &remote, &name, artifact, expected, opts, &root).await
-        }
-        None => download::download(ctx, &remote, artifact, expected, opts, &root).await,
-    }
+    download::fetch(
+        ctx,
+        &remote,
+        archive.as_deref(),
+        artifact,
+        expected,
+        opts,
+        &root,
+    )
+    .await
 }
 
 fn client(opts: &SourceOptions, policy: net::AddressPolicy) -> reqwest::Result<reqwest::Client> {

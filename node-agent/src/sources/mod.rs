@@ -419,13 +419,7 @@ pub async fn list_adapters(
         return Err(ctx.unsupported("the source URI contains control characters"));
     }
     if let Some(rest) = uri.strip_prefix("s3://") {
-        let listing = tokio::time::timeout(opts.timeout, s3::list(&ctx, rest, opts)).await;
-        return listing.unwrap_or_else(|_| {
-            Err(SourceError::Timeout {
-                uri: ctx.uri.clone(),
-                after: opts.timeout,
-            })
-        });
+        return with_timeout(&ctx, opts, s3::list(&ctx, rest, opts)).await;
     }
     if let Some(rest) = uri.strip_prefix("pvc://") {
         return pvc::list(&ctx, rest, opts);
@@ -435,11 +429,11 @@ pub async fn list_adapters(
     ))
 }
 
-async fn with_timeout(
+async fn with_timeout<T>(
     ctx: &Ctx,
     opts: &SourceOptions,
-    work: impl Future<Output = Result<PathBuf, SourceError>>,
-) -> Result<PathBuf, SourceError> {
+    work: impl Future<Output = Result<T, SourceError>>,
+) -> Result<T, SourceError> {
     match tokio::time::timeout(opts.timeout, work).await {
         Ok(result) => result,
         Err(_) => Err(SourceError::Timeout {

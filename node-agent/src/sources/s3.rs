@@ -203,17 +203,21 @@ pub(crate) async fn fetch(
     let (store, secrets) = store(ctx, &bucket, opts)?;
     let remote = S3Remote {
         ctx,
-        store: Arc::new(store),
+        store,
         prefix,
         secrets: Arc::new(secrets),
     };
     let root = opts.cache_dir.join("s3");
-    match archive {
-        Some(name) => {
-            download::download_tarball(ctx, &remote, &name, artifact, expected, opts, &root).await
-        }
-        None => download::download(ctx, &remote, artifact, expected, opts, &root).await,
-    }
+    download::fetch(
+        ctx,
+        &remote,
+        archive.as_deref(),
+        artifact,
+        expected,
+        opts,
+        &root,
+    )
+    .await
 }
 
 /// Most objects an `--adapters` listing of a prefix reads.
@@ -235,6 +239,7 @@ pub(crate) async fn list(
     let mut listing = store.list(Some(&location));
     let mut out = Vec::new();
     let mut seen = 0usize;
+    let depth = location.parts().count();
     while let Some(meta) = listing.next().await {
         let meta = match meta {
             Ok(m) => m,
@@ -250,7 +255,6 @@ pub(crate) async fn list(
             )));
         }
         let parts: Vec<_> = meta.location.parts().collect();
-        let depth = location.parts().count();
         if let [name, file] = &parts[depth.min(parts.len())..]
             && file.as_ref() == super::ADAPTER_CONFIG
         {
@@ -348,7 +352,7 @@ fn store(
 /// The files under one key prefix of one bucket.
 struct S3Remote<'a> {
     ctx: &'a Ctx,
-    store: Arc<AmazonS3>,
+    store: AmazonS3,
     /// The key prefix without a trailing slash; empty for the bucket's root.
     prefix: String,
     secrets: Arc<Vec<String>>,

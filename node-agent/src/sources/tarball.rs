@@ -143,8 +143,7 @@ fn scan(
         let size = header
             .entry_size()
             .map_err(|e| read_error(ctx, limits, &e))?;
-        let name = String::from_utf8_lossy(&header.path_bytes()).into_owned();
-        let name: String = name.chars().filter(|c| !c.is_control()).take(200).collect();
+        let name = shown_name(&header.path_bytes());
         if kind.is_gnu_longname()
             || kind.is_gnu_longlink()
             || kind.is_pax_local_extensions()
@@ -158,10 +157,7 @@ fn scan(
             continue;
         }
         if !(kind.is_file() || kind.is_contiguous() || kind.is_dir()) {
-            return Err(ctx.forbidden(format!(
-                "the archive entry {name:?} is a {}; only regular files and directories are unpacked",
-                kind_name(kind)
-            )));
+            return Err(special_entry(ctx, &name, kind));
         }
         count += 1;
         if count > limits.max_entries {
@@ -176,6 +172,24 @@ fn scan(
         }
     }
     Ok(())
+}
+
+/// An entry's raw path as shown in messages: lossy UTF-8, control characters dropped, at most
+/// 200 characters.
+fn shown_name(raw: &[u8]) -> String {
+    String::from_utf8_lossy(raw)
+        .chars()
+        .filter(|c| !c.is_control())
+        .take(200)
+        .collect()
+}
+
+/// The refusal of an entry that is neither a regular file nor a directory.
+fn special_entry(ctx: &Ctx, name: &str, kind: tar::EntryType) -> SourceError {
+    ctx.forbidden(format!(
+        "the archive entry {name:?} is a {}; only regular files and directories are unpacked",
+        kind_name(kind)
+    ))
 }
 
 fn kind_name(kind: tar::EntryType) -> &'static str {
@@ -203,11 +217,7 @@ fn extract(
     for entry in entries {
         let mut entry = entry.map_err(|e| read_error(ctx, limits, &e))?;
         let raw = entry.path_bytes().into_owned();
-        let shown: String = String::from_utf8_lossy(&raw)
-            .chars()
-            .filter(|c| !c.is_control())
-            .take(200)
-            .collect();
+        let shown = shown_name(&raw);
         let rel = confined(&raw).ok_or_else(|| {
             ctx.forbidden(format!(
                 "the archive entry {shown:?} is not a plain relative path inside the archive"
@@ -228,10 +238,7 @@ fn extract(
         }
         if !(kind.is_file() || kind.is_contiguous()) {
             // The scan refuses these; a second look costs nothing.
-            return Err(ctx.forbidden(format!(
-                "the archive entry {shown:?} is a {}; only regular files and directories are unpacked",
-                kind_name(kind)
-            )));
+            return Err(special_entry(ctx, &shown, kind));
         }
         if let Some(parent) = path.parent() {
             std::fs::create_dir_all(parent).map_err(|e| conflict(ctx, &shown, e))?;

@@ -37,6 +37,20 @@ use crate::lora::registry::AdapterSummary;
 
 pub mod router;
 
+/// Registers `c` with `r` and hands it back.
+fn reg<C: prometheus::core::Collector + Clone + 'static>(
+    r: &Registry,
+    c: C,
+) -> Result<C, MetricsError> {
+    r.register(Box::new(c.clone()))?;
+    Ok(c)
+}
+
+/// A count as a gauge value, saturating at `i64::MAX`.
+fn clamp(n: usize) -> i64 {
+    i64::try_from(n).unwrap_or(i64::MAX)
+}
+
 /// Metric names (one place, so dashboards and tests can refer to them).
 pub mod names {
     pub const TIME_TO_FIRST_TOKEN: &str = "loraplane_time_to_first_token_seconds";
@@ -261,13 +275,6 @@ impl Metrics {
     ) -> Result<Arc<Self>, MetricsError> {
         use names::*;
         let r = Registry::new();
-        fn reg<C: prometheus::core::Collector + Clone + 'static>(
-            r: &Registry,
-            c: C,
-        ) -> Result<C, MetricsError> {
-            r.register(Box::new(c.clone()))?;
-            Ok(c)
-        }
         let hist = |name: &str, help: &str, buckets: &[f64]| {
             Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets.to_vec()))
         };
@@ -541,7 +548,6 @@ impl Metrics {
     /// Mirrors engine statistics into the gauges and advances the mirrored counters.
     /// `max_lora` is the number of distinct adapters a batch may hold.
     pub fn refresh(&self, s: &EngineStats, max_lora: usize) {
-        let clamp = |v: usize| i64::try_from(v).unwrap_or(i64::MAX);
         self.running.set(clamp(s.running));
         self.waiting.set(clamp(s.waiting));
         self.vllm_running.set(clamp(s.running));
@@ -571,29 +577,31 @@ impl Metrics {
         self.router.kv_usage.set(kv_usage);
 
         let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
-        let advance = |c: &IntCounter, last: &mut u64, now: u64| {
-            c.inc_by(now.saturating_sub(*last));
+        // Advances `last` to `now` and returns by how much the counters mirroring it grow.
+        let advance = |last: &mut u64, now: u64| {
+            let delta = now.saturating_sub(*last);
             *last = now.max(*last);
+            delta
         };
-        advance(&self.steps, &mut seen.steps, s.steps);
-        advance(&self.preemptions, &mut seen.preemptions, s.preemptions);
-        advance(&self.adapter_loads, &mut seen.loads, s.adapter_device_loads);
-        advance(
-            &self.adapter_evictions,
-            &mut seen.evictions,
-            s.adapter_device_evictions,
-        );
-        advance(&self.host_hits, &mut seen.hits, s.adapter_host_hits);
-        advance(&self.host_misses, &mut seen.misses, s.adapter_host_misses);
-        let (queried, hit) = (s.prefix.queried_tokens, s.prefix.hit_tokens);
+        self.steps.inc_by(advance(&mut seen.steps, s.steps));
+        self.preemptions
+            .inc_by(advance(&mut seen.preemptions, s.preemptions));
+        self.adapter_loads
+            .inc_by(advance(&mut seen.loads, s.adapter_device_loads));
+        self.adapter_evictions
+            .inc_by(advance(&mut seen.evictions, s.adapter_device_evictions));
+        self.host_hits
+            .inc_by(advance(&mut seen.hits, s.adapter_host_hits));
+        self.host_misses
+            .inc_by(advance(&mut seen.misses, s.adapter_host_misses));
+        let queried = advance(&mut seen.prefix_queries, s.prefix.queried_tokens);
         for c in &self.prefix_queries {
-            c.inc_by(queried.saturating_sub(seen.prefix_queries));
+            c.inc_by(queried);
         }
+        let hit = advance(&mut seen.prefix_hits, s.prefix.hit_tokens);
         for c in &self.prefix_hits {
-            c.inc_by(hit.saturating_sub(seen.prefix_hits));
+            c.inc_by(hit);
         }
-        seen.prefix_queries = seen.prefix_queries.max(queried);
-        seen.prefix_hits = seen.prefix_hits.max(hit);
         drop(seen);
 
         // One series only: the label values change with residency, so drop the old one.

@@ -19,7 +19,6 @@ use std::sync::Arc;
 
 use loraplane_agent::api::auth::{self, Tenants};
 use loraplane_agent::api::openai::{self, ChatRequest, CompletionRequest};
-use loraplane_agent::api::service::RequestBounds;
 use loraplane_agent::disagg::transfer::{Assembler, WireLayout};
 use loraplane_agent::engine::actor::grammars_for;
 use loraplane_agent::fixtures::adapter::{self, AdapterSpec};
@@ -378,7 +377,6 @@ fn openai_bodies_never_panic() {
         br#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}],"logprobs":true}"#,
         br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"response_format":{"type":"json_schema","json_schema":{"name":"p","schema":{"type":"object"},"strict":true}}}"#,
     ];
-    let bounds = RequestBounds::default();
     let mut r = rng("openai");
     for _ in 0..cases() {
         let body = if r.below(2) == 0 {
@@ -388,10 +386,10 @@ fn openai_bodies_never_panic() {
             serde_json::to_vec(&Value::Object(object(&mut r, &keys, 3))).unwrap()
         };
         if let Ok(req) = openai::parse::<CompletionRequest>(&body) {
-            let _ = openai::completion_spec(req, &bounds);
+            let _ = openai::completion_spec(req);
         }
         if let Ok(req) = openai::parse::<ChatRequest>(&body) {
-            let _ = openai::chat_spec(req, &bounds);
+            let _ = openai::chat_spec(req);
         }
     }
 }

@@ -210,8 +210,8 @@ fn decode<S: Inference>(
         }
     })?;
     let (spec, shape) = match kind {
-        Kind::Completion => openai::completion_spec(openai::parse(&body)?, s.bounds())?,
-        Kind::Chat => openai::chat_spec(openai::parse(&body)?, s.bounds())?,
+        Kind::Completion => openai::completion_spec(openai::parse(&body)?)?,
+        Kind::Chat => openai::chat_spec(openai::parse(&body)?)?,
     };
     Ok((caller, spec, shape))
 }

@@ -16,7 +16,7 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::api::error::ApiError;
-use crate::api::service::{GenerateSpec, Prompt, RequestBounds, Sampling};
+use crate::api::service::{GenerateSpec, Prompt, Sampling};
 use crate::engine::{FinishReason, Usage};
 use crate::model::tokenizer::ChatMessage;
 use crate::structured::ResponseFormat;
@@ -174,14 +174,8 @@ pub fn response_format(v: Option<Value>) -> Result<Option<ResponseFormat>, ApiEr
     }
 }
 
-/// The fields of [`Common`] a spec carries besides sampling.
-struct Routing {
-    model: String,
-    cache_salt: Option<String>,
-    response_format: Option<ResponseFormat>,
-}
-
-fn common(c: Common, _bounds: &RequestBounds) -> Result<(Routing, Sampling, Shape), ApiError> {
+/// The spec for `prompt` from the fields both endpoints share.
+fn common(c: Common, prompt: Prompt) -> Result<(GenerateSpec, Shape), ApiError> {
     let cache_salt = crate::api::service::cache_salt(c.cache_salt)?;
     // One choice per request: n > 1 would need parallel sampling over a shared prompt,
     // which the engine does not do; send n requests (with different seeds) instead.
@@ -248,21 +242,20 @@ fn common(c: Common, _bounds: &RequestBounds) -> Result<(Routing, Sampling, Shap
         include_usage: stream && include_usage,
         logprobs: false,
     };
-    let routing = Routing {
+    let spec = GenerateSpec {
         model: c.model,
+        prompt,
+        sampling,
         cache_salt,
         response_format: response_format(c.response_format)?,
     };
-    Ok((routing, sampling, shape))
+    Ok((spec, shape))
 }
 
 /// `/v1/completions` → the serving core's request.
 ///
 /// Errors: a 400 naming the field for anything malformed or unsupported.
-pub fn completion_spec(
-    req: CompletionRequest,
-    bounds: &RequestBounds,
-) -> Result<(GenerateSpec, Shape), ApiError> {
+pub fn completion_spec(req: CompletionRequest) -> Result<(GenerateSpec, Shape), ApiError> {
     if req.echo == Some(true) {
         return Err(unsupported("echo", "echo"));
     }
@@ -283,19 +276,10 @@ pub fn completion_spec(
         }
     };
     let prompt = completion_prompt(req.prompt)?;
-    let (routing, mut sampling, mut shape) = common(req.common, bounds)?;
-    sampling.logprobs = logprobs;
+    let (mut spec, mut shape) = common(req.common, prompt)?;
+    spec.sampling.logprobs = logprobs;
     shape.logprobs = logprobs;
-    Ok((
-        GenerateSpec {
-            model: routing.model,
-            prompt,
-            sampling,
-            cache_salt: routing.cache_salt,
-            response_format: routing.response_format,
-        },
-        shape,
-    ))
+    Ok((spec, shape))
 }
 
 fn completion_prompt(v: Value) -> Result<Prompt, ApiError> {
@@ -340,10 +324,7 @@ fn completion_prompt(v: Value) -> Result<Prompt, ApiError> {
 /// `/v1/chat/completions` → the serving core's request.
 ///
 /// Errors: a 400 naming the field for anything malformed or unsupported.
-pub fn chat_spec(
-    req: ChatRequest,
-    bounds: &RequestBounds,
-) -> Result<(GenerateSpec, Shape), ApiError> {
+pub fn chat_spec(req: ChatRequest) -> Result<(GenerateSpec, Shape), ApiError> {
     if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
         return Err(unsupported("tools", "tool calling"));
     }
@@ -395,23 +376,15 @@ pub fn chat_spec(
     if common_fields.max_tokens.is_none() {
         common_fields.max_tokens = req.max_completion_tokens;
     }
-    let (routing, mut sampling, mut shape) = common(common_fields, bounds)?;
+    let prompt = Prompt::Chat {
+        messages,
+        add_generation_prompt: req.add_generation_prompt.unwrap_or(true),
+    };
+    let (mut spec, mut shape) = common(common_fields, prompt)?;
     let logprobs = req.logprobs.unwrap_or(false);
-    sampling.logprobs = logprobs;
+    spec.sampling.logprobs = logprobs;
     shape.logprobs = logprobs;
-    Ok((
-        GenerateSpec {
-            model: routing.model,
-            cache_salt: routing.cache_salt,
-            prompt: Prompt::Chat {
-                messages,
-                add_generation_prompt: req.add_generation_prompt.unwrap_or(true),
-            },
-            sampling,
-            response_format: routing.response_format,
-        },
-        shape,
-    ))
+    Ok((spec, shape))
 }
 
 /// OpenAI's `finish_reason`.
@@ -470,10 +443,6 @@ pub fn chat_logprobs(items: &TokenLogprobs) -> Value {
 mod tests {
     use super::*;
 
-    fn bounds() -> RequestBounds {
-        RequestBounds::default()
-    }
-
     #[test]
     fn completion_prompts() {
         let p = |v: Value| completion_prompt(v);
@@ -504,7 +473,7 @@ mod tests {
         );
         let req = parse::<CompletionRequest>(br#"{"model":"m","prompt":"x","n":2}"#).unwrap();
         assert!(matches!(
-            completion_spec(req, &bounds()),
+            completion_spec(req),
             Err(ApiError::InvalidArgument {
                 param: Some("n"),
                 ..
@@ -556,13 +525,13 @@ mod tests {
             br#"{"model":"m","prompt":"x","response_format":{"type":"json_object"}}"#,
         )
         .unwrap();
-        let (spec, _) = completion_spec(req, &bounds()).unwrap();
+        let (spec, _) = completion_spec(req).unwrap();
         assert_eq!(spec.response_format, Some(ResponseFormat::JsonObject));
         let req = parse::<ChatRequest>(
             br#"{"model":"m","messages":[{"role":"user","content":"x"}],"tool_choice":"required"}"#,
         )
         .unwrap();
-        assert!(chat_spec(req, &bounds()).is_err());
+        assert!(chat_spec(req).is_err());
     }
 
     #[test]
@@ -572,7 +541,7 @@ mod tests {
                 "max_completion_tokens":5,"stream":true,"stream_options":{"include_usage":true},"stop":"x","top_k":-1,"seed":3}"#,
         )
         .unwrap();
-        let (spec, shape) = chat_spec(req, &bounds()).unwrap();
+        let (spec, shape) = chat_spec(req).unwrap();
         assert_eq!(spec.model, "a");
         assert_eq!(spec.sampling.max_tokens, Some(5));
         assert_eq!(spec.sampling.stop, vec!["x".to_owned()]);

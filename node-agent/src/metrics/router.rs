@@ -22,7 +22,7 @@
 
 use prometheus::{Gauge, GaugeVec, HistogramOpts, HistogramVec, IntGauge, Opts, Registry};
 
-use super::{AdapterIdentity, MetricsError};
+use super::{AdapterIdentity, MetricsError, clamp, reg};
 use crate::engine::AdapterTransition;
 use crate::lora::registry::{AdapterSummary, Residency};
 
@@ -94,13 +94,6 @@ impl RouterMetrics {
     }
 
     fn new(r: &Registry) -> Result<Self, MetricsError> {
-        fn reg<C: prometheus::core::Collector + Clone + 'static>(
-            r: &Registry,
-            c: C,
-        ) -> Result<C, MetricsError> {
-            r.register(Box::new(c.clone()))?;
-            Ok(c)
-        }
         Ok(RouterMetrics {
             loaded: reg(
                 r,
@@ -171,8 +164,7 @@ impl RouterMetrics {
         self.cache_config
             .with_label_values(&[block_size.to_string(), num_gpu_blocks.to_string()])
             .set(1.0);
-        self.max_gpu
-            .set(i64::try_from(max_lora).unwrap_or(i64::MAX));
+        self.max_gpu.set(clamp(max_lora));
     }
 
     pub fn observe_load(&self, transition: AdapterTransition, seconds: f64) {
@@ -193,7 +185,6 @@ impl RouterMetrics {
             .filter_map(|a| level(a).map(|l| (a, l)))
             .collect();
         let gpu = in_memory.iter().filter(|(_, l)| *l == "gpu").count();
-        let clamp = |n: usize| i64::try_from(n).unwrap_or(i64::MAX);
         self.num_gpu.set(clamp(gpu));
         self.num_cpu.set(clamp(in_memory.len() - gpu));
         // The cap keeps what a router needs most: device-pool residency, then pinned

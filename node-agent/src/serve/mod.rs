@@ -123,20 +123,46 @@ async fn preload_adapters(handle: &EngineHandle, dir: &Path) -> anyhow::Result<u
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        if !admin::is_valid_name(&name) {
-            tracing::warn!(adapter = %name, "skipping an adapter directory whose name is not a valid adapter name");
-            continue;
-        }
-        let key = AdapterKey::new("default", &name);
-        match handle.load_adapter(key, path.clone(), None, false).await {
-            Ok(a) => {
-                loaded += 1;
-                tracing::info!(adapter = %name, rank = a.rank, digest = %crate::lora::ids::digest_or_none(a.digest), "adapter preloaded");
-            }
-            Err(e) => tracing::error!(adapter = %name, error = %e, "adapter preload failed"),
+        let dir = std::future::ready(Ok::<_, std::convert::Infallible>(path));
+        if preload_one(handle, &name, "adapter directory", dir).await {
+            loaded += 1;
         }
     }
     Ok(loaded)
+}
+
+/// Preloads one `--adapters` adapter for tenant `default`; returns whether it loaded. A name
+/// that is not a valid adapter name is skipped with a warning naming it an `item` (before
+/// `dir` is awaited, so nothing is fetched for it); a failure to get `dir` or to load it is
+/// logged.
+async fn preload_one<E: std::fmt::Display>(
+    handle: &EngineHandle,
+    name: &str,
+    item: &str,
+    dir: impl Future<Output = Result<PathBuf, E>>,
+) -> bool {
+    if !admin::is_valid_name(name) {
+        tracing::warn!(adapter = %name, "skipping an {item} whose name is not a valid adapter name");
+        return false;
+    }
+    let dir = match dir.await {
+        Ok(d) => d,
+        Err(e) => {
+            tracing::error!(adapter = %name, error = %e, "adapter preload failed");
+            return false;
+        }
+    };
+    let key = AdapterKey::new("default", name);
+    match handle.load_adapter(key, dir, None, false).await {
+        Ok(a) => {
+            tracing::info!(adapter = %name, rank = a.rank, digest = %crate::lora::ids::digest_or_none(a.digest), "adapter preloaded");
+            true
+        }
+        Err(e) => {
+            tracing::error!(adapter = %name, error = %e, "adapter preload failed");
+            false
+        }
+    }
 }
 
 /// Waits for SIGTERM or SIGINT.

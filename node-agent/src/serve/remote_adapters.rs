@@ -5,9 +5,7 @@
 
 use anyhow::Context as _;
 
-use crate::api::admin;
 use crate::engine::actor::EngineHandle;
-use crate::lora::ids::AdapterKey;
 use crate::sources::{self, SourceOptions};
 
 /// Whether `--adapters` names a URI rather than a local directory.
@@ -25,27 +23,12 @@ pub(super) async fn preload(
 ) -> anyhow::Result<usize> {
     let listed = sources::list_adapters(uri, opts)
         .await
-        .with_context(|| "listing --adapters".to_owned())?;
+        .context("listing --adapters")?;
     let mut loaded = 0;
     for (name, adapter_uri) in listed {
-        if !admin::is_valid_name(&name) {
-            tracing::warn!(adapter = %name, "skipping an adapter whose name is not a valid adapter name");
-            continue;
-        }
-        let dir = match sources::resolve_adapter(&adapter_uri, None, opts).await {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::error!(adapter = %name, error = %e, "adapter preload failed");
-                continue;
-            }
-        };
-        let key = AdapterKey::new("default", &name);
-        match handle.load_adapter(key, dir, None, false).await {
-            Ok(a) => {
-                loaded += 1;
-                tracing::info!(adapter = %name, source = %sources::redact(&adapter_uri), rank = a.rank, "adapter preloaded");
-            }
-            Err(e) => tracing::error!(adapter = %name, error = %e, "adapter preload failed"),
+        let dir = sources::resolve_adapter(&adapter_uri, None, opts);
+        if super::preload_one(handle, &name, "adapter", dir).await {
+            loaded += 1;
         }
     }
     Ok(loaded)

@@ -57,10 +57,7 @@ impl Registry {
             });
         }
         self.remove_weights(key);
-        if let Some(e) = self.entries.get_mut(key) {
-            e.known = None;
-            e.placement = None;
-        }
+        // `finish_load` sets `known` and `placement` from the new weights.
         self.finish_load(key, adapter);
         Ok(match previous {
             Some(previous) => Verified::Replaced { previous },

@@ -133,30 +133,35 @@ fn place_in_pool(demand: &Demand<'_>, role: Role, pool: &[&AgentLoad]) -> RolePl
     };
     let wanted = k.min(u32::try_from(pool.len()).unwrap_or(u32::MAX));
     let want = wanted as usize;
-    let score = |a: &AgentLoad| {
-        demand
-            .sticky
-            .map_or(0, |k| demand::rendezvous_score(k, &a.pod))
-    };
-    let mut holders: Vec<&AgentLoad> = pool
+    // Each agent's rendezvous score for this adapter, computed once.
+    let scored: Vec<(u64, &AgentLoad)> = pool
+        .iter()
+        .map(|&a| {
+            let score = demand
+                .sticky
+                .map_or(0, |k| demand::rendezvous_score(k, &a.pod));
+            (score, a)
+        })
+        .collect();
+    let mut holders: Vec<(u64, &AgentLoad)> = scored
         .iter()
         .copied()
-        .filter(|a| demand.holders.contains(&a.pod))
+        .filter(|(_, a)| demand.holders.contains(&a.pod))
         .collect();
     // Keep the holders with the most headroom (sticky: the best ranked); release the rest.
-    holders.sort_by_key(|a| (Reverse(score(a)), Reverse(a.headroom()), a.pod.clone()));
+    holders
+        .sort_by_cached_key(|&(score, a)| (Reverse(score), Reverse(a.headroom()), a.pod.clone()));
     holders.truncate(want);
-    let mut chosen: Vec<&AgentLoad> = holders;
+    let mut chosen: Vec<(u64, &AgentLoad)> = holders;
     let mut per_node: BTreeMap<Option<&str>, u32> = BTreeMap::new();
-    for a in &chosen {
+    for (_, a) in &chosen {
         *per_node.entry(a.node.as_deref()).or_default() += 1;
     }
-    let mut candidates: Vec<&AgentLoad> = pool
-        .iter()
-        .copied()
-        .filter(|a| !chosen.iter().any(|c| c.pod == a.pod))
-        .filter(|a| a.headroom() >= demand.size_bytes)
-        .filter(|a| {
+    let mut candidates: Vec<(u64, &AgentLoad)> = scored
+        .into_iter()
+        .filter(|(_, a)| !chosen.iter().any(|(_, c)| c.pod == a.pod))
+        .filter(|(_, a)| a.headroom() >= demand.size_bytes)
+        .filter(|(_, a)| {
             demand.sticky.is_none() || a.pool_free_bytes.is_none_or(|f| f >= demand.size_bytes)
         })
         .collect();
@@ -164,7 +169,7 @@ fn place_in_pool(demand: &Demand<'_>, role: Role, pool: &[&AgentLoad]) -> RolePl
         let best = candidates
             .iter()
             .enumerate()
-            .min_by_key(|(_, a)| {
+            .min_by_key(|(_, (score, a))| {
                 // A pod with no node name is its own failure domain.
                 let same_node = match a.node.as_deref() {
                     Some(n) => per_node.get(&Some(n)).copied().unwrap_or(0),
@@ -172,7 +177,7 @@ fn place_in_pool(demand: &Demand<'_>, role: Role, pool: &[&AgentLoad]) -> RolePl
                 };
                 (
                     same_node,
-                    Reverse(score(a)),
+                    Reverse(*score),
                     Reverse(a.headroom()),
                     a.pinned_adapters,
                     a.pod.as_str(),
@@ -180,11 +185,11 @@ fn place_in_pool(demand: &Demand<'_>, role: Role, pool: &[&AgentLoad]) -> RolePl
             })
             .map(|(i, _)| i);
         let Some(i) = best else { break };
-        let a = candidates.swap_remove(i);
+        let (score, a) = candidates.swap_remove(i);
         *per_node.entry(a.node.as_deref()).or_default() += 1;
-        chosen.push(a);
+        chosen.push((score, a));
     }
-    let mut targets: Vec<String> = chosen.iter().map(|a| a.pod.clone()).collect();
+    let mut targets: Vec<String> = chosen.iter().map(|(_, a)| a.pod.clone()).collect();
     targets.sort();
     let placed = u32::try_from(targets.len()).unwrap_or(u32::MAX);
     RolePlan {

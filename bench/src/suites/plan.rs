@@ -21,6 +21,7 @@ mod trace;
 use std::path::PathBuf;
 
 use anyhow::Context;
+use loraplane_agent::model::config::ModelConfig;
 use serde_json::json;
 
 use crate::suites::Ctx;
@@ -328,7 +329,15 @@ pub(crate) fn run(ctx: &mut Ctx) -> anyhow::Result<Report> {
         )),
     }
     let validation = if ctx.plan.validate {
-        Some(validate(ctx, &cost, &trace, slo, &mut report)?)
+        Some(validate(
+            ctx,
+            dir,
+            &config,
+            &cost,
+            &trace,
+            slo,
+            &mut report,
+        )?)
     } else {
         None
     };
@@ -361,16 +370,17 @@ fn judge(layout: Layout, tracker: &Tracker, stats: fleet::SimStats, slo: Slo) ->
 
 /// Replays the trace (on the base model: the replay client sends no adapter) on real agents
 /// and compares with the prediction for the same layouts.
+/// `dir` and `config` are the fixture model the trace was read for.
 fn validate(
     ctx: &mut Ctx,
+    dir: PathBuf,
+    config: &ModelConfig,
     cost: &StepCost,
     trace: &Trace,
     slo: Slo,
     report: &mut Report,
 ) -> anyhow::Result<serde_json::Value> {
-    let dir = ctx.fixtures.model()?;
-    let config = crate::suites::setup::model_config(&dir)?;
-    let page_bytes = loraplane_agent::engine::core::kv_geometry(&config, cost.limits.block_size)
+    let page_bytes = loraplane_agent::engine::core::kv_geometry(config, cost.limits.block_size)
         .page_elems as u64
         * 4;
     let scratch = tempfile::tempdir()?;

@@ -59,22 +59,11 @@ pub struct Children {
     pub scaled_objects: Vec<ScaledObject>,
 }
 
-/// Builds every child of `model` (pure) when no `pvc://` adapter needs a claim mounted.
-///
-/// Errors: a spec the agents' configuration cannot express.
-pub fn children(
-    model: &BaseModel,
-    params: &AgentParams,
-    creds: &Credentials,
-) -> Result<Children, SpecError> {
-    children_with(model, params, creds, &BTreeSet::new())
-}
-
 /// Builds every child of `model` (pure), the agents mounting `adapter_claims`
 /// ([`desired::claims`]).
 ///
 /// Errors: a spec the agents' configuration cannot express.
-pub fn children_with(
+pub fn children(
     model: &BaseModel,
     params: &AgentParams,
     creds: &Credentials,
@@ -106,7 +95,7 @@ pub fn children_with(
         }
     }
     Ok(Children {
-        config: config::agent_config_with(model, params, adapter_claims)?,
+        config: config::agent_config(model, params, adapter_claims)?,
         statefulsets: roles
             .iter()
             .map(|(r, _)| {
@@ -342,7 +331,7 @@ async fn reconcile_model(model: &BaseModel, ctx: &Context) -> Result<Action, Err
     // Claims of `pvc://` adapters, from the cache (no API call).
     let adapters = ctx.stores.adapters.state();
     let claims = desired::claims::adapter_claims(model, adapters.iter().map(AsRef::as_ref));
-    let built = children_with(model, &ctx.settings.agent, &creds, &claims);
+    let built = children(model, &ctx.settings.agent, &creds, &claims);
     let (statefulsets, spec_error) = match built {
         Ok(c) => {
             let m = &ctx.metrics;

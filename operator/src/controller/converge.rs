@@ -50,15 +50,22 @@ pub struct AdapterWant {
 
 impl AdapterWant {
     pub fn from_adapter(a: &LoraAdapter) -> Self {
+        // The reconciler refuses an invalid value before converging (and passes the resolved
+        // one to [`Self::with_replicas`]); the key is all that the other callers (the
+        // finalizer) need.
+        let replicas =
+            AdapterReplicas::resolve(a.spec.replicas.as_ref()).unwrap_or(Replicas::OnDemand);
+        Self::with_replicas(a, replicas)
+    }
+
+    /// The adapter with `replicas` already resolved from its `spec.replicas`.
+    pub fn with_replicas(a: &LoraAdapter, replicas: Replicas) -> Self {
         AdapterWant {
             tenant: a.namespace().unwrap_or_default(),
             name: a.name_any(),
             source_uri: a.spec.source.to_uri(),
             expected_sha256: a.spec.source.expected_sha256(),
-            // The reconciler refuses an invalid value before converging; the key is all that
-            // the other callers (the finalizer) need.
-            replicas: AdapterReplicas::resolve(a.spec.replicas.as_ref())
-                .unwrap_or(Replicas::OnDemand),
+            replicas,
             size_hint: a.status.as_ref().and_then(|s| s.size_bytes).unwrap_or(0),
             replica_quota: None,
         }

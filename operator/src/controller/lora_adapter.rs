@@ -159,9 +159,10 @@ async fn evict(ctx: &Context, model: &BaseModel, adapter: &LoraAdapter) -> Resul
 pub async fn place(adapter: &LoraAdapter, ctx: &Context) -> Result<AdapterOutcome, Error> {
     let ns = adapter.namespace().unwrap_or_default();
     let (model_ns, model_name) = model_ref(adapter);
-    if let Err(message) = AdapterReplicas::resolve(adapter.spec.replicas.as_ref()) {
-        return Ok(blocked("InvalidSpec", message));
-    }
+    let replicas = match AdapterReplicas::resolve(adapter.spec.replicas.as_ref()) {
+        Ok(replicas) => replicas,
+        Err(message) => return Ok(blocked("InvalidSpec", message)),
+    };
     let Some(model) = ctx
         .stores
         .base_models
@@ -232,7 +233,7 @@ pub async fn place(adapter: &LoraAdapter, ctx: &Context) -> Result<AdapterOutcom
     let fleet = ctx.fleets.get(&model_ns, &model_name);
     let want = AdapterWant {
         replica_quota: (limits.max_adapter_replicas > 0).then_some(limits.max_adapter_replicas),
-        ..AdapterWant::from_adapter(adapter)
+        ..AdapterWant::with_replicas(adapter, replicas)
     };
     let (converged, work) = converge(
         ctx.agents.as_ref(),

@@ -1,5 +1,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code
 
+use std::collections::BTreeSet;
 use std::time::Duration;
 
 use k8s_openapi::api::apps::v1::StatefulSet;
@@ -64,7 +65,7 @@ fn assert_owned_child<K: Resource>(obj: &K, model: &BaseModel) {
 #[test]
 fn unified_model_owns_config_one_statefulset_two_services_one_pdb() {
     let m = BaseModel::test().unified(3);
-    let c = children(&m, &params(), &creds()).unwrap();
+    let c = children(&m, &params(), &creds(), &BTreeSet::new()).unwrap();
     assert_owned_child(&c.config, &m);
     assert_eq!(c.config.name_any(), "llama3-8b-agent-config");
     let names = |v: Vec<String>| v;
@@ -113,7 +114,7 @@ fn unified_model_owns_config_one_statefulset_two_services_one_pdb() {
 #[test]
 fn disaggregated_model_owns_prefill_and_decode_and_clients_reach_decode() {
     let m = BaseModel::test().disaggregated(2, 4);
-    let c = children(&m, &params(), &creds()).unwrap();
+    let c = children(&m, &params(), &creds(), &BTreeSet::new()).unwrap();
     let sts: Vec<(String, Option<i32>)> = c
         .statefulsets
         .iter()
@@ -307,7 +308,7 @@ fn decode_agents_find_prefill_peers_through_the_headless_service() {
     );
     assert_eq!(svc_ports(service::client(&m)).len(), 2);
     // Every role shares the cluster credential (prefill requires it, decode presents it).
-    let s = agent_settings(&m, &p).unwrap();
+    let s = agent_settings(&m, &p, &BTreeSet::new()).unwrap();
     assert_eq!(
         s["cluster-token-file"].to_string(),
         "\"/var/run/secrets/loraplane/agent/cluster-token\""
@@ -318,7 +319,7 @@ fn decode_agents_find_prefill_peers_through_the_headless_service() {
 #[test]
 fn agent_configuration_mirrors_the_spec() {
     let m = BaseModel::test().memory(0.9, "64Gi", 64);
-    let s = agent_settings(&m, &params()).unwrap();
+    let s = agent_settings(&m, &params(), &BTreeSet::new()).unwrap();
     let get = |k: &str| s.get(k).unwrap().to_string();
     assert_eq!(
         get("model"),
@@ -348,7 +349,7 @@ fn agent_configuration_mirrors_the_spec() {
 fn hub_tokens_and_pvc_models_are_mounted() {
     let m = BaseModel::test().hf_token("hf-token");
     assert!(
-        agent_settings(&m, &params())
+        agent_settings(&m, &params(), &BTreeSet::new())
             .unwrap()
             .contains_key("hf-token-file")
     );
@@ -393,7 +394,7 @@ fn hub_tokens_and_pvc_models_are_mounted() {
 #[test]
 fn an_unusable_quantity_is_a_spec_error_not_a_panic() {
     let m = BaseModel::test().memory(0.5, "500m", 8);
-    let err = children(&m, &params(), &creds()).unwrap_err();
+    let err = children(&m, &params(), &creds(), &BTreeSet::new()).unwrap_err();
     assert_eq!(err.kind(), "invalid_quantity");
     assert!(err.to_string().contains("memory.hostAdapterCacheBytes"));
 }
@@ -459,12 +460,20 @@ fn builders_are_pure() {
         .disaggregated(2, 4)
         .memory(0.9, "64Gi", 64);
     assert_eq!(
-        children(&m, &params(), &creds()).unwrap(),
-        children(&m, &params(), &creds()).unwrap()
+        children(&m, &params(), &creds(), &BTreeSet::new()).unwrap(),
+        children(&m, &params(), &creds(), &BTreeSet::new()).unwrap()
     );
     assert_eq!(
-        hash_json(&children(&m, &params(), &creds()).unwrap().statefulsets),
-        hash_json(&children(&m, &params(), &creds()).unwrap().statefulsets)
+        hash_json(
+            &children(&m, &params(), &creds(), &BTreeSet::new())
+                .unwrap()
+                .statefulsets
+        ),
+        hash_json(
+            &children(&m, &params(), &creds(), &BTreeSet::new())
+                .unwrap()
+                .statefulsets
+        )
     );
 }
 

@@ -128,11 +128,6 @@ pub fn recommend(rate: f64, spec: &AutoReplicas) -> u32 {
 }
 
 impl Sizer {
-    /// The count last decided, if any.
-    pub fn replicas(&self) -> Option<u32> {
-        self.replicas
-    }
-
     /// Decides the replicas per role at `now` from the adapter's request `rate` (requests per
     /// second over its holders), the replicas it has now (`current`, used only on the first
     /// decision, e.g. after an operator restart) and the most the tenant's quota leaves it

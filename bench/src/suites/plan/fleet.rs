@@ -174,6 +174,26 @@ pub fn simulate(
             .min_by_key(|&i| (agents[i].load(), i))
             .expect("a non-empty role")
     };
+    // Job `j` as a sequence not yet started (`importing`: its KV handed off from a prefill
+    // agent); only `tokens`, `max_tokens` and `importing` differ between arrival and handoff.
+    let new_seq = |j: usize, tokens: usize, max_tokens: usize, importing: bool| {
+        let (adapter, rank) = match adapter_of(j) {
+            Some((idx, rank)) => (Some(AdapterKey::new(&tenant.0, &format!("a{idx}"))), rank),
+            None => (None, 0),
+        };
+        Seq {
+            job: j,
+            adapter,
+            rank,
+            tokens,
+            prompt_len: jobs[j].prompt.len(),
+            max_tokens,
+            computed: 0,
+            pages: 0,
+            admitted: 0,
+            importing,
+        }
+    };
     loop {
         let t_arrival = order.get(next).map(|&j| jobs[j].arrival);
         let t_handoff = handoffs.iter().map(|h| h.0).min_by(f64::total_cmp);
@@ -192,30 +212,10 @@ pub fn simulate(
             let (tx_i, rx_i) = (j, tracker.channel(j));
             senders[tx_i] = Some(rx_i);
             let a = least_loaded(&agents, 0..front);
-            let (adapter, rank) = match adapter_of(j) {
-                Some((idx, rank)) => (Some(AdapterKey::new(&tenant.0, &format!("a{idx}"))), rank),
-                None => (None, 0),
-            };
             let job = &jobs[j];
             let max_tokens = if split { 1 } else { job.max_tokens };
-            enqueue(
-                &mut agents[a],
-                cost,
-                &mut next_id,
-                now,
-                Seq {
-                    job: j,
-                    adapter,
-                    rank,
-                    tokens: job.prompt.len(),
-                    prompt_len: job.prompt.len(),
-                    max_tokens,
-                    computed: 0,
-                    pages: 0,
-                    admitted: 0,
-                    importing: false,
-                },
-            );
+            let seq = new_seq(j, job.prompt.len(), max_tokens, false);
+            enqueue(&mut agents[a], cost, &mut next_id, now, seq);
             continue;
         }
         if t_handoff == Some(now) {
@@ -225,29 +225,10 @@ pub fn simulate(
                 .expect("found above");
             let (_, j) = handoffs.swap_remove(pos);
             let d = least_loaded(&agents, front..front + back);
-            let (adapter, rank) = match adapter_of(j) {
-                Some((idx, rank)) => (Some(AdapterKey::new(&tenant.0, &format!("a{idx}"))), rank),
-                None => (None, 0),
-            };
             let job = &jobs[j];
-            enqueue(
-                &mut agents[d],
-                cost,
-                &mut next_id,
-                now,
-                Seq {
-                    job: j,
-                    adapter,
-                    rank,
-                    tokens: job.prompt.len() + 1,
-                    prompt_len: job.prompt.len(),
-                    max_tokens: job.max_tokens,
-                    computed: 0,
-                    pages: 0,
-                    admitted: 0,
-                    importing: true,
-                },
-            );
+            // The KV arrives with the prompt and the first output token.
+            let seq = new_seq(j, job.prompt.len() + 1, job.max_tokens, true);
+            enqueue(&mut agents[d], cost, &mut next_id, now, seq);
             continue;
         }
         let i = stepper.expect("a step is the earliest event");

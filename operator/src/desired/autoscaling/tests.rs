@@ -1,5 +1,6 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec};
@@ -73,7 +74,7 @@ fn owned(obj: &impl kube::Resource, role: &str) {
 #[test]
 fn each_autoscaled_role_gets_an_hpa_on_its_agents_metrics() {
     let m = disaggregated();
-    let c = children(&m, &AgentParams::default(), &creds()).unwrap();
+    let c = children(&m, &AgentParams::default(), &creds(), &BTreeSet::new()).unwrap();
     assert!(c.scaled_objects.is_empty());
     let names: Vec<String> = c.hpas.iter().map(ResourceExt::name_any).collect();
     assert_eq!(names, ["llama3-8b-prefill", "llama3-8b-decode"]);
@@ -147,14 +148,14 @@ fn each_autoscaled_role_gets_an_hpa_on_its_agents_metrics() {
 #[test]
 fn a_fixed_role_keeps_its_replicas_and_gets_no_autoscaler() {
     let m = BaseModel::test().unified(3);
-    let c = children(&m, &AgentParams::default(), &creds()).unwrap();
+    let c = children(&m, &AgentParams::default(), &creds(), &BTreeSet::new()).unwrap();
     assert!(c.hpas.is_empty() && c.scaled_objects.is_empty());
     assert_eq!(c.statefulsets[0].spec.as_ref().unwrap().replicas, Some(3));
 
     // Switching autoscaling on does not roll the pods.
     let auto =
         BaseModel::test().autoscaled(Role::Unified, Autoscaling::test(1, 3).running_sequences(16));
-    let a = children(&auto, &AgentParams::default(), &creds()).unwrap();
+    let a = children(&auto, &AgentParams::default(), &creds(), &BTreeSet::new()).unwrap();
     assert_eq!(
         a.statefulsets[0].spec.as_ref().unwrap().template,
         c.statefulsets[0].spec.as_ref().unwrap().template
@@ -164,7 +165,7 @@ fn a_fixed_role_keeps_its_replicas_and_gets_no_autoscaler() {
     let m = BaseModel::test()
         .disaggregated(2, 1)
         .autoscaled(Role::Decode, Autoscaling::test(1, 3).running_sequences(16));
-    let c = children(&m, &AgentParams::default(), &creds()).unwrap();
+    let c = children(&m, &AgentParams::default(), &creds(), &BTreeSet::new()).unwrap();
     assert_eq!(c.hpas.len(), 1);
     assert_eq!(c.hpas[0].name_any(), "llama3-8b-decode");
     let replicas: Vec<Option<i32>> = c
@@ -178,7 +179,7 @@ fn a_fixed_role_keeps_its_replicas_and_gets_no_autoscaler() {
 #[test]
 fn keda_mode_renders_scaled_objects_with_prometheus_triggers() {
     let m = disaggregated();
-    let c = children(&m, &keda(), &creds()).unwrap();
+    let c = children(&m, &keda(), &creds(), &BTreeSet::new()).unwrap();
     assert!(c.hpas.is_empty(), "KEDA makes its own HPA");
     assert_eq!(c.scaled_objects.len(), 2);
     let decode = &c.scaled_objects[1];
@@ -272,7 +273,7 @@ fn invalid_autoscaling_is_a_spec_error_naming_the_role() {
     for (role, a, why) in cases {
         let m = BaseModel::test().disaggregated(1, 1).autoscaled(role, a);
         for params in [AgentParams::default(), keda()] {
-            let err = children(&m, &params, &creds()).unwrap_err();
+            let err = children(&m, &params, &creds(), &BTreeSet::new()).unwrap_err();
             assert_eq!(err.kind(), "invalid_autoscaling");
             let msg = err.to_string();
             assert!(
@@ -286,7 +287,7 @@ fn invalid_autoscaling_is_a_spec_error_naming_the_role() {
         .unified(1)
         .autoscaled(Role::Unified, Autoscaling::test(1, 2).running_sequences(10));
     m.spec.serving.unified.as_mut().unwrap().replicas = Some(2);
-    let err = children(&m, &AgentParams::default(), &creds()).unwrap_err();
+    let err = children(&m, &AgentParams::default(), &creds(), &BTreeSet::new()).unwrap_err();
     assert_eq!(
         err.to_string(),
         "spec.serving.unified.autoscaling: set replicas or autoscaling, not both"
@@ -296,7 +297,7 @@ fn invalid_autoscaling_is_a_spec_error_naming_the_role() {
         Role::Unified,
         Autoscaling::test(1, 2).queued_prompt_tokens(10),
     );
-    assert!(children(&m, &AgentParams::default(), &creds()).is_err());
+    assert!(children(&m, &AgentParams::default(), &creds(), &BTreeSet::new()).is_err());
 }
 
 fn sts(replicas: Option<i32>, managers: &[(&str, &str, serde_json::Value)]) -> StatefulSet {

@@ -23,7 +23,7 @@ use tokio::net::TcpStream;
 
 use loraplane_agent::backend::cpu::CpuBackend;
 use loraplane_agent::engine::actor::EngineHandle;
-use loraplane_agent::engine::{EngineConfig, Event, Request, SamplingParams};
+use loraplane_agent::engine::{AdapterUse, EngineConfig, Event, Request, SamplingParams};
 use loraplane_agent::lora::ids::{AdapterKey, TenantId};
 use loraplane_agent::model::tokenizer::ChatMessage;
 
@@ -498,7 +498,7 @@ impl Oracle {
             .submit(Request {
                 id: format!("oracle-{}", self.next.fetch_add(1, Ordering::Relaxed)),
                 tenant: TenantId::default_tenant(),
-                adapter: adapter.map(str::to_owned),
+                adapters: adapter.into_iter().map(AdapterUse::plain).collect(),
                 prompt: prompt.clone(),
                 params,
                 cache_salt: None,

@@ -220,6 +220,7 @@ async fn check_grpc(agent: &Agent, c: &Case) {
         skip_special_tokens: false,
         cache_salt: None,
         response_format: None,
+        adapters: Vec::new(),
     };
     let (ids, text, last) = grpc_generate(&mut client, req.clone()).await;
     assert_eq!(ids, c.expected.tokens, "{}: gRPC tokens", c.name);

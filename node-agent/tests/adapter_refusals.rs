@@ -8,7 +8,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use loraplane_agent::backend::cpu::CpuBackend;
-use loraplane_agent::engine::{Engine, EngineConfig, EngineError, Event, Request, SamplingParams};
+use loraplane_agent::engine::{
+    AdapterUse, Engine, EngineConfig, EngineError, Event, Request, SamplingParams,
+};
 use loraplane_agent::fixtures::adapter::{self, AdapterSpec};
 use loraplane_agent::fixtures::model::{self, ModelSpec, Preset};
 use loraplane_agent::fixtures::tensor::FixtureDtype;
@@ -309,7 +311,7 @@ fn a_refused_adapter_affects_nothing_else() {
     let request = |adapter: &str| Request {
         id: adapter.to_owned(),
         tenant: TenantId::default_tenant(),
-        adapter: Some(adapter.to_owned()),
+        adapters: vec![AdapterUse::plain(adapter)],
         prompt: vec![1, 2, 3],
         params: SamplingParams {
             max_tokens: 3,

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 
 use admin_world::{ADMIN_TOKEN, TENANT_KEY, World, world};
 use loraplane_agent::api::admin::AdminService;
-use loraplane_agent::engine::request::{Request, SamplingParams};
+use loraplane_agent::engine::request::{AdapterUse, Request, SamplingParams};
 use loraplane_agent::lora::ids::TenantId;
 use loraplane_proto::v1 as pb;
 use loraplane_proto::v1::admin_client::AdminClient;
@@ -379,7 +379,7 @@ async fn stats_and_drain() {
             .submit(Request {
                 id: format!("r{i}"),
                 tenant: TenantId::default_tenant(),
-                adapter: Some("sql".into()),
+                adapters: vec![AdapterUse::plain("sql")],
                 prompt: vec![1, 2, 3],
                 params: SamplingParams {
                     max_tokens: 2,

@@ -24,7 +24,7 @@ use loraplane_agent::disagg::stats::DisaggStats;
 use loraplane_agent::disagg::transfer::WireLayout;
 use loraplane_agent::engine::actor::EngineHandle;
 use loraplane_agent::engine::{
-    EngineConfig, EngineError, Event, PrefixCaching, Request, SamplingParams,
+    AdapterUse, EngineConfig, EngineError, Event, PrefixCaching, Request, SamplingParams,
 };
 use loraplane_agent::fixtures::adapter::{self, AdapterSpec};
 use loraplane_agent::fixtures::model::{self, ModelSpec, Preset};
@@ -259,7 +259,21 @@ fn request(i: usize) -> Request {
     Request {
         id: format!("r{i}"),
         tenant: TenantId::default_tenant(),
-        adapter: (i % 9 != 8).then(|| format!("lora-{}", i % 8)),
+        // Every ninth on the base model, every ninth (from the eighth) composing two adapters.
+        adapters: match i % 9 {
+            8 => Vec::new(),
+            7 => vec![
+                AdapterUse {
+                    name: format!("lora-{}", i % 8),
+                    scale: 0.6,
+                },
+                AdapterUse {
+                    name: format!("lora-{}", (i + 3) % 8),
+                    scale: -0.4,
+                },
+            ],
+            _ => vec![AdapterUse::plain(format!("lora-{}", i % 8))],
+        },
         prompt: (0..(6 + (i * 13) % 45))
             .map(|j| ((i * 31 + j * 17) % 500) as u32)
             .collect(),
@@ -488,7 +502,7 @@ async fn a_decode_agent_fetches_only_the_blocks_its_own_cache_lacks() {
     let ask = |id: &str, own: &[u32]| Request {
         id: id.into(),
         tenant: TenantId::default_tenant(),
-        adapter: Some("lora-0".into()),
+        adapters: vec![AdapterUse::plain("lora-0")],
         prompt: system.iter().chain(own).copied().collect(),
         params: SamplingParams {
             max_tokens: 6,

@@ -119,7 +119,7 @@ async fn kv_streams_over_mutual_tls_and_refuses_clients_without_a_certificate() 
     let request = Request {
         id: "tls".into(),
         tenant: TenantId::default_tenant(),
-        adapter: None,
+        adapters: Vec::new(),
         prompt: (0..40).map(|i| i * 11 % 400).collect(),
         params: SamplingParams {
             max_tokens: 5,

@@ -12,7 +12,7 @@ use std::time::Duration;
 use loraplane_agent::backend::cpu::CpuBackend;
 use loraplane_agent::engine::actor::EngineHandle;
 use loraplane_agent::engine::{
-    Engine, EngineConfig, EngineError, Event, FinishReason, Request, SamplingParams,
+    AdapterUse, Engine, EngineConfig, EngineError, Event, FinishReason, Request, SamplingParams,
 };
 use loraplane_agent::fixtures::adapter::{self, AdapterSpec};
 use loraplane_agent::fixtures::model::{self, ModelSpec, Preset};
@@ -56,7 +56,7 @@ fn request(id: &str, adapter: Option<&str>, params: SamplingParams) -> Request {
     Request {
         id: id.to_owned(),
         tenant: TenantId::default_tenant(),
-        adapter: adapter.map(str::to_owned),
+        adapters: adapter.into_iter().map(AdapterUse::plain).collect(),
         prompt: vec![12, 250, 31, 77, 5, 300],
         params,
         cache_salt: None,

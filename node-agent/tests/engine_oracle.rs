@@ -18,7 +18,7 @@ mod workload;
 mod oracle;
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use workload::{Case, Workload, request, workload};
 
 use loraplane_agent::backend::cpu::CpuBackend;
@@ -63,8 +63,12 @@ fn world_with_prefix(arch: Arch, dtype: FixtureDtype, prefix: &[u32]) -> World {
     let mut expected = HashMap::new();
     for case in &cases {
         let merged = dir.path().join(format!("merged-{}", case.id));
-        let adapter_dir = case.adapter.map(|i| adapters[i].as_path());
-        oracle::merge_adapter(&model, adapter_dir, &merged).unwrap();
+        let merge: Vec<(&Path, f32)> = case
+            .adapters
+            .iter()
+            .map(|&(i, scale)| (adapters[i].as_path(), scale))
+            .collect();
+        oracle::merge_adapters(&model, &merge, &merged).unwrap();
         expected.insert(
             case.id.clone(),
             oracle::greedy(&merged, &case.prompt, MAX_NEW_LONG).unwrap(),
@@ -285,7 +289,7 @@ fn suite(arch: Arch, dtype: FixtureDtype) {
     // Adapters must matter, or the comparison proves nothing about LoRA: every adapter moves
     // the logits, and most change the greedy tokens.
     let mut changed_tokens = 0;
-    for case in w.cases.iter().filter(|c| c.adapter.is_some()) {
+    for case in w.cases.iter().filter(|c| !c.adapters.is_empty()) {
         let (with, without) = (&w.expected[&case.id], &w.base_on_prompt[&case.id]);
         changed_tokens += usize::from(with.tokens[..MAX_NEW] != without.tokens[..]);
         let moved = with.logits[0]

@@ -11,7 +11,8 @@ use std::path::{Path, PathBuf};
 
 use loraplane_agent::backend::cpu::CpuBackend;
 use loraplane_agent::engine::{
-    Engine, EngineConfig, Event, FinishReason, PrefixCaching, Request, SamplingParams, Usage,
+    AdapterUse, Engine, EngineConfig, Event, FinishReason, PrefixCaching, Request, SamplingParams,
+    Usage,
 };
 use loraplane_agent::fixtures::adapter::{self, AdapterSpec};
 use loraplane_agent::fixtures::model::{self, ModelSpec, Preset};
@@ -115,7 +116,7 @@ fn request(id: usize, a: &Ask<'_>) -> Request {
     Request {
         id: format!("r{id}"),
         tenant: TenantId(a.tenant.to_owned()),
-        adapter: a.adapter.map(str::to_owned),
+        adapters: a.adapter.into_iter().map(AdapterUse::plain).collect(),
         prompt: a.prompt.clone(),
         params: SamplingParams {
             max_tokens: a.max_tokens,

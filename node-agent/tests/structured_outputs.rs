@@ -73,7 +73,7 @@ fn request(id: &str, max_tokens: usize, constraint: Option<Constraint>) -> Reque
     Request {
         id: id.to_owned(),
         tenant: TenantId::default_tenant(),
-        adapter: None,
+        adapters: Vec::new(),
         prompt: PROMPT.to_vec(),
         params: SamplingParams {
             max_tokens,

@@ -68,6 +68,16 @@ fn generate_request() -> GenerateRequest {
                 strict: true,
             })),
         }),
+        adapters: vec![
+            ScaledAdapter {
+                name: "sql-expert".into(),
+                scale: 0.7,
+            },
+            ScaledAdapter {
+                name: "tone".into(),
+                scale: -0.25,
+            },
+        ],
     }
 }
 
@@ -204,6 +214,15 @@ fn kv_messages_round_trip() {
         max_chunk_bytes: 1 << 20,
         tenant: "team-a".into(),
         skip_blocks: 2,
+        adapters: vec![ComposedAdapter {
+            adapter: Some(AdapterIdentity {
+                tenant: "team-a".into(),
+                name: "tone".into(),
+                digest: "sha256:0a0b".into(),
+                source_uri: "s3://bucket/tone".into(),
+            }),
+            scale: 0.3,
+        }],
     });
     let data: Vec<u8> = (0..=255).collect();
     round_trip(PrefillResponse {

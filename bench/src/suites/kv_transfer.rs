@@ -102,6 +102,7 @@ fn prefill_request(
         max_chunk_bytes: CHUNK as u32,
         tenant: String::new(),
         skip_blocks: 0,
+        adapters: Vec::new(),
     });
     if let Ok(v) = format!("Bearer {TOKEN}").parse() {
         req.metadata_mut().insert("authorization", v);
@@ -261,7 +262,7 @@ async fn compute_time(engine: &EngineHandle, id: &str, prompt: &[u32]) -> anyhow
     let req = Request {
         id: id.to_owned(),
         tenant: TenantId::default_tenant(),
-        adapter: None,
+        adapters: Vec::new(),
         prompt: prompt.to_vec(),
         params: SamplingParams {
             max_tokens: 1,

@@ -19,7 +19,7 @@ use std::time::Instant;
 use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 
 use loraplane_agent::backend::Backend;
-use loraplane_agent::engine::{Engine, Event, FinishReason, Request, SamplingParams};
+use loraplane_agent::engine::{AdapterUse, Engine, Event, FinishReason, Request, SamplingParams};
 use loraplane_agent::lora::host;
 use loraplane_agent::lora::ids::TenantId;
 use loraplane_agent::rng::SplitMix64;
@@ -136,7 +136,7 @@ pub fn request(id: usize, job: &Job, adapter: Option<String>) -> Request {
     Request {
         id: format!("r{id}"),
         tenant: TenantId(TENANT.to_owned()),
-        adapter,
+        adapters: adapter.into_iter().map(AdapterUse::plain).collect(),
         prompt: job.prompt.clone(),
         params: SamplingParams {
             max_tokens: job.max_tokens,

@@ -20,7 +20,7 @@ use tonic::{Request, Response, Status};
 use crate::api::error::ApiError;
 use crate::api::service::{GenerateSpec, Generation, Inference, Prompt, Sampling};
 use crate::credential::bearer_from_metadata;
-use crate::engine::{Event, FinishReason};
+use crate::engine::{AdapterUse, Event, FinishReason};
 use crate::metrics::Surface;
 use crate::model::tokenizer::ChatMessage;
 use crate::structured::ResponseFormat;
@@ -160,6 +160,16 @@ pub fn to_spec(req: pb::GenerateRequest) -> Result<(String, GenerateSpec), ApiEr
             sampling,
             cache_salt: crate::api::service::cache_salt(req.cache_salt)?,
             response_format,
+            // Empty: `adapter` alone says (a repeated field cannot tell unset from empty).
+            adapters: (!req.adapters.is_empty()).then(|| {
+                req.adapters
+                    .into_iter()
+                    .map(|a| AdapterUse {
+                        name: a.name,
+                        scale: a.scale,
+                    })
+                    .collect()
+            }),
         },
     ))
 }
@@ -346,10 +356,27 @@ mod tests {
             skip_special_tokens: true,
             cache_salt: Some("s".into()),
             response_format: None,
+            adapters: Vec::new(),
         })
         .unwrap();
         assert_eq!(id, "r1");
         assert_eq!(spec.model, "a");
+        assert_eq!(spec.adapters, None, "no list: `adapter` alone says");
+        let (_, composed) = to_spec(pb::GenerateRequest {
+            adapters: vec![pb::ScaledAdapter {
+                name: "b".into(),
+                scale: 0.25,
+            }],
+            ..req(Some(pb::generate_request::Prompt::Text("hi".into())))
+        })
+        .unwrap();
+        assert_eq!(
+            composed.adapters,
+            Some(vec![AdapterUse {
+                name: "b".into(),
+                scale: 0.25
+            }])
+        );
         assert_eq!(spec.cache_salt.as_deref(), Some("s"));
         let salted = |salt: &str| {
             to_spec(pb::GenerateRequest {

@@ -17,7 +17,7 @@ use serde_json::{Value, json};
 
 use crate::api::error::ApiError;
 use crate::api::service::{GenerateSpec, Prompt, Sampling};
-use crate::engine::{FinishReason, Usage};
+use crate::engine::{AdapterUse, FinishReason, Usage};
 use crate::model::tokenizer::ChatMessage;
 use crate::structured::ResponseFormat;
 
@@ -58,6 +58,23 @@ pub struct Common {
     pub cache_salt: Option<String>,
     /// Structured outputs (chat in OpenAI's API; completions too, as vLLM accepts it).
     pub response_format: Option<Value>,
+    /// loraplane's extension: adapters composed over the base model `model` names, each with
+    /// its scale.
+    pub adapters: Option<Vec<AdapterField>>,
+}
+
+/// One entry of the `adapters` extension field.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdapterField {
+    pub name: String,
+    /// Defaults to 1 (the adapter as trained).
+    #[serde(default = "full_scale")]
+    pub scale: f32,
+}
+
+fn full_scale() -> f32 {
+    1.0
 }
 
 #[derive(Debug, Deserialize)]
@@ -248,6 +265,14 @@ fn common(c: Common, prompt: Prompt) -> Result<(GenerateSpec, Shape), ApiError> 
         sampling,
         cache_salt,
         response_format: response_format(c.response_format)?,
+        adapters: c.adapters.map(|list| {
+            list.into_iter()
+                .map(|a| AdapterUse {
+                    name: a.name,
+                    scale: a.scale,
+                })
+                .collect()
+        }),
     };
     Ok((spec, shape))
 }

@@ -23,7 +23,7 @@ use crate::api::auth::{Admission, Caller, Tenants};
 use crate::api::error::ApiError;
 use crate::api::lifecycle::{InFlight, Lifecycle};
 use crate::engine::actor::{EngineHandle, RequestStream};
-use crate::engine::{Event, FinishReason, Request, SamplingParams, Timings, Usage};
+use crate::engine::{AdapterUse, Event, FinishReason, Request, SamplingParams, Timings, Usage};
 use crate::metrics::{Metrics, Surface};
 use crate::model::tokenizer::ChatMessage;
 use crate::structured::{Constraint, ResponseFormat};
@@ -98,6 +98,9 @@ pub struct GenerateSpec {
     pub cache_salt: Option<String>,
     /// Structured outputs: the output must be JSON of this shape; `None` is free text.
     pub response_format: Option<ResponseFormat>,
+    /// Adapters composed over the base model, each with its scale (the `adapters` extension
+    /// field); `model` must then name the base model. `None`: `model` alone says.
+    pub adapters: Option<Vec<AdapterUse>>,
 }
 
 /// Checks a request's `cache_salt` (`engine::check_cache_salt`).
@@ -280,19 +283,48 @@ impl AgentService {
         &self.inner.served_name
     }
 
-    /// The adapter a `model` field names; `None` is the base model.
-    fn resolve_model(&self, model: &str) -> Result<Option<String>, ApiError> {
-        if model.len() > self.inner.bounds.max_model_name_bytes {
+    /// The adapters a request applies: those of its `adapters` field, over the base model
+    /// its `model` names; or the adapter `model` names, at scale 1; or none (the base model).
+    ///
+    /// Errors: a 400 naming `model` or `adapters` (a name too long, `adapters` beside an
+    /// adapter's name, a name listed twice, a scale that is not finite, too many).
+    fn resolve_adapters(
+        &self,
+        model: &str,
+        adapters: Option<Vec<AdapterUse>>,
+    ) -> Result<Vec<AdapterUse>, ApiError> {
+        let longest = self.inner.bounds.max_model_name_bytes;
+        let too_long = |field, name: &str| {
+            (name.len() > longest).then(|| {
+                ApiError::invalid(field, format!("model names are at most {longest} bytes"))
+            })
+        };
+        if let Some(e) = too_long("model", model) {
+            return Err(e);
+        }
+        let base = model.is_empty() || model == "base" || model == self.inner.served_name;
+        let Some(adapters) = adapters else {
+            return Ok(if base {
+                Vec::new()
+            } else {
+                vec![AdapterUse::plain(model)]
+            });
+        };
+        if !base {
             return Err(ApiError::invalid(
-                "model",
+                "adapters",
                 format!(
-                    "model names are at most {} bytes",
-                    self.inner.bounds.max_model_name_bytes
+                    "with adapters, model must name the base model ({:?} or \"base\"), not an adapter",
+                    self.inner.served_name
                 ),
             ));
         }
-        let base = model.is_empty() || model == "base" || model == self.inner.served_name;
-        Ok((!base).then(|| model.to_owned()))
+        if let Some(e) = adapters.iter().find_map(|a| too_long("adapters", &a.name)) {
+            return Err(e);
+        }
+        crate::engine::check_adapters(&adapters)
+            .map_err(|message| ApiError::invalid("adapters", message))?;
+        Ok(adapters)
     }
 
     fn check_sampling(&self, s: &Sampling) -> Result<(), ApiError> {
@@ -461,7 +493,7 @@ impl AgentService {
         in_flight: InFlight,
     ) -> Result<Generation, ApiError> {
         self.check_sampling(&spec.sampling)?;
-        let adapter = self.resolve_model(&spec.model)?;
+        let adapters = self.resolve_adapters(&spec.model, spec.adapters)?;
         let prompt = self.tokenize(spec.prompt)?;
         let s = spec.sampling;
         let room = self.inner.context - prompt.len();
@@ -495,7 +527,7 @@ impl AgentService {
         let request = Request {
             id: id.clone(),
             tenant: caller.tenant.clone(),
-            adapter,
+            adapters,
             prompt,
             params: SamplingParams {
                 temperature: s.temperature.unwrap_or(0.0),

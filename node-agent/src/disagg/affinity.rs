@@ -3,7 +3,7 @@
 //! blocks are probably still cached (the prefill agent's own prefix cache, §3.3.1).
 //!
 //! A request's prefixes are keyed like the cache keys its blocks: the tenant, the `cache_salt`
-//! and the adapter's digest (or the base model), then the prompt's first 1, 2, 4, … full
+//! and the adapter's digest (or the base model; every digest and scale of a composition), then the prompt's first 1, 2, 4, … full
 //! blocks (up to [`MAX_BLOCKS`]), leaving the last token out as the cache does. The longest
 //! prefix with a remembered peer wins. The memory is bounded: at most [`CAPACITY`] prefixes,
 //! the least recently recorded forgotten first. It is only a preference: the router still
@@ -26,7 +26,7 @@ pub const MAX_BLOCKS: usize = 64;
 pub type PrefixKey = [u8; 16];
 
 /// The keys of `request`'s prefixes, longest first.
-pub fn prefix_keys(request: &Request, adapter: &Option<AdapterId>, block: usize) -> Vec<PrefixKey> {
+pub fn prefix_keys(request: &Request, adapters: &[AdapterId], block: usize) -> Vec<PrefixKey> {
     if block == 0 {
         return Vec::new();
     }
@@ -39,9 +39,22 @@ pub fn prefix_keys(request: &Request, adapter: &Option<AdapterId>, block: usize)
         h.update(part);
     }
     h.update([u8::from(request.cache_salt.is_some())]);
-    match adapter.as_ref().and_then(|a| a.digest) {
-        Some(d) => h.update(d.0),
-        None => h.update(b"base"),
+    let scales = request.adapters.iter().map(|a| a.scale);
+    match adapters {
+        [] => h.update(b"base"),
+        [a] if request.adapters.first().is_some_and(|u| u.scale == 1.0) => {
+            if let Some(d) = a.digest {
+                h.update(d.0);
+            }
+        }
+        all => {
+            for (a, scale) in all.iter().zip(scales) {
+                if let Some(d) = a.digest {
+                    h.update(d.0);
+                }
+                h.update(scale.to_le_bytes());
+            }
+        }
     }
     let blocks = (request.prompt.len().saturating_sub(1) / block).min(MAX_BLOCKS);
     let mut keys = Vec::new();
@@ -113,14 +126,14 @@ impl Affinity {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::SamplingParams;
+    use crate::engine::{AdapterUse, SamplingParams};
     use crate::lora::ids::{AdapterKey, Digest, TenantId};
 
     fn request(tenant: &str, prompt: Vec<u32>, salt: Option<&str>) -> Request {
         Request {
             id: "r".into(),
             tenant: TenantId(tenant.into()),
-            adapter: None,
+            adapters: Vec::new(),
             prompt,
             params: SamplingParams::default(),
             cache_salt: salt.map(str::to_owned),
@@ -139,7 +152,7 @@ mod tests {
             p.extend([tail; 20]);
             request("a", p, None)
         };
-        let keys = |r: &Request| prefix_keys(r, &None, 16);
+        let keys = |r: &Request| prefix_keys(r, &[], 16);
         // 84 tokens: blocks 1, 2 and 4 of the 5 full ones (the last token stays out).
         assert_eq!(keys(&ask(1)).len(), 3);
         let mut aff = Affinity::default();
@@ -153,12 +166,40 @@ mod tests {
             aff.lookup(&keys(&request("a", ask(1).prompt, Some("s")))),
             None
         );
-        let adapter = Some(AdapterId {
-            key: AdapterKey::new("a", "x"),
-            digest: Some(Digest([7; 32])),
-        });
-        assert_eq!(aff.lookup(&prefix_keys(&ask(1), &adapter, 16)), None);
-        assert!(prefix_keys(&request("a", vec![1; 16], None), &None, 16).is_empty());
+        let id = |name: &str, d: u8| AdapterId {
+            key: AdapterKey::new("a", name),
+            digest: Some(Digest([d; 32])),
+        };
+        let on = |uses: &[(&str, f32)]| {
+            let mut r = ask(1);
+            r.adapters = uses
+                .iter()
+                .map(|(name, scale)| AdapterUse {
+                    name: (*name).to_owned(),
+                    scale: *scale,
+                })
+                .collect();
+            r
+        };
+        let x = [id("x", 7)];
+        assert_eq!(aff.lookup(&prefix_keys(&on(&[("x", 1.0)]), &x, 16)), None);
+        // Every (digest, scale) of a composition is part of the key.
+        let xy = [id("x", 7), id("y", 8)];
+        let composed = prefix_keys(&on(&[("x", 1.0), ("y", 0.5)]), &xy, 16);
+        aff.record(&composed, p1);
+        assert_eq!(aff.lookup(&composed), Some(p1));
+        for other in [
+            prefix_keys(&on(&[("x", 1.0), ("y", 0.25)]), &xy, 16),
+            prefix_keys(&on(&[("x", 0.5)]), &x, 16),
+            prefix_keys(&on(&[("x", 1.0)]), &x, 16),
+        ] {
+            assert_ne!(other, composed);
+        }
+        assert_ne!(
+            prefix_keys(&on(&[("x", 0.5)]), &x, 16),
+            prefix_keys(&on(&[("x", 1.0)]), &x, 16)
+        );
+        assert!(prefix_keys(&request("a", vec![1; 16], None), &[], 16).is_empty());
     }
 
     #[test]

@@ -29,8 +29,8 @@ use std::time::{Duration, Instant};
 
 use loraplane_proto::v1::kv_transfer_client::KvTransferClient;
 use loraplane_proto::v1::{
-    AdapterIdentity, GenerateRequest, JsonObject, JsonSchema, PrefillRequest,
-    ResponseFormat as WireFormat, SamplingParams as WireSampling, prefill_response,
+    AdapterIdentity, ComposedAdapter, GenerateRequest, JsonObject, JsonSchema, PrefillRequest,
+    ResponseFormat as WireFormat, SamplingParams as WireSampling, ScaledAdapter, prefill_response,
     response_format as wire_format,
 };
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
@@ -182,11 +182,7 @@ impl PeerSet {
     /// Peers in the order to try for an adapter: the one that last prefilled the longest of
     /// `prefixes`, then those known to hold the adapter, then the fewest prompt tokens in
     /// flight, then the configured order.
-    fn ranked(
-        &self,
-        adapter: &Option<AdapterId>,
-        prefixes: &[affinity::PrefixKey],
-    ) -> Vec<Arc<Peer>> {
+    fn ranked(&self, adapters: &[AdapterId], prefixes: &[affinity::PrefixKey]) -> Vec<Arc<Peer>> {
         let preferred = self
             .affinity
             .lock()
@@ -200,7 +196,13 @@ impl PeerSet {
                 let has = p
                     .adapters
                     .lock()
-                    .map(|a| a.contains(adapter))
+                    .map(|a| {
+                        if adapters.is_empty() {
+                            a.contains(&None)
+                        } else {
+                            adapters.iter().all(|id| a.contains(&Some(id.clone())))
+                        }
+                    })
                     .unwrap_or(false);
                 let affine = Some(p.addr) == preferred;
                 (
@@ -369,10 +371,8 @@ impl DecodeRouter {
             self.stats.local_prefills.fetch_add(1, Ordering::Relaxed);
             return self.engine.submit(request).await;
         }
-        let (adapter_id, identity) = match self.identity(&request).await? {
-            Some((id, wire)) => (Some(id), Some(wire)),
-            None => (None, None),
-        };
+        let (adapter_ids, identities): (Vec<AdapterId>, Vec<AdapterIdentity>) =
+            self.identity(&request).await?.into_iter().unzip();
         // What this agent's prefix cache holds of the prompt stays here; the guard lets go of
         // it when submission ends, unless a submitted request took it.
         let _pin = PinGuard {
@@ -385,8 +385,8 @@ impl DecodeRouter {
             self.stats.local_prefills.fetch_add(1, Ordering::Relaxed);
             return self.engine.submit(request).await;
         }
-        let prefixes = affinity::prefix_keys(&request, &adapter_id, self.layout.block_size);
-        let peers = self.peers.ranked(&adapter_id, &prefixes);
+        let prefixes = affinity::prefix_keys(&request, &adapter_ids, self.layout.block_size);
+        let peers = self.peers.ranked(&adapter_ids, &prefixes);
         let mut backed_off = 0;
         for peer in &peers {
             let admitted = peer
@@ -405,7 +405,7 @@ impl DecodeRouter {
             let started = Instant::now();
             let result = tokio::time::timeout(
                 self.opts.timeout,
-                self.attempt(peer, &request, identity.clone(), cached),
+                self.attempt(peer, &request, &identities, cached),
             )
             .await;
             peer.in_flight_tokens.fetch_sub(tokens, Ordering::Relaxed);
@@ -417,7 +417,10 @@ impl DecodeRouter {
                         .received(bytes, started.elapsed().as_micros() as u64);
                     self.stats.remote_prefills.fetch_add(1, Ordering::Relaxed);
                     if let Ok(mut a) = peer.adapters.lock() {
-                        a.insert(adapter_id.clone());
+                        if adapter_ids.is_empty() {
+                            a.insert(None);
+                        }
+                        a.extend(adapter_ids.iter().cloned().map(Some));
                     }
                     self.peers
                         .affinity
@@ -449,37 +452,39 @@ impl DecodeRouter {
         self.engine.submit(request).await
     }
 
-    /// The adapter's identity, and as the prefill agent is told it (with its source), or `None`
-    /// for the base model.
+    /// Each adapter's identity, and as the prefill agent is told it (with its source), in the
+    /// request's order; empty for the base model.
     async fn identity(
         &self,
         request: &Request,
-    ) -> Result<Option<(AdapterId, AdapterIdentity)>, EngineError> {
-        let Some(name) = &request.adapter else {
-            return Ok(None);
-        };
-        let key = AdapterKey {
-            tenant: request.tenant.clone(),
-            name: name.clone(),
-        };
-        let summary = self
-            .engine
-            .adapters()
-            .await?
-            .into_iter()
-            .find(|a| a.key == key);
-        let summary = summary.ok_or_else(|| EngineError::AdapterNotFound(name.clone()))?;
-        let wire = AdapterIdentity {
-            tenant: key.tenant.0.clone(),
-            name: key.name.clone(),
-            digest: summary.digest.map(|d| d.to_string()).unwrap_or_default(),
-            source_uri: summary.source.display().to_string(),
-        };
-        let id = AdapterId {
-            key,
-            digest: summary.digest,
-        };
-        Ok(Some((id, wire)))
+    ) -> Result<Vec<(AdapterId, AdapterIdentity)>, EngineError> {
+        if request.adapters.is_empty() {
+            return Ok(Vec::new());
+        }
+        let loaded = self.engine.adapters().await?;
+        let mut out = Vec::with_capacity(request.adapters.len());
+        for a in &request.adapters {
+            let key = AdapterKey {
+                tenant: request.tenant.clone(),
+                name: a.name.clone(),
+            };
+            let summary = loaded
+                .iter()
+                .find(|s| s.key == key)
+                .ok_or_else(|| EngineError::AdapterNotFound(a.name.clone()))?;
+            let wire = AdapterIdentity {
+                tenant: key.tenant.0.clone(),
+                name: key.name.clone(),
+                digest: summary.digest.map(|d| d.to_string()).unwrap_or_default(),
+                source_uri: summary.source.display().to_string(),
+            };
+            let id = AdapterId {
+                key,
+                digest: summary.digest,
+            };
+            out.push((id, wire));
+        }
+        Ok(out)
     }
 
     /// One remote prefill on `peer`, asking it to leave out the prompt's first `skip` blocks
@@ -488,9 +493,35 @@ impl DecodeRouter {
         &self,
         peer: &Peer,
         request: &Request,
-        adapter: Option<AdapterIdentity>,
+        identities: &[AdapterIdentity],
         skip: usize,
     ) -> Result<(KvImport, u64), AttemptError> {
+        // One adapter at scale 1 travels as before (`adapter`), so prefill agents that predate
+        // composition still serve it; anything else as `adapters` with the scales.
+        let (adapter, single, composed) = match (request.adapters.as_slice(), identities) {
+            ([a], [id]) if a.scale == 1.0 => (Some(id.clone()), a.name.clone(), Vec::new()),
+            _ => (None, String::new(), identities.to_vec()),
+        };
+        let scaled: Vec<ScaledAdapter> = if composed.is_empty() {
+            Vec::new()
+        } else {
+            request
+                .adapters
+                .iter()
+                .map(|a| ScaledAdapter {
+                    name: a.name.clone(),
+                    scale: a.scale,
+                })
+                .collect()
+        };
+        let composed: Vec<ComposedAdapter> = composed
+            .into_iter()
+            .zip(&request.adapters)
+            .map(|(id, a)| ComposedAdapter {
+                adapter: Some(id),
+                scale: a.scale,
+            })
+            .collect();
         let mut client = KvTransferClient::new(peer.channel.clone())
             .max_decoding_message_size(self.opts.max_chunk_bytes + (1 << 16));
         let p = &request.params;
@@ -498,7 +529,8 @@ impl DecodeRouter {
             request_id: request.id.clone(),
             request: Some(GenerateRequest {
                 request_id: request.id.clone(),
-                adapter: request.adapter.clone().unwrap_or_default(),
+                adapter: single,
+                adapters: scaled,
                 sampling: Some(WireSampling {
                     temperature: Some(p.temperature),
                     top_k: p.top_k.map(|k| k as u32),
@@ -518,6 +550,7 @@ impl DecodeRouter {
             max_chunk_bytes: self.opts.max_chunk_bytes as u32,
             tenant: request.tenant.0.clone(),
             skip_blocks: skip as u32,
+            adapters: composed,
         };
         let mut grpc = tonic::Request::new(wire);
         if let Some(credential) = &self.opts.credential {

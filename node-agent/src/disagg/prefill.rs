@@ -22,7 +22,8 @@ use std::time::Instant;
 use futures::Stream;
 use loraplane_proto::v1::kv_transfer_server::KvTransfer;
 use loraplane_proto::v1::{
-    PrefillDone, PrefillRequest, PrefillResponse, prefill_response, response_format as wire_format,
+    AdapterIdentity, PrefillDone, PrefillRequest, PrefillResponse, prefill_response,
+    response_format as wire_format,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -32,7 +33,7 @@ use crate::credential::{ClusterCredential, bearer_from_metadata};
 use crate::disagg::stats::DisaggStats;
 use crate::disagg::transfer::{WireLayout, encode_layer};
 use crate::engine::actor::EngineHandle;
-use crate::engine::{Event, FinishReason, Request, SamplingParams};
+use crate::engine::{AdapterUse, Event, FinishReason, Request, SamplingParams};
 use crate::lora::ids::{AdapterKey, Digest, TenantId};
 use crate::sources::{SourceOptions, resolve_adapter};
 use crate::structured::{Constraint, ResponseFormat};
@@ -126,10 +127,7 @@ impl PrefillService {
     }
 
     /// Makes sure the adapter with exactly this digest is loaded, fetching it if needed.
-    async fn ensure_adapter(
-        &self,
-        id: &loraplane_proto::v1::AdapterIdentity,
-    ) -> Result<(), Status> {
+    async fn ensure_adapter(&self, id: &AdapterIdentity) -> Result<(), Status> {
         let digest = parse_digest(&id.digest)
             .ok_or_else(|| Status::invalid_argument("adapter digest must be sha256:<64 hex>"))?;
         let key = AdapterKey::new(&id.tenant, &id.name);
@@ -256,20 +254,51 @@ impl KvTransfer for PrefillService {
                 "max_chunk_bytes {max_chunk} is below one KV page ({page_bytes} bytes)"
             )));
         }
-        let adapter = match &req.adapter {
-            Some(id) if !id.name.is_empty() => {
-                self.ensure_adapter(id).await?;
-                Some((TenantId(id.tenant.clone()), id.name.clone()))
+        // One adapter at scale 1 (`adapter`), or a composition (`adapters`), or neither.
+        let single = req.adapter.as_ref().filter(|id| !id.name.is_empty());
+        let wanted: Vec<(&AdapterIdentity, f32)> = match (single, req.adapters.as_slice()) {
+            (Some(_), [_, ..]) => {
+                return Err(Status::invalid_argument(
+                    "adapter and adapters are exclusive: a composition lists every adapter",
+                ));
             }
-            _ => None,
+            (Some(id), []) => vec![(id, 1.0)],
+            (None, composed) => composed
+                .iter()
+                .map(|c| {
+                    c.adapter
+                        .as_ref()
+                        .filter(|id| !id.name.is_empty())
+                        .map(|id| (id, c.scale))
+                        .ok_or_else(|| {
+                            Status::invalid_argument("a composed adapter has no identity")
+                        })
+                })
+                .collect::<Result<_, _>>()?,
         };
         // The prefix cache here is partitioned like the decode agent's: by the caller's
-        // tenant (the adapter's, which is the same) and salt.
-        let tenant = match &adapter {
-            Some((t, _)) => t.clone(),
+        // tenant (the adapters', which is the same) and salt.
+        let tenant = match wanted.first() {
+            Some((id, _)) => TenantId(id.tenant.clone()),
             None if req.tenant.is_empty() => TenantId::default_tenant(),
             None => TenantId(req.tenant.clone()),
         };
+        if wanted.iter().any(|(id, _)| id.tenant != tenant.0) {
+            return Err(Status::invalid_argument(
+                "the composed adapters belong to different tenants",
+            ));
+        }
+        let adapters: Vec<AdapterUse> = wanted
+            .iter()
+            .map(|(id, scale)| AdapterUse {
+                name: id.name.clone(),
+                scale: *scale,
+            })
+            .collect();
+        crate::engine::check_adapters(&adapters).map_err(Status::invalid_argument)?;
+        for (id, _) in &wanted {
+            self.ensure_adapter(id).await?;
+        }
         let cache_salt = req.request.as_ref().and_then(|r| r.cache_salt.clone());
         crate::engine::check_cache_salt(cache_salt.as_deref()).map_err(Status::invalid_argument)?;
         let mut params = sampling(&req);
@@ -277,7 +306,7 @@ impl KvTransfer for PrefillService {
         let engine_req = Request {
             id: format!("prefill-{}", req.request_id),
             tenant,
-            adapter: adapter.map(|(_, n)| n),
+            adapters,
             prompt: req.prompt_token_ids.clone(),
             params,
             cache_salt,

@@ -299,7 +299,7 @@ impl EngineHandle {
         let request = Box::new(Request {
             id: request.id.clone(),
             tenant: request.tenant.clone(),
-            adapter: request.adapter.clone(),
+            adapters: request.adapters.clone(),
             prompt: request.prompt.clone(),
             params: SamplingParams::default(),
             cache_salt: request.cache_salt.clone(),

@@ -118,7 +118,8 @@ impl<B: Backend> Engine<B> {
             .waiting
             .iter()
             .take(self.config.max_running)
-            .filter_map(|id| self.seqs.get(id)?.adapter_key().cloned())
+            .filter_map(|id| self.seqs.get(id))
+            .flat_map(|s| s.adapter_keys.iter().cloned())
             .collect();
         for key in front {
             if let Some(source) = self.registry.reload_if_evicted(&key) {
@@ -166,7 +167,7 @@ impl<B: Backend> Engine<B> {
                 let waiting: Vec<SeqId> = self
                     .seqs
                     .iter()
-                    .filter(|(_, s)| s.adapter_key() == Some(key))
+                    .filter(|(_, s)| s.uses(key))
                     .map(|(id, _)| *id)
                     .collect();
                 for id in waiting {

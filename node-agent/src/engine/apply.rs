@@ -219,7 +219,7 @@ impl<B: Backend> Engine<B> {
         let kv = self.seqs.get_mut(&id).and_then(|s| s.kv.take());
         self.release_kv(kv);
         if let Some(seq) = self.seqs.get_mut(&id) {
-            seq.resident = None;
+            seq.resident.clear();
             seq.computed = 0;
             seq.preemptions += 1;
         }
@@ -245,13 +245,15 @@ impl<B: Backend> Engine<B> {
             .get_mut(&id)
             .filter(|_| self.waiting.contains(&id))
             .ok_or(ApplyError::NotWaiting(id))?;
-        if let Some(lease) = &seq.adapter {
-            seq.resident = Some(self.registry.reserve_resident(lease)?);
+        let mut resident = Vec::with_capacity(seq.adapters.len());
+        for lease in &seq.adapters {
+            resident.push(self.registry.reserve_resident(lease)?);
             self.registry.touch(lease.key());
         }
+        seq.resident = resident;
         let Some(kv) = self.reuse_prefix(id, cached) else {
             if let Some(seq) = self.seqs.get_mut(&id) {
-                seq.resident = None;
+                seq.resident.clear();
             }
             return Err(ApplyError::NotCached {
                 seq: id,
@@ -271,7 +273,7 @@ impl<B: Backend> Engine<B> {
         seq.charged = seq.charged.max(done.min(seq.prompt_len));
         if !self.reserve(id, reserve) {
             let kv = self.seqs.get_mut(&id).and_then(|seq| {
-                seq.resident = None;
+                seq.resident.clear();
                 seq.computed = 0;
                 seq.kv.take()
             });

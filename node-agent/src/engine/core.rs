@@ -11,7 +11,7 @@ use tokio::sync::mpsc::UnboundedSender;
 
 use crate::backend::{Backend, BackendError};
 use crate::engine::prefix::{PrefixCaching, PrefixStats};
-use crate::engine::request::{Event, FinishReason, KvImport, KvLayer, Request};
+use crate::engine::request::{Event, FinishReason, KvImport, KvLayer, Request, check_adapters};
 use crate::engine::sampler::Sampler;
 use crate::engine::sequence::Sequence;
 use crate::lora::host::{AdapterError, AdapterLimits};
@@ -320,16 +320,15 @@ impl<B: Backend> Engine<B> {
         !self.running.is_empty() || self.waiting.iter().any(|id| self.is_ready(*id))
     }
 
-    /// Whether a waiting sequence could be admitted: base model, or its adapter's weights are
-    /// in host memory or the pool.
+    /// Whether a waiting sequence could be admitted: base model, or every adapter's weights
+    /// are in host memory or the pool.
     fn is_ready(&self, id: SeqId) -> bool {
         let Some(seq) = self.seqs.get(&id) else {
             return false;
         };
-        match seq.adapter_key() {
-            None => true,
-            Some(key) => self.registry.get(key).is_some_and(Entry::usable),
-        }
+        seq.adapter_keys
+            .iter()
+            .all(|key| self.registry.get(key).is_some_and(Entry::usable))
     }
 
     /// Admits a request; its events stream to `events`.
@@ -440,37 +439,48 @@ impl<B: Backend> Engine<B> {
                 req.id
             )));
         }
-        let adapter = match &req.adapter {
-            None => None,
-            Some(name) => {
-                let key = AdapterKey {
-                    tenant: req.tenant.clone(),
-                    name: name.clone(),
-                };
-                // Refused up front, as the scheduler would refuse it once queued: alone in the
-                // pool, its KV and its adapter's rows still could not fit. (Only the caller's
-                // own adapter has an entry under its key, so this reveals nothing of others'.)
-                let adapter_pages = self.registry.get(&key).and_then(|e| e.placement_pages());
-                let kv_pages = self.geometry.pages_for(total);
-                if let Some(adapter_pages) = adapter_pages
-                    && kv_pages + adapter_pages > self.config.num_pages
-                {
-                    return Err(EngineError::TooLarge(format!(
-                        "prompt plus max_tokens ({total} tokens) needs {kv_pages} KV pages plus \
-                         {adapter_pages} pages for adapter {name}; the pool holds {}",
-                        self.config.num_pages
-                    )));
+        check_adapters(&req.adapters).map_err(EngineError::InvalidRequest)?;
+        let keys: Vec<AdapterKey> = req
+            .adapters
+            .iter()
+            .map(|a| AdapterKey {
+                tenant: req.tenant.clone(),
+                name: a.name.clone(),
+            })
+            .collect();
+        // Refused up front, as the scheduler would refuse it once queued: alone in the pool,
+        // its KV and its adapters' rows still could not fit. (Only the caller's own adapters
+        // have entries under its keys, so this reveals nothing of others'.)
+        let adapter_pages: usize = keys
+            .iter()
+            .filter_map(|key| self.registry.get(key).and_then(|e| e.placement_pages()))
+            .sum();
+        let kv_pages = self.geometry.pages_for(total);
+        if !keys.is_empty() && kv_pages + adapter_pages > self.config.num_pages {
+            let names: Vec<&str> = req.adapters.iter().map(|a| a.name.as_str()).collect();
+            return Err(EngineError::TooLarge(format!(
+                "prompt plus max_tokens ({total} tokens) needs {kv_pages} KV pages plus \
+                 {adapter_pages} pages for adapter {}; the pool holds {}",
+                names.join(" + "),
+                self.config.num_pages
+            )));
+        }
+        let mut adapters = Vec::with_capacity(keys.len());
+        for key in &keys {
+            let Some(lease) = self.registry.lease(key) else {
+                for lease in adapters {
+                    self.registry.release(lease);
                 }
-                let lease = self
-                    .registry
-                    .lease(&key)
-                    .ok_or_else(|| EngineError::AdapterNotFound(name.clone()))?;
-                if let Some(source) = self.registry.reload_if_evicted(&key) {
-                    self.pending_loads.push((key, source));
-                }
-                Some(lease)
+                return Err(EngineError::AdapterNotFound(key.name.clone()));
+            };
+            adapters.push(lease);
+        }
+        for key in &keys {
+            if let Some(source) = self.registry.reload_if_evicted(key) {
+                self.pending_loads.push((key.clone(), source));
             }
-        };
+        }
+        let scales: Vec<f32> = req.adapters.iter().map(|a| a.scale).collect();
         self.scheduler
             .on_arrival(&req.tenant, self.seqs.values().map(|s| &s.tenant));
         let id = SeqId(self.next_seq);
@@ -483,8 +493,10 @@ impl<B: Backend> Engine<B> {
         let seq = Sequence {
             request_id: req.id.clone(),
             tenant: req.tenant,
-            adapter,
-            resident: None,
+            adapters,
+            adapter_keys: keys,
+            scales,
+            resident: Vec::new(),
             tokens: req.prompt,
             prompt_len,
             computed: 0,
@@ -551,8 +563,8 @@ impl<B: Backend> Engine<B> {
         self.waiting.retain(|x| *x != id);
         self.release_kv(seq.kv.take());
         self.release_blocks(std::mem::take(&mut seq.pinned));
-        seq.resident = None;
-        if let Some(lease) = seq.adapter.take() {
+        seq.resident.clear();
+        for lease in std::mem::take(&mut seq.adapters) {
             self.registry.release(lease);
         }
         seq.finish(reason, error, &self.tokenizer);
@@ -561,7 +573,8 @@ impl<B: Backend> Engine<B> {
     pub fn stats(&self) -> EngineStats {
         let adapters_of = |ids: &mut dyn Iterator<Item = &SeqId>| {
             let mut v: Vec<AdapterKey> = ids
-                .filter_map(|id| self.seqs.get(id)?.adapter_key().cloned())
+                .filter_map(|id| self.seqs.get(id))
+                .flat_map(|s| s.adapter_keys.iter().cloned())
                 .collect();
             v.sort();
             v.dedup();

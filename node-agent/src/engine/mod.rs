@@ -22,6 +22,7 @@ pub use self::core::{
 pub use adapters::{LoadChange, LoadWait, Loaded};
 pub use prefix::{PrefixCaching, PrefixStats};
 pub use request::{
-    Event, FinishReason, KvImport, KvLayer, MAX_CACHE_SALT_BYTES, Request, SamplingParams, Timings,
-    Usage, check_cache_salt,
+    AdapterUse, Event, FinishReason, KvImport, KvLayer, MAX_ADAPTERS_PER_REQUEST,
+    MAX_CACHE_SALT_BYTES, Request, SamplingParams, Timings, Usage, check_adapters,
+    check_cache_salt,
 };

@@ -6,7 +6,9 @@
 //! - the partition is the tenant (so no tenant can ever hit, or time, another tenant's
 //!   blocks) plus the request's optional `cache_salt`, which partitions further;
 //! - the adapter identity is the SHA-256 digest of the weights the KV is computed with (a
-//!   reload under the same name with other weights starts a new chain), or the base model.
+//!   reload under the same name with other weights starts a new chain), or the base model; a
+//!   request that composes adapters hashes every (digest, scale) in its order, and one adapter
+//!   at a scale other than 1 hashes its scale too.
 //!
 //! Hashing happens once per full block: a sequence's keys are kept and extended as blocks
 //! fill, and recomputed only if its adapter's digest changed while it waited.
@@ -36,9 +38,10 @@ pub enum PrefixCaching {
     PerTenant,
 }
 
-/// The weights a sequence's KV is computed with: the base model, or an adapter's digest.
-/// `None` (in [`Sequence::prefix_identity`]) while the adapter's digest is not known yet.
-pub(crate) type WeightsId = Option<Digest>;
+/// The weights a sequence's KV is computed with: each adapter's digest and the bits of its
+/// scale, in the request's order; empty is the base model. `None` (in
+/// [`Sequence::prefix_identity`]) while an adapter's digest is not known yet.
+pub(crate) type WeightsId = Vec<(Digest, u32)>;
 
 /// Prefix-cache counters since start, in prompt tokens, counted once per request at its first
 /// admission.
@@ -52,32 +55,38 @@ pub struct PrefixStats {
     pub blocks: usize,
 }
 
-fn root(tenant: &TenantId, cache_salt: Option<&str>, weights: WeightsId) -> BlockHash {
+fn root(tenant: &TenantId, cache_salt: Option<&str>, weights: &WeightsId) -> BlockHash {
     let salt: &[u8] = match cache_salt {
         Some(s) => s.as_bytes(),
         None => &[],
     };
     let salted: &[u8] = if cache_salt.is_some() { b"1" } else { b"0" };
-    let adapter: &[u8] = match &weights {
-        Some(d) => &d.0,
-        None => b"base",
+    // "base" (4 bytes), one adapter at scale 1 (its digest, 32 bytes) and anything else
+    // (36 bytes per adapter: digest, scale) can never be mistaken for one another; the salt
+    // marker keeps "no salt" apart from every salt.
+    let adapter: Vec<u8> = match weights.as_slice() {
+        [] => b"base".to_vec(),
+        [(d, scale)] if *scale == 1f32.to_bits() => d.0.to_vec(),
+        all => all
+            .iter()
+            .flat_map(|(d, scale)| d.0.iter().copied().chain(scale.to_le_bytes()))
+            .collect(),
     };
-    // The marker keeps "no salt" apart from every salt; a digest (32 bytes) is never "base".
-    BlockHash::root(&[tenant.0.as_bytes(), salted, salt, adapter])
+    BlockHash::root(&[tenant.0.as_bytes(), salted, salt, &adapter])
 }
 
 impl<B: Backend> Engine<B> {
-    /// The weights KV of the adapter `key` (`None`: the base model) would be computed with
-    /// now; `None` when caching is off or the adapter's digest is not known (then a sequence
-    /// neither reuses nor publishes blocks).
-    fn weights_of(&self, key: Option<&AdapterKey>) -> Option<WeightsId> {
+    /// The weights KV of the adapters `keys` at `scales` (none: the base model) would be
+    /// computed with now; `None` when caching is off or an adapter's digest is not known
+    /// (then a sequence neither reuses nor publishes blocks).
+    fn weights_of(&self, keys: &[AdapterKey], scales: &[f32]) -> Option<WeightsId> {
         if self.config.prefix_caching == PrefixCaching::Off {
             return None;
         }
-        match key {
-            None => Some(None),
-            Some(key) => self.registry.get(key)?.digest().map(Some),
-        }
+        keys.iter()
+            .zip(scales)
+            .map(|(key, scale)| Some((self.registry.get(key)?.digest()?, scale.to_bits())))
+            .collect()
     }
 
     /// Brings every waiting sequence's keys up to date before a plan: the chain of its
@@ -92,13 +101,15 @@ impl<B: Backend> Engine<B> {
             let Some(seq) = self.seqs.get(&id) else {
                 continue;
             };
-            let weights = self.weights_of(seq.adapter_key());
+            let weights = self.weights_of(&seq.adapter_keys, &seq.scales);
             let Some(seq) = self.seqs.get_mut(&id) else {
                 continue;
             };
             if seq.prefix_identity != weights {
+                seq.prefix_root = weights
+                    .as_ref()
+                    .map(|w| root(&seq.tenant, seq.cache_salt.as_deref(), w));
                 seq.prefix_identity = weights;
-                seq.prefix_root = weights.map(|w| root(&seq.tenant, seq.cache_salt.as_deref(), w));
                 seq.block_keys.clear();
             }
             extend_keys(seq, seq.tokens.len() / bs, bs);
@@ -178,16 +189,21 @@ impl<B: Backend> Engine<B> {
     /// Pinning again under the same request id lets go of the earlier pin.
     pub fn pin_prefix(&mut self, req: &Request) -> usize {
         self.unpin(&req.id);
-        let key = req.adapter.as_ref().map(|name| AdapterKey {
-            tenant: req.tenant.clone(),
-            name: name.clone(),
-        });
-        let Some(weights) = self.weights_of(key.as_ref()) else {
+        let keys: Vec<AdapterKey> = req
+            .adapters
+            .iter()
+            .map(|a| AdapterKey {
+                tenant: req.tenant.clone(),
+                name: a.name.clone(),
+            })
+            .collect();
+        let scales: Vec<f32> = req.adapters.iter().map(|a| a.scale).collect();
+        let Some(weights) = self.weights_of(&keys, &scales) else {
             return 0;
         };
         let bs = self.geometry.block_size;
         let most = req.prompt.len().saturating_sub(1) / bs;
-        let root = root(&req.tenant, req.cache_salt.as_deref(), weights);
+        let root = root(&req.tenant, req.cache_salt.as_deref(), &weights);
         let mut held = Vec::new();
         for key in chain(root, &req.prompt[..most * bs], bs) {
             match self.prefix.acquire(&key) {

@@ -44,13 +44,65 @@ impl Default for SamplingParams {
     }
 }
 
+/// One adapter a request applies, and the factor its update is scaled by: the layer computes
+/// `x·W + Σ scale · (lora_alpha / r) · (x·Aᵀ)·Bᵀ` over every adapter of the request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterUse {
+    /// Adapter name inside the request's tenant.
+    pub name: String,
+    pub scale: f32,
+}
+
+impl AdapterUse {
+    /// The adapter at full strength: what naming it as the `model` asks for.
+    pub fn plain(name: impl Into<String>) -> Self {
+        AdapterUse {
+            name: name.into(),
+            scale: 1.0,
+        }
+    }
+}
+
+/// Most adapters one request may compose.
+pub const MAX_ADAPTERS_PER_REQUEST: usize = 8;
+
+/// Checks a request's adapters: at most [`MAX_ADAPTERS_PER_REQUEST`], each named once, each
+/// scale finite.
+///
+/// Errors: why they are refused (the surfaces answer 400 / `INVALID_ARGUMENT`).
+pub fn check_adapters(adapters: &[AdapterUse]) -> Result<(), String> {
+    if adapters.len() > MAX_ADAPTERS_PER_REQUEST {
+        return Err(format!(
+            "a request composes at most {MAX_ADAPTERS_PER_REQUEST} adapters, not {}",
+            adapters.len()
+        ));
+    }
+    for (i, a) in adapters.iter().enumerate() {
+        if a.name.is_empty() {
+            return Err("an adapter name must not be empty".to_owned());
+        }
+        if !a.scale.is_finite() {
+            return Err(format!(
+                "adapter {:?} has a scale that is not finite",
+                a.name
+            ));
+        }
+        if adapters[..i].iter().any(|b| b.name == a.name) {
+            return Err(format!("adapter {:?} is listed twice", a.name));
+        }
+    }
+    Ok(())
+}
+
 /// A generation request, already tokenized.
 #[derive(Debug, Clone)]
 pub struct Request {
     pub id: String,
     pub tenant: TenantId,
-    /// Adapter name inside the tenant; `None` is the base model.
-    pub adapter: Option<String>,
+    /// The adapters it applies, each with its scale, over the base model; empty is the base
+    /// model alone, one at scale 1 is that adapter as it was trained. Every adapter is looked
+    /// up inside the tenant.
+    pub adapters: Vec<AdapterUse>,
     pub prompt: Vec<u32>,
     pub params: SamplingParams,
     /// Partitions the prefix cache further than the tenant (vLLM's `cache_salt`): only

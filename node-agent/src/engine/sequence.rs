@@ -28,10 +28,13 @@ pub(crate) enum StopKind {
 pub(crate) struct Sequence {
     pub request_id: String,
     pub tenant: TenantId,
-    /// Its use of its adapter, from submission to its end.
-    pub adapter: Option<AdapterLease>,
-    /// Keeps its adapter in the pool while it runs (admitted and not preempted).
-    pub resident: Option<ResidentReservation>,
+    /// Its use of each of its adapters, from submission to its end (empty: the base model).
+    pub adapters: Vec<AdapterLease>,
+    /// The adapters' keys (in the leases' order, for the scheduler) and their scales.
+    pub adapter_keys: Vec<AdapterKey>,
+    pub scales: Vec<f32>,
+    /// Keeps its adapters in the pool while it runs (admitted and not preempted).
+    pub resident: Vec<ResidentReservation>,
     /// Prompt followed by the generated tokens.
     pub tokens: Vec<u32>,
     pub prompt_len: usize,
@@ -78,8 +81,17 @@ pub(crate) struct Sequence {
 }
 
 impl Sequence {
-    pub fn adapter_key(&self) -> Option<&AdapterKey> {
-        self.adapter.as_ref().map(AdapterLease::key)
+    /// Whether it applies `key` (alone or among others).
+    pub fn uses(&self, key: &AdapterKey) -> bool {
+        self.adapter_keys.contains(key)
+    }
+
+    /// What rows of one adapter set share in a step's order: the adapters and their scales.
+    pub fn adapter_order(&self) -> (&[AdapterKey], Vec<u32>) {
+        (
+            &self.adapter_keys,
+            self.scales.iter().map(|s| s.to_bits()).collect(),
+        )
     }
 
     /// What the scheduler sees of it.
@@ -87,7 +99,7 @@ impl Sequence {
         SeqState {
             id,
             tenant: &self.tenant,
-            adapter: self.adapter_key(),
+            adapters: &self.adapter_keys,
             tokens: self.tokens.len(),
             prompt_len: self.prompt_len,
             max_tokens: self.params.max_tokens,

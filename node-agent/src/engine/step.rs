@@ -9,7 +9,7 @@ use std::time::Instant;
 use crate::backend::Backend;
 use crate::engine::core::{Engine, EngineError};
 use crate::engine::request::{FinishReason, KvLayer};
-use crate::lora::batch::LoraBatch;
+use crate::lora::batch::{LoraBatch, LoraRun};
 use crate::model::llama::{SeqRows, StepInput};
 use crate::scheduler::SeqId;
 use crate::structured::Constraint;
@@ -28,11 +28,7 @@ impl<B: Backend> Engine<B> {
         // once per step for all its sequences (S-LoRA's MBGMV), not once per sequence. Rows
         // are independent, so their order changes no result.
         plan.sort_by(|(a, _), (b, _)| {
-            let key = |id| {
-                self.seqs
-                    .get(id)
-                    .map(|s| s.adapter.as_ref().map(|a| a.key()))
-            };
+            let key = |id| self.seqs.get(id).map(|s| s.adapter_order());
             key(a).cmp(&key(b))
         });
         let now = Instant::now();
@@ -103,9 +99,15 @@ impl<B: Backend> Engine<B> {
                 // likely cause of non-finite logits.
                 Err(e) => Some((
                     FinishReason::Error,
-                    Some(match seq.adapter_key() {
-                        Some(key) => format!("sampling failed with adapter {key}: {e}"),
-                        None => format!("sampling failed: {e}"),
+                    Some(match seq.adapter_keys.as_slice() {
+                        [] => format!("sampling failed: {e}"),
+                        keys => format!(
+                            "sampling failed with adapter {}: {e}",
+                            keys.iter()
+                                .map(ToString::to_string)
+                                .collect::<Vec<_>>()
+                                .join(" + ")
+                        ),
                     }),
                 )),
             };
@@ -193,12 +195,17 @@ impl<B: Backend> Engine<B> {
                 pos_start: seq.computed,
                 block_tables: (0..num_layers).map(|l| kv.block_table(l)).collect(),
             });
-            if let Some(key) = seq.adapter_key() {
-                let rows = self
+            for (pass, (key, &scale)) in seq.adapter_keys.iter().zip(&seq.scales).enumerate() {
+                let adapter = self
                     .registry
                     .resident_rows(key)
                     .ok_or_else(|| broken("a planned adapter is not resident"))?;
-                lora.runs.push((start..start + n, rows));
+                lora.runs.push(LoraRun {
+                    rows: start..start + n,
+                    adapter,
+                    scale,
+                    pass,
+                });
             }
             if seq.computed + n == seq.tokens.len() {
                 input.logits_rows.push(start + n - 1);

@@ -239,9 +239,12 @@ impl<B: Backend> Model<B> {
     ) -> Result<B::Tensor, BackendError> {
         let p = &layer.proj[module.index()];
         let mut y = backend.linear(x, &p.weight, p.bias.as_ref())?;
-        if !lora.is_empty() {
-            let (segments, max_rank) = lora.segments(l, module);
-            backend.lora(x, &mut y, pool, &segments, max_rank)?;
+        // Each pass adds its adapters' updates into `y` (composed adapters share rows).
+        for pass in 0..lora.passes() {
+            let (segments, max_rank) = lora.segments(l, module, pass);
+            if !segments.is_empty() {
+                backend.lora(x, &mut y, pool, &segments, max_rank)?;
+            }
         }
         Ok(y)
     }

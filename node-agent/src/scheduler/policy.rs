@@ -186,14 +186,14 @@ fn admit(sim: &mut Sim<'_>, pos: usize, budget: usize) -> Admission {
             .min(limits.max_prefill_chunk);
         (n, done + n)
     };
-    let adapter: Option<&AdapterKey> = seq.adapter;
-    let adapter_pages = match adapter {
-        Some(key) => match sim.pages_to_place(key) {
-            Some(p) => p,
+    let adapters: &[AdapterKey] = seq.adapters;
+    let mut adapter_pages = 0;
+    for key in adapters {
+        match sim.pages_to_place(key) {
+            Some(p) => adapter_pages += p,
             None => return Admission::Blocked,
-        },
-        None => 0,
-    };
+        }
+    }
     if need_total + adapter_pages > limits.pool_pages {
         // Alone in the pool it still could not finish: refuse rather than thrash.
         sim.waiting.remove(pos);
@@ -205,31 +205,30 @@ fn admit(sim: &mut Sim<'_>, pos: usize, budget: usize) -> Admission {
         sim.release(&seq);
         return Admission::Refused;
     }
-    // Its own adapter's pages are no room for it (it is about to use them), nor are the idle
+    // Its own adapters' pages are no room for it (it is about to use them), nor are the idle
     // cached blocks it reuses.
     let evictable =
-        sim.idle_pages_except(adapter) + sim.idle_cached_pages() - sim.idle_hit_pages(&seq, hit);
+        sim.idle_pages_except(adapters) + sim.idle_cached_pages() - sim.idle_hit_pages(&seq, hit);
     if sim.free + evictable < need_kv + adapter_pages {
         return Admission::Blocked;
     }
     let took = sim.take(&seq, hit);
     seq.shared_pages = hit_pages;
     seq.computed = hit * limits.block_size;
-    if let Some(key) = adapter {
-        // Count it as running first so making room never evicts it.
-        sim.pin(key);
-        if !sim.place(key) {
-            sim.unpin(key);
-            sim.untake(took);
-            return Admission::Blocked;
-        }
+    // Count them all as running first so making room for one never evicts another.
+    adapters.iter().for_each(|key| sim.pin(key));
+    let unpin = |sim: &mut Sim<'_>| adapters.iter().for_each(|key| sim.unpin(key));
+    if !adapters.iter().all(|key| sim.place(key)) {
+        // Cannot happen after the availability check (what a failed placement already placed
+        // stays resident and idle, as any placement); undo the rest rather than admit.
+        unpin(sim);
+        sim.untake(took);
+        return Admission::Blocked;
     }
     while !sim.reserve(&mut seq, reserve) {
         if !sim.evict_lru() {
             // Cannot happen after the availability check; undo rather than loop.
-            if let Some(key) = adapter {
-                sim.unpin(key);
-            }
+            unpin(sim);
             sim.untake(took);
             return Admission::Blocked;
         }

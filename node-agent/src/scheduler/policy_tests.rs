@@ -38,7 +38,7 @@ fn waiting(w: &World, id: u64, tenant: usize, prompt: usize) -> SeqState<'_> {
     SeqState {
         id: SeqId(id),
         tenant: &w.tenants[tenant],
-        adapter: None,
+        adapters: &[],
         tokens: prompt,
         prompt_len: prompt,
         max_tokens: 4,
@@ -63,7 +63,7 @@ fn running(w: &World, id: u64, admitted: u64, tokens: usize, computed: usize) ->
 }
 
 fn on<'a>(mut s: SeqState<'a>, w: &'a World, adapter: usize) -> SeqState<'a> {
-    s.adapter = Some(&w.keys[adapter]);
+    s.adapters = std::slice::from_ref(&w.keys[adapter]);
     s
 }
 

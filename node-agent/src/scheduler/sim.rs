@@ -65,9 +65,11 @@ impl<'a> Sim<'a> {
             })
             .collect();
         let mut count = |s: &SeqState<'a>, running: bool| {
-            if let Some(a) = s.adapter.and_then(|k| adapters.get_mut(k)) {
-                a.uses += 1;
-                a.running += usize::from(running);
+            for k in s.adapters {
+                if let Some(a) = adapters.get_mut(k) {
+                    a.uses += 1;
+                    a.running += usize::from(running);
+                }
             }
         };
         snapshot.running.iter().for_each(|s| count(s, true));
@@ -220,21 +222,22 @@ impl<'a> Sim<'a> {
         seq.pages = 0;
         seq.shared_pages = 0;
         seq.computed = 0;
-        if let Some(a) = seq.adapter.and_then(|k| self.adapters.get_mut(k)) {
-            // Counted when the plan started: `seq` was running then.
-            a.running -= 1;
+        for k in seq.adapters {
+            if let Some(a) = self.adapters.get_mut(k) {
+                // Counted when the plan started: `seq` was running then.
+                a.running -= 1;
+            }
         }
         self.decisions.push(Decision::Preempt(seq.id));
         self.waiting.push_front(seq);
     }
 
-    /// Whether `seq` can be admitted at all: base model, or its adapter's weights are
+    /// Whether `seq` can be admitted at all: base model, or every adapter's weights are
     /// somewhere (`Engine::is_ready`).
     pub fn usable(&self, seq: &SeqState<'_>) -> bool {
-        match seq.adapter {
-            None => true,
-            Some(k) => self.adapters.get(k).is_some_and(|a| a.state.usable()),
-        }
+        seq.adapters
+            .iter()
+            .all(|k| self.adapters.get(k).is_some_and(|a| a.state.usable()))
     }
 
     /// Pool pages `key` still needs to become resident (`None`: it cannot be placed now).
@@ -249,11 +252,11 @@ impl<'a> Sim<'a> {
         a.state.placement
     }
 
-    /// Pages that evicting every idle resident adapter except `keep` would free.
-    pub fn idle_pages_except(&self, keep: Option<&AdapterKey>) -> usize {
+    /// Pages that evicting every idle resident adapter except those in `keep` would free.
+    pub fn idle_pages_except(&self, keep: &[AdapterKey]) -> usize {
         self.adapters
             .iter()
-            .filter(|(k, a)| a.running == 0 && Some(**k) != keep)
+            .filter(|(k, a)| a.running == 0 && !keep.contains(k))
             .filter_map(|(_, a)| a.state.resident)
             .sum()
     }
@@ -299,18 +302,19 @@ impl<'a> Sim<'a> {
         true
     }
 
-    /// A refused waiting sequence ends: its adapter loses a use, and an adapter being unloaded
-    /// goes with its last use (its pages are freed).
+    /// A refused waiting sequence ends: each of its adapters loses a use, and an adapter
+    /// being unloaded goes with its last use (its pages are freed).
     pub fn release(&mut self, seq: &SeqState<'a>) {
-        let Some(key) = seq.adapter else { return };
-        let Some(a) = self.adapters.get_mut(key) else {
-            return;
-        };
-        // Counted when the plan started: `seq` was waiting then.
-        a.uses -= 1;
-        if a.state.unloading && a.uses == 0 {
-            self.free += a.state.resident.unwrap_or(0);
-            self.adapters.remove(key);
+        for key in seq.adapters {
+            let Some(a) = self.adapters.get_mut(key) else {
+                continue;
+            };
+            // Counted when the plan started: `seq` was waiting then.
+            a.uses -= 1;
+            if a.state.unloading && a.uses == 0 {
+                self.free += a.state.resident.unwrap_or(0);
+                self.adapters.remove(key);
+            }
         }
     }
 }
@@ -361,7 +365,7 @@ mod tests {
         let runner = SeqState {
             id: SeqId(1),
             tenant: &tenant,
-            adapter: Some(&a),
+            adapters: std::slice::from_ref(&a),
             tokens: 3,
             prompt_len: 3,
             max_tokens: 4,
@@ -385,8 +389,9 @@ mod tests {
             cache: None,
         };
         let mut sim = Sim::new(snapshot, limits());
-        assert_eq!(sim.idle_pages_except(None), 7, "a is running");
-        assert_eq!(sim.idle_pages_except(Some(&c)), 3);
+        assert_eq!(sim.idle_pages_except(&[]), 7, "a is running");
+        assert_eq!(sim.idle_pages_except(std::slice::from_ref(&c)), 3);
+        assert_eq!(sim.idle_pages_except(&[b.clone(), c.clone()]), 0);
         assert!(sim.evict_lru());
         assert!(sim.evict_lru());
         assert!(!sim.evict_lru(), "a is in use by a running sequence");
@@ -410,7 +415,7 @@ mod tests {
         let mut seq = SeqState {
             id: SeqId(1),
             tenant: &tenant,
-            adapter: None,
+            adapters: &[],
             tokens: 9,
             prompt_len: 9,
             max_tokens: 1,

@@ -21,7 +21,9 @@ impl std::fmt::Display for SeqId {
 pub struct SeqState<'a> {
     pub id: SeqId,
     pub tenant: &'a TenantId,
-    pub adapter: Option<&'a AdapterKey>,
+    /// The adapters it applies (empty: the base model); composed adapters all stay resident
+    /// while it runs.
+    pub adapters: &'a [AdapterKey],
     /// Prompt plus generated tokens.
     pub tokens: usize,
     pub prompt_len: usize,

@@ -119,14 +119,21 @@ fn plans_hold_on_the_real_allocator_and_prefix_cache() {
                 cache.release(seq_kv.into_shared(), stamp);
                 continue;
             }
-            let resident: Vec<&AdapterKey> = adapter_pages.keys().copied().collect();
-            let adapter =
-                (rand(2) == 0 && !resident.is_empty()).then(|| resident[rand(resident.len())]);
+            // Base model, one adapter, or two or three composed (a window of `keys`), all
+            // resident: it runs.
+            let from = rand(keys.len());
+            let window = &keys[from..(from + 1 + rand(3)).min(keys.len())];
+            let adapters: &[AdapterKey] =
+                if rand(2) == 0 && window.iter().all(|k| adapter_pages.contains_key(k)) {
+                    window
+                } else {
+                    &[]
+                };
             let id = SeqId(i as u64);
             running.push(SeqState {
                 id,
                 tenant: &tenants[rand(3)],
-                adapter,
+                adapters,
                 tokens,
                 prompt_len: tokens - rand(tokens),
                 max_tokens: 1 + rand(20),
@@ -144,10 +151,12 @@ fn plans_hold_on_the_real_allocator_and_prefix_cache() {
             .map(|i| {
                 let tokens = 1 + rand(30);
                 let chain = &chains[rand(CHAINS)];
+                let from = rand(keys.len());
+                let window = &keys[from..(from + 1 + rand(3)).min(keys.len())];
                 SeqState {
                     id: SeqId(100 + i as u64),
                     tenant: &tenants[rand(3)],
-                    adapter: (rand(2) == 0).then(|| &keys[rand(keys.len())]),
+                    adapters: if rand(2) == 0 { window } else { &[] },
                     tokens,
                     prompt_len: tokens,
                     max_tokens: 1 + rand(40),
@@ -184,7 +193,7 @@ fn plans_hold_on_the_real_allocator_and_prefix_cache() {
         for d in &plan.decisions {
             match d {
                 Decision::Evict(k) => {
-                    let uses = live.iter().filter(|id| seq(**id).adapter == Some(k));
+                    let uses = live.iter().filter(|id| seq(**id).adapters.contains(k));
                     assert_eq!(uses.count(), 0, "evicted {k} while in use");
                     assert!(adapter_pages.remove(k).is_some());
                     evictions += 1;
@@ -219,7 +228,7 @@ fn plans_hold_on_the_real_allocator_and_prefix_cache() {
                     cached,
                 } => {
                     let s = seq(*id);
-                    if let Some(k) = s.adapter {
+                    for k in s.adapters {
                         assert!(adapter_pages.contains_key(k), "{k} not resident");
                     }
                     assert!(

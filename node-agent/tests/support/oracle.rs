@@ -329,15 +329,26 @@ fn save_f32(tensors: &HashMap<String, Tensor>, path: &Path) -> anyhow::Result<()
         .with_context(|| format!("writing {}", path.display()))
 }
 
-/// Writes a copy of the checkpoint in `model_dir` into `out` with the adapter merged into the
-/// base weights: `W' = W + scale·(B·A)` for every targeted module of every layer, all in f32
-/// in one `model.safetensors`, plus `config.json` (with `torch_dtype: float32`) and the other
-/// non-weight files (tokenizer, generation config). With `adapter_dir = None` it writes the
-/// base weights unchanged (as f32). Every tensor of the adapter must be used, and A/B must have
-/// the shapes PEFT's rank resolution implies (`A: [r, in]`, `B: [out, r]`).
+/// [`merge_adapters`] of one adapter at scale 1, or none.
 pub fn merge_adapter(
     model_dir: &Path,
     adapter_dir: Option<&Path>,
+    out: &Path,
+) -> anyhow::Result<()> {
+    let adapters: Vec<(&Path, f32)> = adapter_dir.map(|d| (d, 1.0)).into_iter().collect();
+    merge_adapters(model_dir, &adapters, out)
+}
+
+/// Writes a copy of the checkpoint in `model_dir` into `out` with the adapters merged into the
+/// base weights: `W' = W + Σᵢ sᵢ·scaleᵢ·(Bᵢ·Aᵢ)` for every targeted module of every layer,
+/// where `sᵢ` is the request's scale of adapter `i` and `scaleᵢ` its PEFT scale, all in f32
+/// in one `model.safetensors`, plus `config.json` (with `torch_dtype: float32`) and the other
+/// non-weight files (tokenizer, generation config). With no adapters it writes the base
+/// weights unchanged (as f32). Every tensor of each adapter must be used, and A/B must have
+/// the shapes PEFT's rank resolution implies (`A: [r, in]`, `B: [out, r]`).
+pub fn merge_adapters(
+    model_dir: &Path,
+    adapters: &[(&Path, f32)],
     out: &Path,
 ) -> anyhow::Result<()> {
     let mut config = read_json(&model_dir.join("config.json"))?;
@@ -346,7 +357,7 @@ pub fn merge_adapter(
         .context("config.json lacks num_hidden_layers")? as usize;
     let mut weights = load_checkpoint(model_dir)?;
 
-    if let Some(adapter_dir) = adapter_dir {
+    for &(adapter_dir, request_scale) in adapters {
         let peft = PeftConfig::read(adapter_dir)?;
         let mut lora = load_f32(&adapter_dir.join("adapter_model.safetensors"))?;
         for layer in 0..layers {
@@ -374,7 +385,9 @@ pub fn merge_adapter(
                     b.dims(),
                     p.rank
                 );
-                let delta = b.matmul(&a)?.affine(p.scale, 0.0)?;
+                let delta = b
+                    .matmul(&a)?
+                    .affine(p.scale * f64::from(request_scale), 0.0)?;
                 let merged = (w + delta)?;
                 weights.insert(w_name, merged);
             }

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use loraplane_agent::backend::Backend;
-use loraplane_agent::engine::{Engine, EngineConfig, Request, SamplingParams};
+use loraplane_agent::engine::{AdapterUse, Engine, EngineConfig, Request, SamplingParams};
 use loraplane_agent::fixtures::adapter::{self, AdapterSpec};
 use loraplane_agent::fixtures::model::{self, ModelSpec, Preset};
 use loraplane_agent::fixtures::tensor::FixtureDtype;
@@ -18,15 +18,25 @@ use loraplane_agent::lora::Module;
 use loraplane_agent::lora::ids::{AdapterKey, TenantId};
 use loraplane_agent::model::config::Arch;
 
-/// One request of the workload: on adapter `lora-{i}` or the base model.
+/// One request of the workload: on the base model (no adapters), adapter `lora-{i}`, or
+/// several composed, each `(i, scale)`.
 pub struct Case {
     pub id: String,
-    pub adapter: Option<usize>,
+    pub adapters: Vec<(usize, f32)>,
     pub prompt: Vec<u32>,
 }
 
+/// Compositions the workload adds when it has at least 6 adapters: two and three adapters
+/// (one scale negative), and one adapter at half strength.
+pub const COMPOSED: [&[(usize, f32)]; 3] = [
+    &[(0, 0.7), (1, 0.3)],
+    &[(2, 1.0), (4, -0.5), (6, 0.25)],
+    &[(1, 0.5)],
+];
+
 /// The tiny fixture model of `arch` in `dtype`, `adapters` adapters cycling through
-/// [`adapter_spec`], and one case per adapter plus two on the base model.
+/// [`adapter_spec`], and one case per adapter plus two on the base model, plus the
+/// [`COMPOSED`] cases.
 pub struct Workload {
     pub dir: tempfile::TempDir,
     pub model: PathBuf,
@@ -55,16 +65,25 @@ pub fn workload(arch: Arch, dtype: FixtureDtype, adapters: usize) -> Workload {
     let mut cases: Vec<Case> = (0..adapters)
         .map(|i| Case {
             id: format!("a{i}"),
-            adapter: Some(i),
+            adapters: vec![(i, 1.0)],
             prompt: prompt(i, 5 + (i * 11) % 37, 512),
         })
         .collect();
     for b in 0..2 {
         cases.push(Case {
             id: format!("base{b}"),
-            adapter: None,
+            adapters: Vec::new(),
             prompt: prompt(100 + b, 9 + b * 20, 512),
         });
+    }
+    if adapters >= 6 {
+        for (c, uses) in COMPOSED.iter().enumerate() {
+            cases.push(Case {
+                id: format!("mix{c}"),
+                adapters: uses.to_vec(),
+                prompt: prompt(200 + c, 7 + c * 13, 512),
+            });
+        }
     }
     Workload {
         dir,
@@ -103,7 +122,14 @@ pub fn request(case: &Case, max_new: usize) -> Request {
     Request {
         id: case.id.clone(),
         tenant: TenantId::default_tenant(),
-        adapter: case.adapter.map(|i| format!("lora-{i}")),
+        adapters: case
+            .adapters
+            .iter()
+            .map(|&(i, scale)| AdapterUse {
+                name: format!("lora-{i}"),
+                scale,
+            })
+            .collect(),
         prompt: case.prompt.clone(),
         params: SamplingParams {
             max_tokens: max_new,

@@ -310,7 +310,7 @@ fn step(
             SeqState {
                 id: *id,
                 tenant,
-                adapter: s.adapter.as_ref(),
+                adapters: s.adapter.as_slice(),
                 tokens: s.tokens,
                 prompt_len: s.prompt_len,
                 max_tokens: s.max_tokens,

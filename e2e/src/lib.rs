@@ -493,12 +493,23 @@ impl Oracle {
         prompt: Vec<u32>,
         params: SamplingParams,
     ) -> Expected {
+        let adapters = adapter.into_iter().map(AdapterUse::plain).collect();
+        self.compose(adapters, prompt, params).await
+    }
+
+    /// The engine's output for `prompt` under `params` with `adapters` composed.
+    pub async fn compose(
+        &self,
+        adapters: Vec<AdapterUse>,
+        prompt: Vec<u32>,
+        params: SamplingParams,
+    ) -> Expected {
         let mut stream = self
             .handle
             .submit(Request {
                 id: format!("oracle-{}", self.next.fetch_add(1, Ordering::Relaxed)),
                 tenant: TenantId::default_tenant(),
-                adapters: adapter.into_iter().map(AdapterUse::plain).collect(),
+                adapters,
                 prompt: prompt.clone(),
                 params,
                 cache_salt: None,

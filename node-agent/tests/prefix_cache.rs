@@ -97,6 +97,8 @@ fn load(e: &mut Engine<CpuBackend>, tenant: &str, name: &str, dir: &Path) {
 struct Ask<'a> {
     tenant: &'a str,
     adapter: Option<&'a str>,
+    /// A composition `(name, scale)`; when given, `adapter` is ignored.
+    compose: Vec<(&'a str, f32)>,
     salt: Option<&'a str>,
     prompt: Vec<u32>,
     max_tokens: usize,
@@ -106,6 +108,7 @@ fn ask<'a>(tenant: &'a str, adapter: Option<&'a str>) -> Ask<'a> {
     Ask {
         tenant,
         adapter,
+        compose: Vec::new(),
         salt: None,
         prompt: prompt(),
         max_tokens: 4,
@@ -116,7 +119,17 @@ fn request(id: usize, a: &Ask<'_>) -> Request {
     Request {
         id: format!("r{id}"),
         tenant: TenantId(a.tenant.to_owned()),
-        adapters: a.adapter.into_iter().map(AdapterUse::plain).collect(),
+        adapters: if a.compose.is_empty() {
+            a.adapter.into_iter().map(AdapterUse::plain).collect()
+        } else {
+            a.compose
+                .iter()
+                .map(|&(name, scale)| AdapterUse {
+                    name: name.to_owned(),
+                    scale,
+                })
+                .collect()
+        },
         prompt: a.prompt.clone(),
         params: SamplingParams {
             max_tokens: a.max_tokens,
@@ -194,6 +207,54 @@ fn a_reloaded_adapter_never_reuses_the_blocks_of_its_old_weights() {
     let back = one(&mut e, ask("default", Some("x")));
     assert_eq!(back.2.cached_prompt_tokens, 32);
     assert_eq!(back.0, first.0);
+}
+
+#[test]
+fn every_adapter_and_scale_of_a_composition_keys_its_blocks() {
+    let w = world(2);
+    let mut e = engine(&w, EngineConfig::default());
+    let mut uncached = engine(
+        &w,
+        EngineConfig {
+            prefix_caching: PrefixCaching::Off,
+            ..EngineConfig::default()
+        },
+    );
+    for engine in [&mut e, &mut uncached] {
+        load(engine, "default", "x", &w.adapters[0]);
+        load(engine, "default", "y", &w.adapters[1]);
+    }
+    let with = |uses: &[(&'static str, f32)]| Ask {
+        compose: uses.to_vec(),
+        ..ask("default", None)
+    };
+    let plain = one(&mut e, ask("default", Some("x")));
+    assert_eq!(plain.2.cached_prompt_tokens, 0);
+    // `x` listed at scale 1 is `x` itself: the same blocks, the same output.
+    let listed = one(&mut e, with(&[("x", 1.0)]));
+    assert_eq!(listed.2.cached_prompt_tokens, 32);
+    assert_eq!((&listed.0, &listed.1), (&plain.0, &plain.1));
+    // Any other scale, set of adapters or order is other KV: nothing is reused the first
+    // time, everything the second, and the output is what an engine without a cache gives.
+    let compositions: [&[(&str, f32)]; 4] = [
+        &[("x", 0.5)],
+        &[("x", 1.0), ("y", 1.0)],
+        &[("y", 1.0), ("x", 1.0)],
+        &[("x", 1.0), ("y", 0.5)],
+    ];
+    for uses in compositions {
+        let first = one(&mut e, with(uses));
+        assert_eq!(first.2.cached_prompt_tokens, 0, "{uses:?}");
+        let again = one(&mut e, with(uses));
+        assert_eq!(again.2.cached_prompt_tokens, 32, "{uses:?}");
+        let expected = one(&mut uncached, with(uses));
+        assert_eq!((&first.0, &first.1), (&expected.0, &expected.1), "{uses:?}");
+        assert_eq!((&again.0, &again.1), (&expected.0, &expected.1), "{uses:?}");
+        assert_ne!(
+            first.1, plain.1,
+            "{uses:?} computes something else than x alone"
+        );
+    }
 }
 
 #[test]

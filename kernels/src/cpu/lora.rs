@@ -243,7 +243,25 @@ fn expand_tiles(
                 panels[(p * rank + j) * NR..][..NR].copy_from_slice(src);
             }
         }
-        for (v_tile, y_tile) in v.chunks(MR * max_rank).zip(y.chunks_mut(MR * out_dim)) {
+        // The next block's columns of every Bᵀ row, asked for a slice per row tile while this
+        // block computes: `rank` rows `out_dim` apart are too many streams for the hardware
+        // prefetchers to follow.
+        let next = c0 + cols..full.min(c0 + cols + EXPAND_COLS);
+        let lines: Vec<usize> = seg
+            .b_rows
+            .iter()
+            .flat_map(|&offset| next.clone().step_by(16).map(move |c| offset + c))
+            .collect();
+        let tiles = v.len().div_ceil(MR * max_rank).max(1);
+        let per_tile = lines.len().div_ceil(tiles);
+        for (t, (v_tile, y_tile)) in v
+            .chunks(MR * max_rank)
+            .zip(y.chunks_mut(MR * out_dim))
+            .enumerate()
+        {
+            for &at in lines.iter().skip(t * per_tile).take(per_tile) {
+                prefetch(&pool[at..]);
+            }
             let m = y_tile.len() / out_dim;
             for (p, panel) in panels.chunks_exact(rank * NR).enumerate() {
                 let y = &mut y_tile[c0 + p * NR..];
@@ -307,6 +325,22 @@ fn segment_chunks<'s, 'a, 'o>(
     chunks
 }
 
+/// Asks the CPU to bring the cache line holding `data[0]` into L1 (a hint; nothing on other
+/// architectures or an empty slice).
+#[inline]
+fn prefetch(data: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if let Some(first) = data.first() {
+        // SAFETY: SSE is part of x86-64; a prefetch never faults and `first` is a valid
+        // reference.
+        unsafe {
+            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
+                (first as *const f32).cast::<i8>(),
+            );
+        }
+    }
+}
+
 /// `v[r][j] = x[r] · A_j` for every row `r` of `x` and every A row `j` of the segment, in tiles
 /// of [`DOT_ROWS`] rows × [`DOT_COLS`] A rows read in place from their pages (no packing: a
 /// segment's rows use A only `m` times, too few to repay a copy of it).
@@ -325,15 +359,28 @@ fn shrink_rows(
     max_rank: usize,
 ) {
     let mut j0 = 0;
-    for pair in a_rows.chunks(DOT_COLS) {
+    let tiles = x.len().div_ceil(DOT_ROWS * in_dim).max(1);
+    let pairs: Vec<&[usize]> = a_rows.chunks(DOT_COLS).collect();
+    for (p, pair) in pairs.iter().enumerate() {
         let mut a: [&[f32]; DOT_COLS] = [&[]; DOT_COLS];
-        for (a, &offset) in a.iter_mut().zip(pair) {
+        for (a, &offset) in a.iter_mut().zip(pair.iter()) {
             *a = &pool[offset..offset + in_dim];
         }
-        for (x, v_tile) in x
+        // The next pair's rows come from memory (adapters stream from DRAM): ask for them a
+        // slice per tile while this pair computes, so they are in cache when it starts.
+        let next: &[usize] = pairs.get(p + 1).copied().unwrap_or_default();
+        let per_tile = (next.len() * in_dim).div_ceil(16 * tiles);
+        for (t, (x, v_tile)) in x
             .chunks(DOT_ROWS * in_dim)
             .zip(v.chunks_mut(DOT_ROWS * max_rank))
+            .enumerate()
         {
+            for line in t * per_tile..(t + 1) * per_tile {
+                let (row, at) = (line * 16 / in_dim, line * 16 % in_dim);
+                if let Some(&offset) = next.get(row) {
+                    prefetch(&pool[offset + at..]);
+                }
+            }
             let sums = dots(isa, x, &a[..pair.len()]);
             for (v_row, sums) in v_tile.chunks_mut(max_rank).zip(&sums) {
                 v_row[j0..j0 + pair.len()].copy_from_slice(&sums[..pair.len()]);

@@ -370,7 +370,7 @@ pub fn chat_spec(req: ChatRequest) -> Result<(GenerateSpec, Shape), ApiError> {
         } else {
             m.role
         };
-        messages.push(ChatMessage { role, content });
+        messages.push(ChatMessage::new(role, content));
     }
     let mut common_fields = req.common;
     if common_fields.max_tokens.is_none() {

@@ -129,6 +129,7 @@ pub fn to_spec(req: pb::GenerateRequest) -> Result<(String, GenerateSpec), ApiEr
             Prompt::Chat {
                 messages,
                 add_generation_prompt: chat.add_generation_prompt,
+                tools: None,
             }
         }
     };

@@ -18,7 +18,6 @@ use serde_json::{Value, json};
 
 use crate::api::error::ApiError;
 use crate::api::service::{GenerateSpec, Prompt, Sampling};
-use crate::api::tools::{self, ToolMode};
 use crate::engine::{FinishReason, Usage};
 use crate::model::tokenizer::ChatMessage;
 use crate::structured::ResponseFormat;
@@ -121,7 +120,7 @@ pub struct Shape {
     pub include_usage: bool,
     pub logprobs: bool,
     /// Whether and how tool calls are read out of a chat output.
-    pub tools: ToolMode,
+    pub tools: crate::api::tools::ToolMode,
 }
 
 /// Parses a JSON body, turning serde's message (which names the field and position) into a
@@ -250,7 +249,7 @@ fn common(c: Common, prompt: Prompt) -> Result<(GenerateSpec, Shape), ApiError> 
         stream,
         include_usage: stream && include_usage,
         logprobs: false,
-        tools: ToolMode::Off,
+        tools: crate::api::tools::ToolMode::Off,
     };
     let spec = GenerateSpec {
         model: c.model,
@@ -335,7 +334,7 @@ fn completion_prompt(v: Value) -> Result<Prompt, ApiError> {
 ///
 /// Errors: a 400 naming the field for anything malformed or unsupported.
 pub fn chat_spec(req: ChatRequest) -> Result<(GenerateSpec, Shape), ApiError> {
-    let mut plan = tools::plan(req.tools, req.tool_choice, req.parallel_tool_calls)?;
+    let mut plan = crate::api::tools::plan(req.tools, req.tool_choice, req.parallel_tool_calls)?;
     if req.top_logprobs.is_some_and(|n| n > 0) {
         return Err(unsupported("top_logprobs", "top_logprobs above 0"));
     }
@@ -367,7 +366,7 @@ pub fn chat_spec(req: ChatRequest) -> Result<(GenerateSpec, Shape), ApiError> {
                 text
             }
         };
-        let tool_calls = tools::template_calls(&m.role, m.tool_calls)?;
+        let tool_calls = crate::api::tools::template_calls(&m.role, m.tool_calls)?;
         let role = if m.role == "developer" {
             "system".to_owned()
         } else {

@@ -460,10 +460,7 @@ impl Oracle {
     pub fn encode_chat(&self, messages: &[(&str, &str)]) -> Vec<u32> {
         let messages: Vec<ChatMessage> = messages
             .iter()
-            .map(|(r, c)| ChatMessage {
-                role: (*r).to_owned(),
-                content: (*c).to_owned(),
-            })
+            .map(|(r, c)| ChatMessage::new(*r, *c))
             .collect();
         let text = self
             .handle

@@ -437,14 +437,8 @@ fn unsupported_configurations_are_named() {
 fn chat_templates_render_for_each_family() {
     let dir = tempfile::tempdir().unwrap();
     let messages = [
-        ChatMessage {
-            role: "system".into(),
-            content: "Be brief.".into(),
-        },
-        ChatMessage {
-            role: "user".into(),
-            content: "Hello!".into(),
-        },
+        ChatMessage::new("system", "Be brief."),
+        ChatMessage::new("user", "Hello!"),
     ];
     let llama = TokenizerBundle::load(&model(dir.path(), Arch::Llama), &[]).unwrap();
     let text = llama.render_chat(&messages, true).unwrap();
@@ -470,4 +464,6 @@ fn chat_templates_render_for_each_family() {
         qwen.eos_ids
             .contains(&qwen.tokenizer.token_to_id("<|im_end|>").unwrap())
     );
+    // The default templates never read `tools`: requests with tools are refused.
+    assert!(!llama.supports_tools() && !qwen.supports_tools());
 }

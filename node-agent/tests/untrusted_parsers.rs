@@ -363,6 +363,12 @@ fn openai_bodies_never_panic() {
         "ignore_eos",
         "tools",
         "tool_choice",
+        "tool_calls",
+        "tool_call_id",
+        "parallel_tool_calls",
+        "function",
+        "arguments",
+        "parameters",
         "response_format",
         "json_schema",
         "json_object",
@@ -372,10 +378,11 @@ fn openai_bodies_never_panic() {
         "add_generation_prompt",
         "user",
     ];
-    let valid: [&[u8]; 3] = [
+    let valid: [&[u8]; 4] = [
         br#"{"model":"m","prompt":"hi","max_tokens":4,"stop":["x"],"stream":true,"stream_options":{"include_usage":true}}"#,
         br#"{"model":"m","messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}],"logprobs":true}"#,
         br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"response_format":{"type":"json_schema","json_schema":{"name":"p","schema":{"type":"object"},"strict":true}}}"#,
+        br#"{"model":"m","messages":[{"role":"assistant","tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{"a":1}"}}]},{"role":"tool","tool_call_id":"c","content":"1"}],"tools":[{"type":"function","function":{"name":"f","parameters":{"type":"object"}}}],"tool_choice":"required","parallel_tool_calls":false}"#,
     ];
     let mut r = rng("openai");
     for _ in 0..cases() {

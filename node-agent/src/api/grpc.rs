@@ -124,14 +124,12 @@ pub fn to_spec(req: pb::GenerateRequest) -> Result<(String, GenerateSpec), ApiEr
                         "chat message roles are system, user, assistant or tool",
                     ));
                 }
-                messages.push(ChatMessage {
-                    role: m.role,
-                    content: m.content,
-                });
+                messages.push(ChatMessage::new(m.role, m.content));
             }
             Prompt::Chat {
                 messages,
                 add_generation_prompt: chat.add_generation_prompt,
+                tools: None,
             }
         }
     };

@@ -28,6 +28,7 @@ use crate::api::auth::{Caller, bearer_from_headers};
 use crate::api::error::ApiError;
 use crate::api::openai::{self, Shape, TokenLogprobs};
 use crate::api::service::{GenerateSpec, Generation, Inference};
+use crate::api::tools::{self, ToolStream};
 use crate::engine::{Event, FinishReason, Usage};
 use crate::metrics::Surface;
 
@@ -233,7 +234,7 @@ async fn serve<S: Inference>(
     // `generate` counts its own refusals.
     let generation = match s.generate(&caller, spec, surface).await {
         Ok(g) => g,
-        Err(e) => return e.into_response(),
+        Err(e) => return tools::blame_tools(&shape.tools, e).into_response(),
     };
     if shape.stream {
         Sse::new(sse(s, generation, shape, kind)).into_response()
@@ -296,7 +297,6 @@ async fn collect<S: Inference>(
         }
     };
     let id = object_id(kind, &g.id);
-    let finish = openai::finish_reason(reason);
     Ok(match kind {
         Kind::Completion => json!({
             "id": id,
@@ -307,23 +307,26 @@ async fn collect<S: Inference>(
                 "index": 0,
                 "text": text,
                 "logprobs": if shape.logprobs { openai::completion_logprobs(&logprobs, 0) } else { Value::Null },
-                "finish_reason": finish,
+                "finish_reason": openai::finish_reason(reason),
             }],
             "usage": openai::usage_json(usage),
         }),
-        Kind::Chat => json!({
-            "id": id,
-            "object": "chat.completion",
-            "created": g.created,
-            "model": g.model,
-            "choices": [{
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": if shape.logprobs { openai::chat_logprobs(&logprobs) } else { Value::Null },
-                "finish_reason": finish,
-            }],
-            "usage": openai::usage_json(usage),
-        }),
+        Kind::Chat => {
+            let outcome = tools::outcome(&shape.tools, text, reason);
+            json!({
+                "id": id,
+                "object": "chat.completion",
+                "created": g.created,
+                "model": g.model,
+                "choices": [{
+                    "index": 0,
+                    "message": tools::message(&outcome, &g.id),
+                    "logprobs": if shape.logprobs { openai::chat_logprobs(&logprobs) } else { Value::Null },
+                    "finish_reason": outcome.finish,
+                }],
+                "usage": openai::usage_json(usage),
+            })
+        }
     })
 }
 
@@ -338,6 +341,8 @@ struct SseState<S> {
     /// Characters of text sent so far (completions' `text_offset`).
     sent: usize,
     done: bool,
+    /// A chat output whose tool calls are read at the end.
+    tools: Option<ToolStream>,
 }
 
 fn data(v: &Value) -> SseEvent {
@@ -351,18 +356,28 @@ impl<S: Inference> SseState<S> {
             Kind::Completion => openai::completion_logprobs(&vec![lp], self.sent),
             Kind::Chat => openai::chat_logprobs(&vec![lp]),
         });
-        let choice = match self.kind {
-            Kind::Completion => json!({
+        match self.kind {
+            Kind::Completion => self.wrap(vec![json!({
                 "index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish,
-            }),
-            Kind::Chat => json!({
-                "index": 0,
-                "delta": if text.is_empty() && finish.is_some() { json!({}) } else { json!({"content": text}) },
-                "logprobs": logprobs,
-                "finish_reason": finish,
-            }),
-        };
-        self.wrap(vec![choice])
+            })]),
+            Kind::Chat => {
+                let delta = if text.is_empty() && finish.is_some() {
+                    json!({})
+                } else {
+                    json!({"content": text})
+                };
+                self.chat_chunk(delta, logprobs, finish)
+            }
+        }
+    }
+
+    fn chat_chunk(&self, delta: Value, logprobs: Option<Value>, finish: Option<&str>) -> Value {
+        self.wrap(vec![json!({
+            "index": 0,
+            "delta": delta,
+            "logprobs": logprobs,
+            "finish_reason": finish,
+        })])
     }
 
     fn wrap(&self, choices: Vec<Value>) -> Value {
@@ -418,6 +433,10 @@ impl<S: Inference> SseState<S> {
             Some(Event::Token {
                 id, text, logprob, ..
             }) => {
+                let text = match &mut self.tools {
+                    Some(t) => t.push(&text),
+                    None => text,
+                };
                 let lp = self
                     .shape
                     .logprobs
@@ -439,8 +458,14 @@ impl<S: Inference> SseState<S> {
                     let e = ApiError::GenerationFailed(error.unwrap_or_default()).reply();
                     out.push(SseEvent::default().data(e.openai_json()));
                 } else {
-                    let finish = openai::finish_reason(reason);
-                    out.push(data(&self.chunk(&text, None, Some(finish))));
+                    let last = match self.tools.take() {
+                        Some(t) => {
+                            let (delta, finish) = t.finish(&text, reason, &self.g.id);
+                            self.chat_chunk(delta, None, Some(finish))
+                        }
+                        None => self.chunk(&text, None, Some(openai::finish_reason(reason))),
+                    };
+                    out.push(data(&last));
                     if self.shape.include_usage {
                         out.push(data(&self.usage_chunk(usage)));
                     }
@@ -462,6 +487,7 @@ fn sse<S: Inference>(
 ) -> impl Stream<Item = Result<SseEvent, Infallible>> + Send {
     let state = SseState {
         id: object_id(kind, &g.id),
+        tools: ToolStream::new(&shape.tools),
         s,
         g,
         shape,

@@ -14,3 +14,4 @@ pub mod lifecycle;
 pub mod listener;
 pub mod openai;
 pub mod service;
+pub mod tools;

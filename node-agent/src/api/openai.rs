@@ -6,10 +6,11 @@
 //! `max_completion_tokens`, `temperature`, `top_p`, `seed`, `stop`, `n` up to the configured
 //! maximum (1), `stream` with `stream_options.include_usage`, the sampled token's log-probability
 //! (`logprobs: 0` for completions, `logprobs: true` for chat), and vLLM's extras `top_k`,
-//! `ignore_eos`, `stop_token_ids`, `add_generation_prompt`, and structured outputs
-//! (`response_format`: `json_object` or `json_schema`, on both endpoints). Anything that would
-//! change the output and is not implemented (`echo`, `suffix`, `best_of > 1`, penalties,
-//! `logit_bias`, tools, `top_logprobs`) is refused with a 400 rather than silently ignored.
+//! `ignore_eos`, `stop_token_ids`, `add_generation_prompt`, structured outputs
+//! (`response_format`: `json_object` or `json_schema`, on both endpoints), and tool calling
+//! (`tools`, `tool_choice`, `parallel_tool_calls`; `api/tools.rs`). Anything that would change
+//! the output and is not implemented (`echo`, `suffix`, `best_of > 1`, penalties, `logit_bias`,
+//! `top_logprobs`) is refused with a 400 rather than silently ignored.
 //! Unknown fields are ignored, as OpenAI does.
 
 use serde::Deserialize;
@@ -109,6 +110,10 @@ pub struct Message {
     pub role: String,
     #[serde(default)]
     pub content: Option<Content>,
+    /// An assistant turn's calls (OpenAI's shape).
+    pub tool_calls: Option<Vec<Value>>,
+    /// A tool result's call.
+    pub tool_call_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,15 +126,18 @@ pub struct ChatRequest {
     pub top_logprobs: Option<u32>,
     pub tools: Option<Vec<Value>>,
     pub tool_choice: Option<Value>,
+    pub parallel_tool_calls: Option<bool>,
     pub add_generation_prompt: Option<bool>,
 }
 
 /// How the response should be shaped, beside what to generate.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Shape {
     pub stream: bool,
     pub include_usage: bool,
     pub logprobs: bool,
+    /// Whether and how tool calls are read out of a chat output.
+    pub tools: crate::api::tools::ToolMode,
 }
 
 /// Parses a JSON body, turning serde's message (which names the field and position) into a
@@ -258,6 +266,7 @@ fn common(c: Common, prompt: Prompt) -> Result<(GenerateSpec, Shape), ApiError> 
         stream,
         include_usage: stream && include_usage,
         logprobs: false,
+        tools: crate::api::tools::ToolMode::Off,
     };
     let spec = GenerateSpec {
         model: c.model,
@@ -350,15 +359,7 @@ fn completion_prompt(v: Value) -> Result<Prompt, ApiError> {
 ///
 /// Errors: a 400 naming the field for anything malformed or unsupported.
 pub fn chat_spec(req: ChatRequest) -> Result<(GenerateSpec, Shape), ApiError> {
-    if req.tools.as_ref().is_some_and(|t| !t.is_empty()) {
-        return Err(unsupported("tools", "tool calling"));
-    }
-    // "none" and "auto" without tools ask for nothing; anything else asks for a tool call.
-    if let Some(choice) = &req.tool_choice
-        && !matches!(choice.as_str(), Some("none" | "auto"))
-    {
-        return Err(unsupported("tool_choice", "tool calling"));
-    }
+    let mut plan = crate::api::tools::plan(req.tools, req.tool_choice, req.parallel_tool_calls)?;
     if req.top_logprobs.is_some_and(|n| n > 0) {
         return Err(unsupported("top_logprobs", "top_logprobs above 0"));
     }
@@ -390,12 +391,18 @@ pub fn chat_spec(req: ChatRequest) -> Result<(GenerateSpec, Shape), ApiError> {
                 text
             }
         };
+        let tool_calls = crate::api::tools::template_calls(&m.role, m.tool_calls)?;
         let role = if m.role == "developer" {
             "system".to_owned()
         } else {
             m.role
         };
-        messages.push(ChatMessage { role, content });
+        messages.push(ChatMessage {
+            role,
+            content,
+            tool_calls,
+            tool_call_id: m.tool_call_id,
+        });
     }
     let mut common_fields = req.common;
     if common_fields.max_tokens.is_none() {
@@ -404,11 +411,13 @@ pub fn chat_spec(req: ChatRequest) -> Result<(GenerateSpec, Shape), ApiError> {
     let prompt = Prompt::Chat {
         messages,
         add_generation_prompt: req.add_generation_prompt.unwrap_or(true),
+        tools: plan.tools.take(),
     };
     let (mut spec, mut shape) = common(common_fields, prompt)?;
     let logprobs = req.logprobs.unwrap_or(false);
     spec.sampling.logprobs = logprobs;
     shape.logprobs = logprobs;
+    plan.apply(&mut spec, &mut shape)?;
     Ok((spec, shape))
 }
 
@@ -576,6 +585,7 @@ mod tests {
             Prompt::Chat {
                 messages,
                 add_generation_prompt,
+                ..
             } => {
                 assert!(add_generation_prompt);
                 assert_eq!(messages[0].role, "system");

@@ -69,6 +69,9 @@ pub enum Prompt {
     Chat {
         messages: Vec<ChatMessage>,
         add_generation_prompt: bool,
+        /// OpenAI function tools for the template's `tools`; refused unless the template reads
+        /// them.
+        tools: Option<Vec<serde_json::Value>>,
     },
 }
 
@@ -431,9 +434,17 @@ impl AgentService {
             Prompt::Chat {
                 messages,
                 add_generation_prompt,
+                tools,
             } => {
+                if tools.is_some() && !tok.supports_tools() {
+                    return Err(ApiError::invalid(
+                        "tools",
+                        "tool calling is not supported: the model's chat template does not \
+                         support tools",
+                    ));
+                }
                 let text = tok
-                    .render_chat(&messages, add_generation_prompt)
+                    .render_chat_with_tools(&messages, tools.as_deref(), add_generation_prompt)
                     .map_err(|e| ApiError::invalid("messages", e))?;
                 tok.encode(&text, false)
                     .map_err(|e| ApiError::invalid("messages", e))?

@@ -1,6 +1,11 @@
 //! The model's tokenizer (`tokenizer.json`), chat template (`tokenizer_config.json`, rendered
 //! with minijinja) and end-of-sequence ids (`generation_config.json`, `config.json`), plus the
 //! incremental detokenizer that turns a growing token list into clean text deltas.
+//!
+//! The template sees what Hugging Face's `apply_chat_template` gives it: `messages` (with
+//! `tool_calls` on assistant turns and `tool_call_id` on tool results when a request has them),
+//! `tools` (the OpenAI function list, or none), `add_generation_prompt`, `bos_token` and
+//! `eos_token`.
 
 use std::path::Path;
 
@@ -10,10 +15,29 @@ use tokenizers::Tokenizer;
 use crate::model::ModelError;
 
 /// One chat message.
-#[derive(Debug, Clone, PartialEq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
 pub struct ChatMessage {
     pub role: String,
     pub content: String,
+    /// An assistant turn's calls, OpenAI's shape with each `function.arguments` parsed to JSON
+    /// (what tool-aware templates print with `tojson`, as vLLM passes them). Left out of the
+    /// template's message when absent, so `message.tool_calls is defined` means something.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_calls: Option<Vec<serde_json::Value>>,
+    /// A tool result's call id.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tool_call_id: Option<String>,
+}
+
+impl ChatMessage {
+    /// A plain text message.
+    pub fn new(role: impl Into<String>, content: impl Into<String>) -> Self {
+        ChatMessage {
+            role: role.into(),
+            content: content.into(),
+            ..ChatMessage::default()
+        }
+    }
 }
 
 /// Tokenizer plus the metadata needed to build prompts and stop generation.
@@ -54,6 +78,24 @@ fn token_string(v: Option<&serde_json::Value>) -> Option<String> {
         serde_json::Value::Object(o) => o.get("content")?.as_str().map(str::to_owned),
         _ => None,
     }
+}
+
+/// A minijinja environment holding `template` as `chat`, with Hugging Face's
+/// `raise_exception`.
+fn template_env(template: &str) -> Result<minijinja::Environment<'_>, String> {
+    let mut env = minijinja::Environment::new();
+    env.add_function(
+        "raise_exception",
+        |msg: String| -> Result<String, minijinja::Error> {
+            Err(minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                msg,
+            ))
+        },
+    );
+    env.add_template("chat", template)
+        .map_err(|e| format!("chat template: {e}"))?;
+    Ok(env)
 }
 
 fn ids(v: Option<&serde_json::Value>) -> Vec<u32> {
@@ -115,39 +157,61 @@ impl TokenizerBundle {
             .map_err(|e| format!("tokenizing: {e}"))
     }
 
-    /// Renders the chat template. Errors name the template problem (a model without a template,
-    /// a template that raises, a syntax error).
+    /// Renders the chat template without tools. Errors name the template problem (a model
+    /// without a template, a template that raises, a syntax error).
     pub fn render_chat(
         &self,
         messages: &[ChatMessage],
+        add_generation_prompt: bool,
+    ) -> Result<String, String> {
+        self.render_chat_with_tools(messages, None, add_generation_prompt)
+    }
+
+    /// Renders the chat template with `tools` in its context (none when `None`, as
+    /// `apply_chat_template(tools=None)` does). Whether the template looks at them is
+    /// [`TokenizerBundle::supports_tools`]'s question, not this one's.
+    ///
+    /// Errors: as [`TokenizerBundle::render_chat`].
+    pub fn render_chat_with_tools(
+        &self,
+        messages: &[ChatMessage],
+        tools: Option<&[serde_json::Value]>,
         add_generation_prompt: bool,
     ) -> Result<String, String> {
         let template = self
             .chat_template
             .as_deref()
             .ok_or("the model has no chat template")?;
-        let mut env = minijinja::Environment::new();
-        env.add_function(
-            "raise_exception",
-            |msg: String| -> Result<String, minijinja::Error> {
-                Err(minijinja::Error::new(
-                    minijinja::ErrorKind::InvalidOperation,
-                    msg,
-                ))
-            },
-        );
-        env.add_template("chat", template)
-            .map_err(|e| format!("chat template: {e}"))?;
+        let env = template_env(template)?;
         let tmpl = env
             .get_template("chat")
             .map_err(|e| format!("chat template: {e}"))?;
         tmpl.render(minijinja::context! {
             messages => messages,
+            tools => tools,
             add_generation_prompt => add_generation_prompt,
             bos_token => self.bos_token.clone().unwrap_or_default(),
             eos_token => self.eos_token.clone().unwrap_or_default(),
         })
         .map_err(|e| format!("chat template: {e}"))
+    }
+
+    /// Whether the chat template reads a `tools` variable from its context: minijinja's
+    /// static analysis of the template's undeclared variables, so `tools` in a string or a
+    /// comment, or a variable the template sets itself, does not count. This is the rule for
+    /// accepting an OpenAI request's `tools`: a template that never reads them would drop them
+    /// from the prompt without a word.
+    pub fn supports_tools(&self) -> bool {
+        let Some(template) = self.chat_template.as_deref() else {
+            return false;
+        };
+        template_env(template)
+            .and_then(|env| {
+                env.get_template("chat")
+                    .map(|t| t.undeclared_variables(false).contains("tools"))
+                    .map_err(|e| e.to_string())
+            })
+            .unwrap_or(false)
     }
 
     /// Decodes ids to text, skipping special tokens.
@@ -196,5 +260,131 @@ impl Detokenizer {
         } else {
             String::new()
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::fixtures::model::tools_template;
+    use crate::model::config::Arch;
+
+    /// Templates only: the tokenizer itself is never used.
+    fn bundle(template: Option<&str>) -> TokenizerBundle {
+        TokenizerBundle {
+            tokenizer: Tokenizer::new(tokenizers::models::wordlevel::WordLevel::default()),
+            chat_template: template.map(str::to_owned),
+            bos_token: Some("<s>".into()),
+            eos_token: None,
+            eos_ids: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn tool_support_is_the_template_reading_tools() {
+        for arch in [Arch::Llama, Arch::Qwen2] {
+            assert!(
+                bundle(Some(&tools_template(arch))).supports_tools(),
+                "{arch}"
+            );
+        }
+        assert!(bundle(Some("{% if tools %}{{ tools | length }}{% endif %}")).supports_tools());
+        for template in [
+            None,
+            Some("{{ messages[0].content }}"),
+            // Mentioned, never read from the context.
+            Some("{# tools #}{{ 'tools' }}{{ messages.tools }}"),
+            Some("{% set tools = [] %}{{ tools }}"),
+            // Does not parse: no support, and rendering names the syntax error.
+            Some("{% if tools %}"),
+        ] {
+            assert!(!bundle(template).supports_tools(), "{template:?}");
+        }
+    }
+
+    fn weather() -> serde_json::Value {
+        json!({"type": "function", "function": {
+            "name": "get_weather",
+            "description": "Weather now",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        }})
+    }
+
+    /// A whole tool round: the tools in the system turn, the assistant's call, the result.
+    fn round() -> Vec<ChatMessage> {
+        let call = json!({"id": "call_1", "type": "function",
+                          "function": {"name": "get_weather", "arguments": {"city": "Paris"}}});
+        vec![
+            ChatMessage::new("system", "Be brief."),
+            ChatMessage::new("user", "Weather in Paris?"),
+            ChatMessage {
+                tool_calls: Some(vec![call]),
+                ..ChatMessage::new("assistant", "")
+            },
+            ChatMessage {
+                tool_call_id: Some("call_1".into()),
+                ..ChatMessage::new("tool", "18C")
+            },
+        ]
+    }
+
+    #[test]
+    fn tools_calls_and_results_render_into_the_prompt() {
+        let b = bundle(Some(&tools_template(Arch::Qwen2)));
+        let tools = [weather()];
+        let text = b
+            .render_chat_with_tools(&round(), Some(&tools), true)
+            .unwrap();
+        let tool_json = r#"{"function":{"description":"Weather now","name":"get_weather","parameters":{"properties":{"city":{"type":"string"}},"type":"object"}},"type":"function"}"#;
+        assert_eq!(
+            text,
+            format!(
+                "<|im_start|>system\nBe brief.\n\n# Tools\n\nYou may call one or more functions to \
+                 assist with the user query.\n\nYou are provided with function signatures within \
+                 <tools></tools> XML tags:\n<tools>\n{tool_json}\n</tools>\n\nFor each function \
+                 call, return a json object with function name and arguments within \
+                 <tool_call></tool_call> XML tags:\n<tool_call>\n{{\"name\": <function-name>, \
+                 \"arguments\": <args-json-object>}}\n</tool_call><|im_end|>\n\
+                 <|im_start|>user\nWeather in Paris?<|im_end|>\n\
+                 <|im_start|>assistant\n<tool_call>\n{{\"name\": \"get_weather\", \"arguments\": \
+                 {{\"city\":\"Paris\"}}}}\n</tool_call><|im_end|>\n\
+                 <|im_start|>user\n<tool_response>\n18C\n</tool_response><|im_end|>\n\
+                 <|im_start|>assistant\n"
+            )
+        );
+        // Without tools the same template frames the turns plainly.
+        let plain = b.render_chat(&round()[..2], false).unwrap();
+        assert_eq!(
+            plain,
+            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWeather in Paris?<|im_end|>\n"
+        );
+        // The Llama framing of the same round.
+        let llama = bundle(Some(&tools_template(Arch::Llama)))
+            .render_chat_with_tools(&round(), Some(&tools), false)
+            .unwrap();
+        assert!(
+            llama.starts_with(
+                "<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.\n\n# Tools"
+            )
+        );
+        assert!(llama.ends_with(
+            "<|start_header_id|>user<|end_header_id|>\n\n<tool_response>\n18C\n</tool_response><|eot_id|>"
+        ));
+    }
+
+    #[test]
+    fn a_template_without_tools_renders_as_before() {
+        // `tools` is none in the context (as with Hugging Face), so a template that tests it
+        // takes its plain branch, and one that never mentions it is unaffected.
+        let b = bundle(Some(
+            "{% if tools is none %}plain{% endif %}{{ messages[0].content }}",
+        ));
+        assert_eq!(b.render_chat(&round(), false).unwrap(), "plainBe brief.");
+        assert_eq!(
+            bundle(None).render_chat(&round(), false).unwrap_err(),
+            "the model has no chat template"
+        );
     }
 }

@@ -1,6 +1,7 @@
 //! `lora_shrink` / `lora_expand` against naive f64 implementations on a heterogeneous batch:
 //! segments of different ranks (including rank 0), rows that belong to no segment, A and Bᵀ
-//! rows scattered over the pool in no particular order, in_dim ≠ out_dim.
+//! rows scattered over the pool in no particular order, in_dim ≠ out_dim; and the fused `lora`
+//! bit for bit against the two.
 //!
 //! Tolerance: |got − want| <= 1e-5 + 1e-5·|want| (inputs in [-1, 1]).
 
@@ -8,7 +9,7 @@ mod common;
 
 use common::{Rng, assert_close, to_f64};
 use loraplane_kernels::KernelError;
-use loraplane_kernels::cpu::{LoraSegment, lora_expand, lora_shrink};
+use loraplane_kernels::cpu::{LoraSegment, lora, lora_expand, lora_shrink};
 
 const TOL: f64 = 1e-5;
 
@@ -122,6 +123,10 @@ fn check(
     let want_y = naive_expand(&v, max_rank, &pool, &ads, out_dim, &y0);
     lora_expand(&v, max_rank, &pool, &segs, out_dim, &mut y).expect("valid expand");
     assert_close(&y, &want_y, TOL, TOL, "y");
+    // Fused, chunk by chunk: the very same bits.
+    let mut fused = y0.clone();
+    lora(&x, in_dim, &pool, &segs, max_rank, out_dim, &mut fused).expect("valid lora");
+    assert_eq!(fused, y, "lora against lora_shrink + lora_expand");
     // Base-model rows are bit-identical, not merely close.
     for t in (0..rows).filter(|t| !spec.iter().any(|(r, _, _)| r.contains(t))) {
         assert_eq!(
@@ -212,6 +217,8 @@ fn max_rank_zero_is_a_no_op() {
     let mut y = vec![2.0f32; 2 * 4];
     lora_expand(&v, 0, &pool, &segs, 4, &mut y).unwrap();
     assert_eq!(y, vec![2.0; 8]);
+    lora(&x, 8, &pool, &segs, 0, 4, &mut y).unwrap();
+    assert_eq!(y, vec![2.0; 8]);
 }
 
 #[test]
@@ -232,6 +239,12 @@ fn lora_errors_are_reported_and_outputs_untouched() {
         assert!(y.iter().all(|&e| e == 9.0));
         r.map_err(|e| e.kind())
     };
+    let fused = |segs: &[LoraSegment<'_>], x: &[f32], y_len: usize| {
+        let mut y = vec![9.0f32; y_len];
+        let r = lora(x, in_dim, &pool, segs, max_rank, out_dim, &mut y);
+        assert!(y.iter().all(|&e| e == 9.0));
+        r.map_err(|e| e.kind())
+    };
     let seg = |rows, a_rows, b_rows| LoraSegment {
         rows,
         a_rows,
@@ -239,6 +252,49 @@ fn lora_errors_are_reported_and_outputs_untouched() {
         scale: 1.0,
     };
     let (a2, b2) = ([0usize, 10], [0usize, 6]);
+    let y_len = rows * out_dim;
+    for (segs, x, y_len, kind) in [
+        (
+            vec![seg(0..2, &a2[..], &b2[..])],
+            &x[1..],
+            y_len,
+            "ragged_rows",
+        ),
+        (vec![seg(0..2, &a2, &b2)], &x[..], y_len + 1, "ragged_rows"),
+        (
+            vec![seg(0..2, &a2, &b2)],
+            &x[..],
+            y_len - out_dim,
+            "shape_mismatch",
+        ),
+        (
+            vec![seg(0..5, &a2, &b2)],
+            &x[..],
+            y_len,
+            "rows_out_of_range",
+        ),
+        (
+            vec![seg(0..2, &a2, &b2), seg(1..3, &a2, &b2)],
+            &x[..],
+            y_len,
+            "rows_overlap",
+        ),
+        (vec![seg(0..2, &a2, &b2[..1])], &x[..], y_len, "bad_rank"),
+        (
+            vec![seg(0..2, &[0, 91], &b2)],
+            &x[..],
+            y_len,
+            "pool_offset_out_of_range",
+        ),
+        (
+            vec![seg(0..2, &a2, &[0, 95])],
+            &x[..],
+            y_len,
+            "pool_offset_out_of_range",
+        ),
+    ] {
+        assert_eq!(fused(&segs, x, y_len), Err(kind), "{kind}");
+    }
 
     assert_eq!(
         shrink(&[seg(0..2, &a2, &b2)], &x[1..], v.len()),

@@ -121,6 +121,7 @@ pub fn lora_shrink(
             seg.a_rows,
             v_rows,
             max_rank,
+            Lines::none(),
         );
         for v_row in v_rows.chunks_mut(max_rank) {
             v_row[rank..].fill(0.0);
@@ -168,30 +169,9 @@ pub fn lora_expand(
     let chunks = segment_chunks(segs, y, out_dim);
     let per_chunk = |acc: &mut Vec<f32>,
                      (seg, t0, y_rows): (&LoraSegment<'_>, usize, &mut [f32])| {
-        let rank = seg.b_rows.len();
-        if rank == 0 {
-            return;
-        }
         let m = y_rows.len() / out_dim;
         let v = &v[t0 * max_rank..(t0 + m) * max_rank];
-        if m >= PACK_MIN_ROWS {
-            // Prefill: Bᵀ copied a block of columns at a time into the GEMM's panels.
-            expand_tiles(isa, v, max_rank, pool, seg, out_dim, y_rows, acc);
-        } else {
-            // Decode: each Bᵀ row streamed once, in order, for every row of the segment; the
-            // rows' sums stay in `acc` (L1) until they are scaled into `y` once.
-            acc.clear();
-            acc.resize(m * out_dim, 0.0);
-            for (j, &offset) in seg.b_rows.iter().enumerate() {
-                let b = &pool[offset..offset + out_dim];
-                for (acc, v) in acc.chunks_mut(out_dim).zip(v.chunks(max_rank)) {
-                    axpy(isa, acc, v[j], b);
-                }
-            }
-            for (y, acc) in y_rows.chunks_mut(out_dim).zip(acc.chunks(out_dim)) {
-                axpy(isa, y, seg.scale, acc);
-            }
-        }
+        expand_chunk(isa, v, max_rank, pool, seg, out_dim, y_rows, acc);
     };
     if work >= PAR_MIN_WORK {
         chunks.into_par_iter().for_each_init(Vec::new, per_chunk);
@@ -202,6 +182,110 @@ pub fn lora_expand(
             .for_each(|chunk| per_chunk(&mut acc, chunk));
     }
     Ok(())
+}
+
+/// `y += scale · v · Bᵀ` for the rows of one chunk of a segment (`v`'s rows `ldv` apart).
+#[allow(clippy::too_many_arguments)] // the expand's operands plus its scratch
+fn expand_chunk(
+    isa: Isa,
+    v: &[f32],
+    ldv: usize,
+    pool: &[f32],
+    seg: &LoraSegment<'_>,
+    out_dim: usize,
+    y_rows: &mut [f32],
+    scratch: &mut Vec<f32>,
+) {
+    let rank = seg.b_rows.len();
+    if rank == 0 {
+        return;
+    }
+    let m = y_rows.len() / out_dim;
+    if m >= PACK_MIN_ROWS {
+        // Prefill: Bᵀ copied a block of columns at a time into the GEMM's panels.
+        expand_tiles(isa, v, ldv, pool, seg, out_dim, y_rows, scratch);
+    } else {
+        // Decode: each Bᵀ row streamed once, in order, for every row of the segment; the
+        // rows' sums stay in `scratch` (L1) until they are scaled into `y` once.
+        scratch.clear();
+        scratch.resize(m * out_dim, 0.0);
+        for (j, &offset) in seg.b_rows.iter().enumerate() {
+            let b = &pool[offset..offset + out_dim];
+            for (acc, v) in scratch.chunks_mut(out_dim).zip(v.chunks(ldv)) {
+                axpy(isa, acc, v[j], b);
+            }
+        }
+        for (y, acc) in y_rows.chunks_mut(out_dim).zip(scratch.chunks(out_dim)) {
+            axpy(isa, y, seg.scale, acc);
+        }
+    }
+}
+
+/// Shrink then expand, one chunk of a segment at a time: `y[t] += scale · (x[t]·Aᵀ)·Bᵀ` for
+/// every row of every segment — the bits of [`lora_shrink`] followed by [`lora_expand`], with
+/// the same arguments and guarantees (rows in no segment untouched), and the same errors
+/// (`x` and `y` must hold the same rows; `y` is untouched on error).
+///
+/// Why fused: each task keeps its chunk's `x·Aᵀ` rows in a scratch buffer of its own (L1)
+/// instead of a `[T, max_rank]` matrix written and read back through memory, and while the
+/// chunk's shrink computes it asks for the first block of Bᵀ columns its expand reads first,
+/// which adapters streaming from DRAM would otherwise stall on.
+#[allow(clippy::too_many_arguments)] // both halves' operands
+pub fn lora(
+    x: &[f32],
+    in_dim: usize,
+    pool: &[f32],
+    segs: &[LoraSegment<'_>],
+    max_rank: usize,
+    out_dim: usize,
+    y: &mut [f32],
+) -> Result<(), KernelError> {
+    const KERNEL: &str = "lora";
+    let rows = check::rows(KERNEL, "x", x.len(), in_dim)?;
+    check::rows(KERNEL, "y", y.len(), out_dim)?;
+    check::len(
+        KERNEL,
+        "y",
+        check::mul(KERNEL, "y", rows, out_dim)?,
+        y.len(),
+    )?;
+    let (_, shrink) = segment_owners(KERNEL, segs, rows, max_rank, pool.len(), Side::A, in_dim)?;
+    let (_, expand) = segment_owners(KERNEL, segs, rows, max_rank, pool.len(), Side::Bt, out_dim)?;
+    let isa = Isa::detect();
+    let chunks = segment_chunks(segs, y, out_dim);
+    let per_chunk = |(seg, t0, y_rows): (&LoraSegment<'_>, usize, &mut [f32])| {
+        let rank = seg.a_rows.len();
+        if rank == 0 {
+            return;
+        }
+        let m = y_rows.len() / out_dim;
+        // Each thread's buffers live as long as it does: a task's would be allocated and
+        // faulted in anew per task.
+        SCRATCH.with_borrow_mut(|[v, acc]| {
+            v.clear();
+            v.resize(m * rank, 0.0);
+            // What the expand reads first: the first block of every Bᵀ row (prefill), or the
+            // start of each row (decode, which streams them in order).
+            let first = EXPAND_COLS.min(out_dim);
+            let warm = Lines::new(seg.b_rows, 0..first, Hint::L2);
+            let x_rows = &x[t0 * in_dim..(t0 + m) * in_dim];
+            shrink_rows(isa, x_rows, in_dim, pool, seg.a_rows, v, rank, warm);
+            expand_chunk(isa, v, rank, pool, seg, out_dim, y_rows, acc);
+        });
+    };
+    if shrink.saturating_add(expand) >= PAR_MIN_WORK {
+        chunks.into_par_iter().for_each(per_chunk);
+    } else {
+        chunks.into_iter().for_each(per_chunk);
+    }
+    Ok(())
+}
+
+thread_local! {
+    /// [`lora`]'s per-thread buffers: a chunk's `x·Aᵀ` rows and the expand's panels.
+    static SCRATCH: std::cell::RefCell<[Vec<f32>; 2]> = const {
+        std::cell::RefCell::new([Vec::new(), Vec::new()])
+    };
 }
 
 /// Segments of at least this many rows (prefill chunks) expand as GEMMs on packed panels;
@@ -235,8 +319,11 @@ fn expand_tiles(
     let full = out_dim / NR * NR;
     for c0 in (0..full).step_by(EXPAND_COLS) {
         let cols = EXPAND_COLS.min(full - c0);
-        panels.clear();
-        panels.resize(cols * rank, 0.0);
+        // Every float of the panels is written below: grown once, never cleared.
+        if panels.len() < cols * rank {
+            panels.resize(cols * rank, 0.0);
+        }
+        let panels = &mut panels[..cols * rank];
         for (j, &offset) in seg.b_rows.iter().enumerate() {
             let row = &pool[offset + c0..offset + c0 + cols];
             for (p, src) in row.chunks_exact(NR).enumerate() {
@@ -246,22 +333,14 @@ fn expand_tiles(
         // The next block's columns of every Bᵀ row, asked for a slice per row tile while this
         // block computes: `rank` rows `out_dim` apart are too many streams for the hardware
         // prefetchers to follow.
-        let next = c0 + cols..full.min(c0 + cols + EXPAND_COLS);
-        let lines: Vec<usize> = seg
-            .b_rows
-            .iter()
-            .flat_map(|&offset| next.clone().step_by(16).map(move |c| offset + c))
-            .collect();
-        let tiles = v.len().div_ceil(MR * max_rank).max(1);
-        let per_tile = lines.len().div_ceil(tiles);
-        for (t, (v_tile, y_tile)) in v
-            .chunks(MR * max_rank)
-            .zip(y.chunks_mut(MR * out_dim))
-            .enumerate()
-        {
-            for &at in lines.iter().skip(t * per_tile).take(per_tile) {
-                prefetch(&pool[at..]);
-            }
+        let mut next = Lines::new(
+            seg.b_rows,
+            c0 + cols..full.min(c0 + cols + EXPAND_COLS),
+            Hint::L1,
+        );
+        let per_tile = next.len().div_ceil(v.len().div_ceil(MR * max_rank).max(1));
+        for (v_tile, y_tile) in v.chunks(MR * max_rank).zip(y.chunks_mut(MR * out_dim)) {
+            next.issue(pool, per_tile);
             let m = y_tile.len() / out_dim;
             for (p, panel) in panels.chunks_exact(rank * NR).enumerate() {
                 let y = &mut y_tile[c0 + p * NR..];
@@ -325,18 +404,88 @@ fn segment_chunks<'s, 'a, 'o>(
     chunks
 }
 
-/// Asks the CPU to bring the cache line holding `data[0]` into L1 (a hint; nothing on other
+/// Which cache a prefetch fills.
+#[derive(Clone, Copy)]
+enum Hint {
+    /// Needed within the next few thousand cycles.
+    L1,
+    /// Needed later: kept out of L1, where it would push out what is in use.
+    L2,
+}
+
+/// Asks the CPU to bring the cache line holding `data[0]` closer (a hint; nothing on other
 /// architectures or an empty slice).
 #[inline]
-fn prefetch(data: &[f32]) {
+fn prefetch(data: &[f32], hint: Hint) {
     #[cfg(target_arch = "x86_64")]
     if let Some(first) = data.first() {
-        // SAFETY: SSE is part of x86-64; a prefetch never faults and `first` is a valid
+        use std::arch::x86_64::{_MM_HINT_T0, _MM_HINT_T1, _mm_prefetch};
+        let p = (first as *const f32).cast::<i8>();
+        // SAFETY: SSE is part of x86-64; a prefetch never faults and `p` comes from a valid
         // reference.
         unsafe {
-            std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(
-                (first as *const f32).cast::<i8>(),
-            );
+            match hint {
+                Hint::L1 => _mm_prefetch::<_MM_HINT_T0>(p),
+                Hint::L2 => _mm_prefetch::<_MM_HINT_T1>(p),
+            }
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (data, hint);
+}
+
+/// The cache lines of columns `cols` of pool rows `rows` (offsets), to prefetch a few at a
+/// time while other work runs: adapters stream from DRAM, in more streams (one per row) than
+/// the hardware prefetchers follow.
+struct Lines<'a> {
+    rows: &'a [usize],
+    cols: std::ops::Range<usize>,
+    hint: Hint,
+    /// The next line to ask for: its row, and its line within the row.
+    row: usize,
+    line: usize,
+}
+
+/// Floats per 64-byte cache line.
+const LINE: usize = 16;
+
+impl<'a> Lines<'a> {
+    /// `cols` must lie inside every row (validated rows: `offset + row length <= pool`).
+    fn new(rows: &'a [usize], cols: std::ops::Range<usize>, hint: Hint) -> Self {
+        Lines {
+            rows,
+            cols,
+            hint,
+            row: 0,
+            line: 0,
+        }
+    }
+
+    fn none() -> Self {
+        Lines::new(&[], 0..0, Hint::L1)
+    }
+
+    fn per_row(&self) -> usize {
+        self.cols.len().div_ceil(LINE)
+    }
+
+    fn len(&self) -> usize {
+        self.rows.len() * self.per_row()
+    }
+
+    /// Asks for the next `n` lines (fewer at the end).
+    fn issue(&mut self, pool: &[f32], n: usize) {
+        let per_row = self.per_row();
+        for _ in 0..n {
+            let Some(&offset) = self.rows.get(self.row) else {
+                return;
+            };
+            let at = offset + self.cols.start + self.line * LINE;
+            prefetch(pool.get(at..).unwrap_or_default(), self.hint);
+            self.line += 1;
+            if self.line == per_row {
+                (self.row, self.line) = (self.row + 1, 0);
+            }
         }
     }
 }
@@ -349,6 +498,7 @@ fn prefetch(data: &[f32]) {
 /// every row tile of the chunk streams past, so A is read from memory once per chunk, as two
 /// sequential streams the prefetchers follow. Each dot is computed alone (see [`dots`]), so
 /// the order of the loops does not change the bits.
+#[allow(clippy::too_many_arguments)] // the shrink's operands plus what to prefetch
 fn shrink_rows(
     isa: Isa,
     x: &[f32],
@@ -356,33 +506,36 @@ fn shrink_rows(
     pool: &[f32],
     a_rows: &[usize],
     v: &mut [f32],
-    max_rank: usize,
+    ldv: usize,
+    mut warm: Lines<'_>,
 ) {
     let mut j0 = 0;
     let tiles = x.len().div_ceil(DOT_ROWS * in_dim).max(1);
-    let pairs: Vec<&[usize]> = a_rows.chunks(DOT_COLS).collect();
-    for (p, pair) in pairs.iter().enumerate() {
+    let pairs = a_rows.len().div_ceil(DOT_COLS);
+    // `warm`'s lines (what the caller reads next), spread over every tile.
+    let warm_per_tile = warm.len().div_ceil(tiles * pairs.max(1));
+    for (p, pair) in a_rows.chunks(DOT_COLS).enumerate() {
         let mut a: [&[f32]; DOT_COLS] = [&[]; DOT_COLS];
-        for (a, &offset) in a.iter_mut().zip(pair.iter()) {
+        for (a, &offset) in a.iter_mut().zip(pair) {
             *a = &pool[offset..offset + in_dim];
         }
         // The next pair's rows come from memory (adapters stream from DRAM): ask for them a
         // slice per tile while this pair computes, so they are in cache when it starts.
-        let next: &[usize] = pairs.get(p + 1).copied().unwrap_or_default();
-        let per_tile = (next.len() * in_dim).div_ceil(16 * tiles);
-        for (t, (x, v_tile)) in x
+        let following = a_rows.get((p + 1) * DOT_COLS..).unwrap_or_default();
+        let mut next = Lines::new(
+            &following[..following.len().min(DOT_COLS)],
+            0..in_dim,
+            Hint::L1,
+        );
+        let per_tile = next.len().div_ceil(tiles);
+        for (x, v_tile) in x
             .chunks(DOT_ROWS * in_dim)
-            .zip(v.chunks_mut(DOT_ROWS * max_rank))
-            .enumerate()
+            .zip(v.chunks_mut(DOT_ROWS * ldv))
         {
-            for line in t * per_tile..(t + 1) * per_tile {
-                let (row, at) = (line * 16 / in_dim, line * 16 % in_dim);
-                if let Some(&offset) = next.get(row) {
-                    prefetch(&pool[offset + at..]);
-                }
-            }
+            next.issue(pool, per_tile);
+            warm.issue(pool, warm_per_tile);
             let sums = dots(isa, x, &a[..pair.len()]);
-            for (v_row, sums) in v_tile.chunks_mut(max_rank).zip(&sums) {
+            for (v_row, sums) in v_tile.chunks_mut(ldv).zip(&sums) {
                 v_row[j0..j0 + pair.len()].copy_from_slice(&sums[..pair.len()]);
             }
         }

@@ -26,7 +26,7 @@ pub use attention::{AttnSeq, paged_attention};
 pub use elementwise::{add_inplace, embedding, silu_mul, stream_sum};
 pub use gemm::{PackedMatrix, gemm_packed};
 pub use kv::{KvLayout, gather_kv_pages, scatter_kv_pages, write_kv};
-pub use lora::{LoraSegment, lora_expand, lora_shrink};
+pub use lora::{LoraSegment, lora, lora_expand, lora_shrink};
 pub use norm::rms_norm;
 pub use rope::{Llama3RopeScaling, RopeTable, rope, rope_inv_freq};
 pub use sampling::{SamplingSpec, argmax, log_softmax, sample};

@@ -6,11 +6,6 @@ use loraplane_kernels::cpu::{AttnSeq, KvLayout, LoraSegment, PackedMatrix, RopeT
 
 use super::{Backend, BackendError, Result};
 
-thread_local! {
-    /// The LoRA path's `x·A` rows (`[T, max_rank]`), kept between calls on the engine's thread.
-    static LORA_SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
-}
-
 /// Row-major activations `[rows, cols]`.
 #[derive(Debug, Clone, PartialEq)]
 pub struct CpuTensor {
@@ -190,15 +185,16 @@ impl Backend for CpuBackend {
         if segments.is_empty() || max_rank == 0 {
             return Ok(());
         }
-        // `v` is reused across calls: a fresh one per module would be a large zeroed
-        // allocation, page-faulted in on every call. Stale values are harmless: shrink writes
-        // every row of every segment in full, and expand reads no other row.
-        LORA_SCRATCH.with_borrow_mut(|v| {
-            v.resize(x.rows * max_rank, 0.0);
-            k::lora_shrink(&x.data, x.cols, pool, segments, max_rank, v)?;
-            k::lora_expand(v, max_rank, pool, segments, y.cols, &mut y.data)?;
-            Ok(())
-        })
+        // Shrink and expand fused, chunk by chunk (`x·Aᵀ` never leaves the thread's cache).
+        Ok(k::lora(
+            &x.data,
+            x.cols,
+            pool,
+            segments,
+            max_rank,
+            y.cols,
+            &mut y.data,
+        )?)
     }
 
     fn rope(

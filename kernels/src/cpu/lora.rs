@@ -338,10 +338,13 @@ fn expand_tiles(
             c0 + cols..full.min(c0 + cols + EXPAND_COLS),
             Hint::L1,
         );
-        let per_tile = next.len().div_ceil(v.len().div_ceil(MR * max_rank).max(1));
-        for (v_tile, y_tile) in v.chunks(MR * max_rank).zip(y.chunks_mut(MR * out_dim)) {
+        let rows = v.len() / max_rank;
+        let per_tile = next.len().div_ceil(rows.div_ceil(MR).max(1));
+        for tile in balanced(rows, MR) {
             next.issue(pool, per_tile);
-            let m = y_tile.len() / out_dim;
+            let m = tile.len();
+            let v_tile = &v[tile.start * max_rank..];
+            let y_tile = &mut y[tile.start * out_dim..tile.end * out_dim];
             for (p, panel) in panels.chunks_exact(rank * NR).enumerate() {
                 let y = &mut y_tile[c0 + p * NR..];
                 micro_axpy(
@@ -369,6 +372,21 @@ fn expand_tiles(
             y_row[o] = seg.scale.mul_add(sum, y_row[o]);
         }
     }
+}
+
+/// `0..rows` cut into the fewest tiles of at most `most` rows, as even as they come (32 rows
+/// of at most 6: 6, 6, 5, 5, 5, 5): a last tile of one or two rows would leave the
+/// micro-kernel too few independent accumulators to hide the FMA latency. Which tile a row is
+/// in does not change its bits.
+fn balanced(rows: usize, most: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
+    let tiles = rows.div_ceil(most.max(1));
+    let (base, extra) = (rows / tiles.max(1), rows % tiles.max(1));
+    (0..tiles).scan(0, move |start, i| {
+        let len = base + usize::from(i < extra);
+        let tile = *start..*start + len;
+        *start += len;
+        Some(tile)
+    })
 }
 
 /// Columns of Bᵀ a prefill expand packs at a time (see [`expand_tiles`]).

@@ -364,9 +364,10 @@ pub(crate) const DOT_ROWS: usize = 3;
 /// Rows of A per [`dots`] tile.
 pub(crate) const DOT_COLS: usize = 2;
 
-/// `out[r][j] = x[r] · a[j]` for the `m = x.len() / n` (≤ [`DOT_ROWS`]) rows of `x` and the
-/// `a.len()` (≤ [`DOT_COLS`]) rows `a`, each `n` long — the LoRA shrink's tile: A's rows are
-/// read in place (no packing), each once per tile, and every row of `x` once per tile.
+/// `out[r][j] = x[r] · a[j]` for the `m` (≤ [`DOT_ROWS`]) rows of `x` (row `r` at `r · ldx`)
+/// and the `a.len()` (≤ [`DOT_COLS`]) rows `a`, each `n` long — the LoRA shrink's tile: A's
+/// rows are read in place (no packing), each once per tile, and every row of `x` once per
+/// tile.
 ///
 /// Every dot is computed the same way whatever the tile's shape: sixteen lanes (two `ymm`
 /// accumulators) over the 16-float body, reduced pairwise (16 → 8 → 4 → 2 → 1), then the tail
@@ -375,18 +376,24 @@ pub(crate) const DOT_COLS: usize = 2;
 ///
 /// # Panics
 /// If `a` is empty or has more than [`DOT_COLS`] rows, the rows differ in length from `n`, `n`
-/// is 0, or `x` holds a partial row or more than [`DOT_ROWS`] rows (callers pass whole tiles).
-pub(crate) fn dots(isa: Isa, x: &[f32], a: &[&[f32]]) -> [[f32; DOT_COLS]; DOT_ROWS] {
+/// is 0 or above `ldx`, `m` is not in `1..=DOT_ROWS`, or `x` is shorter than its rows.
+pub(crate) fn dots(
+    isa: Isa,
+    x: &[f32],
+    ldx: usize,
+    m: usize,
+    a: &[&[f32]],
+) -> [[f32; DOT_COLS]; DOT_ROWS] {
     let n = a.first().map_or(0, |a| a.len());
     assert!(
         n > 0
+            && n <= ldx
             && a.len() <= DOT_COLS
             && a.iter().all(|a| a.len() == n)
-            && x.len().is_multiple_of(n)
-            && x.len() / n <= DOT_ROWS,
+            && (1..=DOT_ROWS).contains(&m)
+            && x.len() >= (m - 1) * ldx + n,
         "dots called with a partial tile"
     );
-    let m = x.len() / n;
     let mut out = [[0.0f32; DOT_COLS]; DOT_ROWS];
     match isa {
         #[cfg(target_arch = "x86_64")]
@@ -395,16 +402,17 @@ pub(crate) fn dots(isa: Isa, x: &[f32], a: &[&[f32]]) -> [[f32; DOT_COLS]; DOT_R
         Isa::Avx2Fma => unsafe {
             match (m, a.len()) {
                 (0, _) => {}
-                (1, 1) => avx2::dots::<1, 1>(x, n, a, &mut out),
-                (2, 1) => avx2::dots::<2, 1>(x, n, a, &mut out),
-                (3, 1) => avx2::dots::<3, 1>(x, n, a, &mut out),
-                (1, _) => avx2::dots::<1, 2>(x, n, a, &mut out),
-                (2, _) => avx2::dots::<2, 2>(x, n, a, &mut out),
-                _ => avx2::dots::<3, 2>(x, n, a, &mut out),
+                (1, 1) => avx2::dots::<1, 1>(x, ldx, n, a, &mut out),
+                (2, 1) => avx2::dots::<2, 1>(x, ldx, n, a, &mut out),
+                (3, 1) => avx2::dots::<3, 1>(x, ldx, n, a, &mut out),
+                (1, _) => avx2::dots::<1, 2>(x, ldx, n, a, &mut out),
+                (2, _) => avx2::dots::<2, 2>(x, ldx, n, a, &mut out),
+                _ => avx2::dots::<3, 2>(x, ldx, n, a, &mut out),
             }
         },
         Isa::Portable => {
-            for (out, row) in out.iter_mut().zip(x.chunks_exact(n)) {
+            for (r, out) in out.iter_mut().enumerate().take(m) {
+                let row = &x[r * ldx..r * ldx + n];
                 for (out, a) in out.iter_mut().zip(a) {
                     *out = super::simd::dot(row, a);
                 }
@@ -468,11 +476,12 @@ mod avx2 {
     /// floats of depth: `J` pairs of A loads and `M` pairs of `x` loads feed `2·M·J` FMAs.
     ///
     /// # Safety
-    /// The CPU supports AVX2 and FMA; `x` holds `M · n` floats and `a` at least `J` rows of
-    /// `n` floats.
+    /// The CPU supports AVX2 and FMA; `x` holds `(M - 1) · ldx + n` floats and `a` at least
+    /// `J` rows of `n` floats.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn dots<const M: usize, const J: usize>(
         x: &[f32],
+        ldx: usize,
         n: usize,
         a: &[&[f32]],
         out: &mut [[f32; DOT_COLS]; DOT_ROWS],
@@ -488,14 +497,15 @@ mod avx2 {
             for half in 0..2 {
                 let at = i + 8 * half;
                 // SAFETY: at + 8 <= body <= n: inside every row of `a`, and row r's elements
-                // r·n + at .. r·n + at + 8 lie inside `x` for r < M (the caller's contract).
+                // r·ldx + at .. r·ldx + at + 8 lie inside `x` for r < M (the caller's
+                // contract: x holds (M - 1)·ldx + n floats).
                 unsafe {
                     let mut av = [_mm256_setzero_ps(); J];
                     for (av, ap) in av.iter_mut().zip(&ap) {
                         *av = _mm256_loadu_ps(ap.add(at));
                     }
                     for (r, acc) in acc.iter_mut().enumerate() {
-                        let xv = _mm256_loadu_ps(xp.add(r * n + at));
+                        let xv = _mm256_loadu_ps(xp.add(r * ldx + at));
                         for (acc, av) in acc.iter_mut().zip(&av) {
                             acc[half] = _mm256_fmadd_ps(xv, *av, acc[half]);
                         }
@@ -504,7 +514,7 @@ mod avx2 {
             }
         }
         for (r, (acc, out)) in acc.iter().zip(out.iter_mut()).enumerate() {
-            let row = &x[r * n..(r + 1) * n];
+            let row = &x[r * ldx..r * ldx + n];
             for ((acc, out), a) in acc.iter().zip(out.iter_mut()).zip(a) {
                 let tail: f32 = row[body..].iter().zip(&a[body..]).map(|(x, y)| x * y).sum();
                 *out = reduce(acc) + tail;

@@ -512,10 +512,11 @@ impl<'a> Lines<'a> {
 /// of [`DOT_ROWS`] rows × [`DOT_COLS`] A rows read in place from their pages (no packing: a
 /// segment's rows use A only `m` times, too few to repay a copy of it).
 ///
-/// A rows are the outer loop: a pair of them (at most 2 × `in_dim` floats) stays in L1 while
-/// every row tile of the chunk streams past, so A is read from memory once per chunk, as two
-/// sequential streams the prefetchers follow. Each dot is computed alone (see [`dots`]), so
-/// the order of the loops does not change the bits.
+/// Over each block of [`SHRINK_K`] columns, A rows are the outer loop: a pair of them stays in
+/// L1 while every row tile of the chunk streams past (from L2: the chunk's rows over one block),
+/// so A is read from memory once per chunk, as two sequential streams the prefetchers follow.
+/// Each dot is computed alone (see [`dots`]) and blocks are summed in order, so the order of
+/// the loops does not change the bits.
 #[allow(clippy::too_many_arguments)] // the shrink's operands plus what to prefetch
 fn shrink_rows(
     isa: Isa,
@@ -527,36 +528,50 @@ fn shrink_rows(
     ldv: usize,
     mut warm: Lines<'_>,
 ) {
-    let mut j0 = 0;
-    let tiles = x.len().div_ceil(DOT_ROWS * in_dim).max(1);
+    let rows = x.len() / in_dim;
+    let tiles = rows.div_ceil(DOT_ROWS).max(1);
     let pairs = a_rows.len().div_ceil(DOT_COLS);
+    let blocks = in_dim.div_ceil(SHRINK_K);
     // `warm`'s lines (what the caller reads next), spread over every tile.
-    let warm_per_tile = warm.len().div_ceil(tiles * pairs.max(1));
-    for (p, pair) in a_rows.chunks(DOT_COLS).enumerate() {
-        let mut a: [&[f32]; DOT_COLS] = [&[]; DOT_COLS];
-        for (a, &offset) in a.iter_mut().zip(pair) {
-            *a = &pool[offset..offset + in_dim];
-        }
-        // The next pair's rows come from memory (adapters stream from DRAM): ask for them a
-        // slice per tile while this pair computes, so they are in cache when it starts.
-        let following = a_rows.get((p + 1) * DOT_COLS..).unwrap_or_default();
-        let mut next = Lines::new(
-            &following[..following.len().min(DOT_COLS)],
-            0..in_dim,
-            Hint::L1,
-        );
-        let per_tile = next.len().div_ceil(tiles);
-        for (x, v_tile) in x
-            .chunks(DOT_ROWS * in_dim)
-            .zip(v.chunks_mut(DOT_ROWS * ldv))
-        {
-            next.issue(pool, per_tile);
-            warm.issue(pool, warm_per_tile);
-            let sums = dots(isa, x, &a[..pair.len()]);
-            for (v_row, sums) in v_tile.chunks_mut(ldv).zip(&sums) {
-                v_row[j0..j0 + pair.len()].copy_from_slice(&sums[..pair.len()]);
+    let warm_per_tile = warm.len().div_ceil(tiles * pairs.max(1) * blocks);
+    for k0 in (0..in_dim).step_by(SHRINK_K) {
+        let k1 = in_dim.min(k0 + SHRINK_K);
+        let mut j0 = 0;
+        for (p, pair) in a_rows.chunks(DOT_COLS).enumerate() {
+            let mut a: [&[f32]; DOT_COLS] = [&[]; DOT_COLS];
+            for (a, &offset) in a.iter_mut().zip(pair) {
+                *a = &pool[offset + k0..offset + k1];
             }
+            // The next pair's block comes from memory (adapters stream from DRAM): ask for it
+            // a slice per tile while this pair computes, so it is in cache when it starts.
+            let following = a_rows.get((p + 1) * DOT_COLS..).unwrap_or_default();
+            let mut next = Lines::new(
+                &following[..following.len().min(DOT_COLS)],
+                k0..k1,
+                Hint::L1,
+            );
+            let per_tile = next.len().div_ceil(tiles);
+            for t0 in (0..rows).step_by(DOT_ROWS) {
+                next.issue(pool, per_tile);
+                warm.issue(pool, warm_per_tile);
+                let m = DOT_ROWS.min(rows - t0);
+                let x = &x[t0 * in_dim + k0..(t0 + m - 1) * in_dim + k1];
+                let sums = dots(isa, x, in_dim, m, &a[..pair.len()]);
+                for (r, sums) in sums.iter().enumerate().take(m) {
+                    let v_row = &mut v[(t0 + r) * ldv + j0..][..pair.len()];
+                    for (v, &sum) in v_row.iter_mut().zip(sums) {
+                        // Blocks are added in order, so the bits do not depend on the tile.
+                        *v = if k0 == 0 { sum } else { *v + sum };
+                    }
+                }
+            }
+            j0 += pair.len();
         }
-        j0 += pair.len();
     }
 }
+
+/// Depth of a shrink block: a tile's rows of `x` over one block (3 × 4 KiB) and a pair of A
+/// rows over it (8 KiB) stay in L1, and the chunk's rows over it in L2, however long the rows
+/// (14,336 floats for a Llama-3-8B down projection). A dot over more is the sum of its
+/// blocks' dots, in block order, prefill and decode alike.
+const SHRINK_K: usize = 1024;

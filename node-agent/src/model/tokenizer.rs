@@ -263,48 +263,28 @@ impl Detokenizer {
     }
 }
 
+/// What tests of chat templates render (here and in `fixtures`, whose tool templates they
+/// check).
 #[cfg(test)]
-mod tests {
+pub(crate) mod samples {
     use serde_json::json;
 
-    use super::*;
-    use crate::fixtures::model::tools_template;
-    use crate::model::config::Arch;
+    use super::{ChatMessage, Tokenizer, TokenizerBundle};
 
-    /// Templates only: the tokenizer itself is never used.
-    fn bundle(template: Option<&str>) -> TokenizerBundle {
-        TokenizerBundle {
-            tokenizer: Tokenizer::new(tokenizers::models::wordlevel::WordLevel::default()),
-            chat_template: template.map(str::to_owned),
-            bos_token: Some("<s>".into()),
-            eos_token: None,
-            eos_ids: Vec::new(),
+    impl TokenizerBundle {
+        /// A bundle for rendering `template` only: its tokenizer is never used.
+        pub(crate) fn with_template(template: Option<&str>) -> Self {
+            TokenizerBundle {
+                tokenizer: Tokenizer::new(tokenizers::models::wordlevel::WordLevel::default()),
+                chat_template: template.map(str::to_owned),
+                bos_token: Some("<s>".into()),
+                eos_token: None,
+                eos_ids: Vec::new(),
+            }
         }
     }
 
-    #[test]
-    fn tool_support_is_the_template_reading_tools() {
-        for arch in [Arch::Llama, Arch::Qwen2] {
-            assert!(
-                bundle(Some(&tools_template(arch))).supports_tools(),
-                "{arch}"
-            );
-        }
-        assert!(bundle(Some("{% if tools %}{{ tools | length }}{% endif %}")).supports_tools());
-        for template in [
-            None,
-            Some("{{ messages[0].content }}"),
-            // Mentioned, never read from the context.
-            Some("{# tools #}{{ 'tools' }}{{ messages.tools }}"),
-            Some("{% set tools = [] %}{{ tools }}"),
-            // Does not parse: no support, and rendering names the syntax error.
-            Some("{% if tools %}"),
-        ] {
-            assert!(!bundle(template).supports_tools(), "{template:?}");
-        }
-    }
-
-    fn weather() -> serde_json::Value {
+    pub(crate) fn weather() -> serde_json::Value {
         json!({"type": "function", "function": {
             "name": "get_weather",
             "description": "Weather now",
@@ -313,7 +293,7 @@ mod tests {
     }
 
     /// A whole tool round: the tools in the system turn, the assistant's call, the result.
-    fn round() -> Vec<ChatMessage> {
+    pub(crate) fn round() -> Vec<ChatMessage> {
         let call = json!({"id": "call_1", "type": "function",
                           "function": {"name": "get_weather", "arguments": {"city": "Paris"}}});
         vec![
@@ -329,49 +309,32 @@ mod tests {
             },
         ]
     }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::samples::round;
+    use super::*;
+
+    fn bundle(template: Option<&str>) -> TokenizerBundle {
+        TokenizerBundle::with_template(template)
+    }
 
     #[test]
-    fn tools_calls_and_results_render_into_the_prompt() {
-        let b = bundle(Some(&tools_template(Arch::Qwen2)));
-        let tools = [weather()];
-        let text = b
-            .render_chat_with_tools(&round(), Some(&tools), true)
-            .unwrap();
-        let tool_json = r#"{"function":{"description":"Weather now","name":"get_weather","parameters":{"properties":{"city":{"type":"string"}},"type":"object"}},"type":"function"}"#;
-        assert_eq!(
-            text,
-            format!(
-                "<|im_start|>system\nBe brief.\n\n# Tools\n\nYou may call one or more functions to \
-                 assist with the user query.\n\nYou are provided with function signatures within \
-                 <tools></tools> XML tags:\n<tools>\n{tool_json}\n</tools>\n\nFor each function \
-                 call, return a json object with function name and arguments within \
-                 <tool_call></tool_call> XML tags:\n<tool_call>\n{{\"name\": <function-name>, \
-                 \"arguments\": <args-json-object>}}\n</tool_call><|im_end|>\n\
-                 <|im_start|>user\nWeather in Paris?<|im_end|>\n\
-                 <|im_start|>assistant\n<tool_call>\n{{\"name\": \"get_weather\", \"arguments\": \
-                 {{\"city\":\"Paris\"}}}}\n</tool_call><|im_end|>\n\
-                 <|im_start|>user\n<tool_response>\n18C\n</tool_response><|im_end|>\n\
-                 <|im_start|>assistant\n"
-            )
-        );
-        // Without tools the same template frames the turns plainly.
-        let plain = b.render_chat(&round()[..2], false).unwrap();
-        assert_eq!(
-            plain,
-            "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWeather in Paris?<|im_end|>\n"
-        );
-        // The Llama framing of the same round.
-        let llama = bundle(Some(&tools_template(Arch::Llama)))
-            .render_chat_with_tools(&round(), Some(&tools), false)
-            .unwrap();
-        assert!(
-            llama.starts_with(
-                "<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.\n\n# Tools"
-            )
-        );
-        assert!(llama.ends_with(
-            "<|start_header_id|>user<|end_header_id|>\n\n<tool_response>\n18C\n</tool_response><|eot_id|>"
-        ));
+    fn tool_support_is_the_template_reading_tools() {
+        // The fixtures' tool templates: `fixtures::tests`.
+        assert!(bundle(Some("{% if tools %}{{ tools | length }}{% endif %}")).supports_tools());
+        for template in [
+            None,
+            Some("{{ messages[0].content }}"),
+            // Mentioned, never read from the context.
+            Some("{# tools #}{{ 'tools' }}{{ messages.tools }}"),
+            Some("{% set tools = [] %}{{ tools }}"),
+            // Does not parse: no support, and rendering names the syntax error.
+            Some("{% if tools %}"),
+        ] {
+            assert!(!bundle(template).supports_tools(), "{template:?}");
+        }
     }
 
     #[test]

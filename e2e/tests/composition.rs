@@ -178,7 +178,7 @@ async fn composed_adapters_serve_their_own_output_beside_plain_requests() {
             .iter()
             .map(|&(name, scale)| pb::ScaledAdapter {
                 name: name.into(),
-                scale,
+                scale: Some(scale),
             })
             .collect(),
         ..Default::default()
@@ -211,7 +211,7 @@ async fn malformed_compositions_are_refused_and_other_tenants_adapters_are_not_f
     }
     let agent = start(&world).await;
     let body = |model: &str, adapters: Value| json!({"model": model, "prompt": PROMPT, "max_tokens": 2, "adapters": adapters});
-    let refused: [(&str, Value, &str); 6] = [
+    let refused: [(&str, Value, &str); 7] = [
         (
             "sql",
             json!([{"name": "tone"}]),
@@ -233,6 +233,11 @@ async fn malformed_compositions_are_refused_and_other_tenants_adapters_are_not_f
             "invalid JSON body",
         ),
         ("base", json!([{"name": ""}]), "must not be empty"),
+        (
+            "base",
+            json!([{"name": "sql", "scale": 1001}]),
+            "at most 1000",
+        ),
         (
             "base",
             json!(

@@ -108,7 +108,7 @@ fn check(
     spec: &[(std::ops::Range<usize>, usize, f32)],
 ) {
     let mut rng = Rng::new(seed);
-    let pool = rng.vec(4096);
+    let pool = rng.vec(4096.max(8 * (in_dim + out_dim)));
     let ads = adapters(&mut rng, pool.len(), in_dim, out_dim, spec);
     let segs = segments(&ads);
     let x = rng.vec(rows * in_dim);
@@ -165,14 +165,35 @@ fn prefill_segments_with_ragged_ranks_and_columns_match_naive() {
 }
 
 #[test]
+fn rows_longer_than_a_shrink_block_match_naive() {
+    // 2,100 columns: two whole blocks of 1,024 and a last one of 52 (a 16-float body and a
+    // tail of 4), summed block by block; a prefill segment and decode-sized ones.
+    check(
+        11,
+        20,
+        2100,
+        40,
+        6,
+        &[(0..14, 5, 0.3), (14..16, 6, -0.7), (17..20, 3, 1.5)],
+    );
+}
+
+#[test]
 fn a_row_gets_the_same_bits_in_a_prefill_segment_and_alone() {
     // A prefill segment (40 rows: the GEMM-tiled expand, several shrink tiles) and each row as
     // a one-row decode segment give identical bits, so chunking and batching never change a
     // token. Odd rank (a lone A row in the last shrink tile), in_dim with a tail past the
-    // 16-float body, out_dim past one packed column block (256) with a column tail.
-    let (rows, in_dim, out_dim, rank, max_rank) = (40, 170, 300, 7, 8);
+    // 16-float body, out_dim past one packed column block (256) with a column tail; and rows
+    // longer than a shrink block (summed block by block).
+    for in_dim in [170, 2100] {
+        same_bits_in_a_prefill_segment_and_alone(in_dim);
+    }
+}
+
+fn same_bits_in_a_prefill_segment_and_alone(in_dim: usize) {
+    let (rows, out_dim, rank, max_rank) = (40, 300, 7, 8);
     let mut rng = Rng::new(7);
-    let pool = rng.vec(8192);
+    let pool = rng.vec(8192.max(8 * (in_dim + out_dim)));
     let ads = adapters(
         &mut rng,
         pool.len(),

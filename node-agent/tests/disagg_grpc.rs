@@ -147,6 +147,9 @@ enum Fault {
     Corrupt(usize),
     /// Drops this message (a truncated stream).
     Drop(usize),
+    /// Behaves as an agent built before adapter composition: it never sees
+    /// `PrefillRequest.adapters` (an unknown field to it), so it computes the base model.
+    Predates,
 }
 
 #[derive(Clone)]
@@ -163,8 +166,11 @@ impl KvTransfer for Faulty {
 
     async fn prefill(
         &self,
-        request: tonic::Request<PrefillRequest>,
+        mut request: tonic::Request<PrefillRequest>,
     ) -> Result<Response<Out>, Status> {
+        if self.fault == Fault::Predates {
+            request.get_mut().adapters.clear();
+        }
         let inner = self.inner.prefill(request).await?.into_inner();
         let fault = self.fault;
         let stream = inner.enumerate().filter_map(move |(i, msg)| async move {
@@ -376,7 +382,7 @@ async fn faults_fail_over_to_the_next_peer_and_free_everything() {
             Fault::Corrupt(_) => assert_eq!(kinds, ["corrupt"]),
             Fault::Drop(_) => assert_eq!(kinds, ["truncated"]),
             Fault::DieAfter(_) => assert_eq!(kinds, ["unavailable"]),
-            Fault::None => unreachable!(),
+            Fault::None | Fault::Predates => unreachable!(),
         }
         settle(&bad_engine).await;
         settle(&good_engine).await;
@@ -413,6 +419,40 @@ async fn a_decode_agent_that_leaves_mid_stream_frees_the_prefill_side() {
     drop(stream);
     drop(client);
     settle(&prefill).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prefill_agent_that_predates_composition_is_not_trusted_with_one() {
+    let w = world();
+    let unified = engine(&w, true).await;
+    let (old, old_engine, _) = serve_prefill(&w, Fault::Predates).await;
+    let decode = engine(&w, true).await;
+    let (router, stats) = router_with(&decode, options(vec![old], true)).await;
+    // One adapter at scale 1 travels as before, so the old agent serves it.
+    let plain = request(3);
+    assert_eq!(
+        tokens(router.submit(plain.clone()).await).await,
+        tokens(unified.submit(plain).await).await
+    );
+    assert_eq!(stats.remote_prefills.load(Ordering::Relaxed), 1);
+    // A composition: the old agent computes the base model and says it applied none of the
+    // adapters, so its KV is refused and the prompt is prefilled here.
+    let composed = request(7);
+    assert_eq!(composed.adapters.len(), 2);
+    assert_eq!(
+        tokens(router.submit(composed.clone()).await).await,
+        tokens(unified.submit(composed).await).await
+    );
+    assert_eq!(stats.remote_prefills.load(Ordering::Relaxed), 1);
+    assert_eq!(stats.local_prefills.load(Ordering::Relaxed), 1);
+    assert_eq!(
+        stats.failures().get("status"),
+        Some(&1),
+        "{:?}",
+        stats.failures()
+    );
+    settle(&old_engine).await;
+    settle(&decode).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

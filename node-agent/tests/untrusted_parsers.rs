@@ -327,6 +327,7 @@ fn kv_chunk_streams_never_panic() {
             prompt_tokens: pick_u32(&mut r, tokens as u32),
             prefill_us: r.next_u64(),
             chunks: pick_u32(&mut r, pushed),
+            composed_adapters: pick_u32(&mut r, 8),
         };
         let _ = a.finish(&done, 512);
     }

@@ -71,11 +71,11 @@ fn generate_request() -> GenerateRequest {
         adapters: vec![
             ScaledAdapter {
                 name: "sql-expert".into(),
-                scale: 0.7,
+                scale: Some(0.7),
             },
             ScaledAdapter {
                 name: "tone".into(),
-                scale: -0.25,
+                scale: None,
             },
         ],
     }
@@ -244,6 +244,7 @@ fn kv_messages_round_trip() {
             prompt_tokens: 3,
             prefill_us: 1_500,
             chunks: 64,
+            composed_adapters: 2,
         })),
     });
 }

@@ -24,7 +24,8 @@ pub struct LoraSegment<'a> {
     pub a_rows: &'a [usize],
     /// Pool offsets of the `r` rows of Bᵀ (each `out_dim` long).
     pub b_rows: &'a [usize],
-    /// `lora_alpha / r` (or `/ sqrt(r)` for rsLoRA), applied in `expand`.
+    /// `lora_alpha / r` (or `/ sqrt(r)` for rsLoRA), times the request's own scale for the
+    /// adapter (composition), applied in `expand`.
     pub scale: f32,
 }
 

@@ -164,7 +164,7 @@ pub fn to_spec(req: pb::GenerateRequest) -> Result<(String, GenerateSpec), ApiEr
                     .into_iter()
                     .map(|a| AdapterUse {
                         name: a.name,
-                        scale: a.scale,
+                        scale: a.scale.unwrap_or(1.0),
                     })
                     .collect()
             }),
@@ -361,19 +361,28 @@ mod tests {
         assert_eq!(spec.model, "a");
         assert_eq!(spec.adapters, None, "no list: `adapter` alone says");
         let (_, composed) = to_spec(pb::GenerateRequest {
-            adapters: vec![pb::ScaledAdapter {
-                name: "b".into(),
-                scale: 0.25,
-            }],
+            adapters: vec![
+                pb::ScaledAdapter {
+                    name: "b".into(),
+                    scale: Some(0.25),
+                },
+                pb::ScaledAdapter {
+                    name: "c".into(),
+                    scale: None,
+                },
+            ],
             ..req(Some(pb::generate_request::Prompt::Text("hi".into())))
         })
         .unwrap();
         assert_eq!(
             composed.adapters,
-            Some(vec![AdapterUse {
-                name: "b".into(),
-                scale: 0.25
-            }])
+            Some(vec![
+                AdapterUse {
+                    name: "b".into(),
+                    scale: 0.25
+                },
+                AdapterUse::plain("c")
+            ])
         );
         assert_eq!(spec.cache_salt.as_deref(), Some("s"));
         let salted = |salt: &str| {

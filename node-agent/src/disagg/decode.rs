@@ -510,10 +510,11 @@ impl DecodeRouter {
                 .iter()
                 .map(|a| ScaledAdapter {
                     name: a.name.clone(),
-                    scale: a.scale,
+                    scale: Some(a.scale),
                 })
                 .collect()
         };
+        let sent = composed.len();
         let composed: Vec<ComposedAdapter> = composed
             .into_iter()
             .zip(&request.adapters)
@@ -567,6 +568,15 @@ impl DecodeRouter {
             match msg.msg {
                 Some(prefill_response::Msg::Chunk(chunk)) => assembler.push(&chunk)?,
                 Some(prefill_response::Msg::Done(done)) => {
+                    if done.composed_adapters as usize != sent {
+                        // A peer that predates composition computed the base model instead.
+                        return Err(tonic::Status::failed_precondition(format!(
+                            "the prefill peer applied {} of the request's {sent} composed \
+                             adapters (an agent older than adapter composition?)",
+                            done.composed_adapters
+                        ))
+                        .into());
+                    }
                     let bytes = assembler.bytes;
                     return Ok((assembler.finish(&done, vocab)?, bytes));
                 }

@@ -311,6 +311,8 @@ impl KvTransfer for PrefillService {
             params,
             cache_salt,
         };
+        // Confirms to the decode agent that its composition was applied (`PrefillDone`).
+        let composed = req.adapters.len() as u32;
         let started = Instant::now();
         let (mut events, mut kv) =
             self.engine
@@ -362,6 +364,7 @@ impl KvTransfer for PrefillService {
                                         prompt_tokens: tokens as u32,
                                         prefill_us: started.elapsed().as_micros() as u64,
                                         chunks,
+                                        composed_adapters: composed,
                                     })),
                                 })
                             }

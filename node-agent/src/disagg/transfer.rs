@@ -313,6 +313,7 @@ mod tests {
             prompt_tokens: tokens,
             prefill_us: 1,
             chunks,
+            composed_adapters: 0,
         }
     }
 

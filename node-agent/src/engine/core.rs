@@ -465,6 +465,11 @@ impl<B: Backend> Engine<B> {
                 self.config.num_pages
             )));
         }
+        // Every name is looked up before any is leased: a lease counts a request for its
+        // adapter (the operator scales replicas on that count), and a refused one is none.
+        if let Some(missing) = keys.iter().find(|key| self.registry.get(key).is_none()) {
+            return Err(EngineError::AdapterNotFound(missing.name.clone()));
+        }
         let mut adapters = Vec::with_capacity(keys.len());
         for key in &keys {
             let Some(lease) = self.registry.lease(key) else {

@@ -66,8 +66,13 @@ impl AdapterUse {
 /// Most adapters one request may compose.
 pub const MAX_ADAPTERS_PER_REQUEST: usize = 8;
 
+/// Largest |scale| a request may give an adapter: the bound adapter loads put on each
+/// module's own scale, for the same reason (a huge finite factor overflows the forward pass
+/// into NaN).
+pub const MAX_ADAPTER_SCALE: f32 = 1000.0;
+
 /// Checks a request's adapters: at most [`MAX_ADAPTERS_PER_REQUEST`], each named once, each
-/// scale finite.
+/// scale finite with |scale| ≤ [`MAX_ADAPTER_SCALE`].
 ///
 /// Errors: why they are refused (the surfaces answer 400 / `INVALID_ARGUMENT`).
 pub fn check_adapters(adapters: &[AdapterUse]) -> Result<(), String> {
@@ -81,10 +86,11 @@ pub fn check_adapters(adapters: &[AdapterUse]) -> Result<(), String> {
         if a.name.is_empty() {
             return Err("an adapter name must not be empty".to_owned());
         }
-        if !a.scale.is_finite() {
+        if !a.scale.is_finite() || a.scale.abs() > MAX_ADAPTER_SCALE {
             return Err(format!(
-                "adapter {:?} has a scale that is not finite",
-                a.name
+                "adapter {:?} has scale {}: a scale is finite and at most {MAX_ADAPTER_SCALE} \
+                 in magnitude",
+                a.name, a.scale
             ));
         }
         if adapters[..i].iter().any(|b| b.name == a.name) {

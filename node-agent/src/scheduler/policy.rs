@@ -194,13 +194,16 @@ fn admit(sim: &mut Sim<'_>, pos: usize, budget: usize) -> Admission {
             None => return Admission::Blocked,
         }
     }
-    if need_total + adapter_pages > limits.pool_pages {
+    // What it needs alone in the pool counts its adapters whole, resident ones too: pages
+    // still to place alone would let a request through that can only thrash.
+    let footprint: usize = adapters.iter().filter_map(|k| sim.footprint(k)).sum();
+    if need_total + footprint > limits.pool_pages {
         // Alone in the pool it still could not finish: refuse rather than thrash.
         sim.waiting.remove(pos);
         sim.decisions.push(Decision::Refuse {
             seq: seq.id,
             kv_pages: need_total,
-            adapter_pages,
+            adapter_pages: footprint,
         });
         sim.release(&seq);
         return Admission::Refused;

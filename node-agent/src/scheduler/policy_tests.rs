@@ -357,10 +357,11 @@ fn a_request_that_could_never_fit_is_refused_and_the_next_admitted() {
         max_tokens: 100,
         ..waiting(&w, 1, 0, 10)
     };
+    // Its adapter counts whole, resident or not.
     let refuse = Decision::Refuse {
         seq: SeqId(1),
         kv_pages: 28,
-        adapter_pages: 0,
+        adapter_pages: 3,
     };
     let q = vec![on(huge, &w, 0), waiting(&w, 2, 0, 8)];
     // a0 is resident and idle; the next admission's first chunk needs its pages.
@@ -387,6 +388,33 @@ fn a_request_that_could_never_fit_is_refused_and_the_next_admitted() {
     let mut snap = snapshot(vec![], q, 1);
     snap.adapters = adapters(true);
     assert_eq!(plan(&s, snap), [refuse, admit(2, 8, 8)]);
+}
+
+#[test]
+fn a_composition_counts_its_resident_adapters_when_judging_whether_it_can_ever_fit() {
+    let w = world();
+    let s = Scheduler::new(limits());
+    // 28 KV pages at its longest, a0 resident (20 pages, idle), a1 loaded but not placed (20):
+    // 68 pages in a pool of 64. Counting only the pages still to place (20) would admit it, and
+    // it could then only thrash.
+    let both = SeqState {
+        adapters: &w.keys[..2],
+        max_tokens: 100,
+        ..waiting(&w, 1, 0, 10)
+    };
+    let mut snap = snapshot(vec![], vec![both], 44);
+    snap.adapters = HashMap::from([
+        (&w.keys[0], AdapterState::resident(20, 1)),
+        (&w.keys[1], host_only(20)),
+    ]);
+    assert_eq!(
+        plan(&s, snap),
+        [Decision::Refuse {
+            seq: SeqId(1),
+            kv_pages: 28,
+            adapter_pages: 40,
+        }]
+    );
 }
 
 #[test]

@@ -252,6 +252,13 @@ impl<'a> Sim<'a> {
         a.state.placement
     }
 
+    /// Pool pages `key` takes when resident, whether it is now or not (`None`: unknown, its
+    /// weights not loaded yet).
+    pub fn footprint(&self, key: &AdapterKey) -> Option<usize> {
+        let a = self.adapters.get(key)?;
+        a.state.resident.or(a.state.placement)
+    }
+
     /// Pages that evicting every idle resident adapter except those in `keep` would free.
     pub fn idle_pages_except(&self, keep: &[AdapterKey]) -> usize {
         self.adapters

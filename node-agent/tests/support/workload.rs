@@ -26,7 +26,7 @@ pub struct Case {
     pub prompt: Vec<u32>,
 }
 
-/// Compositions the workload adds when it has at least 6 adapters: two and three adapters
+/// Compositions the workload adds when it has at least 7 adapters: two and three adapters
 /// (one scale negative), and one adapter at half strength.
 pub const COMPOSED: [&[(usize, f32)]; 3] = [
     &[(0, 0.7), (1, 0.3)],
@@ -76,7 +76,7 @@ pub fn workload(arch: Arch, dtype: FixtureDtype, adapters: usize) -> Workload {
             prompt: prompt(100 + b, 9 + b * 20, 512),
         });
     }
-    if adapters >= 6 {
+    if adapters >= 7 {
         for (c, uses) in COMPOSED.iter().enumerate() {
             cases.push(Case {
                 id: format!("mix{c}"),

@@ -440,14 +440,7 @@ impl<B: Backend> Engine<B> {
             )));
         }
         check_adapters(&req.adapters).map_err(EngineError::InvalidRequest)?;
-        let keys: Vec<AdapterKey> = req
-            .adapters
-            .iter()
-            .map(|a| AdapterKey {
-                tenant: req.tenant.clone(),
-                name: a.name.clone(),
-            })
-            .collect();
+        let keys = req.adapter_keys();
         // Refused up front, as the scheduler would refuse it once queued: alone in the pool,
         // its KV and its adapters' rows still could not fit. (Only the caller's own adapters
         // have entries under its keys, so this reveals nothing of others'.)
@@ -485,7 +478,7 @@ impl<B: Backend> Engine<B> {
                 self.pending_loads.push((key.clone(), source));
             }
         }
-        let scales: Vec<f32> = req.adapters.iter().map(|a| a.scale).collect();
+        let scales = req.adapter_scales();
         self.scheduler
             .on_arrival(&req.tenant, self.seqs.values().map(|s| &s.tenant));
         let id = SeqId(self.next_seq);

@@ -189,16 +189,7 @@ impl<B: Backend> Engine<B> {
     /// Pinning again under the same request id lets go of the earlier pin.
     pub fn pin_prefix(&mut self, req: &Request) -> usize {
         self.unpin(&req.id);
-        let keys: Vec<AdapterKey> = req
-            .adapters
-            .iter()
-            .map(|a| AdapterKey {
-                tenant: req.tenant.clone(),
-                name: a.name.clone(),
-            })
-            .collect();
-        let scales: Vec<f32> = req.adapters.iter().map(|a| a.scale).collect();
-        let Some(weights) = self.weights_of(&keys, &scales) else {
+        let Some(weights) = self.weights_of(&req.adapter_keys(), &req.adapter_scales()) else {
             return 0;
         };
         let bs = self.geometry.block_size;

@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::lora::ids::TenantId;
+use crate::lora::ids::{AdapterKey, TenantId};
 use crate::structured::Constraint;
 
 /// Sampling and stopping parameters of one request.
@@ -114,6 +114,24 @@ pub struct Request {
     /// Partitions the prefix cache further than the tenant (vLLM's `cache_salt`): only
     /// requests with the same salt share cached blocks.
     pub cache_salt: Option<String>,
+}
+
+impl Request {
+    /// Each adapter's key (its name inside the request's tenant), in the request's order.
+    pub fn adapter_keys(&self) -> Vec<AdapterKey> {
+        self.adapters
+            .iter()
+            .map(|a| AdapterKey {
+                tenant: self.tenant.clone(),
+                name: a.name.clone(),
+            })
+            .collect()
+    }
+
+    /// Each adapter's scale, in the request's order.
+    pub fn adapter_scales(&self) -> Vec<f32> {
+        self.adapters.iter().map(|a| a.scale).collect()
+    }
 }
 
 /// Longest `cache_salt` accepted, bytes.

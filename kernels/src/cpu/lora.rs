@@ -36,7 +36,8 @@ pub(crate) enum Side {
     Bt,
 }
 
-/// Validates the segments for a batch of `rows` rows and returns each row's segment index
+/// Validates the segments for a batch of `rows` rows, and for each `(side, row length)` in
+/// `sides` that the rows of that matrix lie in the pool. Returns each row's segment index
 /// ([`check::NO_OWNER`] for base-model rows), plus the multiply-adds the kernel will do.
 pub(crate) fn segment_owners(
     kernel: &'static str,
@@ -44,8 +45,7 @@ pub(crate) fn segment_owners(
     rows: usize,
     max_rank: usize,
     pool_len: usize,
-    side: Side,
-    row_len: usize,
+    sides: &[(Side, usize)],
 ) -> Result<(Vec<usize>, usize), KernelError> {
     let owners = check::row_owners(
         kernel,
@@ -64,14 +64,16 @@ pub(crate) fn segment_owners(
                 max_rank,
             });
         }
-        let offsets = match side {
-            Side::A => seg.a_rows,
-            Side::Bt => seg.b_rows,
-        };
-        for &offset in offsets {
-            check::pool_range(kernel, offset, row_len, pool_len)?;
+        for &(side, row_len) in sides {
+            let offsets = match side {
+                Side::A => seg.a_rows,
+                Side::Bt => seg.b_rows,
+            };
+            for &offset in offsets {
+                check::pool_range(kernel, offset, row_len, pool_len)?;
+            }
+            work = work.saturating_add(seg.rows.len().saturating_mul(rank).saturating_mul(row_len));
         }
-        work = work.saturating_add(seg.rows.len().saturating_mul(rank).saturating_mul(row_len));
     }
     Ok((owners, work))
 }
@@ -105,7 +107,8 @@ pub fn lora_shrink(
         check::mul(KERNEL, "v", rows, max_rank)?,
         v.len(),
     )?;
-    let (_, work) = segment_owners(KERNEL, segs, rows, max_rank, pool.len(), Side::A, in_dim)?;
+    let sides = [(Side::A, in_dim)];
+    let (_, work) = segment_owners(KERNEL, segs, rows, max_rank, pool.len(), &sides)?;
     if max_rank == 0 {
         return Ok(()); // every segment has rank 0 and v is empty
     }
@@ -165,7 +168,8 @@ pub fn lora_expand(
         check::mul(KERNEL, "v", rows, max_rank)?,
         v.len(),
     )?;
-    let (_, work) = segment_owners(KERNEL, segs, rows, max_rank, pool.len(), Side::Bt, out_dim)?;
+    let sides = [(Side::Bt, out_dim)];
+    let (_, work) = segment_owners(KERNEL, segs, rows, max_rank, pool.len(), &sides)?;
     let isa = Isa::detect();
     let chunks = segment_chunks(segs, y, out_dim);
     let per_chunk = |acc: &mut Vec<f32>,
@@ -250,8 +254,8 @@ pub fn lora(
         check::mul(KERNEL, "y", rows, out_dim)?,
         y.len(),
     )?;
-    let (_, shrink) = segment_owners(KERNEL, segs, rows, max_rank, pool.len(), Side::A, in_dim)?;
-    let (_, expand) = segment_owners(KERNEL, segs, rows, max_rank, pool.len(), Side::Bt, out_dim)?;
+    let sides = [(Side::A, in_dim), (Side::Bt, out_dim)];
+    let (_, work) = segment_owners(KERNEL, segs, rows, max_rank, pool.len(), &sides)?;
     let isa = Isa::detect();
     let chunks = segment_chunks(segs, y, out_dim);
     let per_chunk = |(seg, t0, y_rows): (&LoraSegment<'_>, usize, &mut [f32])| {
@@ -274,7 +278,7 @@ pub fn lora(
             expand_chunk(isa, v, rank, pool, seg, out_dim, y_rows, acc);
         });
     };
-    if shrink.saturating_add(expand) >= PAR_MIN_WORK {
+    if work >= PAR_MIN_WORK {
         chunks.into_par_iter().for_each(per_chunk);
     } else {
         chunks.into_iter().for_each(per_chunk);

@@ -86,12 +86,13 @@ impl Sequence {
         self.adapter_keys.contains(key)
     }
 
-    /// What rows of one adapter set share in a step's order: the adapters and their scales.
-    pub fn adapter_order(&self) -> (&[AdapterKey], Vec<u32>) {
-        (
-            &self.adapter_keys,
-            self.scales.iter().map(|s| s.to_bits()).collect(),
-        )
+    /// Orders sequences by their adapters, then their scales, so that rows of one composition
+    /// sit side by side in a step (compared in place: a sort calls this per comparison).
+    pub fn cmp_adapters(&self, other: &Sequence) -> std::cmp::Ordering {
+        self.adapter_keys.cmp(&other.adapter_keys).then_with(|| {
+            let theirs = other.scales.iter().map(|x| x.to_bits());
+            self.scales.iter().map(|x| x.to_bits()).cmp(theirs)
+        })
     }
 
     /// What the scheduler sees of it.

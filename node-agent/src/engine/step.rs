@@ -27,10 +27,12 @@ impl<B: Backend> Engine<B> {
         // Rows of one adapter side by side: the LoRA kernels then read each adapter's factors
         // once per step for all its sequences (S-LoRA's MBGMV), not once per sequence. Rows
         // are independent, so their order changes no result.
-        plan.sort_by(|(a, _), (b, _)| {
-            let key = |id| self.seqs.get(id).map(|s| s.adapter_order());
-            key(a).cmp(&key(b))
-        });
+        plan.sort_by(
+            |(a, _), (b, _)| match (self.seqs.get(a), self.seqs.get(b)) {
+                (Some(a), Some(b)) => a.cmp_adapters(b),
+                (a, b) => a.is_some().cmp(&b.is_some()),
+            },
+        );
         let now = Instant::now();
         for (id, _) in &plan {
             if let Some(seq) = self.seqs.get_mut(id) {

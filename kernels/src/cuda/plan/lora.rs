@@ -8,7 +8,7 @@ use super::{
 };
 use crate::KernelError;
 use crate::cpu::LoraSegment;
-use crate::cpu::check::{self, NO_OWNER};
+use crate::cpu::check::NO_OWNER;
 use crate::cpu::lora::{Side, segment_owners};
 
 /// Parameters of `lora_shrink_f32`.
@@ -172,13 +172,8 @@ pub fn lora_table(
     out_dim: usize,
 ) -> Result<LoraTable, KernelError> {
     const KERNEL: &str = "lora_table";
-    let (owners, _) = segment_owners(KERNEL, segs, rows, max_rank, pool_len, Side::A, in_dim)?;
-    // Ranks and rows are checked; only the Bᵀ rows remain.
-    for seg in segs {
-        for &offset in seg.b_rows {
-            check::pool_range(KERNEL, offset, out_dim, pool_len)?;
-        }
-    }
+    let sides = [(Side::A, in_dim), (Side::Bt, out_dim)];
+    let (owners, _) = segment_owners(KERNEL, segs, rows, max_rank, pool_len, &sides)?;
     let row_segment = owners
         .iter()
         .map(|&o| match o {

@@ -133,8 +133,9 @@ impl<'a, R: Remote> Staging<'a, R> {
     }
 }
 
-/// Fetches an artifact from `remote` into the cache under `root`: the archive `archive` when
-/// the source names one ([`download_tarball`]), else the artifact's files ([`download`]).
+/// Fetches an artifact from `remote` into the cache's `scheme` directory: the archive
+/// `archive` when the source names one ([`download_tarball`]), else the artifact's files
+/// ([`download`]).
 pub(crate) async fn fetch<R: Remote>(
     ctx: &Ctx,
     remote: &R,
@@ -142,11 +143,12 @@ pub(crate) async fn fetch<R: Remote>(
     artifact: Artifact,
     expected: Option<&Digest>,
     opts: &SourceOptions,
-    root: &Path,
+    scheme: &str,
 ) -> Result<PathBuf, SourceError> {
+    let root = opts.cache_dir.join(scheme);
     match archive {
-        Some(name) => download_tarball(ctx, remote, name, artifact, expected, opts, root).await,
-        None => download(ctx, remote, artifact, expected, opts, root).await,
+        Some(name) => download_tarball(ctx, remote, name, artifact, expected, opts, &root).await,
+        None => download(ctx, remote, artifact, expected, opts, &root).await,
     }
 }
 

@@ -57,7 +57,6 @@ pub(crate) async fn fetch(
         client: &client,
         base: &base,
     };
-    let root = opts.cache_dir.join("https");
     download::fetch(
         ctx,
         &remote,
@@ -65,7 +64,7 @@ pub(crate) async fn fetch(
         artifact,
         expected,
         opts,
-        &root,
+        "https",
     )
     .await
 }

@@ -207,7 +207,6 @@ pub(crate) async fn fetch(
         prefix,
         secrets: Arc::new(secrets),
     };
-    let root = opts.cache_dir.join("s3");
     download::fetch(
         ctx,
         &remote,
@@ -215,7 +214,7 @@ pub(crate) async fn fetch(
         artifact,
         expected,
         opts,
-        &root,
+        "s3",
     )
     .await
 }

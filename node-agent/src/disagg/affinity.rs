@@ -14,7 +14,7 @@ use std::net::SocketAddr;
 
 use sha2::{Digest as _, Sha256};
 
-use crate::engine::Request;
+use crate::engine::{Request, weights_bytes};
 use crate::lora::ids::AdapterId;
 
 /// Prefixes remembered at most.
@@ -39,23 +39,14 @@ pub fn prefix_keys(request: &Request, adapters: &[AdapterId], block: usize) -> V
         h.update(part);
     }
     h.update([u8::from(request.cache_salt.is_some())]);
-    let scales = request.adapters.iter().map(|a| a.scale);
-    match adapters {
-        [] => h.update(b"base"),
-        [a] if request.adapters.first().is_some_and(|u| u.scale == 1.0) => {
-            if let Some(d) = a.digest {
-                h.update(d.0);
-            }
-        }
-        all => {
-            for (a, scale) in all.iter().zip(scales) {
-                if let Some(d) = a.digest {
-                    h.update(d.0);
-                }
-                h.update(scale.to_le_bytes());
-            }
-        }
-    }
+    // As the prefix cache keys the weights (adapters whose digest is not known yet are left
+    // out: this only steers the choice of peer).
+    let weights: Vec<_> = adapters
+        .iter()
+        .zip(&request.adapters)
+        .filter_map(|(a, u)| Some((a.digest?, u.scale.to_bits())))
+        .collect();
+    h.update(weights_bytes(&weights));
     let blocks = (request.prompt.len().saturating_sub(1) / block).min(MAX_BLOCKS);
     let mut keys = Vec::new();
     let mut next = 1;

@@ -42,7 +42,7 @@ use crate::disagg::stats::DisaggStats;
 use crate::disagg::transfer::{Assembler, TransferError, WireLayout};
 use crate::engine::actor::{EngineHandle, RequestStream};
 use crate::engine::{EngineError, KvImport, Request};
-use crate::lora::ids::{AdapterId, AdapterKey};
+use crate::lora::ids::AdapterId;
 use crate::structured::ResponseFormat;
 
 /// How a decode agent reaches its prefill peers.
@@ -182,7 +182,13 @@ impl PeerSet {
     /// Peers in the order to try for an adapter: the one that last prefilled the longest of
     /// `prefixes`, then those known to hold the adapter, then the fewest prompt tokens in
     /// flight, then the configured order.
-    fn ranked(&self, adapters: &[AdapterId], prefixes: &[affinity::PrefixKey]) -> Vec<Arc<Peer>> {
+    /// `wanted`: what a peer that holds the request's weights has served (see
+    /// [`weights_served`]).
+    fn ranked(
+        &self,
+        wanted: &[Option<AdapterId>],
+        prefixes: &[affinity::PrefixKey],
+    ) -> Vec<Arc<Peer>> {
         let preferred = self
             .affinity
             .lock()
@@ -196,13 +202,7 @@ impl PeerSet {
                 let has = p
                     .adapters
                     .lock()
-                    .map(|a| {
-                        if adapters.is_empty() {
-                            a.contains(&None)
-                        } else {
-                            adapters.iter().all(|id| a.contains(&Some(id.clone())))
-                        }
-                    })
+                    .map(|a| wanted.iter().all(|w| a.contains(w)))
                     .unwrap_or(false);
                 let affine = Some(p.addr) == preferred;
                 (
@@ -386,7 +386,8 @@ impl DecodeRouter {
             return self.engine.submit(request).await;
         }
         let prefixes = affinity::prefix_keys(&request, &adapter_ids, self.layout.block_size);
-        let peers = self.peers.ranked(&adapter_ids, &prefixes);
+        let wanted = weights_served(&adapter_ids);
+        let peers = self.peers.ranked(&wanted, &prefixes);
         let mut backed_off = 0;
         for peer in &peers {
             let admitted = peer
@@ -417,10 +418,7 @@ impl DecodeRouter {
                         .received(bytes, started.elapsed().as_micros() as u64);
                     self.stats.remote_prefills.fetch_add(1, Ordering::Relaxed);
                     if let Ok(mut a) = peer.adapters.lock() {
-                        if adapter_ids.is_empty() {
-                            a.insert(None);
-                        }
-                        a.extend(adapter_ids.iter().cloned().map(Some));
+                        a.extend(wanted.iter().cloned());
                     }
                     self.peers
                         .affinity
@@ -463,15 +461,11 @@ impl DecodeRouter {
         }
         let loaded = self.engine.adapters().await?;
         let mut out = Vec::with_capacity(request.adapters.len());
-        for a in &request.adapters {
-            let key = AdapterKey {
-                tenant: request.tenant.clone(),
-                name: a.name.clone(),
-            };
+        for key in request.adapter_keys() {
             let summary = loaded
                 .iter()
                 .find(|s| s.key == key)
-                .ok_or_else(|| EngineError::AdapterNotFound(a.name.clone()))?;
+                .ok_or_else(|| EngineError::AdapterNotFound(key.name.clone()))?;
             let wire = AdapterIdentity {
                 tenant: key.tenant.0.clone(),
                 name: key.name.clone(),
@@ -589,6 +583,16 @@ impl DecodeRouter {
             self.layout.num_layers
         ))
         .into())
+    }
+}
+
+/// What a peer's record of served weights must hold for it to hold a request's: every adapter,
+/// or the base model (`None`) for a request without one.
+fn weights_served(adapters: &[AdapterId]) -> Vec<Option<AdapterId>> {
+    if adapters.is_empty() {
+        vec![None]
+    } else {
+        adapters.iter().cloned().map(Some).collect()
     }
 }
 

@@ -460,7 +460,11 @@ impl<B: Backend> Engine<B> {
         }
         // Every name is looked up before any is leased: a lease counts a request for its
         // adapter (the operator scales replicas on that count), and a refused one is none.
-        if let Some(missing) = keys.iter().find(|key| self.registry.get(key).is_none()) {
+        // (An adapter being unloaded takes no new request, as `Registry::lease` says.)
+        if let Some(missing) = keys
+            .iter()
+            .find(|key| self.registry.get(key).is_none_or(Entry::is_unloading))
+        {
             return Err(EngineError::AdapterNotFound(missing.name.clone()));
         }
         let mut adapters = Vec::with_capacity(keys.len());

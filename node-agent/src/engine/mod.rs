@@ -20,7 +20,7 @@ pub use self::core::{
     AdapterTransition, Engine, EngineConfig, EngineError, EngineStats, StepObserver,
 };
 pub use adapters::{LoadChange, LoadWait, Loaded};
-pub use prefix::{PrefixCaching, PrefixStats};
+pub use prefix::{PrefixCaching, PrefixStats, weights_bytes};
 pub use request::{
     AdapterUse, Event, FinishReason, KvImport, KvLayer, MAX_ADAPTERS_PER_REQUEST,
     MAX_CACHE_SALT_BYTES, Request, SamplingParams, Timings, Usage, check_adapters,

@@ -60,19 +60,24 @@ fn root(tenant: &TenantId, cache_salt: Option<&str>, weights: &WeightsId) -> Blo
         Some(s) => s.as_bytes(),
         None => &[],
     };
+    // The marker keeps "no salt" apart from every salt.
     let salted: &[u8] = if cache_salt.is_some() { b"1" } else { b"0" };
-    // "base" (4 bytes), one adapter at scale 1 (its digest, 32 bytes) and anything else
-    // (36 bytes per adapter: digest, scale) can never be mistaken for one another; the salt
-    // marker keeps "no salt" apart from every salt.
-    let adapter: Vec<u8> = match weights.as_slice() {
+    BlockHash::root(&[tenant.0.as_bytes(), salted, salt, &weights_bytes(weights)])
+}
+
+/// The weights a KV is computed with, as keys hash them (the prefix cache's chains, the decode
+/// router's affinity): `base` (4 bytes), one adapter at scale 1 as its digest (32 bytes), and
+/// anything else as each adapter's digest and scale bits (36 bytes each), so no two can be
+/// mistaken for one another.
+pub fn weights_bytes(weights: &[(Digest, u32)]) -> Vec<u8> {
+    match weights {
         [] => b"base".to_vec(),
         [(d, scale)] if *scale == 1f32.to_bits() => d.0.to_vec(),
         all => all
             .iter()
             .flat_map(|(d, scale)| d.0.iter().copied().chain(scale.to_le_bytes()))
             .collect(),
-    };
-    BlockHash::root(&[tenant.0.as_bytes(), salted, salt, &adapter])
+    }
 }
 
 impl<B: Backend> Engine<B> {

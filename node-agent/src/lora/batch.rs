@@ -96,10 +96,6 @@ impl<'a> LoraBatch<'a> {
         }
         (segments, max_rank)
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.runs.is_empty()
-    }
 }
 
 #[cfg(test)]

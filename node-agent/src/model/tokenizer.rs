@@ -49,6 +49,9 @@ pub struct TokenizerBundle {
     pub eos_token: Option<String>,
     /// Every id that ends generation (unless a request ignores EOS).
     pub eos_ids: Vec<u32>,
+    /// The chat template reads `tools` ([`TokenizerBundle::supports_tools`]): found once at
+    /// load, not per request.
+    tools: bool,
 }
 
 fn tok_err(path: &Path, reason: impl Into<String>) -> ModelError {
@@ -141,6 +144,7 @@ impl TokenizerBundle {
         eos_ids.sort_unstable();
         eos_ids.dedup();
         Ok(TokenizerBundle {
+            tools: reads_tools(chat_template.as_deref()),
             tokenizer,
             chat_template,
             bos_token,
@@ -202,22 +206,28 @@ impl TokenizerBundle {
     /// accepting an OpenAI request's `tools`: a template that never reads them would drop them
     /// from the prompt without a word.
     pub fn supports_tools(&self) -> bool {
-        let Some(template) = self.chat_template.as_deref() else {
-            return false;
-        };
-        template_env(template)
-            .and_then(|env| {
-                env.get_template("chat")
-                    .map(|t| t.undeclared_variables(false).contains("tools"))
-                    .map_err(|e| e.to_string())
-            })
-            .unwrap_or(false)
+        self.tools
     }
 
     /// Decodes ids to text, skipping special tokens.
     pub fn decode(&self, ids: &[u32]) -> String {
         self.tokenizer.decode(ids, true).unwrap_or_default()
     }
+}
+
+/// Whether `template` reads a `tools` variable from its context (the rule of
+/// [`TokenizerBundle::supports_tools`]); a template that does not parse does not.
+fn reads_tools(template: Option<&str>) -> bool {
+    let Some(template) = template else {
+        return false;
+    };
+    template_env(template)
+        .and_then(|env| {
+            env.get_template("chat")
+                .map(|t| t.undeclared_variables(false).contains("tools"))
+                .map_err(|e| e.to_string())
+        })
+        .unwrap_or(false)
 }
 
 /// Turns a growing list of generated ids into text deltas without splitting multi-byte
@@ -280,6 +290,7 @@ pub(crate) mod samples {
                 bos_token: Some("<s>".into()),
                 eos_token: None,
                 eos_ids: Vec::new(),
+                tools: super::reads_tools(template),
             }
         }
     }

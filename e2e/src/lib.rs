@@ -83,16 +83,20 @@ impl World {
     pub fn tiny() -> World {
         let dir = tempfile::tempdir().unwrap();
         let model = dir.path().join("tiny");
-        fixtures(&[
-            "model",
-            "--preset",
-            "tiny",
-            "--seed",
-            "1",
-            "--out",
-            model.to_str().unwrap(),
-        ]);
-        World { dir, model }
+        let mut world = World { dir, model };
+        world.model = world.tiny_model("tiny", &[]);
+        world
+    }
+
+    /// Writes another tiny Llama checkpoint (seed 1) at `<dir>/<rel>`, with `extra` arguments
+    /// to `fixtures model` (e.g. `--chat-template tools`), and returns its path.
+    pub fn tiny_model(&self, rel: &str, extra: &[&str]) -> PathBuf {
+        let out = self.path(rel);
+        let mut args = vec!["model", "--preset", "tiny", "--seed", "1"];
+        args.extend(extra);
+        args.extend(["--out", out.to_str().unwrap()]);
+        fixtures(&args);
+        out
     }
 
     /// Writes an adapter at `<dir>/<rel>` (rank 8 on every module) and returns its path.
@@ -371,6 +375,59 @@ pub async fn post_json(
     http(addr, "POST", path, &headers, body.to_string().as_bytes())
         .await
         .unwrap()
+}
+
+/// An agent serving tenants `team-a` (API key `key-a`) and `team-b` (`key-b`), with the admin
+/// token `admin` and adapters under the world's `adapters/` directory, plus `extra` flags.
+pub fn two_tenant_agent(world: &World, admin: &str, extra: &[&str]) -> Agent {
+    let keys = world.path("keys.json");
+    let tenant =
+        |id: &str, key: &str| serde_json::json!({"id": id, "api_key_sha256": [key_hash(key)]});
+    let body =
+        serde_json::json!({"tenants": [tenant("team-a", "key-a"), tenant("team-b", "key-b")]});
+    std::fs::write(&keys, body.to_string()).unwrap();
+    let roots = world.path("adapters");
+    let admin = key_hash(admin);
+    let mut args = vec![
+        "--api-keys-file",
+        keys.to_str().unwrap(),
+        "--admin-token-sha256",
+        &admin,
+        "--adapter-roots",
+        roots.to_str().unwrap(),
+    ];
+    args.extend(extra);
+    Agent::start(world, &args)
+}
+
+/// A gRPC request carrying `key` as its bearer credential.
+pub fn with_key<T>(msg: T, key: &str) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {key}").parse().unwrap());
+    r
+}
+
+/// `Admin/LoadAdapter` of `tenant`'s adapter `name` from `dir`, with the admin token `admin`.
+pub async fn admin_load(agent: &Agent, admin: &str, tenant: &str, name: &str, dir: &Path) {
+    let channel = tonic::transport::Endpoint::from_shared(agent.grpc_url())
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let req = loraplane_proto::v1::LoadAdapterRequest {
+        adapter: Some(loraplane_proto::v1::AdapterRef {
+            tenant: tenant.into(),
+            name: name.into(),
+        }),
+        source_uri: dir.to_str().unwrap().into(),
+        expected_sha256: String::new(),
+        pin: false,
+    };
+    loraplane_proto::v1::admin_client::AdminClient::new(channel)
+        .load_adapter(with_key(req, admin))
+        .await
+        .unwrap();
 }
 
 /// `POST /v1/load_lora_adapter` of adapter `name` from `path`, with the admin token `admin`.

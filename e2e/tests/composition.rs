@@ -9,22 +9,16 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use loraplane_agent::engine::{AdapterUse, SamplingParams};
-use loraplane_e2e::{Agent, Expected, Oracle, World, key_hash, post_json};
+use loraplane_e2e::{
+    Agent, Expected, Oracle, World, admin_load, post_json, two_tenant_agent, with_key,
+};
 use loraplane_proto::v1 as pb;
-use loraplane_proto::v1::admin_client::AdminClient;
 use loraplane_proto::v1::inference_client::InferenceClient;
 use serde_json::{Value, json};
 
 const ADMIN_TOKEN: &str = "admin-secret";
 const PROMPT: &str = "Write a query that lists every order";
 const MAX_TOKENS: usize = 8;
-
-fn with_key<T>(msg: T, key: &str) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {key}").parse().unwrap());
-    r
-}
 
 fn uses(list: &[(&str, f32)]) -> Vec<AdapterUse> {
     list.iter()
@@ -42,47 +36,10 @@ fn field(list: &[(&str, f32)]) -> Value {
 }
 
 async fn start(world: &World) -> Agent {
-    let keys = world.path("keys.json");
-    let tenant = |id: &str, key: &str| json!({"id": id, "api_key_sha256": [key_hash(key)]});
-    let body = json!({"tenants": [tenant("team-a", "key-a"), tenant("team-b", "key-b")]});
-    std::fs::write(&keys, body.to_string()).unwrap();
-    let roots = world.path("adapters");
-    let admin = key_hash(ADMIN_TOKEN);
-    let agent = Agent::start(
-        world,
-        &[
-            "--api-keys-file",
-            keys.to_str().unwrap(),
-            "--admin-token-sha256",
-            &admin,
-            "--adapter-roots",
-            roots.to_str().unwrap(),
-        ],
-    );
-    let ch = tonic::transport::Endpoint::from_shared(agent.grpc_url())
-        .unwrap()
-        .connect()
-        .await
-        .unwrap();
-    let mut client = AdminClient::new(ch);
+    let agent = two_tenant_agent(world, ADMIN_TOKEN, &[]);
     for (tenant, name) in [("team-a", "sql"), ("team-a", "tone"), ("team-b", "secret")] {
-        let req = pb::LoadAdapterRequest {
-            adapter: Some(pb::AdapterRef {
-                tenant: tenant.into(),
-                name: name.into(),
-            }),
-            source_uri: world
-                .path(&format!("adapters/{name}"))
-                .to_str()
-                .unwrap()
-                .into(),
-            expected_sha256: String::new(),
-            pin: false,
-        };
-        client
-            .load_adapter(with_key(req, ADMIN_TOKEN))
-            .await
-            .unwrap();
+        let dir = world.path(&format!("adapters/{name}"));
+        admin_load(&agent, ADMIN_TOKEN, tenant, name, &dir).await;
     }
     agent
 }

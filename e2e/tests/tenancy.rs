@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use loraplane_e2e::{Agent, Oracle, World, key_hash, post_json};
+use loraplane_e2e::{Agent, Oracle, World, key_hash, post_json, with_key};
 use loraplane_proto::v1 as pb;
 use loraplane_proto::v1::admin_client::AdminClient;
 use loraplane_proto::v1::inference_client::InferenceClient;
@@ -19,13 +19,6 @@ use tonic::transport::Channel;
 
 const ADMIN_TOKEN: &str = "admin-secret";
 const PROMPT: &str = "Tenants keep their own adapters";
-
-fn with_key<T>(msg: T, key: &str) -> tonic::Request<T> {
-    let mut r = tonic::Request::new(msg);
-    r.metadata_mut()
-        .insert("authorization", format!("Bearer {key}").parse().unwrap());
-    r
-}
 
 fn keys_file(world: &World, tenants: serde_json::Value) -> String {
     let path = world.path("keys.json");

@@ -8,7 +8,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use loraplane_agent::model::tokenizer::{ChatMessage, TokenizerBundle};
-use loraplane_e2e::{Agent, Oracle, World, fixtures, run_pytest};
+use loraplane_e2e::{Agent, Oracle, World, run_pytest};
 use serde_json::{Value, json};
 
 const CLIENTS: &str = "e2e/clients/tool_calls.py";
@@ -104,18 +104,7 @@ async fn expected_follow_up(model: &std::path::Path) -> Value {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tool_calls_through_the_openai_client() {
     let world = World::tiny();
-    let with_tools = world.path("tiny-tools");
-    fixtures(&[
-        "model",
-        "--preset",
-        "tiny",
-        "--seed",
-        "1",
-        "--chat-template",
-        "tools",
-        "--out",
-        with_tools.to_str().unwrap(),
-    ]);
+    let with_tools = world.tiny_model("tiny-tools", &["--chat-template", "tools"]);
     let plain = Agent::start(&world, &[]);
     let agent = Agent::start_from(&world, with_tools.as_os_str(), &[], &[]);
     let expected = json!({

@@ -96,9 +96,8 @@ fn load(e: &mut Engine<CpuBackend>, tenant: &str, name: &str, dir: &Path) {
 
 struct Ask<'a> {
     tenant: &'a str,
-    adapter: Option<&'a str>,
-    /// A composition `(name, scale)`; when given, `adapter` is ignored.
-    compose: Vec<(&'a str, f32)>,
+    /// Its adapters, `(name, scale)` (none: the base model).
+    adapters: Vec<(&'a str, f32)>,
     salt: Option<&'a str>,
     prompt: Vec<u32>,
     max_tokens: usize,
@@ -107,8 +106,7 @@ struct Ask<'a> {
 fn ask<'a>(tenant: &'a str, adapter: Option<&'a str>) -> Ask<'a> {
     Ask {
         tenant,
-        adapter,
-        compose: Vec::new(),
+        adapters: adapter.map(|name| (name, 1.0)).into_iter().collect(),
         salt: None,
         prompt: prompt(),
         max_tokens: 4,
@@ -119,17 +117,14 @@ fn request(id: usize, a: &Ask<'_>) -> Request {
     Request {
         id: format!("r{id}"),
         tenant: TenantId(a.tenant.to_owned()),
-        adapters: if a.compose.is_empty() {
-            a.adapter.into_iter().map(AdapterUse::plain).collect()
-        } else {
-            a.compose
-                .iter()
-                .map(|&(name, scale)| AdapterUse {
-                    name: name.to_owned(),
-                    scale,
-                })
-                .collect()
-        },
+        adapters: a
+            .adapters
+            .iter()
+            .map(|&(name, scale)| AdapterUse {
+                name: name.to_owned(),
+                scale,
+            })
+            .collect(),
         prompt: a.prompt.clone(),
         params: SamplingParams {
             max_tokens: a.max_tokens,
@@ -225,7 +220,7 @@ fn every_adapter_and_scale_of_a_composition_keys_its_blocks() {
         load(engine, "default", "y", &w.adapters[1]);
     }
     let with = |uses: &[(&'static str, f32)]| Ask {
-        compose: uses.to_vec(),
+        adapters: uses.to_vec(),
         ..ask("default", None)
     };
     let plain = one(&mut e, ask("default", Some("x")));

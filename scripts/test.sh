@@ -18,6 +18,9 @@ step "python clients of the e2e tests (pinned: e2e/clients/requirements.txt)"
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
   -r e2e/clients/requirements.txt
 
+step "emulators of the e2e tests (pinned: e2e/clients/package.json, package-lock.json)"
+npm ci --prefix e2e/clients --no-audit --no-fund --ignore-scripts --loglevel=error
+
 step "format"
 cargo fmt --all -- --check
 

@@ -27,6 +27,7 @@ use loraplane_agent::engine::{AdapterUse, EngineConfig, Event, Request, Sampling
 use loraplane_agent::lora::ids::{AdapterKey, TenantId};
 use loraplane_agent::model::tokenizer::ChatMessage;
 
+pub mod object_stores;
 pub mod s3;
 pub mod servers;
 

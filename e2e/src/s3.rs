@@ -1,6 +1,7 @@
 //! A real S3-protocol server for the tests: `e2e/clients/s3_server.py` (moto in server mode,
 //! authentication enforced) as a child process on a loopback port, holding the objects the
-//! test uploaded through it with boto3. Killed on drop.
+//! test uploaded through it with boto3. Killed on drop. (The GCS and Azure servers, and the
+//! helpers every object-store test shares, are in [`crate::object_stores`].)
 
 use std::io::{BufRead, BufReader};
 use std::path::Path;

@@ -5,8 +5,8 @@
 //! Adapters: one agent, configured the way the operator and the chart configure it (CA bundle,
 //! object-store credentials, `--pvc-mount-dir`, adapter roots, Hub endpoint), loads the same
 //! adapter through every scheme of `LoraAdapter.spec.source.uri` as the operator sends it
-//! (`AdapterSource::to_uri`), from real servers (HTTPS with a private CA, moto, a Hub
-//! stand-in) and directories, and serves what the local files serve. Models: for every scheme
+//! (`AdapterSource::to_uri`), from real servers (HTTPS with a private CA, moto,
+//! fake-gcs-server, Azurite, a Hub stand-in) and directories, and serves what the local files serve. Models: for every scheme
 //! of `BaseModel.spec.source.uri`, an agent starts from the operator's `--model`
 //! (`desired::config::model_arg`) and serves.
 
@@ -17,6 +17,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use kube::CustomResourceExt;
+use loraplane_e2e::object_stores::{Azurite, FakeGcs};
 use loraplane_e2e::s3::MotoS3;
 use loraplane_e2e::servers::{self, Files};
 use loraplane_e2e::{Agent, HttpResponse, World, key_hash, load_lora, post_json};
@@ -63,6 +64,28 @@ fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// The object-store servers of `s3://`, `gs://` and `az://`, each holding the same objects.
+struct Stores {
+    s3: MotoS3,
+    gcs: FakeGcs,
+    azure: Azurite,
+}
+
+impl Stores {
+    fn start(puts: &[(String, &Path)]) -> Stores {
+        Stores {
+            s3: MotoS3::start(&[], puts),
+            gcs: FakeGcs::start(&[], puts),
+            azure: Azurite::start(&[], puts),
+        }
+    }
+
+    /// The agent's environment for all three, as the chart would set it.
+    fn env(&self) -> Vec<(&'static str, String)> {
+        [self.s3.env(), self.gcs.env(), self.azure.env()].concat()
+    }
+}
+
 async fn admin_load(agent: &Agent, name: &str, path: &str) -> HttpResponse {
     load_lora(agent, ADMIN, name, path).await
 }
@@ -98,7 +121,7 @@ async fn every_adapter_scheme_the_crd_accepts_loads_on_the_agent() {
         .map(|(n, _)| (format!("adapters/acme/sql/{n}"), sql.join(n)))
         .collect();
     let puts: Vec<(String, &Path)> = puts.iter().map(|(k, p)| (k.clone(), p.as_path())).collect();
-    let s3 = MotoS3::start(&[], &puts);
+    let stores = Stores::start(&puts);
     let hub: Files = adapter_files
         .iter()
         .map(|(n, b)| (format!("acme/sql-lora/{n}"), b.clone()))
@@ -113,11 +136,13 @@ async fn every_adapter_scheme_the_crd_accepts_loads_on_the_agent() {
             format!("https://localhost:{}/a/sql", https_addr.port()),
         ),
         ("s3", "s3://adapters/acme/sql".to_owned()),
+        ("gs", "gs://adapters/acme/sql".to_owned()),
+        ("az", "az://adapters/acme/sql".to_owned()),
         ("pvc", "pvc://team-adapters/acme/sql".to_owned()),
         ("file", format!("file://{}", sql.display())),
         ("hf", "hf://acme/sql-lora".to_owned()),
     ]);
-    let env = s3.env();
+    let env = stores.env();
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     let admin = key_hash(ADMIN);
     let agent = Agent::start_with_env(
@@ -185,7 +210,7 @@ async fn every_model_scheme_the_crd_accepts_starts_an_agent() {
         .map(|(n, _)| (format!("models/tiny/{n}"), w.model.join(n)))
         .collect();
     let puts: Vec<(String, &Path)> = puts.iter().map(|(k, p)| (k.clone(), p.as_path())).collect();
-    let s3 = MotoS3::start(&[], &puts);
+    let stores = Stores::start(&puts);
     // The operator mounts a model's claim at PVC_DIR/<claim>; here that directory is a temp one.
     let pvc_mounts = w.path("pvc");
     copy_dir(&w.model, &pvc_mounts.join("models-claim/tiny"));
@@ -196,6 +221,8 @@ async fn every_model_scheme_the_crd_accepts_starts_an_agent() {
             format!("https://localhost:{}/m/tiny", https_addr.port()),
         ),
         ("s3", "s3://models/tiny".to_owned()),
+        ("gs", "gs://models/tiny".to_owned()),
+        ("az", "az://models/tiny".to_owned()),
         ("pvc", "pvc://models-claim/tiny".to_owned()),
         ("file", format!("file://{}", w.model.display())),
     ]);
@@ -218,7 +245,7 @@ async fn every_model_scheme_the_crd_accepts_starts_an_agent() {
             arg = format!("{}{rest}", pvc_mounts.display());
         }
         let cache = w.path(&format!("cache-{scheme}"));
-        let env: Vec<(&str, String)> = s3.env();
+        let env: Vec<(&str, String)> = stores.env();
         let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
         let agent = Agent::start_from(
             &w,

@@ -10,54 +10,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
-use std::process::Command;
 
+use loraplane_e2e::object_stores::{complete, tar_gz, uploads};
 use loraplane_e2e::s3::MotoS3;
-use loraplane_e2e::{Agent, HttpResponse, World, http, key_hash, load_lora, post_json};
+use loraplane_e2e::{Agent, HttpResponse, World, http, key_hash, load_lora};
 
 const ADMIN: &str = "sources-admin";
-const PROMPT: &str = "The adapter under test says";
 
 async fn admin_load(agent: &Agent, name: &str, path: &str) -> HttpResponse {
     load_lora(agent, ADMIN, name, path).await
-}
-
-/// Greedy completion text and token count of `model`.
-async fn complete(agent: &Agent, model: &str) -> (String, u64) {
-    let r = post_json(
-        agent.http,
-        "/v1/completions",
-        None,
-        &serde_json::json!({"model": model, "prompt": PROMPT, "max_tokens": 12, "temperature": 0}),
-    )
-    .await;
-    assert_eq!(r.status, 200, "{model}: {}", r.text());
-    let v = r.json();
-    (
-        v["choices"][0]["text"].as_str().unwrap().to_owned(),
-        v["usage"]["completion_tokens"].as_u64().unwrap(),
-    )
-}
-
-/// `adapter_config.json` and `adapter_model.safetensors` of `dir` as uploads under `prefix`.
-fn uploads(prefix: &str, dir: &Path) -> Vec<(String, std::path::PathBuf)> {
-    ["adapter_config.json", "adapter_model.safetensors"]
-        .iter()
-        .map(|f| (format!("{prefix}/{f}"), dir.join(f)))
-        .collect()
-}
-
-/// `tar czf out -C parent name`: the way a user packs an adapter directory.
-fn tar_gz(dir: &Path, out: &Path) {
-    let status = Command::new("tar")
-        .arg("czf")
-        .arg(out)
-        .arg("-C")
-        .arg(dir.parent().unwrap())
-        .arg(dir.file_name().unwrap())
-        .status()
-        .expect("running tar");
-    assert!(status.success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -21,7 +21,7 @@ use crate::disagg::config::{DisaggArgs, DisaggConfig, DisaggConfigError, Role};
 use crate::engine::{EngineConfig, PrefixCaching};
 use crate::lora::host::AdapterLimits;
 use crate::metrics::AdapterIdentity;
-use crate::sources::{CaBundle, SourceOptions};
+use crate::sources::{CaBundle, SourceOptions, StoreSettings};
 
 /// `--prefix-cache`: whether prompt prefixes' KV blocks are reused, and within what.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -235,7 +235,7 @@ pub struct SourceArgs {
     /// A file holding the Hub token (falls back to `HF_TOKEN`).
     #[arg(long, env = "LORAPLANE_HF_TOKEN_FILE")]
     pub hf_token_file: Option<PathBuf>,
-    /// A PEM bundle of extra CAs trusted by `https://` and `s3://` sources (falls back to
+    /// A PEM bundle of extra CAs trusted by `https://`, `s3://`, `gs://` and `az://` sources (falls back to
     /// `SSL_CERT_FILE`); the public roots stay trusted.
     #[arg(long, env = "LORAPLANE_SOURCE_CA_FILE")]
     pub source_ca_file: Option<PathBuf>,
@@ -372,8 +372,9 @@ impl ServeConfig {
 
 impl ServeArgs {
     /// Validates the flags. `env` reads the conventional variables the flags fall back on
-    /// (`HF_ENDPOINT`, `HF_TOKEN`, `SSL_CERT_FILE`, the `AWS_*` of
-    /// [`crate::sources::s3::ENVIRONMENT`]); pass `|k| std::env::var(k).ok()` in the binary.
+    /// (`HF_ENDPOINT`, `HF_TOKEN`, `SSL_CERT_FILE`, and the object stores' variables:
+    /// [`crate::sources::s3::ENVIRONMENT`], [`crate::sources::gcs::ENVIRONMENT`],
+    /// [`crate::sources::azure::ENVIRONMENT`]); pass `|k| std::env::var(k).ok()` in the binary.
     ///
     /// Errors: an unsupported role, a missing model, out-of-range sizes, unreadable key files.
     pub fn validate(
@@ -460,14 +461,10 @@ impl ServeArgs {
                 reason: format!("{reason} (the CA bundle of {from})"),
             })?);
         }
-        sources.s3.settings = crate::sources::s3::ENVIRONMENT
-            .iter()
-            .filter_map(|&(var, key)| {
-                env(var)
-                    .filter(|v| !v.is_empty())
-                    .map(|v| (key.to_owned(), v))
-            })
-            .collect();
+        sources.s3.settings =
+            StoreSettings::from_env(crate::sources::s3::ENVIRONMENT, &env).settings;
+        sources.gcs = StoreSettings::from_env(crate::sources::gcs::ENVIRONMENT, &env);
+        sources.azure = StoreSettings::from_env(crate::sources::azure::ENVIRONMENT, &env);
         if let Some(path) = s.s3_credentials_file {
             // Checked now so a typo stops the agent; read again at every fetch (rotation).
             let text = std::fs::read_to_string(&path).map_err(|e| ConfigError::File {

@@ -7,6 +7,8 @@
 //! | `https://host/dir` | `dir/<file>` for each file, into [`SourceOptions::cache_dir`]`/https` |
 //! | `https://host/dir/a.tar[.gz]` | one archive, unpacked safely ([`tarball`]) into the same cache |
 //! | `s3://bucket/prefix` | `prefix/<file>` (or one archive key) via `object_store`, into `cache_dir/s3` |
+//! | `gs://bucket/prefix` | the same from Google Cloud Storage, into `cache_dir/gs` |
+//! | `az://container/prefix` | the same from Azure Blob Storage (the account is configuration), into `cache_dir/az` |
 //! | `pvc://claim/path` | `path` on a claim mounted at [`SourceOptions::pvc_mount_dir`]`/claim`, confined to it |
 //! | `hf://org/repo[@revision]` | the Hugging Face Hub at [`SourceOptions::hf_endpoint`], via `hf-hub` |
 //!
@@ -20,9 +22,10 @@
 //!   [`SourceOptions::allowed_private_hosts`]; the size cap is enforced while streaming; a
 //!   download lands in a temporary directory renamed into place only when complete and verified,
 //!   so a failed or cancelled download leaves nothing behind.
-//! - `s3://` talks to the configured endpoint (AWS, or an S3-compatible server named by
-//!   `AWS_ENDPOINT_URL`), trusted configuration like the Hub endpoint; the bucket and key are
-//!   validated, and the download goes through the same size cap and cache as `https://`.
+//! - `s3://`, `gs://` and `az://` talk to the configured endpoint (the provider's, or one named
+//!   by the agent's configuration: `AWS_ENDPOINT_URL`, a service account's `gcs_base_url`,
+//!   `AZURE_STORAGE_ENDPOINT`), trusted like the Hub endpoint ([`cloud`]); the bucket and key
+//!   are validated, and the download goes through the same size cap and cache as `https://`.
 //! - An archive is unpacked with no path escapes (`..`, absolute paths, links), within the size
 //!   cap and [`tarball::MAX_ENTRIES`] entries.
 //! - `hf://` talks to the configured Hub endpoint, which is trusted configuration (like the
@@ -32,7 +35,10 @@
 //! - Errors name the URI with credentials and query strings removed ([`redact`]) and a reason;
 //!   tokens never appear in messages.
 
+pub mod azure;
+pub mod cloud;
 mod download;
+pub mod gcs;
 mod hf;
 mod https;
 mod local;
@@ -48,6 +54,7 @@ use std::time::Duration;
 
 use crate::lora::ids::Digest;
 
+pub use cloud::StoreSettings;
 pub use net::{AddressPolicy, HostResolver, StaticResolver, SystemResolver};
 pub use s3::S3Options;
 
@@ -114,10 +121,14 @@ pub struct SourceOptions {
     /// Resolves host names for `https://`; [`SystemResolver`] in production, a static table in
     /// tests.
     pub resolver: Arc<dyn HostResolver>,
-    /// Extra trust anchors for `https://` and `s3://` servers, beside the public roots.
+    /// Extra trust anchors for `https://` and object-store servers, beside the public roots.
     pub ca: Option<CaBundle>,
     /// The object store of `s3://` sources.
     pub s3: S3Options,
+    /// The object store of `gs://` sources (from [`gcs::ENVIRONMENT`]).
+    pub gcs: StoreSettings,
+    /// The object store of `az://` sources (from [`azure::ENVIRONMENT`]).
+    pub azure: StoreSettings,
     /// Where PersistentVolumeClaims are mounted (`<dir>/<claim>`), for `pvc://`. `None`:
     /// `pvc://` is refused.
     pub pvc_mount_dir: Option<PathBuf>,
@@ -181,6 +192,8 @@ impl std::fmt::Debug for SourceOptions {
             .field("hf_token", &self.hf_token.as_ref().map(|_| "<redacted>"))
             .field("ca", &self.ca)
             .field("s3", &self.s3)
+            .field("gcs", &self.gcs)
+            .field("azure", &self.azure)
             .field("pvc_mount_dir", &self.pvc_mount_dir)
             .finish_non_exhaustive()
     }
@@ -203,6 +216,8 @@ impl SourceOptions {
             resolver: Arc::new(SystemResolver),
             ca: None,
             s3: S3Options::default(),
+            gcs: StoreSettings::default(),
+            azure: StoreSettings::default(),
             pvc_mount_dir: None,
         }
     }
@@ -388,8 +403,9 @@ async fn fetch(
         )
         .await;
     }
-    if let Some(rest) = uri.strip_prefix("s3://") {
-        return with_timeout(&ctx, opts, s3::fetch(&ctx, rest, artifact, expected, opts)).await;
+    if let Some((cloud, rest)) = object_store_uri(uri) {
+        let work = cloud::fetch(cloud, &ctx, rest, artifact, expected, opts);
+        return with_timeout(&ctx, opts, work).await;
     }
     if let Some(rest) = uri.strip_prefix("file://") {
         let path = local::file_uri_path(&ctx, rest)?;
@@ -400,14 +416,15 @@ async fn fetch(
     }
     if let Some((scheme, _)) = uri.split_once("://") {
         return Err(ctx.unsupported(format!(
-            "scheme {scheme:?} is not one of file://, https://, s3://, pvc://, hf://"
+            "scheme {scheme:?} is not one of file://, https://, s3://, gs://, az://, pvc://, hf://"
         )));
     }
     local::resolve(&ctx, Path::new(uri), artifact, opts)
 }
 
 /// The adapters directly under a directory-like remote source, as `(name, uri)` pairs sorted by
-/// name: what `--adapters` preloads when given a URI. `s3://bucket/prefix` lists the prefix's
+/// name: what `--adapters` preloads when given a URI. `s3://bucket/prefix` (and `gs://`,
+/// `az://`) lists the prefix's
 /// sub-prefixes and `pvc://claim/dir` the directory's subdirectories, keeping those holding an
 /// `adapter_config.json`; other schemes cannot be listed ([`SourceError::Unsupported`]).
 pub async fn list_adapters(
@@ -418,15 +435,23 @@ pub async fn list_adapters(
     if uri.chars().any(char::is_control) {
         return Err(ctx.unsupported("the source URI contains control characters"));
     }
-    if let Some(rest) = uri.strip_prefix("s3://") {
-        return with_timeout(&ctx, opts, s3::list(&ctx, rest, opts)).await;
+    if let Some((cloud, rest)) = object_store_uri(uri) {
+        return with_timeout(&ctx, opts, cloud::list(cloud, &ctx, rest, opts)).await;
     }
     if let Some(rest) = uri.strip_prefix("pvc://") {
         return pvc::list(&ctx, rest, opts);
     }
     Err(ctx.unsupported(
-        "only s3:// and pvc:// directories (and local directories) can be listed for adapters",
+        "only s3://, gs://, az:// and pvc:// directories (and local directories) can be listed \
+         for adapters",
     ))
+}
+
+/// The object store a URI names, and the URI after its scheme.
+fn object_store_uri(uri: &str) -> Option<(cloud::Cloud, &str)> {
+    [cloud::Cloud::S3, cloud::Cloud::Gcs, cloud::Cloud::Azure]
+        .into_iter()
+        .find_map(|c| Some((c, uri.strip_prefix(c.scheme())?.strip_prefix("://")?)))
 }
 
 async fn with_timeout<T>(
@@ -507,7 +532,9 @@ mod tests {
         let opts = SourceOptions::new(std::env::temp_dir());
         for uri in [
             "",
-            "gs://bucket/key",
+            "gs://Bad_Bucket/key",
+            "az://container",
+            "abfs://x/y",
             "ftp://x/y",
             "hf\u{0}://x",
             "pvc://claim/x",

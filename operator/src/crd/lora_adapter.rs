@@ -208,7 +208,10 @@ pub struct AdapterSource {
     /// namespace, mounted read-only into its agents; the adapter must live in that namespace),
     /// `file:///…` (under the agents' adapter roots) or `hf://org/repo[@rev]`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^(https|s3|gs|az|pvc|file|hf)://.+$"), length(max = 4096))]
+    #[schemars(
+        regex(pattern = r"^(https|s3|gs|az|pvc|file|hf)://.+$"),
+        length(max = 4096)
+    )]
     pub uri: Option<String>,
     /// Expected hex SHA-256 of `adapter_model.safetensors` (optionally `sha256:`-prefixed); a
     /// load whose files differ fails.

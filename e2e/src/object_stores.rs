@@ -10,9 +10,11 @@
 //!   (`e2e/clients/package.json`), with Shared Key authentication enforced; the containers and
 //!   blobs are created through it with the official Python SDK (`e2e/clients/azure_setup.py`).
 
+use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use crate::{Agent, post_json, workspace_root};
@@ -59,26 +61,15 @@ pub fn tar_gz(dir: &Path, out: &Path) {
     assert!(status.success());
 }
 
-/// A port nobody listens on right now.
-fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("binding a loopback port");
-    listener.local_addr().expect("a local address").port()
-}
+/// A child process killed and reaped when dropped, from the moment it is spawned: a panic
+/// during set-up leaves no emulator behind.
+struct Reaped(Child);
 
-/// Waits until `port` accepts connections, or panics naming `what` and how to install it.
-fn wait_for(child: &mut Child, port: u16, what: &str, install: &str) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-            return;
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!("{what} exited with {status} before listening ({install})");
-        }
-        std::thread::sleep(Duration::from_millis(50));
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
-    let _ = child.kill();
-    panic!("{what} did not listen on port {port} within 60 s ({install})");
 }
 
 const PIP_INSTALL: &str = "install the pinned clients: python3 -m pip install -r \
@@ -86,7 +77,7 @@ const PIP_INSTALL: &str = "install the pinned clients: python3 -m pip install -r
 
 /// A running fake-gcs-server.
 pub struct FakeGcs {
-    child: Child,
+    _child: Reaped,
     /// `http://127.0.0.1:<port>`.
     pub endpoint: String,
     /// A service-account file pointing `object_store` at this server.
@@ -121,44 +112,56 @@ impl FakeGcs {
             String::from_utf8_lossy(&out.stderr)
         );
         let binary = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        let port = free_port();
-        let mut child = Command::new(&binary)
-            .args([
-                "-scheme",
-                "http",
-                "-host",
-                "127.0.0.1",
-                "-backend",
-                "memory",
-            ])
-            .args(["-log-level", "error", "-port", &port.to_string()])
-            // The XML API (object reads, `list-type=2` listings), which `object_store` uses, is
-            // served on path-style URLs only for requests to the public host.
-            .args(["-public-host", &format!("127.0.0.1:{port}")])
-            .arg("-data")
-            .arg(&data)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap_or_else(|e| panic!("starting {binary}: {e}"));
-        wait_for(&mut child, port, "fake-gcs-server", PIP_INSTALL);
-        let endpoint = format!("http://127.0.0.1:{port}");
-        let service_account = dir.path().join("service-account.json");
-        let account = serde_json::json!({
-            "gcs_base_url": endpoint,
-            "disable_oauth": true,
-            "client_email": "",
-            "private_key": "",
-            "private_key_id": "",
-        });
-        std::fs::write(&service_account, account.to_string()).expect("writing the account");
-        FakeGcs {
-            child,
-            endpoint,
-            service_account,
-            _dir: dir,
+        // The server must know its port up front (its public host names it), so it cannot be
+        // given port 0: a free port is picked, and when another process takes it first the
+        // server exits or another answers, and the start is tried again on a new one.
+        for _ in 0..5 {
+            let port = {
+                let l = std::net::TcpListener::bind("127.0.0.1:0").expect("a loopback port");
+                l.local_addr().expect("a local address").port()
+            };
+            let child = Command::new(&binary)
+                .args([
+                    "-scheme",
+                    "http",
+                    "-host",
+                    "127.0.0.1",
+                    "-backend",
+                    "memory",
+                ])
+                .args(["-log-level", "error", "-port", &port.to_string()])
+                // The XML API (object reads, `list-type=2` listings), which `object_store`
+                // uses, is served on path-style URLs only for requests to the public host.
+                .args(["-public-host", &format!("127.0.0.1:{port}")])
+                .arg("-data")
+                .arg(&data)
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("starting {binary}: {e}"));
+            let mut child = Reaped(child);
+            if !serves_gcs(&mut child.0, port) {
+                continue;
+            }
+            let endpoint = format!("http://127.0.0.1:{port}");
+            let service_account = dir.path().join("service-account.json");
+            let account = serde_json::json!({
+                "gcs_base_url": endpoint,
+                "disable_oauth": true,
+                "client_email": "",
+                "private_key": "",
+                "private_key_id": "",
+            });
+            std::fs::write(&service_account, account.to_string()).expect("writing the account");
+            return FakeGcs {
+                _child: child,
+                endpoint,
+                service_account,
+                _dir: dir,
+            };
         }
+        panic!("fake-gcs-server did not start in five tries ({PIP_INSTALL})");
     }
 
     /// The agent's environment for this server.
@@ -170,11 +173,24 @@ impl FakeGcs {
     }
 }
 
-impl Drop for FakeGcs {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+/// Whether the fake-gcs-server just started as `child` answers on `port` (its bucket listing,
+/// not just any listener); `false` when it exited or 30 s passed.
+fn serves_gcs(child: &mut Child, port: u16) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while Instant::now() < deadline {
+        if !matches!(child.try_wait(), Ok(None)) {
+            return false;
+        }
+        if let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) {
+            let mut answer = String::new();
+            let asked = stream
+                .write_all(b"GET /storage/v1/b HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+                .and_then(|()| stream.read_to_string(&mut answer));
+            return asked.is_ok() && answer.contains("storage#buckets");
+        }
+        std::thread::sleep(Duration::from_millis(50));
     }
+    false
 }
 
 /// Azurite's one storage account and its key (public, documented by Microsoft).
@@ -187,35 +203,46 @@ const NPM_INSTALL: &str = "install the pinned emulator: npm ci --prefix e2e/clie
 
 /// A running Azurite blob service.
 pub struct Azurite {
-    child: Child,
+    _child: Reaped,
     /// The account's endpoint, `http://127.0.0.1:<port>/devstoreaccount1`.
     pub endpoint: String,
-    _dir: tempfile::TempDir,
 }
 
 impl Azurite {
     /// Starts the emulator and creates `containers` (empty) and `puts` (`container/blob`, local
     /// file).
     pub fn start(containers: &[&str], puts: &[(String, &Path)]) -> Azurite {
-        let dir = tempfile::tempdir().expect("a temporary directory");
         let binary = workspace_root().join("e2e/clients/node_modules/.bin/azurite-blob");
         assert!(
             binary.exists(),
             "{} is missing ({NPM_INSTALL})",
             binary.display()
         );
-        let port = free_port();
-        let mut child = Command::new(&binary)
-            .args(["--blobHost", "127.0.0.1", "--blobPort", &port.to_string()])
-            .args(["--inMemoryPersistence", "--disableTelemetry", "--silent"])
+        // Port 0: the emulator binds a free port itself and prints the address it listens on.
+        let child = Command::new(&binary)
+            .args(["--blobHost", "127.0.0.1", "--blobPort", "0"])
+            .args(["--inMemoryPersistence", "--disableTelemetry"])
             .arg("--skipApiVersionCheck")
             .stdin(Stdio::null())
-            .stdout(Stdio::null())
+            .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("starting {}: {e}", binary.display()));
-        wait_for(&mut child, port, "azurite-blob", NPM_INSTALL);
-        let endpoint = format!("http://127.0.0.1:{port}/{AZURITE_ACCOUNT}");
+        let mut child = Reaped(child);
+        let stdout = child.0.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            // Read to the end so the emulator never blocks on a full pipe.
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(url) = line.split("listens on ").nth(1) {
+                    let _ = tx.send(url.trim().to_owned());
+                }
+            }
+        });
+        let url = rx
+            .recv_timeout(Duration::from_secs(60))
+            .unwrap_or_else(|_| panic!("azurite-blob did not start listening ({NPM_INSTALL})"));
+        let endpoint = format!("{url}/{AZURITE_ACCOUNT}");
         let mut setup = Command::new("python3");
         setup
             .arg(workspace_root().join("e2e/clients/azure_setup.py"))
@@ -232,17 +259,14 @@ impl Azurite {
         let out = setup
             .output()
             .expect("running python3 e2e/clients/azure_setup.py");
-        if !out.status.success() {
-            let _ = child.kill();
-            panic!(
-                "creating the blobs failed ({PIP_INSTALL}): {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-        }
+        assert!(
+            out.status.success(),
+            "creating the blobs failed ({PIP_INSTALL}): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Azurite {
-            child,
+            _child: child,
             endpoint,
-            _dir: dir,
         }
     }
 
@@ -253,12 +277,5 @@ impl Azurite {
             ("AZURE_STORAGE_ACCOUNT_KEY", AZURITE_KEY.to_owned()),
             ("AZURE_STORAGE_ENDPOINT", self.endpoint.clone()),
         ]
-    }
-}
-
-impl Drop for Azurite {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }

@@ -6,9 +6,9 @@
 //! object-store credentials, `--pvc-mount-dir`, adapter roots, Hub endpoint), loads the same
 //! adapter through every scheme of `LoraAdapter.spec.source.uri` as the operator sends it
 //! (`AdapterSource::to_uri`), from real servers (HTTPS with a private CA, moto,
-//! fake-gcs-server, Azurite, a Hub stand-in) and directories, and serves what the local files serve. Models: for every scheme
-//! of `BaseModel.spec.source.uri`, an agent starts from the operator's `--model`
-//! (`desired::config::model_arg`) and serves.
+//! fake-gcs-server, Azurite, a Hub stand-in) and directories, and serves what the local files
+//! serve. Models: for every scheme of `BaseModel.spec.source.uri`, an agent starts from the
+//! operator's `--model` (`desired::config::model_arg`) and serves.
 
 // Test setup fails loudly by design.
 #![allow(clippy::unwrap_used, clippy::expect_used)]

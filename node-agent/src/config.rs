@@ -133,8 +133,9 @@ pub struct TenancyArgs {
 #[derive(Debug, Clone, clap::Args)]
 pub struct AdapterArgs {
     /// Preload every PEFT adapter directory in this directory (tenant `default`, named after
-    /// the directory); or in an `s3://bucket/prefix` or `pvc://claim/dir` (each sub-prefix or
-    /// subdirectory holding an `adapter_config.json`).
+    /// the directory); or under an `s3://bucket/prefix`, `gs://bucket/prefix`,
+    /// `az://container/prefix` or `pvc://claim/dir` (each sub-prefix or subdirectory holding an
+    /// `adapter_config.json`).
     #[arg(long, env = "LORAPLANE_ADAPTERS")]
     pub adapters: Option<PathBuf>,
     /// Largest adapter rank accepted.
@@ -235,8 +236,8 @@ pub struct SourceArgs {
     /// A file holding the Hub token (falls back to `HF_TOKEN`).
     #[arg(long, env = "LORAPLANE_HF_TOKEN_FILE")]
     pub hf_token_file: Option<PathBuf>,
-    /// A PEM bundle of extra CAs trusted by `https://`, `s3://`, `gs://` and `az://` sources (falls back to
-    /// `SSL_CERT_FILE`); the public roots stay trusted.
+    /// A PEM bundle of extra CAs trusted by `https://`, `s3://`, `gs://` and `az://` sources
+    /// (falls back to `SSL_CERT_FILE`); the public roots stay trusted.
     #[arg(long, env = "LORAPLANE_SOURCE_CA_FILE")]
     pub source_ca_file: Option<PathBuf>,
     /// An AWS shared-credentials file (`[default]` profile) for `s3://` sources, read at every
@@ -464,6 +465,15 @@ impl ServeArgs {
         sources.s3.settings =
             StoreSettings::from_env(crate::sources::s3::ENVIRONMENT, &env).settings;
         sources.gcs = StoreSettings::from_env(crate::sources::gcs::ENVIRONMENT, &env);
+        for var in crate::sources::gcs::CREDENTIAL_FILES {
+            if let Some(path) = env(var).filter(|p| !p.is_empty()) {
+                // Checked now so a typo stops the agent; read again at every fetch (rotation).
+                std::fs::read(&path).map_err(|e| ConfigError::File {
+                    path: path.into(),
+                    reason: format!("{e} (the GCS credentials of {var})"),
+                })?;
+            }
+        }
         sources.azure = StoreSettings::from_env(crate::sources::azure::ENVIRONMENT, &env);
         if let Some(path) = s.s3_credentials_file {
             // Checked now so a typo stops the agent; read again at every fetch (rotation).
@@ -685,6 +695,50 @@ mod tests {
         std::fs::write(&json, r#"{"model": "/j", "drain-timeout": "5s"}"#).unwrap();
         let a = serve(&["--config", json.to_str().unwrap()]).unwrap();
         assert_eq!(a.server.drain_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn object_store_variables_are_read_and_a_missing_credentials_file_stops_the_agent() {
+        let vars = |k: &str| match k {
+            "AZURE_STORAGE_ACCOUNT_NAME" => Some("acct".to_owned()),
+            "AZURE_STORAGE_ACCOUNT_KEY" => Some("c2VjcmV0".to_owned()),
+            "GOOGLE_SKIP_SIGNATURE" => Some("true".to_owned()),
+            "AWS_REGION" => Some("eu-west-1".to_owned()),
+            _ => None,
+        };
+        let c = serve(&["--model", "/m"]).unwrap().validate(vars).unwrap();
+        let s = &c.sources;
+        assert_eq!(
+            s.azure.settings,
+            [
+                ("azure_storage_account_name".to_owned(), "acct".to_owned()),
+                (
+                    "azure_storage_account_key".to_owned(),
+                    "c2VjcmV0".to_owned()
+                )
+            ]
+        );
+        assert_eq!(
+            s.gcs.settings,
+            [("google_skip_signature".to_owned(), "true".to_owned())]
+        );
+        assert_eq!(
+            s.s3.settings,
+            [("aws_region".to_owned(), "eu-west-1".to_owned())]
+        );
+        assert!(!format!("{s:?}").contains("c2VjcmV0"), "a key in Debug");
+
+        let missing = |k: &str| {
+            (k == "GOOGLE_APPLICATION_CREDENTIALS").then(|| "/no/such/adc.json".to_owned())
+        };
+        let e = serve(&["--model", "/m"])
+            .unwrap()
+            .validate(missing)
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("GOOGLE_APPLICATION_CREDENTIALS"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -1,5 +1,5 @@
-//! `--adapters <uri>`: preloading every adapter under an `s3://` prefix or a `pvc://`
-//! directory, the remote counterpart of a local `--adapters` directory. Each adapter is named
+//! `--adapters <uri>`: preloading every adapter under an `s3://`, `gs://` or `az://` prefix or
+//! a `pvc://` directory, the remote counterpart of a local `--adapters` directory. Each adapter is named
 //! after its sub-prefix or subdirectory, belongs to tenant `default`, and is fetched through the
 //! same sources (cache, size cap, digest) as an admin load.
 

@@ -77,3 +77,18 @@ pub(crate) fn build(
         Err(e) => Err(BuildFailure::Store(e, secrets)),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_variable_names_a_setting_object_store_knows() {
+        for (var, key) in ENVIRONMENT {
+            assert!(key.parse::<AzureConfigKey>().is_ok(), "{var} → {key}");
+        }
+        for key in SECRET_SETTINGS {
+            assert!(ENVIRONMENT.iter().any(|(_, k)| k == key), "{key}");
+        }
+    }
+}

@@ -229,7 +229,7 @@ pub(crate) async fn list(
         let meta = match meta {
             Ok(m) => m,
             Err(e) => {
-                // A listing that finds nothing is an empty prefix, not an error.
+                // `Ok` only for a not-found answer to the listing itself: nothing to list.
                 classify(cloud, ctx, "listing", &e, &secrets)?;
                 break;
             }
@@ -382,15 +382,15 @@ fn classify(
 ) -> Result<(), SourceError> {
     let text = scrub(&full_text(e), secrets);
     let code = server_code(&text);
-    let word = cloud.bucket_word();
+    // A listing's failures arrive as generic errors whatever the status, so the server's code
+    // is read first.
+    if code
+        .as_deref()
+        .is_some_and(|c| cloud.missing_bucket_codes().contains(&c))
+    {
+        return Err(ctx.not_found(format!("no such {}", cloud.bucket_word())));
+    }
     match e {
-        object_store::Error::NotFound { .. }
-            if code
-                .as_deref()
-                .is_some_and(|c| cloud.missing_bucket_codes().contains(&c)) =>
-        {
-            Err(ctx.not_found(format!("no such {word}")))
-        }
         object_store::Error::NotFound { .. } => Ok(()),
         object_store::Error::PermissionDenied { .. }
         | object_store::Error::Unauthenticated { .. } => Err(ctx.forbidden(format!(

@@ -1,6 +1,6 @@
-//! The download cache shared by the remote sources (`https://`, `s3://`): what an artifact's
-//! files are, how they stream to disk under a size budget, and how a finished download lands in
-//! a digest-keyed directory.
+//! The download cache shared by the remote sources (`https://` and the object stores): what an
+//! artifact's files are, how they stream to disk under a size budget, and how a finished
+//! download lands in a digest-keyed directory.
 //!
 //! A source implements [`Remote`] (open one file by name); [`download`] walks the artifact's
 //! files through it and [`download_tarball`] fetches one archive and unpacks it

@@ -32,6 +32,13 @@ pub const ENVIRONMENT: &[(&str, &str)] = &[
     ("GOOGLE_SKIP_SIGNATURE", "google_skip_signature"),
 ];
 
+/// The variables that name credentials files (checked at start-up, read at every fetch).
+pub const CREDENTIAL_FILES: &[&str] = &[
+    "GOOGLE_SERVICE_ACCOUNT",
+    "GOOGLE_SERVICE_ACCOUNT_PATH",
+    "GOOGLE_APPLICATION_CREDENTIALS",
+];
+
 /// Settings whose values are secrets (scrubbed from messages).
 const SECRET_SETTINGS: &[&str] = &["google_service_account_key"];
 
@@ -57,7 +64,9 @@ pub(crate) fn build(
         &mut secrets,
         |b: GoogleCloudStorageBuilder, k: GoogleConfigKey, v| b.with_config(k, v),
     )?;
-    if base_url(settings).is_some_and(|u| u.starts_with("http://")) {
+    let account = account_file(settings);
+    secrets.extend(account.secrets);
+    if account.base_url.is_some_and(|u| u.starts_with("http://")) {
         builder = builder.with_config(GoogleConfigKey::Client(ClientConfigKey::AllowHttp), "true");
     }
     match builder.build() {
@@ -66,15 +75,38 @@ pub(crate) fn build(
     }
 }
 
-/// The `gcs_base_url` of the configured service account, if it names one. Unreadable or
-/// malformed credentials are left to `object_store`, which reports them.
-fn base_url(settings: &[(String, String)]) -> Option<String> {
-    let json = match setting(settings, "google_service_account") {
-        Some(path) => std::fs::read_to_string(path).ok()?,
-        None => setting(settings, "google_service_account_key")?.to_owned(),
+/// What the agent reads of the configured credentials files itself.
+#[derive(Debug, Default, PartialEq)]
+struct AccountFile {
+    /// The service account's `gcs_base_url`, if it names one.
+    base_url: Option<String>,
+    /// The files' secret values, scrubbed from messages like the inline key.
+    secrets: Vec<String>,
+}
+
+/// The secret fields of service-account and authorized-user JSON files.
+const SECRET_FIELDS: &[&str] = &["private_key", "client_secret", "refresh_token"];
+
+/// Reads the configured service-account and application-default-credentials JSON (files or
+/// the inline key). Unreadable or malformed ones are left to `object_store`, which reports them.
+fn account_file(settings: &[(String, String)]) -> AccountFile {
+    let parse = |json: &str| serde_json::from_str::<serde_json::Value>(json).ok();
+    let account = match setting(settings, "google_service_account") {
+        Some(path) => std::fs::read_to_string(path).ok().and_then(|j| parse(&j)),
+        None => setting(settings, "google_service_account_key").and_then(parse),
     };
-    let value: serde_json::Value = serde_json::from_str(&json).ok()?;
-    value.get("gcs_base_url")?.as_str().map(str::to_owned)
+    let application = setting(settings, "google_application_credentials")
+        .and_then(|path| std::fs::read_to_string(path).ok())
+        .and_then(|j| parse(&j));
+    let field = |v: &serde_json::Value, k: &str| v.get(k)?.as_str().map(str::to_owned);
+    AccountFile {
+        base_url: account.as_ref().and_then(|a| field(a, "gcs_base_url")),
+        secrets: [account, application]
+            .iter()
+            .flatten()
+            .flat_map(|v| SECRET_FIELDS.iter().filter_map(|k| field(v, k)))
+            .collect(),
+    }
 }
 
 #[cfg(test)]
@@ -82,15 +114,50 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_emulators_base_url_is_read_from_the_service_account() {
+    fn an_emulators_base_url_and_the_files_secrets_are_read() {
         let key = r#"{"gcs_base_url":"http://127.0.0.1:4443","disable_oauth":true}"#;
         let settings = vec![("google_service_account_key".to_owned(), key.to_owned())];
         assert_eq!(
-            base_url(&settings).as_deref(),
+            account_file(&settings).base_url.as_deref(),
             Some("http://127.0.0.1:4443")
         );
-        assert_eq!(base_url(&[]), None);
+        assert_eq!(account_file(&[]), AccountFile::default());
         let broken = vec![("google_service_account_key".to_owned(), "{".to_owned())];
-        assert_eq!(base_url(&broken), None);
+        assert_eq!(account_file(&broken), AccountFile::default());
+
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+        let sa = dir.path().join("sa.json");
+        let adc = dir.path().join("adc.json");
+        std::fs::write(
+            &sa,
+            r#"{"type":"service_account","private_key":"PEM-SECRET"}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        std::fs::write(
+            &adc,
+            r#"{"type":"authorized_user","client_secret":"CS","refresh_token":"RT"}"#,
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+        let settings = vec![
+            (
+                "google_service_account".to_owned(),
+                sa.display().to_string(),
+            ),
+            (
+                "google_application_credentials".to_owned(),
+                adc.display().to_string(),
+            ),
+        ];
+        assert_eq!(account_file(&settings).secrets, ["PEM-SECRET", "CS", "RT"]);
+    }
+
+    #[test]
+    fn every_variable_names_a_setting_object_store_knows() {
+        for (var, key) in ENVIRONMENT {
+            assert!(key.parse::<GoogleConfigKey>().is_ok(), "{var} → {key}");
+        }
+        for key in SECRET_SETTINGS {
+            assert!(ENVIRONMENT.iter().any(|(_, k)| k == key), "{key}");
+        }
     }
 }

@@ -208,6 +208,16 @@ mod tests {
     use super::*;
 
     #[test]
+    fn every_variable_names_a_setting_object_store_knows() {
+        for (var, key) in ENVIRONMENT {
+            assert!(key.parse::<AmazonS3ConfigKey>().is_ok(), "{var} → {key}");
+        }
+        for key in SECRET_SETTINGS {
+            assert!(ENVIRONMENT.iter().any(|(_, k)| k == key), "{key}");
+        }
+    }
+
+    #[test]
     fn credentials_files() {
         let creds = parse_credentials(
             "# mounted\n[other]\naws_access_key_id = NO\n[default]\naws_access_key_id = AK\naws_secret_access_key = SK\n",

@@ -167,14 +167,20 @@ fn prefill_segments_with_ragged_ranks_and_columns_match_naive() {
 #[test]
 fn rows_longer_than_a_shrink_block_match_naive() {
     // 2,100 columns: two whole blocks of 1,024 and a last one of 52 (a 16-float body and a
-    // tail of 4), summed block by block; a prefill segment and decode-sized ones.
+    // tail of 4), summed block by block; a prefill segment and decode-sized ones, one of them a
+    // single row (the fused kernel's one-row shrink).
     check(
         11,
-        20,
+        21,
         2100,
         40,
         6,
-        &[(0..14, 5, 0.3), (14..16, 6, -0.7), (17..20, 3, 1.5)],
+        &[
+            (0..14, 5, 0.3),
+            (14..16, 6, -0.7),
+            (17..20, 3, 1.5),
+            (20..21, 5, 0.9),
+        ],
     );
 }
 
@@ -220,6 +226,10 @@ fn same_bits_in_a_prefill_segment_and_alone(in_dim: usize) {
         let mut y1 = y0[t * out_dim..(t + 1) * out_dim].to_vec();
         lora_expand(&v1, max_rank, &pool, &one, out_dim, &mut y1).expect("expand one");
         assert_eq!(y1, y[t * out_dim..(t + 1) * out_dim], "y of row {t}");
+        // The fused kernel's one-row path: the same bits again.
+        let mut y2 = y0[t * out_dim..(t + 1) * out_dim].to_vec();
+        lora(x1, in_dim, &pool, &one, max_rank, out_dim, &mut y2).expect("fused one");
+        assert_eq!(y2, y1, "fused y of row {t}");
     }
 }
 

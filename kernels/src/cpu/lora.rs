@@ -274,7 +274,11 @@ pub fn lora(
             let first = EXPAND_COLS.min(out_dim);
             let warm = Lines::new(seg.b_rows, 0..first, Hint::L2);
             let x_rows = &x[t0 * in_dim..(t0 + m) * in_dim];
-            shrink_rows(isa, x_rows, in_dim, pool, seg.a_rows, v, rank, warm);
+            if m == 1 {
+                shrink_one(isa, x_rows, pool, seg.a_rows, v, warm);
+            } else {
+                shrink_rows(isa, x_rows, in_dim, pool, seg.a_rows, v, rank, warm);
+            }
             expand_chunk(isa, v, rank, pool, seg, out_dim, y_rows, acc);
         });
     };
@@ -571,6 +575,33 @@ fn shrink_rows(
                 }
             }
             j0 += pair.len();
+        }
+    }
+}
+
+/// [`shrink_rows`] for one row of `x` (a decode segment): `v[j] = x · A_j`, each A row read
+/// whole, block after block, before the next. A's rows lie back to back in their pages, so the
+/// shrink is one sequential read stream, the pattern the hardware prefetchers follow best;
+/// pairs of rows read side by side are two interleaved streams, each too short to train on.
+/// The blocks and their order are [`shrink_rows`]'s, and [`dots`] computes each dot alone, so
+/// the bits are the same.
+fn shrink_one(
+    isa: Isa,
+    x: &[f32],
+    pool: &[f32],
+    a_rows: &[usize],
+    v: &mut [f32],
+    mut warm: Lines<'_>,
+) {
+    let in_dim = x.len();
+    let warm_per_row = warm.len().div_ceil(a_rows.len().max(1));
+    for (v, &offset) in v.iter_mut().zip(a_rows) {
+        warm.issue(pool, warm_per_row);
+        let a = &pool[offset..offset + in_dim];
+        for k0 in (0..in_dim).step_by(SHRINK_K) {
+            let k1 = in_dim.min(k0 + SHRINK_K);
+            let sum = dots(isa, &x[k0..k1], in_dim, 1, &[&a[k0..k1]])[0][0];
+            *v = if k0 == 0 { sum } else { *v + sum };
         }
     }
 }

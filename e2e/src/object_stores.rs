@@ -40,6 +40,22 @@ pub async fn complete(agent: &Agent, model: &str) -> (String, u64) {
     )
 }
 
+/// The sorted ids `GET /v1/models` lists: what a preloaded prefix must add up to.
+pub async fn model_ids(agent: &Agent) -> Vec<String> {
+    let models = crate::http(agent.http, "GET", "/v1/models", &[], b"")
+        .await
+        .expect("GET /v1/models");
+    assert_eq!(models.status, 200, "{}", models.text());
+    let mut ids: Vec<String> = models.json()["data"]
+        .as_array()
+        .expect("a data array")
+        .iter()
+        .map(|m| m["id"].as_str().expect("an id").to_owned())
+        .collect();
+    ids.sort();
+    ids
+}
+
 /// `adapter_config.json` and `adapter_model.safetensors` of `dir` as uploads under `prefix`.
 pub fn uploads(prefix: &str, dir: &Path) -> Vec<(String, PathBuf)> {
     ["adapter_config.json", "adapter_model.safetensors"]

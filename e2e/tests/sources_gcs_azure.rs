@@ -11,8 +11,8 @@
 
 use std::path::{Path, PathBuf};
 
-use loraplane_e2e::object_stores::{Azurite, FakeGcs, complete, tar_gz, uploads};
-use loraplane_e2e::{Agent, HttpResponse, World, http, key_hash, load_lora};
+use loraplane_e2e::object_stores::{Azurite, FakeGcs, complete, model_ids, tar_gz, uploads};
+use loraplane_e2e::{Agent, HttpResponse, World, key_hash, load_lora};
 
 const ADMIN: &str = "sources-admin";
 
@@ -71,17 +71,7 @@ async fn serves_exactly_what_local_files_serve(
     );
 
     // The prefix's adapters were listed and preloaded; the one outside it was not.
-    let models = http(agent.http, "GET", "/v1/models", &[], b"")
-        .await
-        .unwrap();
-    assert_eq!(models.status, 200, "{}", models.text());
-    let mut ids: Vec<String> = models.json()["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap().to_owned())
-        .collect();
-    ids.sort();
+    let ids = model_ids(&agent).await;
     assert_eq!(ids, ["sql", "tiny", "tone"], "{scheme}: preloaded {ids:?}");
 
     // The same files from a local path: the reference.

@@ -11,9 +11,9 @@
 
 use std::path::Path;
 
-use loraplane_e2e::object_stores::{complete, tar_gz, uploads};
+use loraplane_e2e::object_stores::{complete, model_ids, tar_gz, uploads};
 use loraplane_e2e::s3::MotoS3;
-use loraplane_e2e::{Agent, HttpResponse, World, http, key_hash, load_lora};
+use loraplane_e2e::{Agent, HttpResponse, World, key_hash, load_lora};
 
 const ADMIN: &str = "sources-admin";
 
@@ -208,17 +208,7 @@ async fn an_s3_prefix_preloads_every_adapter_below_it() {
         &env,
     );
 
-    let models = http(agent.http, "GET", "/v1/models", &[], b"")
-        .await
-        .unwrap();
-    assert_eq!(models.status, 200, "{}", models.text());
-    let mut ids: Vec<String> = models.json()["data"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|m| m["id"].as_str().unwrap().to_owned())
-        .collect();
-    ids.sort();
+    let ids = model_ids(&agent).await;
     assert_eq!(ids, ["sql", "tiny", "tone"], "preloaded: {ids:?}");
     for (name, path) in [("sql-local", &sql), ("tone-local", &tone)] {
         let r = admin_load(&agent, name, path.to_str().unwrap()).await;

@@ -17,7 +17,7 @@ use std::sync::Arc;
 use object_store::azure::{AzureConfigKey, MicrosoftAzureBuilder};
 use object_store::{ClientOptions, ObjectStore, RetryConfig};
 
-use super::cloud::{BuildFailure, apply_settings, setting};
+use super::cloud::{BuildFailure, apply_settings, finish, setting};
 use super::{Ctx, SourceOptions};
 
 /// The environment variables the serving layer passes on, and the `object_store` setting each
@@ -72,10 +72,7 @@ pub(crate) fn build(
         &mut secrets,
         |b: MicrosoftAzureBuilder, k: AzureConfigKey, v| b.with_config(k, v),
     )?;
-    match builder.build() {
-        Ok(store) => Ok((Arc::new(store), secrets)),
-        Err(e) => Err(BuildFailure::Store(e, secrets)),
-    }
+    finish(builder.build(), secrets)
 }
 
 #[cfg(test)]
@@ -84,11 +81,6 @@ mod tests {
 
     #[test]
     fn every_variable_names_a_setting_object_store_knows() {
-        for (var, key) in ENVIRONMENT {
-            assert!(key.parse::<AzureConfigKey>().is_ok(), "{var} → {key}");
-        }
-        for key in SECRET_SETTINGS {
-            assert!(ENVIRONMENT.iter().any(|(_, k)| k == key), "{key}");
-        }
+        super::super::cloud::check_environment::<AzureConfigKey>(ENVIRONMENT, SECRET_SETTINGS);
     }
 }

@@ -323,6 +323,32 @@ pub(crate) fn apply_settings<B, K: std::str::FromStr>(
     Ok(builder)
 }
 
+/// A built store and its secrets, or why `object_store` refused the settings.
+pub(crate) fn finish<S: ObjectStore>(
+    built: object_store::Result<S>,
+    secrets: Vec<String>,
+) -> Result<(Arc<dyn ObjectStore>, Vec<String>), BuildFailure> {
+    match built {
+        Ok(store) => Ok((Arc::new(store), secrets)),
+        Err(e) => Err(BuildFailure::Store(e, secrets)),
+    }
+}
+
+/// Checks a cloud's environment table: every setting parses as its `object_store` key `K`,
+/// and every secret setting is one the table fills.
+#[cfg(test)]
+pub(crate) fn check_environment<K: std::str::FromStr>(
+    environment: &[(&str, &str)],
+    secret_settings: &[&str],
+) {
+    for (var, key) in environment {
+        assert!(key.parse::<K>().is_ok(), "{var} → {key}");
+    }
+    for key in secret_settings {
+        assert!(environment.iter().any(|(_, k)| k == key), "{key}");
+    }
+}
+
 /// The value of `key` in `settings`, if set.
 pub(crate) fn setting<'a>(settings: &'a [(String, String)], key: &str) -> Option<&'a str> {
     settings

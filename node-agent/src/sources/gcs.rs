@@ -16,7 +16,7 @@ use std::sync::Arc;
 use object_store::gcp::{GoogleCloudStorageBuilder, GoogleConfigKey};
 use object_store::{ClientConfigKey, ClientOptions, ObjectStore, RetryConfig};
 
-use super::cloud::{BuildFailure, apply_settings, setting};
+use super::cloud::{BuildFailure, apply_settings, finish, setting};
 use super::{Ctx, SourceOptions};
 
 /// The environment variables the serving layer passes on, and the `object_store` setting each
@@ -69,10 +69,7 @@ pub(crate) fn build(
     if account.base_url.is_some_and(|u| u.starts_with("http://")) {
         builder = builder.with_config(GoogleConfigKey::Client(ClientConfigKey::AllowHttp), "true");
     }
-    match builder.build() {
-        Ok(store) => Ok((Arc::new(store), secrets)),
-        Err(e) => Err(BuildFailure::Store(e, secrets)),
-    }
+    finish(builder.build(), secrets)
 }
 
 /// What the agent reads of the configured credentials files itself.
@@ -153,11 +150,6 @@ mod tests {
 
     #[test]
     fn every_variable_names_a_setting_object_store_knows() {
-        for (var, key) in ENVIRONMENT {
-            assert!(key.parse::<GoogleConfigKey>().is_ok(), "{var} → {key}");
-        }
-        for key in SECRET_SETTINGS {
-            assert!(ENVIRONMENT.iter().any(|(_, k)| k == key), "{key}");
-        }
+        super::super::cloud::check_environment::<GoogleConfigKey>(ENVIRONMENT, SECRET_SETTINGS);
     }
 }

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use object_store::aws::{AmazonS3Builder, AmazonS3ConfigKey};
 use object_store::{ClientOptions, ObjectStore, RetryConfig};
 
-use super::cloud::{BuildFailure, apply_settings, setting};
+use super::cloud::{BuildFailure, apply_settings, finish, setting};
 use super::{Ctx, SourceOptions};
 
 /// The environment variables the serving layer passes on, and the `object_store` setting each
@@ -197,10 +197,7 @@ pub(crate) fn build(
     if setting(settings, "aws_endpoint").is_some_and(|e| e.starts_with("http://")) {
         builder = builder.with_allow_http(true);
     }
-    match builder.build() {
-        Ok(store) => Ok((Arc::new(store), secrets)),
-        Err(e) => Err(BuildFailure::Store(e, secrets)),
-    }
+    finish(builder.build(), secrets)
 }
 
 #[cfg(test)]
@@ -209,12 +206,7 @@ mod tests {
 
     #[test]
     fn every_variable_names_a_setting_object_store_knows() {
-        for (var, key) in ENVIRONMENT {
-            assert!(key.parse::<AmazonS3ConfigKey>().is_ok(), "{var} → {key}");
-        }
-        for key in SECRET_SETTINGS {
-            assert!(ENVIRONMENT.iter().any(|(_, k)| k == key), "{key}");
-        }
+        super::super::cloud::check_environment::<AmazonS3ConfigKey>(ENVIRONMENT, SECRET_SETTINGS);
     }
 
     #[test]

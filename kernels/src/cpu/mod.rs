@@ -18,6 +18,7 @@ mod gemm;
 mod kv;
 pub(crate) mod lora;
 mod norm;
+mod pool;
 mod rope;
 mod sampling;
 mod simd;
@@ -28,6 +29,7 @@ pub use gemm::{PackedMatrix, gemm_packed};
 pub use kv::{KvLayout, gather_kv_pages, scatter_kv_pages, write_kv};
 pub use lora::{LoraSegment, lora, lora_expand, lora_shrink};
 pub use norm::rms_norm;
+pub use pool::zeroed_pool;
 pub use rope::{Llama3RopeScaling, RopeTable, rope, rope_inv_freq};
 pub use sampling::{SamplingSpec, argmax, log_softmax, sample};
 

@@ -85,7 +85,8 @@ impl Backend for CpuBackend {
     }
 
     fn pool(&self, pages: usize, page_elems: usize) -> Result<Vec<f32>> {
-        Ok(vec![0.0; pages * page_elems])
+        // Huge pages where the OS allows: adapter rows stream from everywhere in the pool.
+        Ok(k::zeroed_pool(pages * page_elems))
     }
 
     fn pool_write(&self, pool: &mut Vec<f32>, offset: usize, data: &[f32]) -> Result<()> {

@@ -65,7 +65,11 @@ impl FreeList {
         if n > self.free.len() {
             return None;
         }
-        let pages = self.free.split_off(self.free.len() - n);
+        let mut pages = self.free.split_off(self.free.len() - n);
+        // The stack's tail is in descending id order; handed out ascending, an allocation from
+        // a fresh pool (an adapter's rows, a sequence's blocks) lies at increasing addresses,
+        // the order it is read in.
+        pages.reverse();
         self.count(kind, n as i64);
         Some(pages)
     }

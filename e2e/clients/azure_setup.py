@@ -10,6 +10,7 @@ Pinned by e2e/clients/requirements.txt; e2e/src/object_stores.rs runs it.
 import argparse
 
 from azure.storage.blob import BlobServiceClient
+from put_specs import parse_puts
 
 
 def main():
@@ -25,14 +26,8 @@ def main():
         account_url=args.endpoint,
         credential={"account_name": args.account, "account_key": args.key},
     )
-    containers = set(args.container)
-    puts = []
-    for spec in args.put:
-        target, path = spec.split("=", 1)
-        container, blob = target.split("/", 1)
-        containers.add(container)
-        puts.append((container, blob, path))
-    for container in sorted(containers):
+    containers, puts = parse_puts(args.put, args.container)
+    for container in containers:
         service.create_container(container)
     for container, blob, path in puts:
         with open(path, "rb") as f:

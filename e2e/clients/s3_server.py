@@ -25,6 +25,7 @@ from urllib.parse import quote, unquote  # noqa: E402
 import boto3  # noqa: E402
 import moto.iam.access_control as access_control  # noqa: E402
 from moto.server import ThreadedMotoServer  # noqa: E402
+from put_specs import parse_puts  # noqa: E402
 
 
 def _aws_canonical_query(path):
@@ -98,14 +99,8 @@ def main():
         aws_access_key_id=key["AccessKeyId"],
         aws_secret_access_key=key["SecretAccessKey"],
     )
-    buckets = set(args.bucket)
-    puts = []
-    for spec in args.put:
-        target, path = spec.split("=", 1)
-        bucket, key_name = target.split("/", 1)
-        buckets.add(bucket)
-        puts.append((bucket, key_name, path))
-    for bucket in sorted(buckets):
+    buckets, puts = parse_puts(args.put, args.bucket)
+    for bucket in buckets:
         s3.create_bucket(Bucket=bucket)
     for bucket, key_name, path in puts:
         with open(path, "rb") as f:

@@ -17,10 +17,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use kube::CustomResourceExt;
-use loraplane_e2e::object_stores::{Azurite, FakeGcs};
+use loraplane_e2e::object_stores::{Azurite, FakeGcs, complete};
 use loraplane_e2e::s3::MotoS3;
 use loraplane_e2e::servers::{self, Files};
-use loraplane_e2e::{Agent, HttpResponse, World, key_hash, load_lora, post_json};
+use loraplane_e2e::{Agent, World, key_hash, load_lora, post_json};
 use loraplane_operator::crd::{AdapterSource, BaseModel, LoraAdapter};
 use loraplane_operator::desired::config::{PVC_DIR, model_arg};
 
@@ -86,22 +86,6 @@ impl Stores {
     }
 }
 
-async fn admin_load(agent: &Agent, name: &str, path: &str) -> HttpResponse {
-    load_lora(agent, ADMIN, name, path).await
-}
-
-async fn complete(agent: &Agent, model: &str) -> String {
-    let r = post_json(
-        agent.http,
-        "/v1/completions",
-        None,
-        &serde_json::json!({"model": model, "prompt": "Every scheme", "max_tokens": 8, "temperature": 0}),
-    )
-    .await;
-    assert_eq!(r.status, 200, "{model}: {}", r.text());
-    r.json()["choices"][0]["text"].as_str().unwrap().to_owned()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_adapter_scheme_the_crd_accepts_loads_on_the_agent() {
     let w = World::tiny();
@@ -163,7 +147,7 @@ async fn every_adapter_scheme_the_crd_accepts_loads_on_the_agent() {
         ],
         &env,
     );
-    let r = admin_load(&agent, "reference", sql.to_str().unwrap()).await;
+    let r = load_lora(&agent, ADMIN, "reference", sql.to_str().unwrap()).await;
     assert_eq!(r.status, 200, "{}", r.text());
     let reference = complete(&agent, "reference").await;
 
@@ -183,7 +167,7 @@ async fn every_adapter_scheme_the_crd_accepts_loads_on_the_agent() {
             sha256: None,
         };
         let name = format!("via-{scheme}");
-        let r = admin_load(&agent, &name, &source.to_uri()).await;
+        let r = load_lora(&agent, ADMIN, &name, &source.to_uri()).await;
         assert_eq!(r.status, 200, "{scheme}: {}", r.text());
         assert_eq!(complete(&agent, &name).await, reference, "{scheme}");
     }

@@ -12,13 +12,9 @@
 use std::path::{Path, PathBuf};
 
 use loraplane_e2e::object_stores::{Azurite, FakeGcs, complete, model_ids, tar_gz, uploads};
-use loraplane_e2e::{Agent, HttpResponse, World, key_hash, load_lora};
+use loraplane_e2e::{Agent, World, key_hash, load_lora};
 
 const ADMIN: &str = "sources-admin";
-
-async fn admin_load(agent: &Agent, name: &str, path: &str) -> HttpResponse {
-    load_lora(agent, ADMIN, name, path).await
-}
 
 /// Two adapters in a world, their uploads (`adapters/acme/{sql,tone}`, an archive, one adapter
 /// outside the preloaded prefix) and the local reference copies.
@@ -76,7 +72,7 @@ async fn serves_exactly_what_local_files_serve(
 
     // The same files from a local path: the reference.
     for (name, path) in [("sql-local", &u.sql), ("tone-local", &u.tone)] {
-        let r = admin_load(&agent, name, path.to_str().unwrap()).await;
+        let r = load_lora(&agent, ADMIN, name, path.to_str().unwrap()).await;
         assert_eq!(r.status, 200, "{name}: {}", r.text());
     }
     for (name, key) in [
@@ -84,7 +80,7 @@ async fn serves_exactly_what_local_files_serve(
         ("tone-store", "adapters/acme/tone/"),
         ("sql-tar", "adapters/archives/sql.tar.gz"),
     ] {
-        let r = admin_load(&agent, name, &format!("{scheme}://{key}")).await;
+        let r = load_lora(&agent, ADMIN, name, &format!("{scheme}://{key}")).await;
         assert_eq!(r.status, 200, "{scheme} {name}: {}", r.text());
     }
     let sql_local = complete(&agent, "sql-local").await;
@@ -104,18 +100,25 @@ async fn serves_exactly_what_local_files_serve(
     }
 
     // A missing bucket and a missing key are 404s; a malformed URI is a 400 before any request.
-    let r = admin_load(
+    let r = load_lora(
         &agent,
+        ADMIN,
         "nope",
         &format!("{scheme}://{missing_bucket}/acme/sql"),
     )
     .await;
     assert_eq!(r.status, 404, "{scheme}: {}", r.text());
     assert!(r.text().contains(missing_bucket_says), "{}", r.text());
-    let r = admin_load(&agent, "nope", &format!("{scheme}://adapters/acme/missing")).await;
+    let r = load_lora(
+        &agent,
+        ADMIN,
+        "nope",
+        &format!("{scheme}://adapters/acme/missing"),
+    )
+    .await;
     assert_eq!(r.status, 404, "{scheme}: {}", r.text());
     assert!(r.text().contains("adapter_config.json"), "{}", r.text());
-    let r = admin_load(&agent, "nope", &format!("{scheme}://Bad_Bucket/x")).await;
+    let r = load_lora(&agent, ADMIN, "nope", &format!("{scheme}://Bad_Bucket/x")).await;
     assert_eq!(r.status, 400, "{scheme}: {}", r.text());
 }
 
@@ -155,7 +158,7 @@ async fn azure_adapters_serve_exactly_what_local_files_serve_and_a_wrong_key_is_
             ("AZURE_STORAGE_ENDPOINT", azurite.endpoint.as_str()),
         ],
     );
-    let r = admin_load(&agent, "sql", "az://adapters/acme/sql").await;
+    let r = load_lora(&agent, ADMIN, "sql", "az://adapters/acme/sql").await;
     assert_eq!(r.status, 400, "{}", r.text());
     let text = r.text();
     assert!(text.contains("refused the credentials"), "{text}");

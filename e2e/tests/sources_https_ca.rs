@@ -10,26 +10,11 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 
+use loraplane_e2e::object_stores::complete;
 use loraplane_e2e::servers::https_files;
-use loraplane_e2e::{Agent, HttpResponse, World, key_hash, load_lora, post_json};
+use loraplane_e2e::{Agent, World, key_hash, load_lora};
 
 const ADMIN: &str = "ca-admin";
-
-async fn admin_load(agent: &Agent, name: &str, path: &str) -> HttpResponse {
-    load_lora(agent, ADMIN, name, path).await
-}
-
-async fn complete(agent: &Agent, model: &str) -> String {
-    let r = post_json(
-        agent.http,
-        "/v1/completions",
-        None,
-        &serde_json::json!({"model": model, "prompt": "Trust but verify", "max_tokens": 10, "temperature": 0}),
-    )
-    .await;
-    assert_eq!(r.status, 200, "{model}: {}", r.text());
-    r.json()["choices"][0]["text"].as_str().unwrap().to_owned()
-}
 
 fn read(dir: &Path, f: &str) -> Vec<u8> {
     std::fs::read(dir.join(f)).unwrap()
@@ -79,7 +64,7 @@ async fn https_sources_trust_a_private_ca_from_the_flag_or_ssl_cert_file() {
 
     // Without the CA: a clear TLS error, nothing loaded.
     let agent = Agent::start_with_env(&w, &base, &[("SSL_CERT_FILE", "")]);
-    let r = admin_load(&agent, "sql", &dir_uri).await;
+    let r = load_lora(&agent, ADMIN, "sql", &dir_uri).await;
     assert_eq!(r.status, 502, "{}", r.text());
     let text = r.text();
     assert!(
@@ -105,10 +90,10 @@ async fn https_sources_trust_a_private_ca_from_the_flag_or_ssl_cert_file() {
             ("sql-https", dir_uri.as_str()),
             ("sql-tar", tar_uri.as_str()),
         ] {
-            let r = admin_load(&agent, name, uri).await;
+            let r = load_lora(&agent, ADMIN, name, uri).await;
             assert_eq!(r.status, 200, "{name} {env:?}: {}", r.text());
         }
-        let r = admin_load(&agent, "sql-local", sql.to_str().unwrap()).await;
+        let r = load_lora(&agent, ADMIN, "sql-local", sql.to_str().unwrap()).await;
         assert_eq!(r.status, 200, "{}", r.text());
         let local = complete(&agent, "sql-local").await;
         assert_eq!(complete(&agent, "sql-https").await, local);

@@ -13,13 +13,9 @@ use std::path::Path;
 
 use loraplane_e2e::object_stores::{complete, model_ids, tar_gz, uploads};
 use loraplane_e2e::s3::MotoS3;
-use loraplane_e2e::{Agent, HttpResponse, World, key_hash, load_lora};
+use loraplane_e2e::{Agent, World, key_hash, load_lora};
 
 const ADMIN: &str = "sources-admin";
-
-async fn admin_load(agent: &Agent, name: &str, path: &str) -> HttpResponse {
-    load_lora(agent, ADMIN, name, path).await
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn s3_adapters_serve_exactly_what_local_files_serve() {
@@ -51,7 +47,7 @@ async fn s3_adapters_serve_exactly_what_local_files_serve() {
 
     // The same files from a local path: the reference.
     for (name, path) in [("sql-local", &sql), ("tone-local", &tone)] {
-        let r = admin_load(&agent, name, path.to_str().unwrap()).await;
+        let r = load_lora(&agent, ADMIN, name, path.to_str().unwrap()).await;
         assert_eq!(r.status, 200, "{name}: {}", r.text());
     }
     for (name, uri) in [
@@ -59,7 +55,7 @@ async fn s3_adapters_serve_exactly_what_local_files_serve() {
         ("tone-s3", "s3://adapters/acme/tone"),
         ("sql-tar", "s3://adapters/archives/sql.tar.gz"),
     ] {
-        let r = admin_load(&agent, name, uri).await;
+        let r = load_lora(&agent, ADMIN, name, uri).await;
         assert_eq!(r.status, 200, "{name}: {}", r.text());
     }
     let sql_local = complete(&agent, "sql-local").await;
@@ -73,16 +69,16 @@ async fn s3_adapters_serve_exactly_what_local_files_serve() {
     assert_eq!(complete(&agent, "sql-tar").await, sql_local);
 
     // A missing bucket and a missing key are 404s that say which.
-    let r = admin_load(&agent, "nope", "s3://no-such-bucket/acme/sql").await;
+    let r = load_lora(&agent, ADMIN, "nope", "s3://no-such-bucket/acme/sql").await;
     assert_eq!(r.status, 404, "{}", r.text());
     assert!(r.text().contains("no such bucket"), "{}", r.text());
-    let r = admin_load(&agent, "nope", "s3://adapters/acme/missing").await;
+    let r = load_lora(&agent, ADMIN, "nope", "s3://adapters/acme/missing").await;
     assert_eq!(r.status, 404, "{}", r.text());
     assert!(r.text().contains("adapter_config.json"), "{}", r.text());
-    let r = admin_load(&agent, "nope", "s3://empty-bucket/x").await;
+    let r = load_lora(&agent, ADMIN, "nope", "s3://empty-bucket/x").await;
     assert_eq!(r.status, 404, "{}", r.text());
     // A malformed URI is a 400 before any request.
-    let r = admin_load(&agent, "nope", "s3://Bad_Bucket/x").await;
+    let r = load_lora(&agent, ADMIN, "nope", "s3://Bad_Bucket/x").await;
     assert_eq!(r.status, 400, "{}", r.text());
 }
 
@@ -108,7 +104,7 @@ async fn s3_credentials_errors_and_limits() {
             ("AWS_SECRET_ACCESS_KEY", wrong),
         ],
     );
-    let r = admin_load(&agent, "sql", "s3://adapters/acme/sql").await;
+    let r = load_lora(&agent, ADMIN, "sql", "s3://adapters/acme/sql").await;
     assert_eq!(r.status, 400, "{}", r.text());
     let text = r.text();
     assert!(text.contains("refused the credentials"), "{text}");
@@ -129,7 +125,7 @@ async fn s3_credentials_errors_and_limits() {
             ("AWS_SECRET_ACCESS_KEY", wrong),
         ],
     );
-    let r = admin_load(&agent, "sql", "s3://adapters/acme/sql").await;
+    let r = load_lora(&agent, ADMIN, "sql", "s3://adapters/acme/sql").await;
     assert_eq!(r.status, 400, "{}", r.text());
     assert!(r.text().contains("InvalidAccessKeyId"), "{}", r.text());
     assert!(!r.text().contains(wrong), "{}", r.text());
@@ -155,7 +151,7 @@ async fn s3_credentials_errors_and_limits() {
         .concat(),
         &[("AWS_ENDPOINT_URL", s3.endpoint.as_str())],
     );
-    let r = admin_load(&agent, "sql", "s3://adapters/acme/sql").await;
+    let r = load_lora(&agent, ADMIN, "sql", "s3://adapters/acme/sql").await;
     assert_eq!(r.status, 200, "{}", r.text());
     drop(agent);
     let agent = Agent::start_with_env(
@@ -172,7 +168,7 @@ async fn s3_credentials_errors_and_limits() {
         .concat(),
         &[("AWS_ENDPOINT_URL", s3.endpoint.as_str())],
     );
-    let r = admin_load(&agent, "sql", "s3://adapters/acme/sql").await;
+    let r = load_lora(&agent, ADMIN, "sql", "s3://adapters/acme/sql").await;
     assert_eq!(r.status, 400, "{}", r.text());
     assert!(r.text().contains("download limit"), "{}", r.text());
 }
@@ -211,7 +207,7 @@ async fn an_s3_prefix_preloads_every_adapter_below_it() {
     let ids = model_ids(&agent).await;
     assert_eq!(ids, ["sql", "tiny", "tone"], "preloaded: {ids:?}");
     for (name, path) in [("sql-local", &sql), ("tone-local", &tone)] {
-        let r = admin_load(&agent, name, path.to_str().unwrap()).await;
+        let r = load_lora(&agent, ADMIN, name, path.to_str().unwrap()).await;
         assert_eq!(r.status, 200, "{name}: {}", r.text());
     }
     assert_eq!(

@@ -437,6 +437,43 @@ pub async fn load_lora(agent: &Agent, admin: &str, name: &str, path: &str) -> Ht
     post_json(agent.http, "/v1/load_lora_adapter", Some(admin), &body).await
 }
 
+/// The prompt [`complete`] sends.
+const PROMPT: &str = "The adapter under test says";
+
+/// Greedy completion text and token count of `model`: what two sources of the same adapter must
+/// agree on.
+pub async fn complete(agent: &Agent, model: &str) -> (String, u64) {
+    let r = post_json(
+        agent.http,
+        "/v1/completions",
+        None,
+        &serde_json::json!({"model": model, "prompt": PROMPT, "max_tokens": 12, "temperature": 0}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{model}: {}", r.text());
+    let v = r.json();
+    (
+        v["choices"][0]["text"].as_str().expect("text").to_owned(),
+        v["usage"]["completion_tokens"].as_u64().expect("usage"),
+    )
+}
+
+/// The sorted ids `GET /v1/models` lists: what a preloaded prefix must add up to.
+pub async fn model_ids(agent: &Agent) -> Vec<String> {
+    let models = http(agent.http, "GET", "/v1/models", &[], b"")
+        .await
+        .expect("GET /v1/models");
+    assert_eq!(models.status, 200, "{}", models.text());
+    let mut ids: Vec<String> = models.json()["data"]
+        .as_array()
+        .expect("a data array")
+        .iter()
+        .map(|m| m["id"].as_str().expect("an id").to_owned())
+        .collect();
+    ids.sort();
+    ids
+}
+
 /// The `data:` payloads of an SSE body, in order.
 pub fn sse_data(body: &[u8]) -> Vec<String> {
     String::from_utf8_lossy(body)

@@ -17,44 +17,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use crate::{Agent, post_json, workspace_root};
-
-/// The prompt [`complete`] sends.
-const PROMPT: &str = "The adapter under test says";
-
-/// Greedy completion text and token count of `model`: what two sources of the same adapter must
-/// agree on.
-pub async fn complete(agent: &Agent, model: &str) -> (String, u64) {
-    let r = post_json(
-        agent.http,
-        "/v1/completions",
-        None,
-        &serde_json::json!({"model": model, "prompt": PROMPT, "max_tokens": 12, "temperature": 0}),
-    )
-    .await;
-    assert_eq!(r.status, 200, "{model}: {}", r.text());
-    let v = r.json();
-    (
-        v["choices"][0]["text"].as_str().expect("text").to_owned(),
-        v["usage"]["completion_tokens"].as_u64().expect("usage"),
-    )
-}
-
-/// The sorted ids `GET /v1/models` lists: what a preloaded prefix must add up to.
-pub async fn model_ids(agent: &Agent) -> Vec<String> {
-    let models = crate::http(agent.http, "GET", "/v1/models", &[], b"")
-        .await
-        .expect("GET /v1/models");
-    assert_eq!(models.status, 200, "{}", models.text());
-    let mut ids: Vec<String> = models.json()["data"]
-        .as_array()
-        .expect("a data array")
-        .iter()
-        .map(|m| m["id"].as_str().expect("an id").to_owned())
-        .collect();
-    ids.sort();
-    ids
-}
+use crate::workspace_root;
 
 /// `adapter_config.json` and `adapter_model.safetensors` of `dir` as uploads under `prefix`.
 pub fn uploads(prefix: &str, dir: &Path) -> Vec<(String, PathBuf)> {

@@ -17,10 +17,10 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 use kube::CustomResourceExt;
-use loraplane_e2e::object_stores::{Azurite, FakeGcs, complete};
+use loraplane_e2e::object_stores::{Azurite, FakeGcs};
 use loraplane_e2e::s3::MotoS3;
 use loraplane_e2e::servers::{self, Files};
-use loraplane_e2e::{Agent, World, key_hash, load_lora, post_json};
+use loraplane_e2e::{Agent, World, complete, key_hash, load_lora, post_json};
 use loraplane_operator::crd::{AdapterSource, BaseModel, LoraAdapter};
 use loraplane_operator::desired::config::{PVC_DIR, model_arg};
 

@@ -11,8 +11,8 @@
 
 use std::path::{Path, PathBuf};
 
-use loraplane_e2e::object_stores::{Azurite, FakeGcs, complete, model_ids, tar_gz, uploads};
-use loraplane_e2e::{Agent, World, key_hash, load_lora};
+use loraplane_e2e::object_stores::{Azurite, FakeGcs, tar_gz, uploads};
+use loraplane_e2e::{Agent, World, complete, key_hash, load_lora, model_ids};
 
 const ADMIN: &str = "sources-admin";
 

@@ -10,9 +10,8 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 
-use loraplane_e2e::object_stores::complete;
 use loraplane_e2e::servers::https_files;
-use loraplane_e2e::{Agent, World, key_hash, load_lora};
+use loraplane_e2e::{Agent, World, complete, key_hash, load_lora};
 
 const ADMIN: &str = "ca-admin";
 

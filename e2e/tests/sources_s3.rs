@@ -11,9 +11,9 @@
 
 use std::path::Path;
 
-use loraplane_e2e::object_stores::{complete, model_ids, tar_gz, uploads};
+use loraplane_e2e::object_stores::{tar_gz, uploads};
 use loraplane_e2e::s3::MotoS3;
-use loraplane_e2e::{Agent, World, key_hash, load_lora};
+use loraplane_e2e::{Agent, World, complete, key_hash, load_lora, model_ids};
 
 const ADMIN: &str = "sources-admin";
 
